@@ -1,0 +1,200 @@
+//! The control socket's protocol: one JSON object per line each way, one request per
+//! connection. Requests are at most [`MAX_REQUEST`] bytes; anything else is answered with an
+//! error and the connection is closed.
+//!
+//! ```text
+//! → {"op":"cutover","service":"web","colour":"green"}
+//! ← {"ok":true,"message":"web: blue → green","services":[…]}
+//! ```
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::Counters;
+
+/// Largest request line the daemon reads.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long either side waits for the other.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a client asks of the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    /// All services, or one.
+    Status {
+        #[serde(default)]
+        service: Option<String>,
+    },
+    /// Make `colour` (default: the idle one) the active colour of `service`.
+    Cutover {
+        service: String,
+        #[serde(default)]
+        colour: Option<String>,
+    },
+    /// Go back to the colour that was active before the last switch.
+    Rollback { service: String },
+}
+
+/// The daemon's answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+    /// Data-path verdicts, `(reason, packets)`, on `status`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<(String, u64)>,
+}
+
+impl Response {
+    #[must_use]
+    pub fn error(msg: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(msg.into()), ..Response::default() }
+    }
+}
+
+/// One service's state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub active: String,
+    #[serde(default)]
+    pub previous: Option<String>,
+    /// Cut-overs and rollbacks since the daemon started.
+    #[serde(default)]
+    pub switches: u64,
+    /// Seconds since the last switch, if there was one.
+    #[serde(default)]
+    pub since_switch_secs: Option<u64>,
+    pub colours: Vec<ColourStatus>,
+}
+
+/// One colour of a service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColourStatus {
+    pub colour: String,
+    pub backend: Option<String>,
+    pub counters: Counters,
+}
+
+/// Errors of talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the switcher daemon is not running (nothing listens on {}); start it with `switcher daemon --config FILE`, or pass --socket if it uses another path", socket.display())]
+    NotRunning {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("permission denied on {}: run as root or as a member of the socket's group", socket.display())]
+    Denied {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talk to the daemon on {}", socket.display())]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon sent an answer this client does not understand")]
+    BadAnswer(#[source] serde_json::Error),
+}
+
+/// Sends one request and waits for the answer (blocking; for the CLI).
+///
+/// # Errors
+/// [`ClientError`] saying whether the daemon is down, the socket is not ours, or the answer
+/// was unreadable.
+pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    let io = |source| ClientError::Io { socket: socket.to_owned(), source };
+    let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning { socket: socket.to_owned(), source }
+        }
+        std::io::ErrorKind::PermissionDenied => ClientError::Denied { socket: socket.to_owned(), source },
+        _ => ClientError::Io { socket: socket.to_owned(), source },
+    })?;
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    let mut line = serde_json::to_vec(req).map_err(ClientError::BadAnswer)?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream.take(16 * 1024 * 1024)).read_line(&mut answer).map_err(io)?;
+    serde_json::from_str(&answer).map_err(ClientError::BadAnswer)
+}
+
+/// Parses one request line, or says what is wrong with it.
+///
+/// # Errors
+/// A message for the client.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request larger than {MAX_REQUEST} bytes"));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for req in [
+            Request::Status { service: None },
+            Request::Status { service: Some("web".into()) },
+            Request::Cutover { service: "web".into(), colour: Some("green".into()) },
+            Request::Cutover { service: "web".into(), colour: None },
+            Request::Rollback { service: "web".into() },
+        ] {
+            let line = serde_json::to_vec(&req).expect("serialize");
+            assert_eq!(parse_request(&line), Ok(req));
+        }
+    }
+
+    #[test]
+    fn the_wire_format_is_stable() {
+        assert_eq!(
+            parse_request(br#"{"op":"cutover","service":"web","colour":"green"}"#),
+            Ok(Request::Cutover { service: "web".into(), colour: Some("green".into()) })
+        );
+        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status { service: None }));
+        let ok = serde_json::to_string(&Response { ok: true, ..Response::default() }).expect("json");
+        assert_eq!(ok, r#"{"ok":true,"services":[]}"#);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [&b""[..], b"{", b"null", b"[]", b"{\"op\":\"explode\"}", b"{\"op\":\"rollback\"}", b"\xff\xfe", b"{\"op\":\"status\",\"x\":1}"] {
+            let e = parse_request(bad).expect_err("must be rejected");
+            assert!(e.starts_with("malformed request"), "{e}");
+        }
+        let big = vec![b' '; MAX_REQUEST + 1];
+        assert!(parse_request(&big).expect_err("too big").contains("larger than"));
+    }
+
+    #[test]
+    fn a_missing_socket_says_the_daemon_is_not_running() {
+        let e = request(Path::new("/nonexistent/switcher.sock"), &Request::Status { service: None })
+            .expect_err("no daemon");
+        assert!(matches!(e, ClientError::NotRunning { .. }));
+        assert!(e.to_string().contains("daemon is not running"), "{e}");
+    }
+}

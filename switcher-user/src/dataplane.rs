@@ -1,0 +1,249 @@
+//! The XDP program and its maps, as the daemon sees them.
+//!
+//! [`Dataplane::load`] loads the embedded object, checks that its maps are the ones this binary
+//! was built against, attaches the program to the configured interfaces and keeps the map
+//! handles. Dropping the `Dataplane` detaches the program: the links are owned by this process.
+
+use std::{
+    ffi::CString,
+    net::{Ipv4Addr, SocketAddrV4},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp, XdpMode},
+};
+use switcher_common::{
+    ABI_VERSION, Backend, ColourCounters, MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META,
+    MAP_SERVICES, MAP_STATS, PROG_NAME, Reason, Service, ServiceKey, colour_slot, user::Colour,
+};
+
+use crate::config::{self, ServiceConfig};
+
+/// The XDP object built by `build.rs` from `switcher-ebpf`.
+pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switcher"));
+
+/// Errors of the data plane, with the object they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("this binary was built without its XDP program (AYA_BUILD_SKIP was set); rebuild it with `./x build`")]
+    NoProgram,
+    #[error("load the XDP program")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP object has no {what} {name:?}")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {PROG_NAME}")]
+    Program(#[source] ProgramError),
+    #[error("attach XDP to {iface} in {mode:?} mode")]
+    Attach {
+        iface: String,
+        mode: config::XdpMode,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface name {0:?} contains a NUL byte")]
+    BadName(String),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// One service as the data path knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSlot {
+    pub id: u32,
+    pub config: ServiceConfig,
+}
+
+/// Counters of one colour of one service, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub flows: u64,
+}
+
+/// The loaded, attached program and its maps.
+pub struct Dataplane {
+    // Holds the program and its links: dropping it detaches.
+    _ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    active: Array<MapData, u32>,
+    counters: PerCpuArray<MapData, ColourCounters>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(DataplaneError::Missing { what: "map", name })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// The map key of a service.
+#[must_use]
+pub fn service_key(s: &ServiceConfig) -> ServiceKey {
+    ServiceKey { vip: s.vip.octets(), port: s.port.to_be_bytes(), proto: s.protocol.number(), _pad: 0 }
+}
+
+/// The map value of a backend (all zero when the colour has none).
+#[must_use]
+pub fn backend_value(addr: Option<SocketAddrV4>) -> Backend {
+    addr.map_or_else(Backend::default, |a| Backend {
+        addr: a.ip().octets(),
+        port: a.port().to_be_bytes(),
+        _pad: [0; 2],
+    })
+}
+
+impl Dataplane {
+    /// Loads the program, attaches it to `interfaces` and fills the maps with `services`
+    /// (their ids are their positions in the slice).
+    ///
+    /// # Errors
+    /// Any load, map or attach failure, naming the object.
+    pub fn load(interfaces: &[String], mode: config::XdpMode, services: &[ServiceConfig]) -> Result<Dataplane> {
+        if PROGRAM.is_empty() {
+            return Err(DataplaneError::NoProgram);
+        }
+        let mut ebpf = EbpfLoader::new().load(PROGRAM).map_err(DataplaneError::Load)?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            // The logger task forwards the program's rare log lines to `log`/`tracing`.
+            Ok(logger) => spawn_logger(logger),
+            Err(e) => tracing::debug!("no eBPF log forwarding: {e}"),
+        }
+        let mut meta: Array<MapData, u32> = take(&mut ebpf, MAP_META)?;
+        meta.set(0, &ABI_VERSION, 0).map_err(map_err(MAP_META))?;
+        let mut dp = Dataplane {
+            services: take(&mut ebpf, MAP_SERVICES)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            active: take(&mut ebpf, MAP_ACTIVE)?,
+            counters: take(&mut ebpf, MAP_COUNTERS)?,
+            stats: take(&mut ebpf, MAP_STATS)?,
+            _ebpf: ebpf,
+        };
+        for (id, s) in services.iter().enumerate() {
+            dp.install(u32::try_from(id).unwrap_or(u32::MAX), s)?;
+        }
+        let prog: &mut Xdp = dp
+            ._ebpf
+            .program_mut(PROG_NAME)
+            .ok_or(DataplaneError::Missing { what: "program", name: PROG_NAME })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        prog.load().map_err(DataplaneError::Program)?;
+        let aya_mode = match mode {
+            config::XdpMode::Native => XdpMode::Driver,
+            config::XdpMode::Skb => XdpMode::Skb,
+        };
+        for iface in interfaces {
+            let name = CString::new(iface.as_str()).map_err(|_| DataplaneError::BadName(iface.clone()))?;
+            prog.attach(name.as_c_str(), aya_mode).map_err(|source| DataplaneError::Attach {
+                iface: iface.clone(),
+                mode,
+                source,
+            })?;
+            tracing::info!(interface = %iface, ?mode, "attached XDP program");
+        }
+        Ok(dp)
+    }
+
+    /// Writes a service's key, backends and active colour. The active colour is written before
+    /// the key so that the first packet the service sees already has it.
+    fn install(&mut self, id: u32, s: &ServiceConfig) -> Result<()> {
+        for colour in Colour::ALL {
+            self.backends
+                .set(colour_slot(id, colour.as_u32()), &backend_value(s.backend(colour)), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+        }
+        self.set_active(id, s.active)?;
+        self.services
+            .insert(&service_key(s), &Service { id, flags: 0 }, 0)
+            .map_err(map_err(MAP_SERVICES))
+    }
+
+    /// The cut-over: one 4-byte map write; the next packet of a new flow sees it.
+    ///
+    /// # Errors
+    /// The map update failed.
+    pub fn set_active(&mut self, id: u32, colour: Colour) -> Result<()> {
+        self.active.set(id, &colour.as_u32(), 0).map_err(map_err(MAP_ACTIVE))
+    }
+
+    /// The active colour as the data path sees it.
+    ///
+    /// # Errors
+    /// The map lookup failed.
+    pub fn active(&self, id: u32) -> Result<Colour> {
+        self.active.get(&id, 0).map(Colour::from_u32).map_err(map_err(MAP_ACTIVE))
+    }
+
+    /// A colour's counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// The map lookup failed.
+    pub fn counters(&self, id: u32, colour: Colour) -> Result<Counters> {
+        let per_cpu = self.counters.get(&colour_slot(id, colour.as_u32()), 0).map_err(map_err(MAP_COUNTERS))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |mut t, c| {
+            t.packets += c.packets;
+            t.bytes += c.bytes;
+            t.reply_packets += c.reply_packets;
+            t.reply_bytes += c.reply_bytes;
+            t.flows += c.flows;
+            t
+        }))
+    }
+
+    /// Packets per data-path verdict reason, summed over CPUs, as `(name, count)`.
+    ///
+    /// # Errors
+    /// The map lookup failed.
+    pub fn reasons(&self) -> Result<Vec<(&'static str, u64)>> {
+        Reason::NAMES
+            .iter()
+            .zip(0u32..)
+            .map(|(name, i)| {
+                let per_cpu = self.stats.get(&i, 0).map_err(map_err(MAP_STATS))?;
+                Ok((*name, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // Only when there is a runtime (a test may load without one).
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+    rt.spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns the logger, so
+        // the fd stays open for as long as it is registered.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else { return };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// `a.b.c.d` of a map's raw address bytes.
+#[must_use]
+pub fn ip(bytes: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(bytes)
+}

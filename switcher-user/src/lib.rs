@@ -1,0 +1,11 @@
+//! The switcher agent and its control plane, as a library under the thin `switcher` binary.
+//!
+//! - [`config`]: the TOML file, parsed and validated into a [`config::Config`];
+//! - [`dataplane`]: loads the XDP program, attaches it, and reads and writes its maps;
+//! - [`control`]: the JSON-lines protocol of the control socket, and a client for it;
+//! - [`daemon`]: the agent: owns the data plane and serves the control socket.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
