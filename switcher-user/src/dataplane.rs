@@ -74,7 +74,7 @@ pub struct Counters {
 /// The loaded, attached program and its maps.
 pub struct Dataplane {
     // Holds the program and its links: dropping it detaches.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
     active: Array<MapData, u32>,
@@ -111,12 +111,23 @@ pub fn backend_value(addr: Option<SocketAddrV4>) -> Backend {
 }
 
 impl Dataplane {
-    /// Loads the program, attaches it to `interfaces` and fills the maps with `services`
-    /// (their ids are their positions in the slice).
+    /// Loads the program, fills the maps with `services` (their ids are their positions in the
+    /// slice) and attaches it to `interfaces`.
     ///
     /// # Errors
     /// Any load, map or attach failure, naming the object.
     pub fn load(interfaces: &[String], mode: config::XdpMode, services: &[ServiceConfig]) -> Result<Dataplane> {
+        let mut dp = Dataplane::open(services)?;
+        dp.attach(interfaces, mode)?;
+        Ok(dp)
+    }
+
+    /// Loads the program into the kernel and fills its maps, without attaching it anywhere
+    /// (data-path tests run it with `BPF_PROG_TEST_RUN`).
+    ///
+    /// # Errors
+    /// Any load or map failure, naming the object.
+    pub fn open(services: &[ServiceConfig]) -> Result<Dataplane> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
@@ -134,22 +145,38 @@ impl Dataplane {
             active: take(&mut ebpf, MAP_ACTIVE)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             stats: take(&mut ebpf, MAP_STATS)?,
-            _ebpf: ebpf,
+            ebpf,
         };
-        for (id, s) in services.iter().enumerate() {
-            dp.install(u32::try_from(id).unwrap_or(u32::MAX), s)?;
+        for (id, s) in (0u32..).zip(services) {
+            dp.install(id, s)?;
         }
-        let prog: &mut Xdp = dp
-            ._ebpf
+        dp.program()?.load().map_err(DataplaneError::Program)?;
+        Ok(dp)
+    }
+
+    /// The XDP program (loaded by [`Dataplane::open`]).
+    ///
+    /// # Errors
+    /// The object has no such program.
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        self.ebpf
             .program_mut(PROG_NAME)
             .ok_or(DataplaneError::Missing { what: "program", name: PROG_NAME })?
             .try_into()
-            .map_err(DataplaneError::Program)?;
-        prog.load().map_err(DataplaneError::Program)?;
+            .map_err(DataplaneError::Program)
+    }
+
+    /// Attaches the program to each interface (names resolved in this thread's network
+    /// namespace). The links live as long as `self`.
+    ///
+    /// # Errors
+    /// The first interface that cannot be attached, with the mode.
+    pub fn attach(&mut self, interfaces: &[String], mode: config::XdpMode) -> Result<()> {
         let aya_mode = match mode {
             config::XdpMode::Native => XdpMode::Driver,
             config::XdpMode::Skb => XdpMode::Skb,
         };
+        let prog = self.program()?;
         for iface in interfaces {
             let name = CString::new(iface.as_str()).map_err(|_| DataplaneError::BadName(iface.clone()))?;
             prog.attach(name.as_c_str(), aya_mode).map_err(|source| DataplaneError::Attach {
@@ -159,7 +186,7 @@ impl Dataplane {
             })?;
             tracing::info!(interface = %iface, ?mode, "attached XDP program");
         }
-        Ok(dp)
+        Ok(())
     }
 
     /// Writes a service's key, backends and active colour. The active colour is written before

@@ -1,0 +1,379 @@
+//! Network namespaces, veth, and TCP/UDP servers and clients that live inside namespaces.
+
+use std::{
+    collections::BTreeSet,
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const BLUE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const GREEN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 18);
+pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// Port the backends serve TCP on, and UDP on.
+pub const BACKEND_TCP: u16 = 8080;
+pub const BACKEND_UDP: u16 = 5353;
+/// The service ports on the VIP.
+pub const VIP_TCP: u16 = 80;
+pub const VIP_UDP: u16 = 53;
+
+/// Runs a command, panicking with its output if it fails.
+///
+/// # Panics
+/// When the command cannot run or exits non-zero.
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("run {args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A unique, short prefix for this process's names (interface names have 15 bytes).
+#[must_use]
+pub fn unique_prefix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("sw{}x{n}", std::process::id() % 100_000)
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// # Panics
+    /// When `ip netns add` fails.
+    #[must_use]
+    pub fn new(name: String) -> Netns {
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME ARGS…`
+    pub fn ip(&self, args: &[&str]) {
+        let mut v = vec!["ip", "-n", &self.name];
+        v.extend_from_slice(args);
+        sh(&v);
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) {
+        let mut v = vec!["ip", "netns", "exec", &self.name];
+        v.extend_from_slice(args);
+        sh(&v);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it creates stay in it.
+    ///
+    /// # Panics
+    /// When the namespace cannot be entered, or `f` panics.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Spawns a long-lived thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+}
+
+fn enter(path: &str) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: a valid namespace fd; setns only affects the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// client / lb / blue / green joined by veth, as in the crate docs.
+pub struct Topology {
+    pub client: Netns,
+    pub lb: Netns,
+    pub blue: Netns,
+    pub green: Netns,
+    /// The lb's interfaces, to attach the program to.
+    pub lb_ifaces: Vec<String>,
+}
+
+impl Topology {
+    /// Builds the topology with names starting with a fresh unique prefix.
+    ///
+    /// # Panics
+    /// When any `ip`/`ethtool` command fails.
+    #[must_use]
+    pub fn new() -> Topology {
+        let p = unique_prefix();
+        let t = Topology {
+            client: Netns::new(format!("{p}-client")),
+            lb: Netns::new(format!("{p}-lb")),
+            blue: Netns::new(format!("{p}-blue")),
+            green: Netns::new(format!("{p}-green")),
+            lb_ifaces: vec![format!("{p}c"), format!("{p}b"), format!("{p}g")],
+        };
+        let pairs = [
+            (&t.client, CLIENT, LB_CLIENT_SIDE, &t.lb_ifaces[0], "/28"),
+            (&t.blue, BLUE, Ipv4Addr::new(198, 51, 100, 1), &t.lb_ifaces[1], "/28"),
+            (&t.green, GREEN, Ipv4Addr::new(198, 51, 100, 17), &t.lb_ifaces[2], "/28"),
+        ];
+        for (ns, addr, gw, lb_if, len) in pairs {
+            let inner = "eth0";
+            sh(&["ip", "link", "add", inner, "netns", &ns.name, "type", "veth", "peer", "name", lb_if, "netns", &t.lb.name]);
+            ns.ip(&["addr", "add", &format!("{addr}{len}"), "dev", inner]);
+            ns.ip(&["link", "set", inner, "up"]);
+            ns.ip(&["route", "add", "default", "via", &gw.to_string()]);
+            // XDP_REDIRECT into a veth needs NAPI on the receiving end (GRO), and XDP rewrites
+            // break the partial checksums of veth TX offload: see shared/toolchain.md.
+            ns.exec(&["ethtool", "-K", inner, "gro", "on", "tx", "off"]);
+            t.lb.ip(&["addr", "add", &format!("{gw}{len}"), "dev", lb_if]);
+            t.lb.ip(&["link", "set", lb_if, "up"]);
+        }
+        t.lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        t
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology::new()
+    }
+}
+
+/// TCP and UDP servers in a namespace that answer every line / datagram with their name.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Serves `name` on TCP `BACKEND_TCP` and UDP `BACKEND_UDP` inside `ns`.
+    ///
+    /// # Panics
+    /// When the ports cannot be bound.
+    #[must_use]
+    pub fn start(ns: &Netns, name: &'static str) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tcp, udp) = ns.run(|| {
+            let tcp = TcpListener::bind(("0.0.0.0", BACKEND_TCP)).expect("bind tcp");
+            let udp = UdpSocket::bind(("0.0.0.0", BACKEND_UDP)).expect("bind udp");
+            (tcp, udp)
+        });
+        tcp.set_nonblocking(true).expect("nonblocking");
+        udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let s = Arc::clone(&stop);
+        let t1 = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((conn, _)) => {
+                        std::thread::spawn(move || serve_tcp(conn, name));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        let s = Arc::clone(&stop);
+        let t2 = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(name.as_bytes(), from);
+                }
+            }
+        });
+        Server { stop, threads: vec![t1, t2] }
+    }
+}
+
+fn serve_tcp(conn: TcpStream, name: &str) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    // One answer per line, until the client closes; bounded by the read timeout.
+    while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+        if w.write_all(format!("{name}\n").as_bytes()).is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP connection from the client namespace that sends lines and reads one-line answers.
+pub struct Conn {
+    stream: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Connects from `ns` to `to`.
+    ///
+    /// # Errors
+    /// Connect failure or timeout.
+    pub fn open(ns: &Netns, to: SocketAddrV4) -> std::io::Result<Conn> {
+        let stream = ns.run(move || TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Conn { stream: BufReader::new(stream) })
+    }
+
+    /// The address the client's kernel believes it talks to.
+    ///
+    /// # Errors
+    /// getpeername failed.
+    pub fn peer(&self) -> std::io::Result<SocketAddr> {
+        self.stream.get_ref().peer_addr()
+    }
+
+    /// Sends one line and returns the answer line, trimmed.
+    ///
+    /// # Errors
+    /// I/O error, timeout or a closed connection.
+    pub fn ask(&mut self) -> std::io::Result<String> {
+        self.stream.get_mut().write_all(b"which colour?\n")?;
+        let mut line = String::new();
+        if self.stream.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+        }
+        Ok(line.trim().to_owned())
+    }
+}
+
+/// One request on a fresh TCP connection: the answer and the peer address.
+///
+/// # Errors
+/// Any failure of connect, send or receive.
+pub fn tcp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
+    let mut c = Conn::open(ns, to)?;
+    let answer = c.ask()?;
+    Ok((answer, c.peer()?))
+}
+
+/// One UDP datagram from a fresh socket: the answer and the address it came from.
+///
+/// # Errors
+/// Any failure of send or receive (timeout 2 s).
+pub fn udp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
+    let sock = ns.run(|| UdpSocket::bind(("0.0.0.0", 0)))?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send_to(b"which colour?", to)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = sock.recv_from(&mut buf)?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// Records the IPv4 source address of every frame received in a namespace (AF_PACKET), to
+/// prove what a client did or did not see.
+pub struct Sniffer {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sniffer {
+    /// # Panics
+    /// When the packet socket cannot be opened.
+    #[must_use]
+    pub fn start(ns: &Netns) -> Sniffer {
+        let fd = ns.run(|| {
+            let proto = i32::from((libc::ETH_P_IP as u16).to_be());
+            // SAFETY: plain socket(2) call.
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto) }
+        });
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let (s, out) = (Arc::clone(&stop), Arc::clone(&seen));
+        let thread = std::thread::spawn(move || {
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+            // SAFETY: setting a timeval option on our own fd.
+            unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), size_of::<libc::timeval>() as u32);
+            }
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut len = size_of::<libc::sockaddr_ll>() as u32;
+                // SAFETY: buffers are ours and sized as passed.
+                let n = unsafe { libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len) };
+                // Only frames coming in, not our own outgoing ones.
+                // SOCK_RAW frames start with the 14-byte Ethernet header.
+                if n >= 34 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                    let src = Ipv4Addr::new(buf[26], buf[27], buf[28], buf[29]);
+                    if let Ok(mut set) = out.lock() {
+                        set.insert(src);
+                    }
+                }
+            }
+            // SAFETY: closing the fd this thread owns.
+            unsafe { libc::close(fd) };
+        });
+        Sniffer { stop, seen, thread: Some(thread) }
+    }
+
+    /// Stops and returns every source address seen.
+    #[must_use]
+    pub fn stop(mut self) -> BTreeSet<Ipv4Addr> {
+        self.halt();
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Sniffer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,162 @@
+//! The `switcher` binary: a daemon child process inside a namespace, and CLI calls.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use crate::net::{self, BACKEND_TCP, BACKEND_UDP, BLUE, GREEN, Netns, VIP, VIP_TCP, VIP_UDP};
+
+/// The `switcher` binary under test: `$SWITCHER_BIN`, else next to this test binary's
+/// directory (`target/<profile>/switcher`, which `./x test` builds first).
+///
+/// # Panics
+/// When it cannot be found.
+#[must_use]
+pub fn switcher_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SWITCHER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let candidates = exe.ancestors().skip(1).take(3).map(|d| d.join("switcher"));
+    for c in candidates {
+        if c.is_file() {
+            return c;
+        }
+    }
+    panic!("the switcher binary was not found near {}: build it first (`./x test` does), or set SWITCHER_BIN", exe.display());
+}
+
+/// A config for the test topology: `web` (TCP 80) and `dns` (UDP 53), both active on blue.
+#[must_use]
+pub fn demo_config(ifaces: &[String], socket: &Path) -> String {
+    let ifaces: Vec<String> = ifaces.iter().map(|i| format!("{i:?}")).collect();
+    format!(
+        r#"interfaces = [{ifaces}]
+socket = "{socket}"
+
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = {VIP_TCP}
+protocol = "tcp"
+active = "blue"
+blue = "{BLUE}:{BACKEND_TCP}"
+green = "{GREEN}:{BACKEND_TCP}"
+
+[[service]]
+name = "dns"
+vip = "{VIP}"
+port = {VIP_UDP}
+protocol = "udp"
+active = "blue"
+blue = "{BLUE}:{BACKEND_UDP}"
+green = "{GREEN}:{BACKEND_UDP}"
+"#,
+        ifaces = ifaces.join(", "),
+        socket = socket.display(),
+    )
+}
+
+/// A `switcher daemon` running in a namespace; SIGTERM, then SIGKILL, on drop.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `config` into a fresh directory and starts the daemon in `ns`, waiting up to 20 s
+    /// for its socket.
+    ///
+    /// # Panics
+    /// When the daemon exits or its socket does not appear.
+    #[must_use]
+    pub fn start(ns: &Netns, config: impl FnOnce(&Path) -> String) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("switcher-test-{}", ns.name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("switcher.sock");
+        let cfg = dir.join("switcher.toml");
+        std::fs::write(&cfg, config(&socket)).expect("write config");
+        let log = dir.join("daemon.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(switcher_bin())
+            .args(["daemon", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .spawn()
+            .expect("spawn switcher daemon");
+        let mut d = Daemon { child, socket, dir, log };
+        let ready = net::wait_for(Duration::from_secs(20), || {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("switcher daemon exited ({status}) during start-up:\n{}", d.log());
+            }
+            d.socket.exists().then_some(())
+        });
+        assert!(ready.is_some(), "switcher daemon did not open its socket in 20 s:\n{}", d.log());
+        d
+    }
+
+    /// The daemon's stderr so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `switcher --socket <ours> ARGS…` (in the root namespace: the socket is a file).
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(switcher_bin()).arg("--socket").arg(&self.socket).args(args).output().expect("run switcher CLI")
+    }
+
+    /// Like [`Daemon::cli`], asserting success; returns stdout.
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(out.status.success(), "switcher {args:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), self.log());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the daemon with SIGTERM and waits (up to 10 s) for it to exit.
+    ///
+    /// # Panics
+    /// When it does not exit in time (it is then killed).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        let status = net::wait_for(Duration::from_secs(10), || self.child.try_wait().ok().flatten());
+        status.unwrap_or_else(|| {
+            let _ = self.child.kill();
+            panic!("switcher daemon ignored SIGTERM for 10 s:\n{}", self.log());
+        })
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(&self.child, libc::SIGTERM);
+            if net::wait_for(Duration::from_secs(5), || self.child.try_wait().ok().flatten()).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

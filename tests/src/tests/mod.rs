@@ -1,0 +1,5 @@
+//! Privileged tests: the XDP program on crafted packets (T1) and in namespaces (T2). Each
+//! skips with a message when not run as root.
+
+mod e2e;
+mod prog_test_run;

@@ -1,0 +1,275 @@
+//! T1: the real XDP program run with `BPF_PROG_TEST_RUN` on crafted packets.
+//!
+//! Inputs and expected outputs are built independently with etherparse, which computes every
+//! checksum from scratch, so a byte-exact match proves the program's incremental updates.
+//! The program runs on a thread inside a private namespace whose routes make the FIB answer
+//! three ways: BLUE and CLIENT have a route and a permanent neighbour (fast path: redirect,
+//! TTL decremented, MACs set), GREEN has no route and CLIENT2 no neighbour (kernel path:
+//! rewritten packet passed up, TTL untouched).
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use etherparse::PacketBuilder;
+use switcher_common::user::Colour;
+use switcher_user::{
+    config::{Protocol, ServiceConfig},
+    dataplane::Dataplane,
+};
+
+use crate::net::{BLUE, CLIENT, GREEN, Netns, VIP, unique_prefix};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x1b];
+/// The MAC of the namespace's `t0` and of the neighbours behind it.
+const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const NEIGH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// A client on a connected subnet without a neighbour entry.
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
+
+fn services() -> Vec<ServiceConfig> {
+    let web = ServiceConfig {
+        name: "web".into(),
+        vip: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+        active: Colour::Blue,
+        blue: Some(std::net::SocketAddrV4::new(BLUE, 8080)),
+        green: Some(std::net::SocketAddrV4::new(GREEN, 8081)),
+    };
+    let dns = ServiceConfig {
+        name: "dns".into(),
+        port: 53,
+        protocol: Protocol::Udp,
+        blue: Some(std::net::SocketAddrV4::new(BLUE, 5353)),
+        green: Some(std::net::SocketAddrV4::new(GREEN, 5354)),
+        ..web.clone()
+    };
+    let blue_only = ServiceConfig { name: "blue-only".into(), port: 81, green: None, ..web.clone() };
+    vec![web, dns, blue_only]
+}
+
+#[derive(Clone, Copy)]
+enum Tcp {
+    Syn,
+    Ack,
+}
+
+/// The L2 addresses a frame carries.
+#[derive(Clone, Copy)]
+struct L2 {
+    src: [u8; 6],
+    dst: [u8; 6],
+}
+
+const IN: L2 = L2 { src: CLIENT_MAC, dst: LB_MAC };
+const OUT: L2 = L2 { src: OUT_MAC, dst: NEIGH_MAC };
+
+fn tcp(l2: L2, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8, kind: Tcp) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(l2.src, l2.dst).ipv4(src.0.octets(), dst.0.octets(), ttl).tcp(src.1, dst.1, 1000, 64_000);
+    let b = match kind {
+        Tcp::Syn => b.syn(),
+        Tcp::Ack => b.ack(77),
+    };
+    let payload: &[u8] = match kind {
+        Tcp::Syn => b"",
+        Tcp::Ack => b"GET / HTTP/1.0\r\n\r\n",
+    };
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build tcp");
+    v
+}
+
+fn udp(l2: L2, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(l2.src, l2.dst)
+        .ipv4(src.0.octets(), dst.0.octets(), ttl)
+        .udp(src.1, dst.1)
+        .write(&mut v, b"query")
+        .expect("build udp");
+    v
+}
+
+/// The same frame with the UDP checksum set to 0 ("none").
+fn no_udp_csum(mut v: Vec<u8>) -> Vec<u8> {
+    v[14 + 20 + 6] = 0;
+    v[14 + 20 + 7] = 0;
+    v
+}
+
+/// One step of the table.
+enum Step {
+    /// A packet, its description, the expected action and reason, and the expected output
+    /// (`None`: the frame must leave byte-identical).
+    Packet { what: &'static str, input: Vec<u8>, action: u32, reason: &'static str, output: Option<Vec<u8>> },
+    /// A cut-over of service `id`.
+    Active(u32, Colour),
+}
+
+fn pkt(what: &'static str, input: Vec<u8>, action: u32, reason: &'static str, output: Option<Vec<u8>>) -> Step {
+    Step::Packet { what, input, action, reason, output }
+}
+
+#[track_caller]
+fn check(dp: &mut Dataplane, step: Step) {
+    let (what, input, action, reason, output) = match step {
+        Step::Active(id, colour) => {
+            dp.set_active(id, colour).expect("set active");
+            return;
+        }
+        Step::Packet { what, input, action, reason, output } => (what, input, action, reason, output),
+    };
+    let before = dp.reasons().expect("reasons");
+    let mut out = vec![0u8; input.len() + 256];
+    let result = dp
+        .program()
+        .expect("program")
+        .test_run(TestRunOptions { data_in: Some(&input), data_out: Some(&mut out), ..TestRunOptions::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    assert_eq!(result.return_value, action, "{what}: XDP action");
+    let after = dp.reasons().expect("reasons");
+    let delta: Vec<(&str, u64)> =
+        before.iter().zip(&after).filter(|(b, a)| a.1 != b.1).map(|(b, a)| (a.0, a.1 - b.1)).collect();
+    assert_eq!(delta, [(reason, 1)], "{what}: exactly one reason counted");
+    let expected = output.unwrap_or(input);
+    assert_eq!(hex(&out), hex(&expected), "{what}: output bytes");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A namespace with `t0` (MAC `OUT_MAC`) holding routes to BLUE and CLIENT (permanent
+/// neighbours), and forwarding on.
+fn fib_namespace() -> Netns {
+    let ns = Netns::new(format!("{}-t1", unique_prefix()));
+    ns.ip(&["link", "add", "t0", "type", "veth", "peer", "name", "t1"]);
+    ns.ip(&["link", "set", "t0", "address", "02:00:00:00:00:01"]);
+    ns.ip(&["link", "set", "t0", "up"]);
+    ns.ip(&["link", "set", "t1", "up"]);
+    ns.ip(&["addr", "add", "198.51.100.1/28", "dev", "t0"]);
+    ns.ip(&["addr", "add", "192.0.2.1/28", "dev", "t0"]);
+    for n in [BLUE, CLIENT] {
+        ns.ip(&["neigh", "replace", &n.to_string(), "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"]);
+    }
+    ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+    ns
+}
+
+#[test]
+fn data_path_table() {
+    if !crate::have_root("data_path_table") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(move || {
+        let mut dp = Dataplane::open(&services()).expect("load the XDP program");
+        let c = (CLIENT, 40000);
+        let c2 = (CLIENT2, 40001);
+        let steps = vec![
+            pkt("TCP SYN to web goes to blue, redirected with TTL-1 and new MACs", tcp(IN, c, (VIP, 80), 64, Tcp::Syn), XDP_REDIRECT, "fwd_redirect", Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Syn))),
+            pkt("blue's SYN-ACK is answered from the VIP", tcp(IN, (BLUE, 8080), c, 64, Tcp::Ack), XDP_REDIRECT, "reply_redirect", Some(tcp(OUT, (VIP, 80), c, 63, Tcp::Ack))),
+            Step::Active(0, Colour::Green),
+            pkt("after the cut-over, the established flow stays on blue", tcp(IN, c, (VIP, 80), 64, Tcp::Ack), XDP_REDIRECT, "fwd_redirect", Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Ack))),
+            pkt("a new flow goes to green (no route: passed to the kernel, TTL untouched)", tcp(IN, c2, (VIP, 80), 64, Tcp::Syn), XDP_PASS, "fwd_kernel", Some(tcp(IN, c2, (GREEN, 8081), 64, Tcp::Syn))),
+            pkt("green's reply to a client without a neighbour entry is passed up, from the VIP", tcp(IN, (GREEN, 8081), c2, 64, Tcp::Ack), XDP_PASS, "reply_kernel", Some(tcp(IN, (VIP, 80), c2, 64, Tcp::Ack))),
+            pkt("a SYN reusing the blue flow's 5-tuple starts a new flow on green", tcp(IN, c, (VIP, 80), 64, Tcp::Syn), XDP_PASS, "fwd_kernel", Some(tcp(IN, c, (GREEN, 8081), 64, Tcp::Syn))),
+            Step::Active(0, Colour::Blue),
+            pkt("rolled back: a new flow goes to blue again", tcp(IN, (CLIENT, 40002), (VIP, 80), 64, Tcp::Syn), XDP_REDIRECT, "fwd_redirect", Some(tcp(OUT, (CLIENT, 40002), (BLUE, 8080), 63, Tcp::Syn))),
+            pkt("UDP to dns goes to blue", udp(IN, c, (VIP, 53), 64), XDP_REDIRECT, "fwd_redirect", Some(udp(OUT, c, (BLUE, 5353), 63))),
+            pkt("blue's UDP answer comes from the VIP", udp(IN, (BLUE, 5353), c, 64), XDP_REDIRECT, "reply_redirect", Some(udp(OUT, (VIP, 53), c, 63))),
+            Step::Active(1, Colour::Green),
+            pkt("UDP without checksum keeps 0 on the way to green", no_udp_csum(udp(IN, c2, (VIP, 53), 64)), XDP_PASS, "fwd_kernel", Some(no_udp_csum(udp(IN, c2, (GREEN, 5354), 64)))),
+            pkt("TTL 1 is rewritten but left to the kernel to expire", tcp(IN, (CLIENT, 40003), (VIP, 81), 1, Tcp::Syn), XDP_PASS, "ttl", Some(tcp(IN, (CLIENT, 40003), (BLUE, 8080), 1, Tcp::Syn))),
+            pkt("another port on the VIP passes untouched", tcp(IN, c, (VIP, 8080), 64, Tcp::Syn), XDP_PASS, "no_match", None),
+            pkt("UDP to the TCP service's port passes untouched", udp(IN, c, (VIP, 80), 64), XDP_PASS, "no_match", None),
+            pkt("traffic straight to a backend passes untouched", tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn), XDP_PASS, "no_match", None),
+            pkt("a backend packet of no tracked flow passes untouched", tcp(IN, (BLUE, 8080), (CLIENT, 49999), 64, Tcp::Ack), XDP_PASS, "no_match", None),
+            pkt("ARP passes untouched", arp(), XDP_PASS, "not_ipv4", None),
+            pkt("a VLAN-tagged frame passes untouched", vlan(tcp(IN, c, (VIP, 80), 64, Tcp::Syn)), XDP_PASS, "vlan", None),
+            pkt("a first fragment passes untouched", fragment(tcp(IN, c, (VIP, 80), 64, Tcp::Syn), 0x2000), XDP_PASS, "fragment", None),
+            pkt("a later fragment passes untouched", fragment(udp(IN, c, (VIP, 53), 64), 0x0010), XDP_PASS, "fragment", None),
+            pkt("a frame cut inside the TCP header passes untouched", tcp(IN, c, (VIP, 80), 64, Tcp::Syn)[..14 + 20 + 10].to_vec(), XDP_PASS, "malformed", None),
+            pkt("a frame cut inside the IPv4 header passes untouched", tcp(IN, c, (VIP, 80), 64, Tcp::Syn)[..14 + 12].to_vec(), XDP_PASS, "malformed", None),
+            pkt("IHL below 5 passes untouched", set_byte(tcp(IN, c, (VIP, 80), 64, Tcp::Syn), 14, 0x44), XDP_PASS, "malformed", None),
+            pkt("ICMP to the VIP passes untouched", icmp(), XDP_PASS, "other_l4", None),
+        ];
+        for step in steps {
+            check(&mut dp, step);
+        }
+        let web = |colour| dp.counters(0, colour).expect("counters");
+        let (blue, green) = (web(Colour::Blue), web(Colour::Green));
+        assert_eq!((blue.flows, blue.packets, blue.reply_packets), (2, 3, 1), "web blue counters");
+        assert_eq!((green.flows, green.packets, green.reply_packets), (2, 2, 1), "web green counters");
+    });
+}
+
+/// IPv4 options move the L4 header: a service packet with 4 bytes of options is still
+/// translated, and the options are kept.
+#[test]
+fn ip_options_are_handled() {
+    if !crate::have_root("ip_options_are_handled") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(&services()).expect("load the XDP program");
+        let with_options = |l2: L2, ttl: u8, dst: (Ipv4Addr, u16)| {
+            let mut ip = etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, CLIENT.octets(), dst.0.octets()).expect("ip");
+            ip.options = [1u8, 1, 1, 0][..].try_into().expect("options");
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(l2.src, l2.dst).ip(etherparse::IpHeaders::Ipv4(ip, Default::default())).udp(40000, dst.1).write(&mut v, b"q").expect("build");
+            v
+        };
+        let input = with_options(IN, 7, (VIP, 53));
+        assert_eq!(input[14], 0x46, "the input has IHL 6");
+        check(&mut dp, pkt("UDP with IP options to blue", input, XDP_REDIRECT, "fwd_redirect", Some(with_options(OUT, 6, (BLUE, 5353)))));
+    });
+}
+
+fn arp() -> Vec<u8> {
+    let mut v = Vec::from([0xff; 6]);
+    v.extend_from_slice(&CLIENT_MAC);
+    v.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    v.extend_from_slice(&CLIENT_MAC);
+    v.extend_from_slice(&CLIENT.octets());
+    v.extend_from_slice(&[0; 6]);
+    v.extend_from_slice(&VIP.octets());
+    v
+}
+
+fn vlan(frame: Vec<u8>) -> Vec<u8> {
+    let mut v = frame[..12].to_vec();
+    v.extend_from_slice(&[0x81, 0x00, 0x00, 0x0a]);
+    v.extend_from_slice(&frame[12..]);
+    v
+}
+
+/// Sets the fragment field (flags + offset) and fixes the header checksum.
+fn fragment(mut v: Vec<u8>, frags: u16) -> Vec<u8> {
+    v[14 + 6..14 + 8].copy_from_slice(&frags.to_be_bytes());
+    v[14 + 10] = 0;
+    v[14 + 11] = 0;
+    let c = switcher_common::csum::checksum(0, &v[14..14 + 20]);
+    v[14 + 10..14 + 12].copy_from_slice(&c);
+    v
+}
+
+fn set_byte(mut v: Vec<u8>, i: usize, b: u8) -> Vec<u8> {
+    v[i] = b;
+    v
+}
+
+fn icmp() -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(IN.src, IN.dst)
+        .ipv4(CLIENT.octets(), VIP.octets(), 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut v, b"ping")
+        .expect("build icmp");
+    v
+}
