@@ -133,8 +133,18 @@ pub struct Flow {
     pub backend: Backend,
     pub service: u32,
     pub colour: u32,
+    /// `bpf_ktime_get_coarse_ns` of the flow's last packet, refreshed at most once a second.
+    pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Flow>() == 16);
+const _: () = assert!(size_of::<Flow>() == 24);
+
+/// Load-time global of the program: nanoseconds after which an idle UDP flow is forgotten,
+/// so the next datagram of its 5-tuple is a new flow on the active colour.
+pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
+/// Default of [`GLOBAL_UDP_IDLE_NS`]: 30 s, like conntrack's unreplied UDP timeout.
+pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+/// How stale `Flow::last_seen_ns` may get before a packet refreshes it (saves map writes).
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Value of `REPLIES`: what a backend's reply must look like to the client.
 #[repr(C)]
@@ -232,15 +242,12 @@ pub fn starts_flow(proto: u8, tcp_flags: u8) -> bool {
     proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// The colour a packet goes to: a tracked flow keeps its colour unless the packet starts a new
-/// flow; everything else takes the active colour.
+/// Whether a tracked flow is over: UDP flows end after `udp_idle_ns` without packets; TCP
+/// flows end when a SYN starts a new one (see [`starts_flow`]) or when the LRU evicts them.
 #[inline(always)]
 #[must_use]
-pub fn select_colour(active: u32, tracked: Option<u32>, starts_new: bool) -> u32 {
-    match tracked {
-        Some(colour) if !starts_new => colour & 1,
-        _ => active & 1,
-    }
+pub fn flow_expired(proto: u8, now_ns: u64, last_seen_ns: u64, udp_idle_ns: u64) -> bool {
+    proto == PROTO_UDP && now_ns.saturating_sub(last_seen_ns) > udp_idle_ns
 }
 
 #[cfg(test)]
@@ -256,11 +263,12 @@ mod tests {
     }
 
     #[test]
-    fn tracked_flows_keep_their_colour_across_a_cutover() {
-        assert_eq!(select_colour(COLOUR_GREEN, Some(COLOUR_BLUE), false), COLOUR_BLUE);
-        assert_eq!(select_colour(COLOUR_GREEN, Some(COLOUR_BLUE), true), COLOUR_GREEN);
-        assert_eq!(select_colour(COLOUR_GREEN, None, false), COLOUR_GREEN);
-        assert_eq!(select_colour(7, None, false), COLOUR_GREEN, "colours are masked to one bit");
+    fn only_idle_udp_flows_expire() {
+        let idle = DEFAULT_UDP_IDLE_NS;
+        assert!(!flow_expired(PROTO_UDP, 10 + idle, 10, idle));
+        assert!(flow_expired(PROTO_UDP, 11 + idle, 10, idle));
+        assert!(!flow_expired(PROTO_TCP, u64::MAX, 0, idle), "TCP flows end by SYN or eviction");
+        assert!(!flow_expired(PROTO_UDP, 5, 10, idle), "a clock behind the stamp is not expiry");
     }
 
     #[test]

@@ -19,7 +19,9 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
+        Global,
         bindings::xdp_action,
+        helpers::bpf_ktime_get_coarse_ns,
         macros::{map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::XdpContext,
@@ -64,6 +66,10 @@ mod prog {
     #[map(name = "META")]
     pub static META: Array<u32> = Array::with_max_entries(1, 0);
 
+    /// Idle timeout of UDP flows in ns; set at load (`GLOBAL_UDP_IDLE_NS`).
+    #[unsafe(no_mangle)]
+    static UDP_IDLE_NS: Global<u64> = Global::new(switcher_common::DEFAULT_UDP_IDLE_NS);
+
     #[xdp]
     pub fn switcher(ctx: XdpContext) -> u32 {
         let (action, reason) = match try_switch(&ctx) {
@@ -105,8 +111,20 @@ mod prog {
     ) -> Result<(u32, Reason), Reason> {
         let flow_key = pkt.flow_key();
         let starts = switcher_common::starts_flow(pkt.proto, pkt.tcp_flags);
-        // SAFETY: as above.
-        let tracked = if starts { None } else { unsafe { FLOWS.get(&flow_key) }.copied() };
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let tracked = if starts { None } else { FLOWS.get_ptr_mut(&flow_key) };
+        let tracked = tracked.and_then(|p| {
+            // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
+            let flow = unsafe { &mut *p };
+            if switcher_common::flow_expired(pkt.proto, now, flow.last_seen_ns, UDP_IDLE_NS.load()) {
+                return None;
+            }
+            if now.saturating_sub(flow.last_seen_ns) > switcher_common::LAST_SEEN_GRANULARITY_NS {
+                flow.last_seen_ns = now;
+            }
+            Some(*flow)
+        });
         let flow = match tracked {
             Some(flow) => {
                 count(flow.service, flow.colour, pkt, false, false);
@@ -119,7 +137,7 @@ mod prog {
                 if !backend.is_set() {
                     return Err(Reason::NO_BACKEND);
                 }
-                let flow = Flow { backend, service: service.id, colour };
+                let flow = Flow { backend, service: service.id, colour, last_seen_ns: now };
                 let reply_key = FlowKey {
                     src: backend.addr,
                     dst: flow_key.src,

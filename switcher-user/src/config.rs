@@ -4,6 +4,7 @@
 //! interfaces = ["eth0"]            # where the XDP program is attached
 //! socket = "/run/switcher/switcher.sock"
 //! xdp_mode = "native"              # or "skb" (generic) for drivers without native XDP
+//! udp_idle_timeout_secs = 30       # an idle UDP flow is forgotten after this
 //!
 //! [[service]]
 //! name = "web"
@@ -25,10 +26,11 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     ops::Range,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
-use switcher_common::{MAX_SERVICES, user::Colour};
+use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_SERVICES, user::Colour};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
@@ -113,6 +115,8 @@ struct RawConfig {
     socket: Option<PathBuf>,
     #[serde(default)]
     xdp_mode: XdpMode,
+    #[serde(default)]
+    udp_idle_timeout_secs: Option<toml::Spanned<u64>>,
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<RawService>>,
 }
@@ -137,6 +141,8 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub socket: PathBuf,
     pub xdp_mode: XdpMode,
+    /// A UDP flow idle this long is forgotten: its next datagram is a new flow.
+    pub udp_idle_timeout: Duration,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -201,6 +207,11 @@ impl Config {
                 return Err(invalid(iface.span(), "interfaces", format!("{name:?} is listed twice")));
             }
         }
+        let udp_idle_timeout = match &raw.udp_idle_timeout_secs {
+            None => Duration::from_nanos(DEFAULT_UDP_IDLE_NS),
+            Some(v) if (1..=86_400).contains(v.get_ref()) => Duration::from_secs(*v.get_ref()),
+            Some(v) => return Err(invalid(v.span(), "udp_idle_timeout_secs", format!("{} is out of range: use 1 to 86400 seconds", v.get_ref()))),
+        };
         if raw.services.len() > MAX_SERVICES as usize {
             return Err(invalid(0..0, "service", format!("{} services configured; at most {MAX_SERVICES} fit in the maps", raw.services.len())));
         }
@@ -265,6 +276,7 @@ impl Config {
             interfaces: raw.interfaces.into_iter().map(toml::Spanned::into_inner).collect(),
             socket: raw.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             xdp_mode: raw.xdp_mode,
+            udp_idle_timeout,
             services,
         })
     }
@@ -342,7 +354,12 @@ green = "198.51.100.18:5353"
     fn defaults_apply() {
         let c = parse("interfaces = [\"eth0\"]\n").expect("valid");
         assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(c.udp_idle_timeout, Duration::from_secs(30));
         assert!(c.services.is_empty());
+        let c = parse("interfaces = [\"eth0\"]\nudp_idle_timeout_secs = 5\n").expect("valid");
+        assert_eq!(c.udp_idle_timeout, Duration::from_secs(5));
+        let e = err("interfaces = [\"eth0\"]\nudp_idle_timeout_secs = 0\n");
+        assert_eq!(e, "test.toml:2: udp_idle_timeout_secs: 0 is out of range: use 1 to 86400 seconds");
     }
 
     #[test]

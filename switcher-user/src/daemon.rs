@@ -249,7 +249,7 @@ impl Drop for SocketFile {
 /// Start-up failures (attach, maps, socket), with what was being done.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     ensure_forwarding();
-    let dataplane = Dataplane::load(&config.interfaces, config.xdp_mode, &config.services)
+    let dataplane = Dataplane::load(&config)
         .context("start the data plane")?;
     for s in &config.services {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %s.active, "serving");

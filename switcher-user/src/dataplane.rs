@@ -7,6 +7,7 @@
 use std::{
     ffi::CString,
     net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
 };
 
 use aya::{
@@ -15,7 +16,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
 };
 use switcher_common::{
-    ABI_VERSION, Backend, ColourCounters, MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META,
+    ABI_VERSION, Backend, GLOBAL_UDP_IDLE_NS, ColourCounters, MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META,
     MAP_SERVICES, MAP_STATS, PROG_NAME, Reason, Service, ServiceKey, colour_slot, user::Colour,
 };
 
@@ -111,14 +112,14 @@ pub fn backend_value(addr: Option<SocketAddrV4>) -> Backend {
 }
 
 impl Dataplane {
-    /// Loads the program, fills the maps with `services` (their ids are their positions in the
-    /// slice) and attaches it to `interfaces`.
+    /// Loads the program, fills the maps with the config's services (their ids are their
+    /// positions in the list) and attaches it to the config's interfaces.
     ///
     /// # Errors
     /// Any load, map or attach failure, naming the object.
-    pub fn load(interfaces: &[String], mode: config::XdpMode, services: &[ServiceConfig]) -> Result<Dataplane> {
-        let mut dp = Dataplane::open(services)?;
-        dp.attach(interfaces, mode)?;
+    pub fn load(config: &config::Config) -> Result<Dataplane> {
+        let mut dp = Dataplane::open(&config.services, config.udp_idle_timeout)?;
+        dp.attach(&config.interfaces, config.xdp_mode)?;
         Ok(dp)
     }
 
@@ -127,11 +128,15 @@ impl Dataplane {
     ///
     /// # Errors
     /// Any load or map failure, naming the object.
-    pub fn open(services: &[ServiceConfig]) -> Result<Dataplane> {
+    pub fn open(services: &[ServiceConfig], udp_idle_timeout: Duration) -> Result<Dataplane> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
-        let mut ebpf = EbpfLoader::new().load(PROGRAM).map_err(DataplaneError::Load)?;
+        let udp_idle_ns = u64::try_from(udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
+            .load(PROGRAM)
+            .map_err(DataplaneError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             // The logger task forwards the program's rare log lines to `log`/`tracing`.
             Ok(logger) => spawn_logger(logger),

@@ -47,6 +47,8 @@ pub fn unique_prefix() -> String {
 /// A named network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
+    /// Whether drop deletes it (not for a handle to somebody else's namespace).
+    owned: bool,
 }
 
 impl Netns {
@@ -55,9 +57,15 @@ impl Netns {
     #[must_use]
     pub fn new(name: String) -> Netns {
         sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// A handle to an existing namespace that drop leaves alone.
+    #[must_use]
+    pub fn attach(name: &str) -> Netns {
+        Netns { name: name.to_owned(), owned: false }
     }
 
     /// `ip -n NAME ARGS…`
@@ -107,6 +115,9 @@ fn enter(path: &str) {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
@@ -286,7 +297,15 @@ pub fn tcp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, Soc
 /// # Errors
 /// Any failure of send or receive (timeout 2 s).
 pub fn udp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let sock = ns.run(|| UdpSocket::bind(("0.0.0.0", 0)))?;
+    udp_request_from(ns, 0, to)
+}
+
+/// Like [`udp_request`], from source port `port` (0: any).
+///
+/// # Errors
+/// As [`udp_request`].
+pub fn udp_request_from(ns: &Netns, port: u16, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
+    let sock = ns.run(move || UdpSocket::bind(("0.0.0.0", port)))?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     sock.send_to(b"which colour?", to)?;
     let mut buf = [0u8; 256];

@@ -7,7 +7,7 @@
 //! TTL decremented, MACs set), GREEN has no route and CLIENT2 no neighbour (kernel path:
 //! rewritten packet passed up, TTL untouched).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
@@ -20,6 +20,8 @@ use switcher_user::{
 use crate::net::{BLUE, CLIENT, GREEN, Netns, VIP, unique_prefix};
 
 const XDP_PASS: u32 = 2;
+/// UDP idle timeout of the program under test.
+const IDLE: Duration = Duration::from_secs(1);
 const XDP_REDIRECT: u32 = 4;
 
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
@@ -167,7 +169,7 @@ fn data_path_table() {
     }
     let ns = fib_namespace();
     ns.run(move || {
-        let mut dp = Dataplane::open(&services()).expect("load the XDP program");
+        let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
         let c = (CLIENT, 40000);
         let c2 = (CLIENT2, 40001);
         let steps = vec![
@@ -208,6 +210,28 @@ fn data_path_table() {
     });
 }
 
+/// A UDP flow stays on its colour across a cut-over while it is active, and is a new flow on
+/// the active colour once idle for longer than the timeout.
+#[test]
+fn idle_udp_flows_expire() {
+    if !crate::have_root("idle_udp_flows_expire") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
+        let c = (CLIENT2, 40000);
+        let vip = udp(IN, c, (VIP, 53), 64);
+        let blue = udp(OUT, c, (BLUE, 5353), 63);
+        check(&mut dp, pkt("UDP flow starts on blue", vip.clone(), XDP_REDIRECT, "fwd_redirect", Some(blue.clone())));
+        check(&mut dp, Step::Active(1, Colour::Green));
+        check(&mut dp, pkt("within the idle timeout it stays on blue", vip.clone(), XDP_REDIRECT, "fwd_redirect", Some(blue)));
+        std::thread::sleep(IDLE + Duration::from_millis(500));
+        check(&mut dp, pkt("idle past the timeout, it is a new flow on green", vip, XDP_PASS, "fwd_kernel", Some(udp(IN, c, (GREEN, 5354), 64))));
+        assert_eq!(dp.counters(1, Colour::Green).expect("counters").flows, 1);
+    });
+}
+
 /// IPv4 options move the L4 header: a service packet with 4 bytes of options is still
 /// translated, and the options are kept.
 #[test]
@@ -217,7 +241,7 @@ fn ip_options_are_handled() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services()).expect("load the XDP program");
+        let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
         let with_options = |l2: L2, ttl: u8, dst: (Ipv4Addr, u16)| {
             let mut ip = etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, CLIENT.octets(), dst.0.octets()).expect("ip");
             ip.options = [1u8, 1, 1, 0][..].try_into().expect("options");
