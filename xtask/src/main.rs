@@ -1,1 +1,52 @@
-fn main(){}
+//! `cargo xtask`: the project's automation. `./x` installs the toolchains first and then runs
+//! this, so `./x test` and `./x demo` work on a fresh machine.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// switcher's build, test and demo automation.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build the `switcher` binary (with its XDP program embedded).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit tests, data-path tests (BPF_PROG_TEST_RUN) and the network-namespace
+    /// integration tests (these need root and skip with a message without it).
+    Test {
+        /// Arguments passed to the test binaries, e.g. a name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the live blue → green → blue cut-over demo in network namespaces (needs root).
+    Demo,
+    /// Check formatting and run clippy on the workspace.
+    Lint,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { release } => cmd::build(release),
+        Command::Test { args } => cmd::test(&args),
+        Command::Demo => cmd::demo(),
+        Command::Lint => cmd::lint(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
