@@ -63,11 +63,11 @@ const fn fold32(s: u32) -> u32 {
 #[must_use]
 pub fn checksum(initial: u32, data: &[u8]) -> [u8; 2] {
     let mut sum = initial;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        sum = fold32(sum + u32::from(u16::from_be_bytes([c[0], c[1]])));
+    let (pairs, rest) = data.as_chunks::<2>();
+    for pair in pairs {
+        sum = fold32(sum + u32::from(u16::from_be_bytes(*pair)));
     }
-    if let [last] = chunks.remainder() {
+    if let [last] = rest {
         sum = fold32(sum + (u32::from(*last) << 8));
     }
     (!(fold32(sum) as u16)).to_be_bytes()
@@ -79,10 +79,7 @@ mod tests {
 
     /// A 20-byte IPv4 header with a valid checksum.
     fn header(dst: [u8; 4], ttl: u8) -> [u8; 20] {
-        let mut h = [
-            0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, ttl, 6, 0, 0, 192, 0, 2, 2, dst[0], dst[1], dst[2],
-            dst[3],
-        ];
+        let mut h = [0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, ttl, 6, 0, 0, 192, 0, 2, 2, dst[0], dst[1], dst[2], dst[3]];
         let c = checksum(0, &h);
         h[10] = c[0];
         h[11] = c[1];

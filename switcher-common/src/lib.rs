@@ -39,16 +39,8 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_META: &str = "META";
 
 /// Every map name, for the object-file test and for pinning.
-pub const MAP_NAMES: [&str; 8] = [
-    MAP_SERVICES,
-    MAP_BACKENDS,
-    MAP_ACTIVE,
-    MAP_FLOWS,
-    MAP_REPLIES,
-    MAP_COUNTERS,
-    MAP_STATS,
-    MAP_META,
-];
+pub const MAP_NAMES: [&str; 8] =
+    [MAP_SERVICES, MAP_BACKENDS, MAP_ACTIVE, MAP_FLOWS, MAP_REPLIES, MAP_COUNTERS, MAP_STATS, MAP_META];
 
 /// Capacity of `SERVICES` and `ACTIVE`; service ids are `0..MAX_SERVICES`.
 pub const MAX_SERVICES: u32 = 1024;

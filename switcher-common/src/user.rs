@@ -2,9 +2,7 @@
 
 use core::fmt;
 
-use crate::{
-    Backend, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reply, Service, ServiceKey,
-};
+use crate::{Backend, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reply, Service, ServiceKey};
 
 macro_rules! pod {
     ($($t:ty),*) => {$(

@@ -27,8 +27,7 @@ mod prog {
         programs::XdpContext,
     };
     use switcher_common::{
-        Backend, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_SERVICES, Reason, Reply, Service,
-        ServiceKey, COLOURS,
+        Backend, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_SERVICES, Reason, Reply, Service, ServiceKey,
     };
 
     use crate::{nat, parse};
@@ -55,8 +54,7 @@ mod prog {
 
     /// per CPU, `service * 2 + colour` → traffic counters. Written here; read by `status`.
     #[map(name = "COUNTERS")]
-    pub static COUNTERS: PerCpuArray<ColourCounters> =
-        PerCpuArray::with_max_entries(MAX_SERVICES * COLOURS, 0);
+    pub static COUNTERS: PerCpuArray<ColourCounters> = PerCpuArray::with_max_entries(MAX_SERVICES * COLOURS, 0);
 
     /// per CPU, `Reason` → packets. Written here on every exit.
     #[map(name = "STATS")]
@@ -104,11 +102,7 @@ mod prog {
 
     /// Picks the flow's backend (tracked, or the active colour's) and forwards to it.
     #[inline(always)]
-    fn to_backend(
-        ctx: &XdpContext,
-        pkt: &parse::Packet,
-        service: Service,
-    ) -> Result<(u32, Reason), Reason> {
+    fn to_backend(ctx: &XdpContext, pkt: &parse::Packet, service: Service) -> Result<(u32, Reason), Reason> {
         let flow_key = pkt.flow_key();
         let starts = switcher_common::starts_flow(pkt.proto, pkt.tcp_flags);
         // SAFETY: plain helper call.
@@ -146,13 +140,8 @@ mod prog {
                     proto: flow_key.proto,
                     _pad: [0; 3],
                 };
-                let reply = Reply {
-                    vip: flow_key.dst,
-                    port: flow_key.dport,
-                    _pad: [0; 2],
-                    service: service.id,
-                    colour,
-                };
+                let reply =
+                    Reply { vip: flow_key.dst, port: flow_key.dport, _pad: [0; 2], service: service.id, colour };
                 // An LRU insert only fails on memory pressure; the packet is still forwarded
                 // and the next packet of the flow tries again.
                 let _ = FLOWS.insert(&flow_key, &flow, 0);

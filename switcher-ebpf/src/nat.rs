@@ -10,11 +10,11 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use switcher_common::{csum::CsumDelta, Backend, Reason, Reply, PROTO_TCP};
+use switcher_common::{Backend, PROTO_TCP, Reason, Reply, csum::CsumDelta};
 
 use crate::parse::Packet;
 
@@ -69,13 +69,7 @@ fn fix_l4_check(pkt: &Packet, delta: CsumDelta) {
 /// complete answer, else through the kernel's stack. `ip_delta` holds the IPv4 header changes
 /// made so far; the TTL decrement is added to it on the fast path.
 #[inline(always)]
-fn out(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    mut ip_delta: CsumDelta,
-    fast: Reason,
-    slow: Reason,
-) -> (u32, Reason) {
+fn out(ctx: &XdpContext, pkt: &Packet, mut ip_delta: CsumDelta, fast: Reason, slow: Reason) -> (u32, Reason) {
     // SAFETY: `parse` bounds-checked the Ethernet and IPv4 headers.
     let ip = unsafe { &mut *pkt.ip };
     // SAFETY: the params are plain integers; zero is a valid start.
@@ -88,9 +82,7 @@ fn out(
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
     // SAFETY: `ctx.ctx` is the program's own context and `fib` lives on the stack.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || ip.ttl <= 1 {
         let check = ip.check;
         ip.check = ip_delta.apply(check);

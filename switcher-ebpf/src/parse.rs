@@ -119,11 +119,7 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(*mut Ipv4Hdr, u8, usiz
 
 /// TCP or UDP: returns the ports, the checksum field and the TCP flags.
 #[inline(always)]
-fn parse_l4(
-    ctx: &XdpContext,
-    proto: u8,
-    offset: usize,
-) -> Result<(*mut Ports, *mut [u8; 2], u8), Reason> {
+fn parse_l4(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports, *mut [u8; 2], u8), Reason> {
     match proto {
         PROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, offset)?;

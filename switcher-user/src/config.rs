@@ -174,8 +174,8 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file, and the line and field where there is one.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text)
     }
 
@@ -184,10 +184,8 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: parse_message(text, &e),
-        })?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: parse_message(text, &e) })?;
         let invalid = |span: Range<usize>, field: &str, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             line: line_of(text, span.start),
@@ -195,7 +193,11 @@ impl Config {
             message,
         };
         if raw.interfaces.is_empty() {
-            return Err(invalid(0..0, "interfaces", "list at least one interface to attach to, e.g. interfaces = [\"eth0\"]".into()));
+            return Err(invalid(
+                0..0,
+                "interfaces",
+                "list at least one interface to attach to, e.g. interfaces = [\"eth0\"]".into(),
+            ));
         }
         let mut seen_ifaces = HashSet::new();
         for iface in &raw.interfaces {
@@ -210,10 +212,20 @@ impl Config {
         let udp_idle_timeout = match &raw.udp_idle_timeout_secs {
             None => Duration::from_nanos(DEFAULT_UDP_IDLE_NS),
             Some(v) if (1..=86_400).contains(v.get_ref()) => Duration::from_secs(*v.get_ref()),
-            Some(v) => return Err(invalid(v.span(), "udp_idle_timeout_secs", format!("{} is out of range: use 1 to 86400 seconds", v.get_ref()))),
+            Some(v) => {
+                return Err(invalid(
+                    v.span(),
+                    "udp_idle_timeout_secs",
+                    format!("{} is out of range: use 1 to 86400 seconds", v.get_ref()),
+                ));
+            }
         };
         if raw.services.len() > MAX_SERVICES as usize {
-            return Err(invalid(0..0, "service", format!("{} services configured; at most {MAX_SERVICES} fit in the maps", raw.services.len())));
+            return Err(invalid(
+                0..0,
+                "service",
+                format!("{} services configured; at most {MAX_SERVICES} fit in the maps", raw.services.len()),
+            ));
         }
         let mut names = HashSet::new();
         let mut keys = HashMap::new();
@@ -235,7 +247,11 @@ impl Config {
                 return Err(invalid(spanned.span(), "vip", format!("{} cannot be a virtual IP", s.vip)));
             }
             if let Some(other) = keys.insert((s.vip, *s.port.get_ref(), s.protocol), name.clone()) {
-                return Err(invalid(spanned.span(), "vip", format!("{}:{}/{} is already service {other:?}", s.vip, s.port.get_ref(), s.protocol.as_str())));
+                return Err(invalid(
+                    spanned.span(),
+                    "vip",
+                    format!("{}:{}/{} is already service {other:?}", s.vip, s.port.get_ref(), s.protocol.as_str()),
+                ));
             }
             let active: Colour = (*s.active.get_ref()).into();
             let service = ServiceConfig {
@@ -248,18 +264,32 @@ impl Config {
                 green: s.green,
             };
             if service.backend(active).is_none() {
-                return Err(invalid(s.active.span(), "active", format!("service {name:?} is active on {active} but has no {active} backend; add {active} = \"ADDRESS:PORT\"")));
+                return Err(invalid(
+                    s.active.span(),
+                    "active",
+                    format!(
+                        "service {name:?} is active on {active} but has no {active} backend; add {active} = \"ADDRESS:PORT\""
+                    ),
+                ));
             }
             for colour in Colour::ALL {
                 let Some(addr) = service.backend(colour) else { continue };
                 if addr.ip().is_unspecified() || addr.port() == 0 {
-                    return Err(invalid(spanned.span(), colour.as_str(), format!("{addr} is not a usable backend address")));
+                    return Err(invalid(
+                        spanned.span(),
+                        colour.as_str(),
+                        format!("{addr} is not a usable backend address"),
+                    ));
                 }
                 // Replies are told apart by backend address; a backend shared between services
                 // would make them ambiguous only for the same client port, but a backend that is
                 // the VIP of another service would loop.
                 if keys.contains_key(&(*addr.ip(), addr.port(), s.protocol)) {
-                    return Err(invalid(spanned.span(), colour.as_str(), format!("{addr} is itself a service address")));
+                    return Err(invalid(
+                        spanned.span(),
+                        colour.as_str(),
+                        format!("{addr} is itself a service address"),
+                    ));
                 }
                 backends.insert((addr, s.protocol), name.clone());
             }
@@ -268,8 +298,13 @@ impl Config {
         // A VIP of a later service may be a backend of an earlier one.
         for s in &services {
             if let Some(owner) = backends.get(&(SocketAddrV4::new(s.vip, s.port), s.protocol)) {
-                let span = raw.services.iter().find(|r| r.get_ref().name.get_ref() == owner).map_or(0..0, toml::Spanned::span);
-                return Err(invalid(span, "backend", format!("a backend of {owner:?} is the address of service {:?}", s.name)));
+                let span =
+                    raw.services.iter().find(|r| r.get_ref().name.get_ref() == owner).map_or(0..0, toml::Spanned::span);
+                return Err(invalid(
+                    span,
+                    "backend",
+                    format!("a backend of {owner:?} is the address of service {:?}", s.name),
+                ));
             }
         }
         Ok(Config {
@@ -389,7 +424,10 @@ green = "198.51.100.18:5353"
         let e = err(&GOOD.replace("port = 53", "port = 80").replace("\"udp\"", "\"tcp\""));
         assert!(e.contains("is already service \"web\""), "{e}");
         let e = err(&GOOD.replace("active = \"green\"", "active = \"blue\""));
-        assert_eq!(e, "test.toml:19: active: service \"dns\" is active on blue but has no blue backend; add blue = \"ADDRESS:PORT\"");
+        assert_eq!(
+            e,
+            "test.toml:19: active: service \"dns\" is active on blue but has no blue backend; add blue = \"ADDRESS:PORT\""
+        );
         let e = err(&GOOD.replace("port = 80", "port = 0"));
         assert_eq!(e, "test.toml:8: port: port 0 is not a service port");
         let e = err(&GOOD.replace("\"lb-b\"", "\"lb-c\""));

@@ -182,7 +182,16 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in [&b""[..], b"{", b"null", b"[]", b"{\"op\":\"explode\"}", b"{\"op\":\"rollback\"}", b"\xff\xfe", b"{\"op\":\"status\",\"x\":1}"] {
+        for bad in [
+            &b""[..],
+            b"{",
+            b"null",
+            b"[]",
+            b"{\"op\":\"explode\"}",
+            b"{\"op\":\"rollback\"}",
+            b"\xff\xfe",
+            b"{\"op\":\"status\",\"x\":1}",
+        ] {
             let e = parse_request(bad).expect_err("must be rejected");
             assert!(e.starts_with("malformed request"), "{e}");
         }

@@ -142,11 +142,15 @@ impl<M: Maps> Switchboard<M> {
             });
         }
         let Some(backend) = s.config.backend(target) else {
-            return Err(format!("{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config"));
+            return Err(format!(
+                "{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config"
+            ));
         };
         let from = s.active;
         let started = Instant::now();
-        self.maps.set_active(s.id, target).map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
+        self.maps
+            .set_active(s.id, target)
+            .map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
         let took = started.elapsed();
         let s = &mut self.services[i];
         s.previous = Some(from);
@@ -167,13 +171,7 @@ impl<M: Maps> Switchboard<M> {
             Some(name) => vec![self.service_status(self.find(name)?)?],
             None => (0..self.services.len()).map(|i| self.service_status(i)).collect::<Result<_, _>>()?,
         };
-        let reasons = self
-            .maps
-            .reasons()
-            .map_err(|e| chain(&e))?
-            .into_iter()
-            .map(|(n, v)| (n.to_owned(), v))
-            .collect();
+        let reasons = self.maps.reasons().map_err(|e| chain(&e))?.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
         Ok(Response { ok: true, services, reasons, ..Response::default() })
     }
 
@@ -249,8 +247,7 @@ impl Drop for SocketFile {
 /// Start-up failures (attach, maps, socket), with what was being done.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     ensure_forwarding();
-    let dataplane = Dataplane::load(&config)
-        .context("start the data plane")?;
+    let dataplane = Dataplane::load(&config).context("start the data plane")?;
     for s in &config.services {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %s.active, "serving");
     }
@@ -291,9 +288,14 @@ async fn serve(stream: UnixStream, board: &Mutex<Switchboard<Dataplane>>) -> any
     let response = match read {
         Err(_) => Response::error("timed out waiting for a request"),
         Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
-        Ok(Ok(_)) if line.len() > control::MAX_REQUEST => Response::error(format!("request larger than {} bytes", control::MAX_REQUEST)),
+        Ok(Ok(_)) if line.len() > control::MAX_REQUEST => {
+            Response::error(format!("request larger than {} bytes", control::MAX_REQUEST))
+        }
         Ok(Ok(_)) => match control::parse_request(line.trim_ascii()) {
-            Ok(req) => board.lock().map_or_else(|_| Response::error("daemon state is poisoned; restart the daemon"), |mut b| b.handle(req)),
+            Ok(req) => board.lock().map_or_else(
+                |_| Response::error("daemon state is poisoned; restart the daemon"),
+                |mut b| b.handle(req),
+            ),
             Err(msg) => Response::error(msg),
         },
     };
@@ -311,7 +313,9 @@ fn ensure_forwarding() {
         Ok(v) if v.trim() == "1" => {}
         Ok(_) => match std::fs::write(KNOB, "1") {
             Ok(()) => tracing::info!("enabled IPv4 forwarding ({KNOB} = 1): the load balancer routes to its backends"),
-            Err(e) => tracing::warn!("IPv4 forwarding is off and {KNOB} cannot be written ({e}); service traffic will not be forwarded"),
+            Err(e) => tracing::warn!(
+                "IPv4 forwarding is off and {KNOB} cannot be written ({e}); service traffic will not be forwarded"
+            ),
         },
         Err(e) => tracing::warn!("cannot read {KNOB}: {e}"),
     }

@@ -16,7 +16,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
 };
 use switcher_common::{
-    ABI_VERSION, Backend, GLOBAL_UDP_IDLE_NS, ColourCounters, MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META,
+    ABI_VERSION, Backend, ColourCounters, GLOBAL_UDP_IDLE_NS, MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META,
     MAP_SERVICES, MAP_STATS, PROG_NAME, Reason, Service, ServiceKey, colour_slot, user::Colour,
 };
 
@@ -203,9 +203,7 @@ impl Dataplane {
                 .map_err(map_err(MAP_BACKENDS))?;
         }
         self.set_active(id, s.active)?;
-        self.services
-            .insert(&service_key(s), &Service { id, flags: 0 }, 0)
-            .map_err(map_err(MAP_SERVICES))
+        self.services.insert(&service_key(s), &Service { id, flags: 0 }, 0).map_err(map_err(MAP_SERVICES))
     }
 
     /// The cut-over: one 4-byte map write; the next packet of a new flow sees it.
@@ -262,9 +260,8 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     rt.spawn(async move {
         // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns the logger, so
         // the fd stays open for as long as it is registered.
-        let registered = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-        };
+        let registered =
+            unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
         let Ok(mut fd) = registered else { return };
         loop {
             let Ok(mut guard) = fd.readable_mut().await else { return };

@@ -154,7 +154,10 @@ impl Topology {
         ];
         for (ns, addr, gw, lb_if, len) in pairs {
             let inner = "eth0";
-            sh(&["ip", "link", "add", inner, "netns", &ns.name, "type", "veth", "peer", "name", lb_if, "netns", &t.lb.name]);
+            sh(&[
+                "ip", "link", "add", inner, "netns", &ns.name, "type", "veth", "peer", "name", lb_if, "netns",
+                &t.lb.name,
+            ]);
             ns.ip(&["addr", "add", &format!("{addr}{len}"), "dev", inner]);
             ns.ip(&["link", "set", inner, "up"]);
             ns.ip(&["route", "add", "default", "via", &gw.to_string()]);
@@ -339,17 +342,25 @@ impl Sniffer {
             let tv = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
             // SAFETY: setting a timeval option on our own fd.
             unsafe {
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), size_of::<libc::timeval>() as u32);
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    size_of::<libc::timeval>() as u32,
+                );
             }
             let mut buf = [0u8; 2048];
             while !s.load(Ordering::Relaxed) {
                 let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
                 let mut len = size_of::<libc::sockaddr_ll>() as u32;
                 // SAFETY: buffers are ours and sized as passed.
-                let n = unsafe { libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len) };
+                let n = unsafe {
+                    libc::recvfrom(fd, buf.as_mut_ptr().cast(), buf.len(), 0, (&raw mut from).cast(), &mut len)
+                };
                 // Only frames coming in, not our own outgoing ones.
                 // SOCK_RAW frames start with the 14-byte Ethernet header.
-                if n >= 34 && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+                if n >= 34 && from.sll_pkttype != libc::PACKET_OUTGOING {
                     let src = Ipv4Addr::new(buf[26], buf[27], buf[28], buf[29]);
                     if let Ok(mut set) = out.lock() {
                         set.insert(src);

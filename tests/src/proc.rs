@@ -25,7 +25,10 @@ pub fn switcher_bin() -> PathBuf {
             return c;
         }
     }
-    panic!("the switcher binary was not found near {}: build it first (`./x test` does), or set SWITCHER_BIN", exe.display());
+    panic!(
+        "the switcher binary was not found near {}: build it first (`./x test` does), or set SWITCHER_BIN",
+        exe.display()
+    );
 }
 
 /// A config for the test topology: `web` (TCP 80) and `dns` (UDP 53), both active on blue.
@@ -123,7 +126,12 @@ impl Daemon {
     /// When the command fails.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(out.status.success(), "switcher {args:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), self.log());
+        assert!(
+            out.status.success(),
+            "switcher {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -87,21 +87,11 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
 /// The number before `what` in a "test result:" line ("ok. 7 passed; 0 failed; …").
 fn count(line: &str, what: &str) -> u64 {
     line.split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what.trim_start()))
+        .find_map(|part| {
+            part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(what.trim_start())
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn counts_are_read_from_cargo_test_lines() {
-        let line = "ok. 16 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s";
-        assert_eq!(super::count(line, " passed"), 16);
-        assert_eq!(super::count(line, " failed"), 2);
-        assert_eq!(super::count(line, " ignored"), 1);
-        assert_eq!(super::count("FAILED. 3 passed; 1 failed;", " passed"), 3);
-    }
 }
 
 pub fn demo() -> anyhow::Result<()> {
@@ -121,8 +111,28 @@ pub fn lint() -> anyhow::Result<()> {
     fmt.current_dir(root()).args(["fmt", "--all", "--check"]);
     run(fmt)?;
     let mut clippy = cargo();
-    clippy
-        .current_dir(root())
-        .args(["clippy", "--locked", "--workspace", "--exclude", "switcher-ebpf", "--all-targets", "--", "-D", "warnings"]);
+    clippy.current_dir(root()).args([
+        "clippy",
+        "--locked",
+        "--workspace",
+        "--exclude",
+        "switcher-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
     run(clippy)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_read_from_cargo_test_lines() {
+        let line = "ok. 16 passed; 2 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        assert_eq!(super::count(line, " passed"), 16);
+        assert_eq!(super::count(line, " failed"), 2);
+        assert_eq!(super::count(line, " ignored"), 1);
+        assert_eq!(super::count("FAILED. 3 passed; 1 failed;", " passed"), 3);
+    }
 }

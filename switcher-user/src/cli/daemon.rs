@@ -26,7 +26,12 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     if args.check {
-        println!("{}: ok ({} services, interfaces: {})", args.config.display(), config.services.len(), config.interfaces.join(", "));
+        println!(
+            "{}: ok ({} services, interfaces: {})",
+            args.config.display(),
+            config.services.len(),
+            config.interfaces.join(", ")
+        );
         return Ok(());
     }
     init_logging();

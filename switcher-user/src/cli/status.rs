@@ -86,7 +86,10 @@ mod tests {
             ..Response::default()
         };
         let text = render(&resp);
-        assert!(text.starts_with("web  203.0.113.10:80/tcp  active: GREEN  (was blue, switched 3s ago, 1 switches)\n"), "{text}");
+        assert!(
+            text.starts_with("web  203.0.113.10:80/tcp  active: GREEN  (was blue, switched 3s ago, 1 switches)\n"),
+            "{text}"
+        );
         assert!(text.contains("    blue  198.51.100.2:8080     flows        7"), "{text}");
         assert!(text.contains("  * green -"), "{text}");
     }

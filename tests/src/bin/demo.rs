@@ -64,7 +64,9 @@ fn run() -> bool {
     let t = Topology::new();
     let _blue = Server::start(&t.blue, "blue");
     let _green = Server::start(&t.green, "green");
-    println!("  blue  serves on {BLUE}, green on {GREEN}; clients use the VIP {VIP} (web: TCP {VIP_TCP}, dns: UDP {VIP_UDP})");
+    println!(
+        "  blue  serves on {BLUE}, green on {GREEN}; clients use the VIP {VIP} (web: TCP {VIP_TCP}, dns: UDP {VIP_UDP})"
+    );
     let daemon = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, socket));
     println!("  switcher daemon attached to {} in namespace {}\n", t.lb_ifaces.join(", "), t.lb.name);
     print!("{}", daemon.cli_ok(&["status"]));
@@ -82,12 +84,13 @@ fn run() -> bool {
     let start = Instant::now();
     let (mut cut, mut rolled) = (false, false);
     let mut last = Tally::default();
-    println!("  {:>6}  {:>7} {:>7} {:>7}  {}", "time", "blue", "green", "failed", "long-lived connection");
+    println!("  {:>6}  {:>7} {:>7} {:>7}  long-lived connection", "time", "blue", "green", "failed");
     while start.elapsed().as_secs_f64() < RUN_FOR && !INTERRUPTED.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(1000));
         let now = start.elapsed().as_secs_f64();
         let total = tally.lock().map(|t| *t).unwrap_or_default();
-        let long_says = long.as_mut().map_or_else(|| "closed".to_owned(), |c| c.ask().unwrap_or_else(|e| format!("error: {e}")));
+        let long_says =
+            long.as_mut().map_or_else(|| "closed".to_owned(), |c| c.ask().unwrap_or_else(|e| format!("error: {e}")));
         println!(
             "  {now:>5.1}s  {:>7} {:>7} {:>7}  {long_says}",
             total.blue - last.blue,
@@ -135,8 +138,11 @@ fn client_loop(ns_name: &str, tally: &Mutex<Tally>, stop: &AtomicBool) {
         // UDP from a source port not used before in this run, so that every datagram is a new
         // flow (a reused 5-tuple would rightly stay on its colour until its idle timeout).
         let udp_port = 20_000 + u16::try_from((n / 2) % 40_000).unwrap_or(0);
-        let (result, vip) =
-            if n % 2 == 0 { (tcp_request(&ns, WEB), WEB) } else { (udp_request_from(&ns, udp_port, DNS), DNS) };
+        let (result, vip) = if n.is_multiple_of(2) {
+            (tcp_request(&ns, WEB), WEB)
+        } else {
+            (udp_request_from(&ns, udp_port, DNS), DNS)
+        };
         n += 1;
         let Ok(mut t) = tally.lock() else { return };
         match result {

@@ -4,10 +4,7 @@
 use std::net::{SocketAddr, SocketAddrV4};
 
 use crate::{
-    net::{
-        BACKEND_TCP, BLUE, Conn, GREEN, Server, Sniffer, Topology, VIP, VIP_TCP, VIP_UDP, tcp_request,
-        udp_request,
-    },
+    net::{BACKEND_TCP, BLUE, Conn, GREEN, Server, Sniffer, Topology, VIP, VIP_TCP, VIP_UDP, tcp_request, udp_request},
     proc::{Daemon, demo_config},
 };
 
@@ -45,7 +42,11 @@ fn cutover_and_rollback_with_real_traffic() {
     let out = d.cli_ok(&["cutover", "dns", "green"]);
     assert!(out.contains("blue → green"), "{out}");
     expect_colour(&t, "green");
-    assert_eq!(long.ask().expect("long-lived connection after cut-over"), "blue", "established flows stay where they are");
+    assert_eq!(
+        long.ask().expect("long-lived connection after cut-over"),
+        "blue",
+        "established flows stay where they are"
+    );
 
     let status = d.cli_ok(&["status", "web", "--json"]);
     assert!(status.contains(r#""active": "green""#) && status.contains(r#""previous": "blue""#), "{status}");
@@ -120,7 +121,11 @@ fn bad_config_is_refused_with_file_line_and_field() {
     std::fs::create_dir_all(&dir).expect("dir");
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "interfaces = [\"lo\"]\n\n[[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nactive = \"purple\"\nblue = \"198.51.100.2:80\"\n").expect("write");
-    let out = std::process::Command::new(crate::proc::switcher_bin()).args(["daemon", "--config"]).arg(&cfg).output().expect("run");
+    let out = std::process::Command::new(crate::proc::switcher_bin())
+        .args(["daemon", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run");
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -71,7 +71,9 @@ const IN: L2 = L2 { src: CLIENT_MAC, dst: LB_MAC };
 const OUT: L2 = L2 { src: OUT_MAC, dst: NEIGH_MAC };
 
 fn tcp(l2: L2, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8, kind: Tcp) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(l2.src, l2.dst).ipv4(src.0.octets(), dst.0.octets(), ttl).tcp(src.1, dst.1, 1000, 64_000);
+    let b = PacketBuilder::ethernet2(l2.src, l2.dst)
+        .ipv4(src.0.octets(), dst.0.octets(), ttl)
+        .tcp(src.1, dst.1, 1000, 64_000);
     let b = match kind {
         Tcp::Syn => b.syn(),
         Tcp::Ack => b.ack(77),
@@ -173,31 +175,157 @@ fn data_path_table() {
         let c = (CLIENT, 40000);
         let c2 = (CLIENT2, 40001);
         let steps = vec![
-            pkt("TCP SYN to web goes to blue, redirected with TTL-1 and new MACs", tcp(IN, c, (VIP, 80), 64, Tcp::Syn), XDP_REDIRECT, "fwd_redirect", Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Syn))),
-            pkt("blue's SYN-ACK is answered from the VIP", tcp(IN, (BLUE, 8080), c, 64, Tcp::Ack), XDP_REDIRECT, "reply_redirect", Some(tcp(OUT, (VIP, 80), c, 63, Tcp::Ack))),
+            pkt(
+                "TCP SYN to web goes to blue, redirected with TTL-1 and new MACs",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+            pkt(
+                "blue's SYN-ACK is answered from the VIP",
+                tcp(IN, (BLUE, 8080), c, 64, Tcp::Ack),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(tcp(OUT, (VIP, 80), c, 63, Tcp::Ack)),
+            ),
             Step::Active(0, Colour::Green),
-            pkt("after the cut-over, the established flow stays on blue", tcp(IN, c, (VIP, 80), 64, Tcp::Ack), XDP_REDIRECT, "fwd_redirect", Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Ack))),
-            pkt("a new flow goes to green (no route: passed to the kernel, TTL untouched)", tcp(IN, c2, (VIP, 80), 64, Tcp::Syn), XDP_PASS, "fwd_kernel", Some(tcp(IN, c2, (GREEN, 8081), 64, Tcp::Syn))),
-            pkt("green's reply to a client without a neighbour entry is passed up, from the VIP", tcp(IN, (GREEN, 8081), c2, 64, Tcp::Ack), XDP_PASS, "reply_kernel", Some(tcp(IN, (VIP, 80), c2, 64, Tcp::Ack))),
-            pkt("a SYN reusing the blue flow's 5-tuple starts a new flow on green", tcp(IN, c, (VIP, 80), 64, Tcp::Syn), XDP_PASS, "fwd_kernel", Some(tcp(IN, c, (GREEN, 8081), 64, Tcp::Syn))),
+            pkt(
+                "after the cut-over, the established flow stays on blue",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Ack),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Ack)),
+            ),
+            pkt(
+                "a new flow goes to green (no route: passed to the kernel, TTL untouched)",
+                tcp(IN, c2, (VIP, 80), 64, Tcp::Syn),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp(IN, c2, (GREEN, 8081), 64, Tcp::Syn)),
+            ),
+            pkt(
+                "green's reply to a client without a neighbour entry is passed up, from the VIP",
+                tcp(IN, (GREEN, 8081), c2, 64, Tcp::Ack),
+                XDP_PASS,
+                "reply_kernel",
+                Some(tcp(IN, (VIP, 80), c2, 64, Tcp::Ack)),
+            ),
+            pkt(
+                "a SYN reusing the blue flow's 5-tuple starts a new flow on green",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Syn),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp(IN, c, (GREEN, 8081), 64, Tcp::Syn)),
+            ),
             Step::Active(0, Colour::Blue),
-            pkt("rolled back: a new flow goes to blue again", tcp(IN, (CLIENT, 40002), (VIP, 80), 64, Tcp::Syn), XDP_REDIRECT, "fwd_redirect", Some(tcp(OUT, (CLIENT, 40002), (BLUE, 8080), 63, Tcp::Syn))),
-            pkt("UDP to dns goes to blue", udp(IN, c, (VIP, 53), 64), XDP_REDIRECT, "fwd_redirect", Some(udp(OUT, c, (BLUE, 5353), 63))),
-            pkt("blue's UDP answer comes from the VIP", udp(IN, (BLUE, 5353), c, 64), XDP_REDIRECT, "reply_redirect", Some(udp(OUT, (VIP, 53), c, 63))),
+            pkt(
+                "rolled back: a new flow goes to blue again",
+                tcp(IN, (CLIENT, 40002), (VIP, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, (CLIENT, 40002), (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+            pkt(
+                "UDP to dns goes to blue",
+                udp(IN, c, (VIP, 53), 64),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(udp(OUT, c, (BLUE, 5353), 63)),
+            ),
+            pkt(
+                "blue's UDP answer comes from the VIP",
+                udp(IN, (BLUE, 5353), c, 64),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(udp(OUT, (VIP, 53), c, 63)),
+            ),
             Step::Active(1, Colour::Green),
-            pkt("UDP without checksum keeps 0 on the way to green", no_udp_csum(udp(IN, c2, (VIP, 53), 64)), XDP_PASS, "fwd_kernel", Some(no_udp_csum(udp(IN, c2, (GREEN, 5354), 64)))),
-            pkt("TTL 1 is rewritten but left to the kernel to expire", tcp(IN, (CLIENT, 40003), (VIP, 81), 1, Tcp::Syn), XDP_PASS, "ttl", Some(tcp(IN, (CLIENT, 40003), (BLUE, 8080), 1, Tcp::Syn))),
-            pkt("another port on the VIP passes untouched", tcp(IN, c, (VIP, 8080), 64, Tcp::Syn), XDP_PASS, "no_match", None),
-            pkt("UDP to the TCP service's port passes untouched", udp(IN, c, (VIP, 80), 64), XDP_PASS, "no_match", None),
-            pkt("traffic straight to a backend passes untouched", tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn), XDP_PASS, "no_match", None),
-            pkt("a backend packet of no tracked flow passes untouched", tcp(IN, (BLUE, 8080), (CLIENT, 49999), 64, Tcp::Ack), XDP_PASS, "no_match", None),
+            pkt(
+                "UDP without checksum keeps 0 on the way to green",
+                no_udp_csum(udp(IN, c2, (VIP, 53), 64)),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(no_udp_csum(udp(IN, c2, (GREEN, 5354), 64))),
+            ),
+            pkt(
+                "TTL 1 is rewritten but left to the kernel to expire",
+                tcp(IN, (CLIENT, 40003), (VIP, 81), 1, Tcp::Syn),
+                XDP_PASS,
+                "ttl",
+                Some(tcp(IN, (CLIENT, 40003), (BLUE, 8080), 1, Tcp::Syn)),
+            ),
+            pkt(
+                "another port on the VIP passes untouched",
+                tcp(IN, c, (VIP, 8080), 64, Tcp::Syn),
+                XDP_PASS,
+                "no_match",
+                None,
+            ),
+            pkt(
+                "UDP to the TCP service's port passes untouched",
+                udp(IN, c, (VIP, 80), 64),
+                XDP_PASS,
+                "no_match",
+                None,
+            ),
+            pkt(
+                "traffic straight to a backend passes untouched",
+                tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn),
+                XDP_PASS,
+                "no_match",
+                None,
+            ),
+            pkt(
+                "a backend packet of no tracked flow passes untouched",
+                tcp(IN, (BLUE, 8080), (CLIENT, 49999), 64, Tcp::Ack),
+                XDP_PASS,
+                "no_match",
+                None,
+            ),
             pkt("ARP passes untouched", arp(), XDP_PASS, "not_ipv4", None),
-            pkt("a VLAN-tagged frame passes untouched", vlan(tcp(IN, c, (VIP, 80), 64, Tcp::Syn)), XDP_PASS, "vlan", None),
-            pkt("a first fragment passes untouched", fragment(tcp(IN, c, (VIP, 80), 64, Tcp::Syn), 0x2000), XDP_PASS, "fragment", None),
-            pkt("a later fragment passes untouched", fragment(udp(IN, c, (VIP, 53), 64), 0x0010), XDP_PASS, "fragment", None),
-            pkt("a frame cut inside the TCP header passes untouched", tcp(IN, c, (VIP, 80), 64, Tcp::Syn)[..14 + 20 + 10].to_vec(), XDP_PASS, "malformed", None),
-            pkt("a frame cut inside the IPv4 header passes untouched", tcp(IN, c, (VIP, 80), 64, Tcp::Syn)[..14 + 12].to_vec(), XDP_PASS, "malformed", None),
-            pkt("IHL below 5 passes untouched", set_byte(tcp(IN, c, (VIP, 80), 64, Tcp::Syn), 14, 0x44), XDP_PASS, "malformed", None),
+            pkt(
+                "a VLAN-tagged frame passes untouched",
+                vlan(tcp(IN, c, (VIP, 80), 64, Tcp::Syn)),
+                XDP_PASS,
+                "vlan",
+                None,
+            ),
+            pkt(
+                "a first fragment passes untouched",
+                fragment(tcp(IN, c, (VIP, 80), 64, Tcp::Syn), 0x2000),
+                XDP_PASS,
+                "fragment",
+                None,
+            ),
+            pkt(
+                "a later fragment passes untouched",
+                fragment(udp(IN, c, (VIP, 53), 64), 0x0010),
+                XDP_PASS,
+                "fragment",
+                None,
+            ),
+            pkt(
+                "a frame cut inside the TCP header passes untouched",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Syn)[..14 + 20 + 10].to_vec(),
+                XDP_PASS,
+                "malformed",
+                None,
+            ),
+            pkt(
+                "a frame cut inside the IPv4 header passes untouched",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Syn)[..14 + 12].to_vec(),
+                XDP_PASS,
+                "malformed",
+                None,
+            ),
+            pkt(
+                "IHL below 5 passes untouched",
+                set_byte(tcp(IN, c, (VIP, 80), 64, Tcp::Syn), 14, 0x44),
+                XDP_PASS,
+                "malformed",
+                None,
+            ),
             pkt("ICMP to the VIP passes untouched", icmp(), XDP_PASS, "other_l4", None),
         ];
         for step in steps {
@@ -225,9 +353,21 @@ fn idle_udp_flows_expire() {
         let blue = udp(OUT, c, (BLUE, 5353), 63);
         check(&mut dp, pkt("UDP flow starts on blue", vip.clone(), XDP_REDIRECT, "fwd_redirect", Some(blue.clone())));
         check(&mut dp, Step::Active(1, Colour::Green));
-        check(&mut dp, pkt("within the idle timeout it stays on blue", vip.clone(), XDP_REDIRECT, "fwd_redirect", Some(blue)));
+        check(
+            &mut dp,
+            pkt("within the idle timeout it stays on blue", vip.clone(), XDP_REDIRECT, "fwd_redirect", Some(blue)),
+        );
         std::thread::sleep(IDLE + Duration::from_millis(500));
-        check(&mut dp, pkt("idle past the timeout, it is a new flow on green", vip, XDP_PASS, "fwd_kernel", Some(udp(IN, c, (GREEN, 5354), 64))));
+        check(
+            &mut dp,
+            pkt(
+                "idle past the timeout, it is a new flow on green",
+                vip,
+                XDP_PASS,
+                "fwd_kernel",
+                Some(udp(IN, c, (GREEN, 5354), 64)),
+            ),
+        );
         assert_eq!(dp.counters(1, Colour::Green).expect("counters").flows, 1);
     });
 }
@@ -243,15 +383,30 @@ fn ip_options_are_handled() {
     ns.run(|| {
         let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
         let with_options = |l2: L2, ttl: u8, dst: (Ipv4Addr, u16)| {
-            let mut ip = etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, CLIENT.octets(), dst.0.octets()).expect("ip");
+            let mut ip =
+                etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, CLIENT.octets(), dst.0.octets())
+                    .expect("ip");
             ip.options = [1u8, 1, 1, 0][..].try_into().expect("options");
             let mut v = Vec::new();
-            PacketBuilder::ethernet2(l2.src, l2.dst).ip(etherparse::IpHeaders::Ipv4(ip, Default::default())).udp(40000, dst.1).write(&mut v, b"q").expect("build");
+            PacketBuilder::ethernet2(l2.src, l2.dst)
+                .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+                .udp(40000, dst.1)
+                .write(&mut v, b"q")
+                .expect("build");
             v
         };
         let input = with_options(IN, 7, (VIP, 53));
         assert_eq!(input[14], 0x46, "the input has IHL 6");
-        check(&mut dp, pkt("UDP with IP options to blue", input, XDP_REDIRECT, "fwd_redirect", Some(with_options(OUT, 6, (BLUE, 5353)))));
+        check(
+            &mut dp,
+            pkt(
+                "UDP with IP options to blue",
+                input,
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(with_options(OUT, 6, (BLUE, 5353))),
+            ),
+        );
     });
 }
 
