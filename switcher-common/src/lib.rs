@@ -135,6 +135,13 @@ const _: () = assert!(size_of::<Flow>() == 24);
 pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
 /// Default of [`GLOBAL_UDP_IDLE_NS`]: 30 s, like conntrack's unreplied UDP timeout.
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+/// Load-time global of the program: how rewritten packets leave, one of `FORWARD_*`.
+pub const GLOBAL_FORWARD_MODE: &str = "FORWARD_MODE";
+/// Pass every rewritten packet to the kernel's stack to route (works on any interface).
+pub const FORWARD_KERNEL: u32 = 0;
+/// Redirect straight out of the egress interface when the FIB has a complete answer.
+pub const FORWARD_REDIRECT: u32 = 1;
+
 /// How stale `Flow::last_seen_ns` may get before a packet refreshes it (saves map writes).
 pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 

@@ -30,6 +30,8 @@ mod prog {
         Backend, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_SERVICES, Reason, Reply, Service, ServiceKey,
     };
 
+    use aya_log_ebpf::warn;
+
     use crate::{nat, parse};
 
     /// `ServiceKey` (VIP, port, protocol) → `Service`. Written by the daemon.
@@ -68,12 +70,20 @@ mod prog {
     #[unsafe(no_mangle)]
     static UDP_IDLE_NS: Global<u64> = Global::new(switcher_common::DEFAULT_UDP_IDLE_NS);
 
+    /// How rewritten packets leave (`FORWARD_KERNEL` or `FORWARD_REDIRECT`); set at load.
+    #[unsafe(no_mangle)]
+    pub static FORWARD_MODE: Global<u32> = Global::new(switcher_common::FORWARD_REDIRECT);
+
     #[xdp]
     pub fn switcher(ctx: XdpContext) -> u32 {
         let (action, reason) = match try_switch(&ctx) {
             Ok(verdict) => verdict,
             Err(reason) => (xdp_action::XDP_PASS, reason),
         };
+        if reason == Reason::INTERNAL {
+            // Rare by construction (a map slot that must exist did not): worth a log line.
+            warn!(&ctx, "switcher: internal map lookup failed; packet passed");
+        }
         if let Some(slot) = STATS.get_ptr_mut(reason.0) {
             // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
             unsafe { *slot += 1 };

@@ -1,7 +1,8 @@
 //! Rewriting and forwarding: destination NAT towards the backend, source NAT of replies back to
 //! the VIP, incremental checksums, and the choice between redirect and the kernel's stack.
 //!
-//! Forwarding: `bpf_fib_lookup` on the rewritten packet. When the kernel knows the next hop and
+//! Forwarding in `FORWARD_KERNEL` mode: the rewritten packet is passed to the kernel's stack.
+//! In `FORWARD_REDIRECT` mode: `bpf_fib_lookup` on the rewritten packet. When the kernel knows the next hop and
 //! its neighbour, the MACs are set from the result, TTL is decremented and the frame leaves by
 //! `XDP_TX` (same interface) or `bpf_redirect`. Otherwise (no neighbour entry yet, MTU exceeded,
 //! TTL expiring, no route) the already-rewritten packet is passed to the kernel, which routes it,
@@ -14,7 +15,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use switcher_common::{Backend, PROTO_TCP, Reason, Reply, csum::CsumDelta};
+use switcher_common::{Backend, FORWARD_REDIRECT, PROTO_TCP, Reason, Reply, csum::CsumDelta};
 
 use crate::parse::Packet;
 
@@ -72,6 +73,11 @@ fn fix_l4_check(pkt: &Packet, delta: CsumDelta) {
 fn out(ctx: &XdpContext, pkt: &Packet, mut ip_delta: CsumDelta, fast: Reason, slow: Reason) -> (u32, Reason) {
     // SAFETY: `parse` bounds-checked the Ethernet and IPv4 headers.
     let ip = unsafe { &mut *pkt.ip };
+    if crate::prog::FORWARD_MODE.load() != FORWARD_REDIRECT {
+        let check = ip.check;
+        ip.check = ip_delta.apply(check);
+        return (xdp_action::XDP_PASS, slow);
+    }
     // SAFETY: the params are plain integers; zero is a valid start.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;

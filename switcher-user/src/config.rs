@@ -4,6 +4,7 @@
 //! interfaces = ["eth0"]            # where the XDP program is attached
 //! socket = "/run/switcher/switcher.sock"
 //! xdp_mode = "native"              # or "skb" (generic) for drivers without native XDP
+//! forwarding = "auto"              # "redirect" (XDP fast path), "kernel" (stack routes)
 //! udp_idle_timeout_secs = 30       # an idle UDP flow is forgotten after this
 //!
 //! [[service]]
@@ -63,6 +64,20 @@ pub enum XdpMode {
     Skb,
 }
 
+/// How rewritten packets leave the node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// `redirect` when every interface is a physical one, else `kernel`.
+    #[default]
+    Auto,
+    /// Straight out of the egress interface via `bpf_fib_lookup` + `bpf_redirect` (fastest).
+    /// On veth, needs `ethtool -K <peer> gro on tx off` on the peers.
+    Redirect,
+    /// Passed to the kernel's stack to route: works on any interface.
+    Kernel,
+}
+
 /// L4 protocol of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -116,6 +131,8 @@ struct RawConfig {
     #[serde(default)]
     xdp_mode: XdpMode,
     #[serde(default)]
+    forwarding: Forwarding,
+    #[serde(default)]
     udp_idle_timeout_secs: Option<toml::Spanned<u64>>,
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<RawService>>,
@@ -141,6 +158,7 @@ pub struct Config {
     pub interfaces: Vec<String>,
     pub socket: PathBuf,
     pub xdp_mode: XdpMode,
+    pub forwarding: Forwarding,
     /// A UDP flow idle this long is forgotten: its next datagram is a new flow.
     pub udp_idle_timeout: Duration,
     pub services: Vec<ServiceConfig>,
@@ -311,6 +329,7 @@ impl Config {
             interfaces: raw.interfaces.into_iter().map(toml::Spanned::into_inner).collect(),
             socket: raw.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             xdp_mode: raw.xdp_mode,
+            forwarding: raw.forwarding,
             udp_idle_timeout,
             services,
         })
@@ -390,6 +409,7 @@ green = "198.51.100.18:5353"
         let c = parse("interfaces = [\"eth0\"]\n").expect("valid");
         assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
         assert_eq!(c.udp_idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.forwarding, Forwarding::Auto);
         assert!(c.services.is_empty());
         let c = parse("interfaces = [\"eth0\"]\nudp_idle_timeout_secs = 5\n").expect("valid");
         assert_eq!(c.udp_idle_timeout, Duration::from_secs(5));
@@ -413,6 +433,8 @@ green = "198.51.100.18:5353"
         assert!(e.contains("line 10") && e.contains("unknown variant `red`"), "{e}");
         let e = err(&GOOD.replace("port = 80", "port = 70000"));
         assert!(e.contains("line 8"), "{e}");
+        let e = err(&GOOD.replace("socket =", "forwarding = \"fast\"\nsocket ="));
+        assert!(e.contains("line 3") && e.contains("unknown variant `fast`"), "{e}");
         let e = err(&GOOD.replace("port = 80", "prot = 80"));
         assert!(e.contains("unknown field `prot`"), "{e}");
     }

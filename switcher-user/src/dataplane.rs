@@ -4,11 +4,7 @@
 //! was built against, attaches the program to the configured interfaces and keeps the map
 //! handles. Dropping the `Dataplane` detaches the program: the links are owned by this process.
 
-use std::{
-    ffi::CString,
-    net::{Ipv4Addr, SocketAddrV4},
-    time::Duration,
-};
+use std::{ffi::CString, net::SocketAddrV4, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,8 +12,9 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
 };
 use switcher_common::{
-    ABI_VERSION, Backend, ColourCounters, GLOBAL_UDP_IDLE_NS, MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META,
-    MAP_SERVICES, MAP_STATS, PROG_NAME, Reason, Service, ServiceKey, colour_slot, user::Colour,
+    ABI_VERSION, Backend, ColourCounters, FORWARD_KERNEL, FORWARD_REDIRECT, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS,
+    MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META, MAP_SERVICES, MAP_STATS, PROG_NAME, Reason, Service, ServiceKey,
+    colour_slot, user::Colour,
 };
 
 use crate::config::{self, ServiceConfig};
@@ -72,6 +69,48 @@ pub struct Counters {
     pub flows: u64,
 }
 
+/// Load-time settings of the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// A UDP flow idle this long is forgotten.
+    pub udp_idle_timeout: Duration,
+    /// Redirect rewritten packets out of their egress interface (else the kernel routes them).
+    pub redirect: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { udp_idle_timeout: Duration::from_nanos(switcher_common::DEFAULT_UDP_IDLE_NS), redirect: true }
+    }
+}
+
+/// Decides `forwarding = "auto"`: redirect only when every interface is a physical device.
+/// Redirecting into a virtual device such as veth silently drops frames unless its peer is
+/// prepared for it (GRO on, TX checksum offload off), which cannot be checked from here.
+#[must_use]
+pub fn resolve_forwarding(mode: config::Forwarding, interfaces: &[String]) -> (bool, String) {
+    match mode {
+        config::Forwarding::Redirect => (true, "redirect (configured)".into()),
+        config::Forwarding::Kernel => (false, "kernel stack (configured)".into()),
+        config::Forwarding::Auto => match interfaces.iter().find(|i| !is_physical(i)) {
+            None => (true, "redirect (auto: all interfaces are physical)".into()),
+            Some(i) => (
+                false,
+                format!(
+                    "kernel stack (auto: {i} is a virtual interface; for the XDP fast path on veth run `ethtool -K <peer> gro on tx off` on the peers and set forwarding = \"redirect\")"
+                ),
+            ),
+        },
+    }
+}
+
+/// Whether `/sys/class/net/IF` is a physical device (virtual ones live under
+/// `/sys/devices/virtual`). Unknown counts as virtual: the kernel path is the safe one.
+fn is_physical(iface: &str) -> bool {
+    std::fs::canonicalize(format!("/sys/class/net/{iface}"))
+        .is_ok_and(|p| !p.to_string_lossy().contains("/devices/virtual/"))
+}
+
 /// The loaded, attached program and its maps.
 pub struct Dataplane {
     // Holds the program and its links: dropping it detaches.
@@ -81,7 +120,12 @@ pub struct Dataplane {
     active: Array<MapData, u32>,
     counters: PerCpuArray<MapData, ColourCounters>,
     stats: PerCpuArray<MapData, u64>,
+    // Maps the program uses but nothing reads here: kept so their fds outlive the program.
+    _meta: Array<MapData, u32>,
+    _logger: Option<Logger>,
 }
+
+type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
@@ -118,7 +162,10 @@ impl Dataplane {
     /// # Errors
     /// Any load, map or attach failure, naming the object.
     pub fn load(config: &config::Config) -> Result<Dataplane> {
-        let mut dp = Dataplane::open(&config.services, config.udp_idle_timeout)?;
+        let (redirect, why) = resolve_forwarding(config.forwarding, &config.interfaces);
+        tracing::info!(redirect, "forwarding: {why}");
+        let options = Options { udp_idle_timeout: config.udp_idle_timeout, redirect };
+        let mut dp = Dataplane::open(&config.services, options)?;
         dp.attach(&config.interfaces, config.xdp_mode)?;
         Ok(dp)
     }
@@ -128,20 +175,26 @@ impl Dataplane {
     ///
     /// # Errors
     /// Any load or map failure, naming the object.
-    pub fn open(services: &[ServiceConfig], udp_idle_timeout: Duration) -> Result<Dataplane> {
+    pub fn open(services: &[ServiceConfig], options: Options) -> Result<Dataplane> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
-        let udp_idle_ns = u64::try_from(udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let udp_idle_ns = u64::try_from(options.udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let forward_mode = if options.redirect { FORWARD_REDIRECT } else { FORWARD_KERNEL };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
+            .override_global(GLOBAL_FORWARD_MODE, &forward_mode, true)
             .load(PROGRAM)
             .map_err(DataplaneError::Load)?;
-        match aya_log::EbpfLogger::init(&mut ebpf) {
-            // The logger task forwards the program's rare log lines to `log`/`tracing`.
+        // The logger task forwards the program's rare log lines to `log`/`tracing`. Without a
+        // runtime the logger is kept unread: its ring buffer must stay open for the program.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_logger(logger),
-            Err(e) => tracing::debug!("no eBPF log forwarding: {e}"),
-        }
+            Err(e) => {
+                tracing::debug!("no eBPF log forwarding: {e}");
+                None
+            }
+        };
         let mut meta: Array<MapData, u32> = take(&mut ebpf, MAP_META)?;
         meta.set(0, &ABI_VERSION, 0).map_err(map_err(MAP_META))?;
         let mut dp = Dataplane {
@@ -150,6 +203,8 @@ impl Dataplane {
             active: take(&mut ebpf, MAP_ACTIVE)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             stats: take(&mut ebpf, MAP_STATS)?,
+            _meta: meta,
+            _logger: logger,
             ebpf,
         };
         for (id, s) in (0u32..).zip(services) {
@@ -254,9 +309,9 @@ impl Dataplane {
     }
 }
 
-fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    // Only when there is a runtime (a test may load without one).
-    let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+/// Forwards the logger's records on the current tokio runtime; hands it back if there is none.
+fn spawn_logger(logger: Logger) -> Option<Logger> {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return Some(logger) };
     rt.spawn(async move {
         // SAFETY: the logger owns its ring buffer's fd, and the AsyncFd owns the logger, so
         // the fd stays open for as long as it is registered.
@@ -269,10 +324,20 @@ fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+    None
 }
 
-/// `a.b.c.d` of a map's raw address bytes.
-#[must_use]
-pub fn ip(bytes: [u8; 4]) -> Ipv4Addr {
-    Ipv4Addr::from(bytes)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_forwarding_avoids_redirect_into_virtual_interfaces() {
+        let lo = ["lo".to_owned()];
+        assert!(!resolve_forwarding(config::Forwarding::Auto, &lo).0, "lo is virtual");
+        assert!(!resolve_forwarding(config::Forwarding::Auto, &["no-such-if0".to_owned()]).0);
+        assert!(resolve_forwarding(config::Forwarding::Redirect, &lo).0);
+        assert!(!resolve_forwarding(config::Forwarding::Kernel, &lo).0);
+        assert!(resolve_forwarding(config::Forwarding::Auto, &lo).1.contains("gro on tx off"));
+    }
 }

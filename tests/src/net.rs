@@ -133,12 +133,26 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Builds the topology with names starting with a fresh unique prefix.
+    /// Builds the topology with names starting with a fresh unique prefix, with the veth ends
+    /// prepared for XDP redirect (`ethtool -K gro on tx off`).
     ///
     /// # Panics
     /// When any `ip`/`ethtool` command fails.
     #[must_use]
     pub fn new() -> Topology {
+        Topology::build(true)
+    }
+
+    /// The same topology as a user would make it by hand: veth with default offloads.
+    ///
+    /// # Panics
+    /// When any `ip` command fails.
+    #[must_use]
+    pub fn plain() -> Topology {
+        Topology::build(false)
+    }
+
+    fn build(prepare_veth: bool) -> Topology {
         let p = unique_prefix();
         let t = Topology {
             client: Netns::new(format!("{p}-client")),
@@ -163,7 +177,9 @@ impl Topology {
             ns.ip(&["route", "add", "default", "via", &gw.to_string()]);
             // XDP_REDIRECT into a veth needs NAPI on the receiving end (GRO), and XDP rewrites
             // break the partial checksums of veth TX offload: see shared/toolchain.md.
-            ns.exec(&["ethtool", "-K", inner, "gro", "on", "tx", "off"]);
+            if prepare_veth {
+                ns.exec(&["ethtool", "-K", inner, "gro", "on", "tx", "off"]);
+            }
             t.lb.ip(&["addr", "add", &format!("{gw}{len}"), "dev", lb_if]);
             t.lb.ip(&["link", "set", lb_if, "up"]);
         }

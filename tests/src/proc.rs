@@ -31,13 +31,15 @@ pub fn switcher_bin() -> PathBuf {
     );
 }
 
-/// A config for the test topology: `web` (TCP 80) and `dns` (UDP 53), both active on blue.
+/// A config for the test topology: `web` (TCP 80) and `dns` (UDP 53), both active on blue,
+/// with `forwarding` (`"auto"`, `"redirect"` or `"kernel"`).
 #[must_use]
-pub fn demo_config(ifaces: &[String], socket: &Path) -> String {
+pub fn demo_config(ifaces: &[String], forwarding: &str, socket: &Path) -> String {
     let ifaces: Vec<String> = ifaces.iter().map(|i| format!("{i:?}")).collect();
     format!(
         r#"interfaces = [{ifaces}]
 socket = "{socket}"
+forwarding = "{forwarding}"
 
 [[service]]
 name = "web"
@@ -133,6 +135,26 @@ impl Daemon {
             self.log()
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `switcher status --json`, parsed.
+    ///
+    /// # Panics
+    /// When the command fails or prints something else.
+    #[must_use]
+    pub fn status(&self) -> switcher_user::control::Response {
+        let out = self.cli_ok(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not a Response ({e}): {out}"))
+    }
+
+    /// Packets the data path counted for a reason (`fwd_redirect`, `no_match`, …).
+    ///
+    /// # Panics
+    /// When the reason is unknown.
+    #[must_use]
+    pub fn reason(&self, name: &str) -> u64 {
+        let status = self.status();
+        status.reasons.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no reason {name}")).1
     }
 
     /// Stops the daemon with SIGTERM and waits (up to 10 s) for it to exit.

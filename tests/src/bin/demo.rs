@@ -67,7 +67,7 @@ fn run() -> bool {
     println!(
         "  blue  serves on {BLUE}, green on {GREEN}; clients use the VIP {VIP} (web: TCP {VIP_TCP}, dns: UDP {VIP_UDP})"
     );
-    let daemon = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, socket));
+    let daemon = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, "redirect", socket));
     println!("  switcher daemon attached to {} in namespace {}\n", t.lb_ifaces.join(", "), t.lb.name);
     print!("{}", daemon.cli_ok(&["status"]));
     println!();

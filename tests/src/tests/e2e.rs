@@ -29,7 +29,7 @@ fn cutover_and_rollback_with_real_traffic() {
     let t = Topology::new();
     let _blue = Server::start(&t.blue, "blue");
     let _green = Server::start(&t.green, "green");
-    let d = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, socket));
+    let d = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, "redirect", socket));
     let sniffer = Sniffer::start(&t.client);
 
     expect_colour(&t, "blue");
@@ -68,9 +68,37 @@ fn cutover_and_rollback_with_real_traffic() {
     let (answer, peer) = tcp_request(&t.client, direct).expect("direct request to blue");
     assert_eq!((answer.as_str(), peer), ("blue", SocketAddr::V4(direct)));
 
-    let status = d.cli_ok(&["status", "--json"]);
-    let flows = |s: &str| s.matches(r#""flows": "#).count();
-    assert_eq!(flows(&status), 4, "two services × two colours: {status}");
+    let status = d.status();
+    let flows: Vec<u64> = status.services.iter().flat_map(|s| s.colours.iter().map(|c| c.counters.flows)).collect();
+    assert_eq!(flows.len(), 4, "two services × two colours");
+    assert!(flows.iter().all(|&f| f >= 1), "every colour of both services got flows: {flows:?}");
+    assert!(d.reason("fwd_redirect") > 0 && d.reason("reply_redirect") > 0, "the XDP fast path was taken");
+}
+
+/// On veth as a user sets it up by hand (default offloads), `forwarding = "auto"` picks the
+/// kernel path, and cut-over and rollback work the same.
+#[test]
+fn auto_forwarding_works_on_plain_veth() {
+    if !crate::have_root("auto_forwarding_works_on_plain_veth") {
+        return;
+    }
+    let t = Topology::plain();
+    let _blue = Server::start(&t.blue, "blue");
+    let _green = Server::start(&t.green, "green");
+    let d = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, "auto", socket));
+    assert!(d.log().contains("forwarding: kernel stack (auto"), "{}", d.log());
+    expect_colour(&t, "blue");
+    let mut long = Conn::open(&t.client, WEB).expect("open long-lived connection");
+    assert_eq!(long.ask().expect("ask"), "blue");
+    d.cli_ok(&["cutover", "web"]);
+    d.cli_ok(&["cutover", "dns"]);
+    expect_colour(&t, "green");
+    assert_eq!(long.ask().expect("long-lived connection after cut-over"), "blue");
+    d.cli_ok(&["rollback", "web"]);
+    d.cli_ok(&["rollback", "dns"]);
+    expect_colour(&t, "blue");
+    assert_eq!(d.reason("fwd_redirect") + d.reason("reply_redirect"), 0, "kernel mode never redirects");
+    assert!(d.reason("fwd_kernel") > 0 && d.reason("reply_kernel") > 0);
 }
 
 #[test]
@@ -79,7 +107,7 @@ fn cli_errors_are_clear() {
         return;
     }
     let t = Topology::new();
-    let mut d = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, socket));
+    let mut d = Daemon::start(&t.lb, |socket| demo_config(&t.lb_ifaces, "redirect", socket));
     let err = |args: &[&str]| {
         let out = d.cli(args);
         assert!(!out.status.success(), "switcher {args:?} should fail");

@@ -14,7 +14,7 @@ use etherparse::PacketBuilder;
 use switcher_common::user::Colour;
 use switcher_user::{
     config::{Protocol, ServiceConfig},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, Options},
 };
 
 use crate::net::{BLUE, CLIENT, GREEN, Netns, VIP, unique_prefix};
@@ -171,7 +171,8 @@ fn data_path_table() {
     }
     let ns = fib_namespace();
     ns.run(move || {
-        let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true })
+            .expect("load the XDP program");
         let c = (CLIENT, 40000);
         let c2 = (CLIENT2, 40001);
         let steps = vec![
@@ -347,7 +348,8 @@ fn idle_udp_flows_expire() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true })
+            .expect("load the XDP program");
         let c = (CLIENT2, 40000);
         let vip = udp(IN, c, (VIP, 53), 64);
         let blue = udp(OUT, c, (BLUE, 5353), 63);
@@ -372,6 +374,40 @@ fn idle_udp_flows_expire() {
     });
 }
 
+/// With `redirect: false` the rewritten packet always goes to the kernel's stack, even where
+/// the FIB has a complete answer: MACs and TTL are left to the kernel.
+#[test]
+fn kernel_forwarding_never_redirects() {
+    if !crate::have_root("kernel_forwarding_never_redirects") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false }).expect("load");
+        let c = (CLIENT, 40000);
+        check(
+            &mut dp,
+            pkt(
+                "SYN to blue, passed up",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Syn),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn)),
+            ),
+        );
+        check(
+            &mut dp,
+            pkt(
+                "blue's reply, passed up from the VIP",
+                tcp(IN, (BLUE, 8080), c, 64, Tcp::Ack),
+                XDP_PASS,
+                "reply_kernel",
+                Some(tcp(IN, (VIP, 80), c, 64, Tcp::Ack)),
+            ),
+        );
+    });
+}
+
 /// IPv4 options move the L4 header: a service packet with 4 bytes of options is still
 /// translated, and the options are kept.
 #[test]
@@ -381,7 +417,8 @@ fn ip_options_are_handled() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), IDLE).expect("load the XDP program");
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true })
+            .expect("load the XDP program");
         let with_options = |l2: L2, ttl: u8, dst: (Ipv4Addr, u16)| {
             let mut ip =
                 etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, CLIENT.octets(), dst.0.octets())
