@@ -341,3 +341,37 @@ mod tests {
         assert!(resolve_forwarding(config::Forwarding::Auto, &lo).1.contains("gro on tx off"));
     }
 }
+
+#[cfg(test)]
+mod object_tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+
+    use super::PROGRAM;
+
+    /// The embedded object's maps are exactly the ones `switcher-common` names (plus aya-log's
+    /// ring buffer), and its program section is the XDP entry point.
+    #[test]
+    fn embedded_object_matches_the_abi_names() {
+        if PROGRAM.is_empty() {
+            eprintln!("skipping embedded_object_matches_the_abi_names: built with AYA_BUILD_SKIP");
+            return;
+        }
+        let obj = object::File::parse(PROGRAM).expect("parse the embedded eBPF object");
+        let maps_section =
+            obj.section_by_name(".maps").or_else(|| obj.section_by_name("maps")).expect("a maps section");
+        let mut maps: Vec<String> = obj
+            .symbols()
+            .filter(|s| s.section_index() == Some(maps_section.index()))
+            .filter_map(|s| s.name().ok().map(str::to_owned))
+            .collect();
+        maps.sort();
+        let mut expected: Vec<String> = switcher_common::MAP_NAMES.iter().map(|s| (*s).to_owned()).collect();
+        expected.push("AYA_LOGS".into());
+        expected.sort();
+        assert_eq!(maps, expected);
+        assert!(obj.section_by_name("xdp").is_some(), "an `xdp` program section");
+        for global in [switcher_common::GLOBAL_FORWARD_MODE, switcher_common::GLOBAL_UDP_IDLE_NS] {
+            assert!(obj.symbols().any(|s| s.name() == Ok(global)), "global {global}");
+        }
+    }
+}
