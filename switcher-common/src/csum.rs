@@ -30,6 +30,12 @@ impl CsumDelta {
         self.replace2([old[2], old[3]], [new[2], new[3]]);
     }
 
+    /// Adds the changes recorded in another delta.
+    #[inline(always)]
+    pub fn add(&mut self, other: CsumDelta) {
+        self.0 = fold32(self.0 + other.0);
+    }
+
     /// Applies the recorded changes to a checksum field.
     #[inline(always)]
     #[must_use]

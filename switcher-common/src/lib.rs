@@ -1,12 +1,14 @@
 //! The contract between the switcher XDP program and user space.
 //!
-//! Everything here is part of the ABI of the pinned maps: the types are `#[repr(C)]`, hold only
+//! Everything here is part of the ABI of the maps: the types are `#[repr(C)]`, hold only
 //! fixed-width integers and byte arrays, have explicit padding and a size asserted at compile
 //! time. Addresses and ports are stored as the raw bytes found on the wire (network byte order),
-//! so neither side ever has to guess an endianness. Any layout change bumps [`ABI_VERSION`].
+//! so neither side ever has to guess an endianness. IPv4 and IPv6 share one layout: a 16-byte
+//! address field and a family byte; an IPv4 address fills the first 4 bytes, the rest is zero.
+//! Any layout change bumps [`ABI_VERSION`].
 //!
-//! Pure decision logic and checksum arithmetic live here too, as `no_std` functions that the
-//! eBPF program calls and host unit tests cover without root.
+//! Pure decision logic (flow hash, canary split, flow expiry) and checksum arithmetic live here
+//! too, as `no_std` functions that the eBPF program calls and host unit tests cover.
 #![no_std]
 
 pub mod csum;
@@ -16,107 +18,218 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
 
-/// `ServiceKey` → `Service`; written by the daemon when it applies the config.
+/// `ServiceKey` → `Service`; written by the daemon.
 pub const MAP_SERVICES: &str = "SERVICES";
-/// `u32` slot `service * 2 + colour` → `Backend`; written by the daemon.
+/// `u32` slot `pool_slot(service, colour, i)` → `Backend`; written by the daemon.
 pub const MAP_BACKENDS: &str = "BACKENDS";
-/// `u32` service id → `u32` active colour; the one map a cut-over writes.
-pub const MAP_ACTIVE: &str = "ACTIVE";
-/// `FlowKey` (client → VIP) → `Flow`; written by the data path on a flow's first packet.
+/// `u32` chunk of a Maglev table → `RingChunk` of backend indices; written by the daemon.
+pub const MAP_RING: &str = "RING";
+/// `u32` `colour_slot(service, colour)` → `u32` live half (0/1) of that colour's Maglev table.
+pub const MAP_RING_LIVE: &str = "RING_LIVE";
+/// `u32` service id → `u32` switch state (`switch_state`); the one map a cut-over writes.
+pub const MAP_STATE: &str = "STATE";
+/// `FlowKey` (client → VIP) → `Flow`; written by the data path, aged by the daemon.
 pub const MAP_FLOWS: &str = "FLOWS";
 /// `FlowKey` (backend → client) → `Reply`; written by the data path next to `FLOWS`.
 pub const MAP_REPLIES: &str = "REPLIES";
-/// per-CPU, `u32` slot `service * 2 + colour` → `ColourCounters`; written by the data path.
+/// per-CPU, `u32` `colour_slot(service, colour)` → `ColourCounters`; written by the data path.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// per-CPU, `u32` reason → `u64` packets; written by the data path on every exit.
 pub const MAP_STATS: &str = "STATS";
 /// `u32` 0 → `u32` ABI version; written by the daemon at load.
 pub const MAP_META: &str = "META";
 
-/// Every map name, for the object-file test and for pinning.
-pub const MAP_NAMES: [&str; 8] =
-    [MAP_SERVICES, MAP_BACKENDS, MAP_ACTIVE, MAP_FLOWS, MAP_REPLIES, MAP_COUNTERS, MAP_STATS, MAP_META];
+/// per-CPU, `u32` 0 → working space of the data path (keys and values too large for the
+/// 512-byte BPF stack). Nobody else reads it.
+pub const MAP_SCRATCH: &str = "SCRATCH";
 
-/// Capacity of `SERVICES` and `ACTIVE`; service ids are `0..MAX_SERVICES`.
-pub const MAX_SERVICES: u32 = 1024;
+/// Every map name, for the object-file test.
+pub const MAP_NAMES: [&str; 11] = [
+    MAP_SCRATCH,
+    MAP_SERVICES,
+    MAP_BACKENDS,
+    MAP_RING,
+    MAP_RING_LIVE,
+    MAP_STATE,
+    MAP_FLOWS,
+    MAP_REPLIES,
+    MAP_COUNTERS,
+    MAP_STATS,
+    MAP_META,
+];
+
+/// Services (VIP, port, protocol) the maps hold; ids are `0..MAX_SERVICES`. A service with a
+/// preview port takes two `SERVICES` keys but one id.
+pub const MAX_SERVICES: u32 = 64;
+/// Backends per colour of a service.
+pub const MAX_POOL: u32 = 64;
+/// Slots of a Maglev table (prime). Each (service, colour) has two tables: the live one and
+/// the one user space rebuilds before flipping `RING_LIVE`.
+pub const RING_SIZE: u32 = 65_537;
+/// Backend indices per `RING` element.
+pub const RING_CHUNK: u32 = 32;
+/// `RING` elements per table: `ceil(RING_SIZE / RING_CHUNK)`.
+pub const RING_CHUNKS: u32 = RING_SIZE.div_ceil(RING_CHUNK);
+/// A ring slot with no backend (the colour's pool is empty).
+pub const RING_EMPTY: u16 = u16::MAX;
 /// Capacity of `FLOWS` and of `REPLIES` (LRU: the least recently used flow is evicted).
 pub const MAX_FLOWS: u32 = 262_144;
 
-/// Colour values as stored in `ACTIVE` and `Flow::colour`.
+/// Colour values.
 pub const COLOUR_BLUE: u32 = 0;
 pub const COLOUR_GREEN: u32 = 1;
 /// Number of colours; slot arithmetic is `service * COLOURS + colour`.
 pub const COLOURS: u32 = 2;
 
-/// IP protocol numbers of the services switcher handles.
+/// IP protocol numbers.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
-/// Index into `BACKENDS` and `COUNTERS` for a service's colour.
+/// Address families as stored in keys.
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// `Service::flags`: this key is the service's preview port (traffic goes to the idle colour).
+pub const SERVICE_PREVIEW: u32 = 1;
+/// `Service::flags`: L2 direct server return (only the destination MAC is rewritten).
+pub const SERVICE_DSR: u32 = 2;
+
+/// `Flow::flags`: a FIN or RST was seen; the flow still routes but no longer counts as live.
+pub const FLOW_CLOSING: u8 = 1;
+/// `Flow::flags`: the drain timeout expired with `reset`: the next client packet is answered
+/// with a TCP RST and the flow is forgotten.
+pub const FLOW_RESET: u8 = 2;
+
+/// Basis points in 100 %: canary weights are in steps of 0.01 %.
+pub const BP_ALL: u32 = 10_000;
+
+/// Index into `COUNTERS`, `RING_LIVE` for a service's colour.
 #[inline(always)]
 #[must_use]
 pub const fn colour_slot(service: u32, colour: u32) -> u32 {
     service * COLOURS + (colour & 1)
 }
 
+/// Index into `BACKENDS` of backend `i` of a service's colour.
+#[inline(always)]
+#[must_use]
+pub const fn pool_slot(service: u32, colour: u32, i: u32) -> u32 {
+    colour_slot(service, colour) * MAX_POOL + i
+}
+
+/// Index into `RING` of the chunk holding ring slot `slot` of a table half.
+#[inline(always)]
+#[must_use]
+pub const fn ring_chunk(service: u32, colour: u32, half: u32, slot: u32) -> u32 {
+    (colour_slot(service, colour) * 2 + (half & 1)) * RING_CHUNKS + slot / RING_CHUNK
+}
+
+/// The switch state of a service, one `u32` so that a cut-over or a weight change is one
+/// atomic map write: the active colour in bit 16, and in the low 16 bits the share of new flows
+/// (basis points, `0..=BP_ALL`) that go to the other colour instead — the canary.
+#[inline(always)]
+#[must_use]
+pub const fn switch_state(active: u32, canary_bp: u32) -> u32 {
+    ((active & 1) << 16) | (if canary_bp > BP_ALL { BP_ALL } else { canary_bp })
+}
+
+/// The active colour of a switch state.
+#[inline(always)]
+#[must_use]
+pub const fn state_active(state: u32) -> u32 {
+    (state >> 16) & 1
+}
+
+/// The canary share (basis points) of a switch state.
+#[inline(always)]
+#[must_use]
+pub const fn state_canary_bp(state: u32) -> u32 {
+    let bp = state & 0xffff;
+    if bp > BP_ALL { BP_ALL } else { bp }
+}
+
+/// The colour a new flow goes to: the idle colour for a preview key, else the active colour,
+/// or the other one when the flow's canary hash falls under the canary share.
+#[inline(always)]
+#[must_use]
+pub fn new_flow_colour(state: u32, preview: bool, canary_hash: u32) -> u32 {
+    let active = state_active(state);
+    if preview {
+        return active ^ 1;
+    }
+    if canary_hash % BP_ALL < state_canary_bp(state) { active ^ 1 } else { active }
+}
+
 /// Key of `SERVICES`: where clients send traffic.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
-    pub vip: [u8; 4],
+    pub vip: [u8; 16],
     pub port: [u8; 2],
     pub proto: u8,
-    pub _pad: u8,
+    pub family: u8,
 }
-const _: () = assert!(size_of::<ServiceKey>() == 8);
+const _: () = assert!(size_of::<ServiceKey>() == 20);
 
 /// Value of `SERVICES`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Service {
-    /// Index into `ACTIVE`, and (with a colour) into `BACKENDS` and `COUNTERS`.
+    /// Index into `STATE`, and (with a colour) into the per-colour maps.
     pub id: u32,
-    /// Reserved, zero.
+    /// `SERVICE_PREVIEW`, `SERVICE_DSR`.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<Service>() == 8);
 
-/// Value of `BACKENDS`: where one colour of a service is served. An all-zero address means
-/// "no backend": such packets pass untouched and are counted as `NO_BACKEND`.
+/// Value of `BACKENDS`: one backend of a colour's pool.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    pub addr: [u8; 4],
+    pub addr: [u8; 16],
     pub port: [u8; 2],
-    pub _pad: [u8; 2],
+    pub family: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<Backend>() == 20);
 
 impl Backend {
     #[inline(always)]
     #[must_use]
     pub fn is_set(&self) -> bool {
-        u32::from_ne_bytes(self.addr) != 0
+        self.family != 0
     }
 }
+
+/// Value of `RING`: a run of Maglev slots, each the index of a backend in the pool (or
+/// `RING_EMPTY`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingChunk {
+    pub slots: [u16; RING_CHUNK as usize],
+}
+const _: () = assert!(size_of::<RingChunk>() == 64);
 
 /// Key of `FLOWS` and `REPLIES`: a packet's 5-tuple as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub sport: [u8; 2],
     pub dport: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<FlowKey>() == 16);
+const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// Value of `FLOWS`: the backend a client flow was given when it started.
 #[repr(C)]
@@ -124,38 +237,30 @@ const _: () = assert!(size_of::<FlowKey>() == 16);
 pub struct Flow {
     pub backend: Backend,
     pub service: u32,
-    pub colour: u32,
-    /// `bpf_ktime_get_coarse_ns` of the flow's last packet, refreshed at most once a second.
+    pub colour: u8,
+    /// `FLOW_CLOSING`, `FLOW_RESET`.
+    pub flags: u8,
+    /// Index of the backend in its colour's pool when the flow started.
+    pub backend_idx: u16,
+    pub _pad: [u8; 4],
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`) of the flow's last packet,
+    /// refreshed at most once per `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<Flow>() == 24);
-
-/// Load-time global of the program: nanoseconds after which an idle UDP flow is forgotten,
-/// so the next datagram of its 5-tuple is a new flow on the active colour.
-pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
-/// Default of [`GLOBAL_UDP_IDLE_NS`]: 30 s, like conntrack's unreplied UDP timeout.
-pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
-/// Load-time global of the program: how rewritten packets leave, one of `FORWARD_*`.
-pub const GLOBAL_FORWARD_MODE: &str = "FORWARD_MODE";
-/// Pass every rewritten packet to the kernel's stack to route (works on any interface).
-pub const FORWARD_KERNEL: u32 = 0;
-/// Redirect straight out of the egress interface when the FIB has a complete answer.
-pub const FORWARD_REDIRECT: u32 = 1;
-
-/// How stale `Flow::last_seen_ns` may get before a packet refreshes it (saves map writes).
-pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+const _: () = assert!(size_of::<Flow>() == 40);
 
 /// Value of `REPLIES`: what a backend's reply must look like to the client.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Reply {
-    pub vip: [u8; 4],
+    pub vip: [u8; 16],
     pub port: [u8; 2],
     pub _pad: [u8; 2],
     pub service: u32,
     pub colour: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Reply>() == 16);
+const _: () = assert!(size_of::<Reply>() == 32);
 
 /// Value of `COUNTERS`: traffic of one colour of one service, per CPU.
 #[repr(C)]
@@ -172,31 +277,52 @@ pub struct ColourCounters {
 }
 const _: () = assert!(size_of::<ColourCounters>() == 40);
 
+/// Load-time global: nanoseconds after which an idle UDP flow is forgotten.
+pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
+/// Default of [`GLOBAL_UDP_IDLE_NS`]: 30 s, like conntrack's unreplied UDP timeout.
+pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
+/// A TCP flow that saw FIN or RST keeps its backend this long (for the closing handshake
+/// and retransmissions), then is forgotten.
+pub const TCP_CLOSING_NS: u64 = 10_000_000_000;
+/// Load-time global: how rewritten NAT packets leave, one of `FORWARD_*`.
+pub const GLOBAL_FORWARD_MODE: &str = "FORWARD_MODE";
+/// Pass every rewritten packet to the kernel's stack to route (works on any interface).
+pub const FORWARD_KERNEL: u32 = 0;
+/// Redirect straight out of the egress interface when the FIB has a complete answer.
+pub const FORWARD_REDIRECT: u32 = 1;
+/// How stale `Flow::last_seen_ns` may get before a packet refreshes it (saves map writes).
+pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+
+/// Seeds of the two flow hashes: one picks the Maglev slot, the other the canary split, so the
+/// two choices are independent. Fixed, so every node computes the same.
+pub const SEED_RING: u32 = 0x5eed_0001;
+pub const SEED_CANARY: u32 = 0x5eed_0002;
+
 /// Why the data path returned what it returned; the index into `STATS`.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reason(pub u32);
 
 impl Reason {
-    /// Not IPv4 (ARP, IPv6, other ethertypes): passed.
-    pub const NOT_IPV4: Reason = Reason(0);
-    /// VLAN-tagged frame: passed (not parsed in this version).
+    /// Not IP (ARP, LLDP, other ethertypes): passed.
+    pub const NOT_IP: Reason = Reason(0);
+    /// More VLAN tags than parsed (two are): passed.
     pub const VLAN: Reason = Reason(1);
     /// A header is cut short or malformed: passed.
     pub const MALFORMED: Reason = Reason(2);
-    /// IPv4 fragment: passed (ports are only in the first fragment).
+    /// IPv4 fragment or IPv6 fragment header: passed.
     pub const FRAGMENT: Reason = Reason(3);
-    /// Neither TCP nor UDP: passed.
+    /// Neither TCP, UDP, nor an ICMP error about a tracked flow: passed.
     pub const OTHER_L4: Reason = Reason(4);
     /// Not for a service and not a reply of a tracked flow: passed.
     pub const NO_MATCH: Reason = Reason(5);
-    /// The active colour has no backend: passed.
+    /// The chosen colour has no backend: passed.
     pub const NO_BACKEND: Reason = Reason(6);
-    /// TTL would expire here: passed so the kernel answers with ICMP.
+    /// TTL / hop limit would expire here: passed so the kernel answers with ICMP.
     pub const TTL: Reason = Reason(7);
     /// Service packet rewritten and redirected to the backend's interface.
     pub const FWD_REDIRECT: Reason = Reason(8);
-    /// Service packet rewritten and passed to the kernel to route (no neighbour yet).
+    /// Service packet rewritten and passed to the kernel to route.
     pub const FWD_KERNEL: Reason = Reason(9);
     /// Reply rewritten to come from the VIP and redirected to the client's interface.
     pub const REPLY_REDIRECT: Reason = Reason(10);
@@ -204,13 +330,26 @@ impl Reason {
     pub const REPLY_KERNEL: Reason = Reason(11);
     /// A map that must hold the slot did not (an invariant broke): passed.
     pub const INTERNAL: Reason = Reason(12);
+    /// DSR: MAC rewritten, frame sent to the backend.
+    pub const DSR: Reason = Reason(13);
+    /// DSR: no complete FIB answer (route or neighbour) for the backend: dropped, because the
+    /// kernel would route the VIP elsewhere. The daemon keeps DSR neighbours resolved.
+    pub const DSR_NO_NEIGH: Reason = Reason(14);
+    /// ICMP error about a tracked flow, translated and sent to the flow's backend.
+    pub const ICMP_FWD: Reason = Reason(15);
+    /// ICMP error from a backend about a tracked flow, translated and sent to the client.
+    pub const ICMP_REPLY: Reason = Reason(16);
+    /// The drain timeout reset the flow: the packet was turned into a TCP RST to the client.
+    pub const RESET: Reason = Reason(17);
+    /// IPv6 extension-header chain longer than parsed: passed.
+    pub const IPV6_EXT: Reason = Reason(18);
 
     /// Number of slots in `STATS`.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 32;
 
     /// Stable names, indexed by the reason's value.
-    pub const NAMES: [&'static str; 13] = [
-        "not_ipv4",
+    pub const NAMES: [&'static str; 19] = [
+        "not_ip",
         "vlan",
         "malformed",
         "fragment",
@@ -223,6 +362,12 @@ impl Reason {
         "reply_redirect",
         "reply_kernel",
         "internal",
+        "dsr",
+        "dsr_no_neigh",
+        "icmp_fwd",
+        "icmp_reply",
+        "reset",
+        "ipv6_ext",
     ];
 }
 
@@ -232,21 +377,60 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-/// Whether a packet starts a new flow, so that the active colour must be chosen afresh even
-/// when a stale entry for the same 5-tuple is still in `FLOWS`: a TCP SYN without ACK does.
-/// Other packets keep the flow where it is, or start one if the table has none.
+/// Whether a packet starts a new flow, so that a colour must be chosen afresh even when a stale
+/// entry for the same 5-tuple is still in `FLOWS`: a TCP SYN without ACK does.
 #[inline(always)]
 #[must_use]
 pub fn starts_flow(proto: u8, tcp_flags: u8) -> bool {
     proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// Whether a tracked flow is over: UDP flows end after `udp_idle_ns` without packets; TCP
-/// flows end when a SYN starts a new one (see [`starts_flow`]) or when the LRU evicts them.
+/// Whether a packet ends its flow: a TCP FIN or RST.
 #[inline(always)]
 #[must_use]
-pub fn flow_expired(proto: u8, now_ns: u64, last_seen_ns: u64, udp_idle_ns: u64) -> bool {
-    proto == PROTO_UDP && now_ns.saturating_sub(last_seen_ns) > udp_idle_ns
+pub fn ends_flow(proto: u8, tcp_flags: u8) -> bool {
+    proto == PROTO_TCP && tcp_flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Whether a tracked flow is over: UDP flows after `udp_idle_ns` without packets, closing TCP
+/// flows `TCP_CLOSING_NS` after their last packet. Other TCP flows end by a SYN on their
+/// 5-tuple or LRU eviction.
+#[inline(always)]
+#[must_use]
+pub fn flow_expired(proto: u8, flags: u8, now_ns: u64, last_seen_ns: u64, udp_idle_ns: u64) -> bool {
+    let idle = now_ns.saturating_sub(last_seen_ns);
+    if proto == PROTO_UDP { idle > udp_idle_ns } else { flags & FLOW_CLOSING != 0 && idle > TCP_CLOSING_NS }
+}
+
+#[inline(always)]
+const fn mix(h: u32, w: u32) -> u32 {
+    let k = w.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+/// A 32-bit hash of a flow's 5-tuple (murmur3's mixing): `SEED_RING` picks the Maglev slot,
+/// `SEED_CANARY` the canary split.
+#[inline(always)]
+#[must_use]
+pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let w = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut h = seed;
+    h = mix(h, w(&key.src, 0));
+    h = mix(h, w(&key.src, 4));
+    h = mix(h, w(&key.src, 8));
+    h = mix(h, w(&key.src, 12));
+    h = mix(h, w(&key.dst, 0));
+    h = mix(h, w(&key.dst, 4));
+    h = mix(h, w(&key.dst, 8));
+    h = mix(h, w(&key.dst, 12));
+    h = mix(h, u32::from_ne_bytes([key.sport[0], key.sport[1], key.dport[0], key.dport[1]]));
+    h = mix(h, u32::from(key.proto) | (u32::from(key.family) << 8));
+    // fmix32
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 #[cfg(test)]
@@ -254,33 +438,87 @@ mod tests {
     use super::*;
 
     #[test]
-    fn syn_starts_a_flow_and_synack_does_not() {
+    fn syn_starts_a_flow_and_fin_or_rst_ends_it() {
         assert!(starts_flow(PROTO_TCP, TCP_SYN));
         assert!(!starts_flow(PROTO_TCP, TCP_SYN | TCP_ACK));
         assert!(!starts_flow(PROTO_TCP, TCP_ACK));
         assert!(!starts_flow(PROTO_UDP, TCP_SYN));
+        assert!(ends_flow(PROTO_TCP, TCP_FIN | TCP_ACK));
+        assert!(ends_flow(PROTO_TCP, TCP_RST));
+        assert!(!ends_flow(PROTO_TCP, TCP_ACK));
+        assert!(!ends_flow(PROTO_UDP, TCP_FIN));
     }
 
     #[test]
-    fn only_idle_udp_flows_expire() {
+    fn flows_expire_as_documented() {
         let idle = DEFAULT_UDP_IDLE_NS;
-        assert!(!flow_expired(PROTO_UDP, 10 + idle, 10, idle));
-        assert!(flow_expired(PROTO_UDP, 11 + idle, 10, idle));
-        assert!(!flow_expired(PROTO_TCP, u64::MAX, 0, idle), "TCP flows end by SYN or eviction");
-        assert!(!flow_expired(PROTO_UDP, 5, 10, idle), "a clock behind the stamp is not expiry");
+        assert!(!flow_expired(PROTO_UDP, 0, 10 + idle, 10, idle));
+        assert!(flow_expired(PROTO_UDP, 0, 11 + idle, 10, idle));
+        assert!(!flow_expired(PROTO_TCP, 0, u64::MAX, 0, idle), "open TCP flows end by SYN or eviction");
+        assert!(!flow_expired(PROTO_TCP, FLOW_CLOSING, TCP_CLOSING_NS, 0, idle));
+        assert!(flow_expired(PROTO_TCP, FLOW_CLOSING, TCP_CLOSING_NS + 1, 0, idle));
+        assert!(!flow_expired(PROTO_UDP, 0, 5, 10, idle), "a clock behind the stamp is not expiry");
+    }
+
+    #[test]
+    fn switch_state_round_trips_and_clamps() {
+        let s = switch_state(COLOUR_GREEN, 500);
+        assert_eq!((state_active(s), state_canary_bp(s)), (COLOUR_GREEN, 500));
+        assert_eq!(state_canary_bp(switch_state(COLOUR_BLUE, 20_000)), BP_ALL);
+        assert_eq!(state_canary_bp(0xffff), BP_ALL, "a corrupt value is clamped");
+    }
+
+    #[test]
+    fn canary_zero_and_full_are_exact() {
+        for h in [0, 1, 9_999, 10_000, u32::MAX] {
+            assert_eq!(new_flow_colour(switch_state(COLOUR_BLUE, 0), false, h), COLOUR_BLUE);
+            assert_eq!(new_flow_colour(switch_state(COLOUR_BLUE, BP_ALL), false, h), COLOUR_GREEN);
+            assert_eq!(new_flow_colour(switch_state(COLOUR_GREEN, 0), true, h), COLOUR_BLUE, "preview goes to idle");
+        }
+    }
+
+    #[test]
+    fn canary_share_follows_the_weight() {
+        let state = switch_state(COLOUR_BLUE, 1_000);
+        let mut green = 0;
+        for i in 0..100_000u32 {
+            let key = FlowKey {
+                src: [192, 0, 2, (i % 250) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                sport: ((i / 250) as u16 + 1024).to_be_bytes(),
+                dport: 80u16.to_be_bytes(),
+                proto: PROTO_TCP,
+                family: FAMILY_V4,
+                ..FlowKey::default()
+            };
+            if new_flow_colour(state, false, flow_hash(&key, SEED_CANARY)) == COLOUR_GREEN {
+                green += 1;
+            }
+        }
+        assert!((9_500..=10_500).contains(&green), "10 % of 100k flows, got {green}");
+    }
+
+    #[test]
+    fn the_two_hashes_are_independent() {
+        let key =
+            FlowKey { src: [1; 16], dst: [2; 16], sport: [0, 1], dport: [0, 80], proto: 6, family: 6, _pad: [0; 2] };
+        assert_ne!(flow_hash(&key, SEED_RING), flow_hash(&key, SEED_CANARY));
+        let mut other = key;
+        other.sport = [0, 2];
+        assert_ne!(flow_hash(&key, SEED_RING), flow_hash(&other, SEED_RING));
     }
 
     #[test]
     fn slots_do_not_overlap() {
-        assert_eq!(colour_slot(0, COLOUR_BLUE), 0);
         assert_eq!(colour_slot(0, COLOUR_GREEN), 1);
-        assert_eq!(colour_slot(1, COLOUR_BLUE), 2);
-        assert_eq!(colour_slot(MAX_SERVICES - 1, COLOUR_GREEN), MAX_SERVICES * COLOURS - 1);
+        assert_eq!(pool_slot(0, COLOUR_GREEN, 0), MAX_POOL);
+        assert_eq!(pool_slot(MAX_SERVICES - 1, COLOUR_GREEN, MAX_POOL - 1), MAX_SERVICES * COLOURS * MAX_POOL - 1);
+        assert_eq!(ring_chunk(0, 0, 1, 0), RING_CHUNKS);
+        assert_eq!(ring_chunk(MAX_SERVICES - 1, 1, 1, RING_SIZE - 1), MAX_SERVICES * COLOURS * 2 * RING_CHUNKS - 1);
     }
 
     #[test]
     fn every_reason_has_a_name() {
-        assert_eq!(Reason::NAMES.len(), Reason::INTERNAL.0 as usize + 1);
+        assert_eq!(Reason::NAMES.len(), Reason::IPV6_EXT.0 as usize + 1);
         assert!(Reason::NAMES.len() <= Reason::COUNT as usize);
     }
 }

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::{Backend, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reply, Service, ServiceKey};
+use crate::{Backend, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reply, RingChunk, Service, ServiceKey};
 
 macro_rules! pod {
     ($($t:ty),*) => {$(
@@ -15,7 +15,7 @@ macro_rules! pod {
         unsafe impl bytemuck::Pod for $t {}
     )*};
 }
-pod!(ServiceKey, Service, Backend, FlowKey, Flow, Reply, ColourCounters);
+pod!(ServiceKey, Service, Backend, RingChunk, FlowKey, Flow, Reply, ColourCounters);
 
 /// A colour as the CLI and the config spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,114 +1,305 @@
 //! Rewriting and forwarding: destination NAT towards the backend, source NAT of replies back to
-//! the VIP, incremental checksums, and the choice between redirect and the kernel's stack.
+//! the VIP, DSR's MAC rewrite, incremental checksums, and how the packet leaves.
 //!
-//! Forwarding in `FORWARD_KERNEL` mode: the rewritten packet is passed to the kernel's stack.
-//! In `FORWARD_REDIRECT` mode: `bpf_fib_lookup` on the rewritten packet. When the kernel knows the next hop and
-//! its neighbour, the MACs are set from the result, TTL is decremented and the frame leaves by
-//! `XDP_TX` (same interface) or `bpf_redirect`. Otherwise (no neighbour entry yet, MTU exceeded,
-//! TTL expiring, no route) the already-rewritten packet is passed to the kernel, which routes it,
-//! resolves the neighbour or answers with ICMP; the next packets take the fast path.
+//! In `FORWARD_KERNEL` mode, and for VLAN-tagged frames, a rewritten packet is passed to the
+//! kernel's stack to route. In `FORWARD_REDIRECT` mode the program asks `bpf_fib_lookup` about
+//! the rewritten packet: with a complete answer, the MACs are set from it, TTL / hop limit is
+//! decremented and the frame leaves by `XDP_TX` (same interface) or `bpf_redirect`; otherwise
+//! (no neighbour entry yet, MTU exceeded, TTL expiring, no route) the rewritten packet goes to
+//! the kernel, which routes it, resolves the neighbour or answers with ICMP.
+//!
+//! DSR rewrites nothing above L2: the FIB is asked for the backend's address to learn its
+//! MAC and interface. Without a complete answer the frame is dropped (`DSR_NO_NEIGH`): passed
+//! up, the kernel would route the VIP somewhere else. The daemon keeps DSR neighbours
+//! resolved.
 
 use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
 };
-use switcher_common::{Backend, FORWARD_REDIRECT, PROTO_TCP, Reason, Reply, csum::CsumDelta};
+use switcher_common::{Backend, FORWARD_REDIRECT, Flow, FlowKey, PROTO_TCP, Reason, Reply, csum::CsumDelta};
 
-use crate::parse::Packet;
+use network_types::tcp::TcpHdr;
+
+use crate::parse::{Ip, Packet, Ports};
+
+/// An XDP action and the reason it is counted under, packed into one `u64`: functions that
+/// are not inlined return it in `r0` (BPF has one return register; a wider value would be
+/// split across registers the verifier rightly calls uninitialised).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+pub struct Verdict(u64);
+
+impl Verdict {
+    #[inline(always)]
+    pub fn new(action: u32, reason: Reason) -> Verdict {
+        Verdict((u64::from(action) << 32) | u64::from(reason.0))
+    }
+
+    /// Passed to the kernel untouched (or as rewritten so far), counted under `reason`.
+    #[inline(always)]
+    pub fn pass(reason: Reason) -> Verdict {
+        Verdict::new(xdp_action::XDP_PASS, reason)
+    }
+
+    #[inline(always)]
+    pub fn action(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    #[inline(always)]
+    pub fn reason(self) -> Reason {
+        Reason(self.0 as u32)
+    }
+}
+
+/// The data path's per-CPU working space (the `SCRATCH` map's value).
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's 5-tuple (or, for ICMP, the tracked flow's).
+    pub key: FlowKey,
+    /// The reply direction's key.
+    pub other: FlowKey,
+    pub flow: Flow,
+    pub reply: Reply,
+    pub fib: FibParams,
+}
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Which address of a header.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Src,
+    Dst,
+}
+
+/// Rewrites one address of an IP header, and returns the change as a checksum delta (it
+/// applies to the IPv4 header checksum and to every pseudo-header checksum). The IPv4 header
+/// checksum itself is not touched here.
+#[inline(always)]
+pub fn set_addr(ip: Ip, side: Side, new: &[u8; 16]) -> CsumDelta {
+    let mut d = CsumDelta::new();
+    // SAFETY: the header was bounds-checked by its parser, for its own family.
+    unsafe {
+        if ip.is_v6() {
+            let h = ip.v6();
+            let field = if side == Side::Src { &mut (*h).src_addr } else { &mut (*h).dst_addr };
+            for i in 0..8 {
+                d.replace2([field[2 * i], field[2 * i + 1]], [new[2 * i], new[2 * i + 1]]);
+            }
+            *field = *new;
+        } else {
+            let h = ip.v4();
+            let field = if side == Side::Src { &mut (*h).src_addr } else { &mut (*h).dst_addr };
+            let new4 = [new[0], new[1], new[2], new[3]];
+            d.replace4(*field, new4);
+            *field = new4;
+        }
+    }
+    d
+}
+
+/// Rewrites one port; returns the delta.
+#[inline(always)]
+pub fn set_port(ports: *mut Ports, side: Side, new: [u8; 2]) -> CsumDelta {
+    let mut d = CsumDelta::new();
+    // SAFETY: `ports` was bounds-checked by its parser.
+    unsafe {
+        let field = if side == Side::Src { &mut (*ports).src } else { &mut (*ports).dst };
+        d.replace2(*field, new);
+        *field = new;
+    }
+    d
+}
+
+/// Applies `delta` to an IPv4 header's checksum (IPv6 has none).
+#[inline(always)]
+pub fn fix_ip_check(ip: Ip, delta: CsumDelta) {
+    if !ip.is_v6() {
+        let h = ip.v4();
+        // SAFETY: bounds-checked by the parser.
+        unsafe {
+            let check = (*h).check;
+            (*h).check = delta.apply(check);
+        }
+    }
+}
+
+/// Applies `delta` to a TCP or UDP checksum field.
+#[inline(always)]
+pub fn fix_l4_check(proto: u8, check: *mut [u8; 2], delta: CsumDelta) {
+    // SAFETY: `check` was bounds-checked by the parser.
+    unsafe {
+        let old = *check;
+        *check = if proto == PROTO_TCP { delta.apply(old) } else { delta.apply_udp(old) };
+    }
+}
 
 /// Rewrites the destination to `backend` and forwards the packet.
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> (u32, Reason) {
-    // SAFETY: `parse` bounds-checked the IPv4 header and the ports.
-    let (old_addr, old_port) = unsafe { ((*pkt.ip).dst_addr, (*pkt.ports).dst) };
-    let mut ip_delta = CsumDelta::new();
-    ip_delta.replace4(old_addr, backend.addr);
+pub fn forward(pkt: &Packet, backend: &Backend, fib: &mut FibParams) -> Verdict {
+    let (ports, check) = (pkt.ports, pkt.check);
+    let ip_delta = set_addr(pkt.ip, Side::Dst, &backend.addr);
     let mut l4_delta = ip_delta;
-    l4_delta.replace2(old_port, backend.port);
-    // SAFETY: as above.
-    unsafe {
-        (*pkt.ip).dst_addr = backend.addr;
-        (*pkt.ports).dst = backend.port;
-    }
-    fix_l4_check(pkt, l4_delta);
-    out(ctx, pkt, ip_delta, Reason::FWD_REDIRECT, Reason::FWD_KERNEL)
+    l4_delta.add(set_port(ports, Side::Dst, backend.port));
+    fix_l4_check(pkt.proto, check, l4_delta);
+    out(pkt, ip_delta, Reason::FWD_REDIRECT, Reason::FWD_KERNEL, fib)
 }
 
 /// Rewrites a backend's reply to come from the VIP and forwards it to the client.
-#[inline(always)]
-pub fn reply(ctx: &XdpContext, pkt: &Packet, reply: &Reply) -> (u32, Reason) {
-    // SAFETY: `parse` bounds-checked the IPv4 header and the ports.
-    let (old_addr, old_port) = unsafe { ((*pkt.ip).src_addr, (*pkt.ports).src) };
-    let mut ip_delta = CsumDelta::new();
-    ip_delta.replace4(old_addr, reply.vip);
+#[inline(never)]
+pub fn reply(pkt: &Packet, reply: &Reply, fib: &mut FibParams) -> Verdict {
+    let (ports, check) = (pkt.ports, pkt.check);
+    let ip_delta = set_addr(pkt.ip, Side::Src, &reply.vip);
     let mut l4_delta = ip_delta;
-    l4_delta.replace2(old_port, reply.port);
-    // SAFETY: as above.
-    unsafe {
-        (*pkt.ip).src_addr = reply.vip;
-        (*pkt.ports).src = reply.port;
-    }
-    fix_l4_check(pkt, l4_delta);
-    out(ctx, pkt, ip_delta, Reason::REPLY_REDIRECT, Reason::REPLY_KERNEL)
+    l4_delta.add(set_port(ports, Side::Src, reply.port));
+    fix_l4_check(pkt.proto, check, l4_delta);
+    out(pkt, ip_delta, Reason::REPLY_REDIRECT, Reason::REPLY_KERNEL, fib)
 }
 
+/// Fills the FIB parameters for `dst` from the packet's header.
 #[inline(always)]
-fn fix_l4_check(pkt: &Packet, delta: CsumDelta) {
-    // SAFETY: `parse` bounds-checked the L4 header that holds `check`.
-    unsafe {
-        let check = *pkt.check;
-        *pkt.check = if pkt.proto == PROTO_TCP { delta.apply(check) } else { delta.apply_udp(check) };
-    }
-}
-
-/// Sends the rewritten packet on: straight out of the right interface when the FIB has a
-/// complete answer, else through the kernel's stack. `ip_delta` holds the IPv4 header changes
-/// made so far; the TTL decrement is added to it on the fast path.
-#[inline(always)]
-fn out(ctx: &XdpContext, pkt: &Packet, mut ip_delta: CsumDelta, fast: Reason, slow: Reason) -> (u32, Reason) {
-    // SAFETY: `parse` bounds-checked the Ethernet and IPv4 headers.
-    let ip = unsafe { &mut *pkt.ip };
-    if crate::prog::FORWARD_MODE.load() != FORWARD_REDIRECT {
-        let check = ip.check;
-        ip.check = ip_delta.apply(check);
-        return (xdp_action::XDP_PASS, slow);
-    }
+fn fib_params(pkt: &Packet, dst: &[u8; 16], fib: &mut FibParams) {
     // SAFETY: the params are plain integers; zero is a valid start.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = ip.proto;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-    // SAFETY: `ctx.ctx` is the program's own context and `fib` lives on the stack.
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), &mut fib, size_of::<FibParams>() as i32, 0) };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || ip.ttl <= 1 {
-        let check = ip.check;
-        ip.check = ip_delta.apply(check);
-        let reason = if ip.ttl <= 1 { Reason::TTL } else { slow };
-        return (xdp_action::XDP_PASS, reason);
+    unsafe { core::ptr::write_bytes(fib as *mut FibParams, 0, 1) };
+    fib.ifindex = pkt.ifindex;
+    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
+    let src = pkt.ip.src();
+    fib.l4_protocol = pkt.proto;
+    if pkt.ip.is_v6() {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words(&src);
+        fib.__bindgen_anon_4.ipv6_dst = words(dst);
+    } else {
+        fib.family = AF_INET;
+        // SAFETY: bounds-checked by the parser.
+        fib.__bindgen_anon_2.tos = unsafe { (*pkt.ip.v4()).tos };
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
     }
-    ip_delta.replace2([ip.ttl, ip.proto], [ip.ttl - 1, ip.proto]);
-    ip.ttl -= 1;
-    let check = ip.check;
-    ip.check = ip_delta.apply(check);
-    // SAFETY: `parse` bounds-checked the Ethernet header; the union was filled by the helper.
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// Asks the FIB; `Some` only for a complete answer (route and neighbour).
+#[inline(always)]
+fn lookup(pkt: &Packet, fib: &mut FibParams) -> bool {
+    // SAFETY: `pkt.ctx` is the program's own context and `fib` is this CPU's scratch space.
+    let rc = unsafe { bpf_fib_lookup(pkt.ctx.cast(), fib, size_of::<FibParams>() as i32, 0) };
+    rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+}
+
+/// Sets the MACs from the FIB's answer and sends the frame out of its interface.
+#[inline(always)]
+fn transmit(pkt: &Packet, fib: &FibParams) -> u32 {
+    // SAFETY: the Ethernet header was bounds-checked by the parser; the union was filled by
+    // the helper.
     unsafe {
         let macs = fib.__bindgen_anon_6.__bindgen_anon_2;
         (*pkt.eth).dst_addr = macs.dmac;
         (*pkt.eth).src_addr = macs.smac;
     }
-    if fib.ifindex == ctx.ingress_ifindex() as u32 {
-        return (xdp_action::XDP_TX, fast);
+    if fib.ifindex == pkt.ifindex {
+        return xdp_action::XDP_TX;
     }
     // SAFETY: plain helper call.
-    let action = unsafe { bpf_redirect(fib.ifindex, 0) } as u32;
-    (action, fast)
+    unsafe { bpf_redirect(fib.ifindex, 0) as u32 }
+}
+
+/// Sends the rewritten packet on: straight out of the right interface when allowed and the
+/// FIB has a complete answer, else through the kernel's stack. `ip_delta` holds the IPv4
+/// header changes made so far; the TTL decrement is added to it on the fast path.
+#[inline(always)]
+pub fn out(pkt: &Packet, mut ip_delta: CsumDelta, fast: Reason, slow: Reason, fib: &mut FibParams) -> Verdict {
+    if pkt.vlan != 0 || crate::prog::FORWARD_MODE.load() != FORWARD_REDIRECT {
+        fix_ip_check(pkt.ip, ip_delta);
+        return Verdict::pass(slow);
+    }
+    fib_params(pkt, &pkt.ip.dst(), fib);
+    let found = lookup(pkt, fib);
+    // SAFETY: headers bounds-checked by the parser.
+    let ttl = unsafe { if pkt.ip.is_v6() { &mut (*pkt.ip.v6()).hop_limit } else { &mut (*pkt.ip.v4()).ttl } };
+    if !found || *ttl <= 1 {
+        fix_ip_check(pkt.ip, ip_delta);
+        return Verdict::pass(if *ttl <= 1 { Reason::TTL } else { slow });
+    }
+    if !pkt.ip.is_v6() {
+        ip_delta.replace2([*ttl, pkt.proto], [*ttl - 1, pkt.proto]);
+    }
+    *ttl -= 1;
+    fix_ip_check(pkt.ip, ip_delta);
+    Verdict::new(transmit(pkt, fib), fast)
+}
+
+/// Turns a client's TCP packet into an RST back to the client, from the VIP, out of the
+/// interface it came in on. The sequence number is the client's acknowledgement number, which
+/// is exactly what the client expects next (RFC 5961 accepts it at once). The payload, if
+/// any, stays: RST segments may carry data, and the checksum is then updated incrementally.
+#[inline(always)]
+pub fn reset(pkt: &Packet, tcp: *mut TcpHdr) -> Verdict {
+    let (ports, check) = (tcp.cast::<Ports>(), pkt.check);
+    // SAFETY: the Ethernet, IP and TCP headers were bounds-checked by the parser; `ports` is
+    // the start of the TCP header, and the parser checked its full fixed length.
+    unsafe {
+        let eth = &mut *pkt.eth;
+        core::mem::swap(&mut eth.src_addr, &mut eth.dst_addr);
+        // Swapping addresses or ports does not change a ones'-complement sum.
+        if pkt.ip.is_v6() {
+            let h = pkt.ip.v6();
+            core::mem::swap(&mut (*h).src_addr, &mut (*h).dst_addr);
+            (*h).hop_limit = 64;
+        } else {
+            let h = pkt.ip.v4();
+            core::mem::swap(&mut (*h).src_addr, &mut (*h).dst_addr);
+            let mut d = CsumDelta::new();
+            d.replace2([(*h).ttl, (*h).proto], [64, (*h).proto]);
+            (*h).ttl = 64;
+            let c = (*h).check;
+            (*h).check = d.apply(c);
+        }
+        let p = &mut *ports;
+        core::mem::swap(&mut p.src, &mut p.dst);
+        let tcp = tcp.cast::<u8>();
+        let seq = tcp.add(4).cast::<[u8; 4]>();
+        let ack = tcp.add(8).cast::<[u8; 4]>();
+        let flags = tcp.add(12).cast::<[u8; 2]>();
+        let mut d = CsumDelta::new();
+        let new_seq = *ack;
+        d.replace4(*seq, new_seq);
+        d.replace4(*ack, [0; 4]);
+        // Keep the data offset (high nibble of byte 12); flags become RST only.
+        let new_flags = [(*flags)[0] & 0xf0, 0x04];
+        d.replace2(*flags, new_flags);
+        *seq = new_seq;
+        *ack = [0; 4];
+        *flags = new_flags;
+        let c = *check;
+        *check = d.apply(c);
+    }
+    Verdict::new(xdp_action::XDP_TX, Reason::RESET)
+}
+
+/// DSR: the frame is sent unchanged above L2 to the backend's MAC.
+#[inline(always)]
+pub fn dsr(pkt: &Packet, backend: &Backend, fib: &mut FibParams) -> Verdict {
+    if pkt.vlan != 0 {
+        return Verdict::pass(Reason::VLAN);
+    }
+    fib_params(pkt, &backend.addr, fib);
+    if !lookup(pkt, fib) {
+        return Verdict::new(xdp_action::XDP_DROP, Reason::DSR_NO_NEIGH);
+    }
+    Verdict::new(transmit(pkt, fib), Reason::DSR)
 }

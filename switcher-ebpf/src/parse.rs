@@ -1,24 +1,39 @@
 //! Every bounds check of the program lives here.
 //!
-//! Policy for what this version does not translate — it never drops, it passes and counts:
-//! - non-IPv4 ethertypes (ARP, IPv6, LLDP, …): `XDP_PASS`, `NOT_IPV4`;
-//! - VLAN-tagged frames (802.1Q / 802.1ad): `XDP_PASS`, `VLAN`;
-//! - IPv4 fragments (MF set or a non-zero offset): `XDP_PASS`, `FRAGMENT`, because only the first
-//!   fragment carries ports, and rewriting it alone would split the datagram across backends;
+//! Policy for what is not translated — the program passes and counts, it never drops (DSR's
+//! missing neighbour is the one exception, see `nat`):
+//! - ethertypes other than IPv4/IPv6 (ARP, LLDP, …): `XDP_PASS`, `NOT_IP`;
+//! - up to two VLAN tags (802.1Q / 802.1ad) are parsed; the rewritten packet then always goes
+//!   through the kernel's stack, which owns the VLAN devices; a third tag: `XDP_PASS`, `VLAN`;
+//! - IPv4 fragments (MF set or a non-zero offset) and IPv6 fragment headers: `XDP_PASS`,
+//!   `FRAGMENT`, because only the first fragment carries ports, and rewriting it alone would
+//!   split the datagram across backends;
 //! - IPv4 options are fine: the L4 header is found through IHL;
+//! - IPv6 hop-by-hop, routing and destination-options headers are skipped, up to
+//!   `MAX_V6_EXT` of them; a longer chain: `XDP_PASS`, `IPV6_EXT`;
 //! - anything cut short or inconsistent (IHL < 5, total length beyond the frame or shorter than
 //!   the headers, TCP data offset < 5): `XDP_PASS`, `MALFORMED`;
-//! - protocols other than TCP and UDP: `XDP_PASS`, `OTHER_L4`.
+//! - ICMP/ICMPv6 errors (unreachable, fragmentation needed / packet too big, time exceeded)
+//!   are parsed down to the quoted packet's ports (see `icmp`); other protocols and ICMP
+//!   messages: `XDP_PASS`, `OTHER_L4`.
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use switcher_common::{FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use aya_ebpf::{bindings::xdp_md, programs::XdpContext};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+use switcher_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason};
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
+/// IPv6 extension headers skipped before giving up.
+const MAX_V6_EXT: usize = 4;
 
 /// Source and destination ports: the first four bytes of TCP and UDP headers alike.
 #[repr(C)]
@@ -27,47 +42,111 @@ pub struct Ports {
     pub dst: [u8; 2],
 }
 
-/// A parsed TCP or UDP over IPv4 packet, as pointers into the frame.
+/// An IPv4 or IPv6 header in the frame. (A plain pointer and a flag rather than an enum of
+/// pointers: LLVM lowers such enums into spills the verifier rejects.)
+#[derive(Clone, Copy)]
+pub struct Ip {
+    hdr: *mut u8,
+    v6: u8,
+}
+
+impl Ip {
+    #[inline(always)]
+    fn v4_at(h: *mut Ipv4Hdr) -> Ip {
+        Ip { hdr: h.cast(), v6: 0 }
+    }
+
+    #[inline(always)]
+    fn v6_at(h: *mut Ipv6Hdr) -> Ip {
+        Ip { hdr: h.cast(), v6: 1 }
+    }
+
+    #[inline(always)]
+    pub fn is_v6(self) -> bool {
+        self.v6 != 0
+    }
+
+    /// The IPv4 header; only meaningful when `!is_v6()`.
+    #[inline(always)]
+    pub fn v4(self) -> *mut Ipv4Hdr {
+        self.hdr.cast()
+    }
+
+    /// The IPv6 header; only meaningful when `is_v6()`.
+    #[inline(always)]
+    pub fn v6(self) -> *mut Ipv6Hdr {
+        self.hdr.cast()
+    }
+
+    #[inline(always)]
+    pub fn family(self) -> u8 {
+        if self.is_v6() { FAMILY_V6 } else { FAMILY_V4 }
+    }
+
+    /// Source address, IPv4 in the first 4 bytes.
+    #[inline(always)]
+    pub fn src(self) -> [u8; 16] {
+        // SAFETY: the header was bounds-checked by its parser, for its own family.
+        unsafe { if self.is_v6() { (*self.v6()).src_addr } else { widen((*self.v4()).src_addr) } }
+    }
+
+    #[inline(always)]
+    pub fn dst(self) -> [u8; 16] {
+        // SAFETY: as above.
+        unsafe { if self.is_v6() { (*self.v6()).dst_addr } else { widen((*self.v4()).dst_addr) } }
+    }
+}
+
+/// An IPv4 address in the 16-byte field.
+#[inline(always)]
+pub fn widen(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// A parsed packet, as pointers into the frame.
+///
+/// For TCP and UDP, `ports` and `check` are the packet's own. For an ICMP/ICMPv6 error
+/// (`icmp != 0`) quoting a packet, `check` is the ICMP checksum, `inner` the quoted IP header,
+/// `inner_proto` its protocol and `ports` its ports.
 pub struct Packet {
+    /// The program's context, for helpers (`bpf_fib_lookup`). Functions that are not inlined
+    /// get what they need of the context from here, never through `&XdpContext`: LLVM would
+    /// pass them pointers into the context, which the verifier refuses to dereference.
+    pub ctx: *mut xdp_md,
+    /// `data_end`, for bounds checks made after parsing (`recheck`).
+    pub end: usize,
+    /// The interface the packet came in on.
+    pub ifindex: u32,
     pub eth: *mut EthHdr,
-    pub ip: *mut Ipv4Hdr,
-    pub ports: *mut Ports,
-    /// The L4 checksum field.
-    pub check: *mut [u8; 2],
+    pub ip: Ip,
     pub proto: u8,
-    /// TCP flags byte (0 for UDP).
+    pub ports: *mut Ports,
+    pub check: *mut [u8; 2],
+    /// TCP flags (0 otherwise).
     pub tcp_flags: u8,
-    /// IPv4 total length, for the byte counters.
+    pub icmp: u8,
+    pub inner: Ip,
+    pub inner_proto: u8,
+    /// L3 length (IPv4 total length, IPv6 payload length + 40), for counters and the FIB.
     pub ip_len: u16,
+    /// Non-zero when at least one VLAN tag was parsed.
+    pub vlan: u8,
 }
 
 impl Packet {
+    /// Writes the 5-tuple of a TCP/UDP packet into `key`.
     #[inline(always)]
-    pub fn dst(&self) -> [u8; 4] {
-        // SAFETY: `ip` was bounds-checked by `parse`.
-        unsafe { (*self.ip).dst_addr }
-    }
-
-    #[inline(always)]
-    pub fn dport(&self) -> [u8; 2] {
-        // SAFETY: `ports` was bounds-checked by `parse`.
-        unsafe { (*self.ports).dst }
-    }
-
-    /// The packet's 5-tuple as it is on the wire.
-    #[inline(always)]
-    pub fn flow_key(&self) -> FlowKey {
-        // SAFETY: both pointers were bounds-checked by `parse`.
+    pub fn write_flow_key(&self, key: &mut FlowKey) {
+        // SAFETY: bounds-checked by the parser.
         unsafe {
-            FlowKey {
-                src: (*self.ip).src_addr,
-                dst: (*self.ip).dst_addr,
-                sport: (*self.ports).src,
-                dport: (*self.ports).dst,
-                proto: self.proto,
-                _pad: [0; 3],
-            }
+            key.sport = (*self.ports).src;
+            key.dport = (*self.ports).dst;
         }
+        key.src = self.ip.src();
+        key.dst = self.ip.dst();
+        key.proto = self.proto;
+        key.family = self.ip.family();
+        key._pad = [0; 2];
     }
 }
 
@@ -82,22 +161,46 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
     Ok((start + offset) as *mut T)
 }
 
-/// Ethernet: returns the header and the offset of the IPv4 header.
+/// Re-checks that a whole `T` starts at `p` inside the frame (for code that gets a pointer
+/// from another function, where the verifier may know less about its range).
 #[inline(always)]
-fn parse_eth(ctx: &XdpContext) -> Result<(*mut EthHdr, usize), Reason> {
+pub fn recheck<T, U>(pkt: &Packet, p: *mut U) -> Result<*mut T, Reason> {
+    if p as usize + size_of::<T>() > pkt.end {
+        return Err(Reason::MALFORMED);
+    }
+    Ok(p.cast())
+}
+
+/// Ethernet and up to two VLAN tags: the header, the L3 ethertype and offset, and whether a
+/// tag was seen.
+#[inline(always)]
+fn parse_eth(ctx: &XdpContext) -> Result<(*mut EthHdr, u16, usize, bool), Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked just above.
-    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut offset = EthHdr::LEN;
+    let mut vlan = false;
+    for _ in 0..2 {
+        if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
+            break;
+        }
+        // A tag is 2 bytes of TCI and 2 of the next ethertype.
+        let tag: *const [u8; 4] = ptr_at(ctx, offset)?;
+        // SAFETY: bounds-checked just above.
+        ether_type = u16::from_be_bytes(unsafe { [(*tag)[2], (*tag)[3]] });
+        offset += 4;
+        vlan = true;
+    }
     match ether_type {
-        ETH_P_IP => Ok((eth, EthHdr::LEN)),
+        ETH_P_IP | ETH_P_IPV6 => Ok((eth, ether_type, offset, vlan)),
         ETH_P_8021Q | ETH_P_8021AD => Err(Reason::VLAN),
-        _ => Err(Reason::NOT_IPV4),
+        _ => Err(Reason::NOT_IP),
     }
 }
 
-/// IPv4: returns the header, the protocol and the offset of the L4 header.
+/// IPv4: the header, the protocol, the offset of the L4 header and the total length.
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(*mut Ipv4Hdr, u8, usize), Reason> {
+fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(Ip, u8, usize, u16), Reason> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, offset)?;
     // SAFETY: bounds-checked just above.
     let (vihl, frags, tot_len, proto) =
@@ -106,20 +209,51 @@ fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<(*mut Ipv4Hdr, u8, usiz
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Err(Reason::MALFORMED);
     }
-    let tot_len = usize::from(u16::from_be_bytes(tot_len));
-    if tot_len < ihl || offset + tot_len > ctx.data_end() - ctx.data() {
+    let tot = u16::from_be_bytes(tot_len);
+    if usize::from(tot) < ihl || offset + usize::from(tot) > ctx.data_end() - ctx.data() {
         return Err(Reason::MALFORMED);
     }
     // More-fragments flag or a fragment offset.
     if frags & 0x3fff != 0 {
         return Err(Reason::FRAGMENT);
     }
-    Ok((ip, proto, offset + ihl))
+    Ok((Ip::v4_at(ip), proto, offset + ihl, tot))
 }
 
-/// TCP or UDP: returns the ports, the checksum field and the TCP flags.
+/// IPv6 and its skippable extension headers: the header, the upper protocol, the offset of
+/// the L4 header and the L3 length.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports, *mut [u8; 2], u8), Reason> {
+fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ip, u8, usize, u16), Reason> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: bounds-checked just above.
+    let (vcf, payload, mut next) = unsafe { ((*ip).vcf, u16::from_be_bytes((*ip).payload_len), (*ip).next_hdr) };
+    if vcf[0] >> 4 != 6 || offset + Ipv6Hdr::LEN + usize::from(payload) > ctx.data_end() - ctx.data() {
+        return Err(Reason::MALFORMED);
+    }
+    let mut l4 = offset + Ipv6Hdr::LEN;
+    for _ in 0..MAX_V6_EXT {
+        match next {
+            // Hop-by-hop, routing, destination options: next header, length in 8-byte units.
+            0 | 43 | 60 => {
+                let ext: *const [u8; 2] = ptr_at(ctx, l4)?;
+                // SAFETY: bounds-checked just above.
+                let (n, len) = unsafe { ((*ext)[0], (*ext)[1]) };
+                next = n;
+                l4 += (usize::from(len) + 1) * 8;
+            }
+            44 => return Err(Reason::FRAGMENT),
+            _ => return Ok((Ip::v6_at(ip), next, l4, payload.saturating_add(Ipv6Hdr::LEN as u16))),
+        }
+    }
+    match next {
+        0 | 43 | 60 | 44 => Err(Reason::IPV6_EXT),
+        _ => Ok((Ip::v6_at(ip), next, l4, payload.saturating_add(Ipv6Hdr::LEN as u16))),
+    }
+}
+
+/// TCP or UDP at `offset`: the ports, the checksum field and the TCP flags.
+#[inline(always)]
+fn parse_ports(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports, *mut [u8; 2], u8), Reason> {
     match proto {
         PROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, offset)?;
@@ -146,13 +280,94 @@ fn parse_l4(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports, *
     }
 }
 
+/// An ICMP/ICMPv6 error at `offset`: its checksum and the quoted packet (IP header, protocol
+/// and the first 4 bytes of its TCP/UDP header).
+#[inline(always)]
+fn parse_icmp_error(ctx: &XdpContext, v6: bool, offset: usize) -> Result<(*mut [u8; 2], Ip, u8, *mut Ports), Reason> {
+    // Type, code, checksum, 4 bytes of rest: 8 bytes, then the quoted packet.
+    let icmp: *mut [u8; 8] = ptr_at(ctx, offset)?;
+    // SAFETY: bounds-checked just above.
+    let kind = unsafe { (*icmp)[0] };
+    let is_error = if v6 {
+        // Destination unreachable, packet too big, time exceeded.
+        matches!(kind, 1..=3)
+    } else {
+        // Destination unreachable (incl. fragmentation needed), time exceeded.
+        matches!(kind, 3 | 11)
+    };
+    if !is_error {
+        return Err(Reason::OTHER_L4);
+    }
+    // SAFETY: as above; bytes 2..4 are the checksum.
+    let check = unsafe { icmp.cast::<u8>().add(2).cast::<[u8; 2]>() };
+    let inner_off = offset + 8;
+    let (inner, inner_proto, ports_off) = if v6 {
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, inner_off)?;
+        // SAFETY: bounds-checked just above.
+        (Ip::v6_at(ip), unsafe { (*ip).next_hdr }, inner_off + Ipv6Hdr::LEN)
+    } else {
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, inner_off)?;
+        // SAFETY: bounds-checked just above.
+        let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return Err(Reason::MALFORMED);
+        }
+        (Ip::v4_at(ip), proto, inner_off + ihl)
+    };
+    if inner_proto != PROTO_TCP && inner_proto != PROTO_UDP {
+        return Err(Reason::OTHER_L4);
+    }
+    let inner_ports: *mut Ports = ptr_at(ctx, ports_off)?;
+    Ok((check, inner, inner_proto, inner_ports))
+}
+
 /// Parses a frame down to the L4 ports, or says why it will not be translated.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
-    let (eth, ip_off) = parse_eth(ctx)?;
-    let (ip, proto, l4_off) = parse_ipv4(ctx, ip_off)?;
-    let (ports, check, tcp_flags) = parse_l4(ctx, proto, l4_off)?;
-    // SAFETY: `ip` was bounds-checked by `parse_ipv4`.
-    let ip_len = u16::from_be_bytes(unsafe { (*ip).tot_len });
-    Ok(Packet { eth, ip, ports, check, proto, tcp_flags, ip_len })
+    let (eth, ether_type, l3_off, vlan) = parse_eth(ctx)?;
+    let (ip, proto, l4_off, ip_len) =
+        if ether_type == ETH_P_IP { parse_ipv4(ctx, l3_off)? } else { parse_ipv6(ctx, l3_off)? };
+    let vlan = u8::from(vlan);
+    let icmp_v6 = match proto {
+        PROTO_ICMP if !ip.is_v6() => Some(false),
+        PROTO_ICMPV6 if ip.is_v6() => Some(true),
+        _ => None,
+    };
+    if let Some(v6) = icmp_v6 {
+        let (check, inner, inner_proto, ports) = parse_icmp_error(ctx, v6, l4_off)?;
+        return Ok(Packet {
+            ctx: ctx.ctx,
+            end: ctx.data_end(),
+            ifindex: ctx.ingress_ifindex() as u32,
+            eth,
+            ip,
+            proto,
+            ports,
+            check,
+            tcp_flags: 0,
+            icmp: 1,
+            inner,
+            inner_proto,
+            ip_len,
+            vlan,
+        });
+    }
+    let (ports, check, tcp_flags) = parse_ports(ctx, proto, l4_off)?;
+    Ok(Packet {
+        ctx: ctx.ctx,
+        end: ctx.data_end(),
+        ifindex: ctx.ingress_ifindex() as u32,
+        eth,
+        ip,
+        proto,
+        ports,
+        check,
+        tcp_flags,
+        icmp: 0,
+        inner: ip,
+        inner_proto: 0,
+        ip_len,
+        vlan,
+    })
 }

@@ -24,14 +24,14 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
-use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_SERVICES, user::Colour};
+use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, user::Colour};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
@@ -142,14 +142,81 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawService {
     name: toml::Spanned<String>,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     port: toml::Spanned<u16>,
+    #[serde(default)]
+    preview_port: Option<toml::Spanned<u16>>,
     protocol: Protocol,
+    #[serde(default)]
+    mode: Mode,
     active: toml::Spanned<ColourName>,
     #[serde(default)]
-    blue: Option<SocketAddrV4>,
+    blue: Option<toml::Spanned<RawPool>>,
     #[serde(default)]
-    green: Option<SocketAddrV4>,
+    green: Option<toml::Spanned<RawPool>>,
+    #[serde(default)]
+    drain_timeout_secs: Option<u64>,
+    #[serde(default)]
+    on_drain_timeout: DrainAction,
+}
+
+/// A colour's backends: one address, a list of addresses, or a list of tables with weights.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawPool {
+    One(SocketAddr),
+    Many(Vec<RawBackend>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBackend {
+    Addr(SocketAddr),
+    Weighted {
+        address: SocketAddr,
+        #[serde(default = "one")]
+        weight: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How a service's packets reach its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Destination NAT to the backend, replies translated back to the VIP here.
+    #[default]
+    Nat,
+    /// L2 direct server return: only the destination MAC is rewritten; backends hold the VIP
+    /// on a loopback and answer clients directly. Backends must be on a connected subnet and
+    /// listen on the service port.
+    Dsr,
+}
+
+impl Mode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::Dsr => "dsr",
+        }
+    }
+}
+
+/// What happens to the old colour's remaining flows when a drain times out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrainAction {
+    /// Re-point them to the new colour's consistent-hash backend: UDP flows carry on there;
+    /// TCP connections are refused by the new backend (it never saw them) and clients reconnect.
+    #[default]
+    Move,
+    /// The load balancer answers each one's next client packet with a TCP RST (UDP flows are
+    /// forgotten), so clients learn at once that the connection is gone.
+    Reset,
 }
 
 /// A validated configuration.
@@ -164,25 +231,74 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
+/// One backend of a colour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
 /// One service: where clients send traffic and where each colour is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     pub port: u16,
+    /// Traffic to `vip:preview_port` goes to the idle colour.
+    pub preview_port: Option<u16>,
     pub protocol: Protocol,
+    pub mode: Mode,
     pub active: Colour,
-    pub blue: Option<SocketAddrV4>,
-    pub green: Option<SocketAddrV4>,
+    pub blue: Vec<BackendConfig>,
+    pub green: Vec<BackendConfig>,
+    /// Default drain timeout of a cut-over (none: wait for flows to end by themselves).
+    pub drain_timeout: Option<Duration>,
+    pub on_drain_timeout: DrainAction,
 }
 
 impl ServiceConfig {
     #[must_use]
-    pub fn backend(&self, colour: Colour) -> Option<SocketAddrV4> {
+    pub fn pool(&self, colour: Colour) -> &[BackendConfig] {
         match colour {
-            Colour::Blue => self.blue,
-            Colour::Green => self.green,
+            Colour::Blue => &self.blue,
+            Colour::Green => &self.green,
         }
+    }
+
+    pub fn pool_mut(&mut self, colour: Colour) -> &mut Vec<BackendConfig> {
+        match colour {
+            Colour::Blue => &mut self.blue,
+            Colour::Green => &mut self.green,
+        }
+    }
+
+    /// Whether a colour has a backend that can take traffic.
+    #[must_use]
+    pub fn serves(&self, colour: Colour) -> bool {
+        self.pool(colour).iter().any(|b| b.weight > 0)
+    }
+
+    /// Checks one backend against the service: family, DSR port, not a service address.
+    ///
+    /// # Errors
+    /// What is wrong, for the operator.
+    pub fn check_backend(&self, addr: SocketAddr) -> Result<(), String> {
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return Err(format!("{addr} is not a usable backend address"));
+        }
+        if addr.is_ipv4() != self.vip.is_ipv4() {
+            return Err(format!("{addr} is not of the VIP's address family ({})", self.vip));
+        }
+        if self.mode == Mode::Dsr && addr.port() != self.port {
+            return Err(format!(
+                "{addr}: with mode = \"dsr\" a backend must listen on the service port {} (only the MAC is rewritten)",
+                self.port
+            ));
+        }
+        if addr.ip() == self.vip && (addr.port() == self.port || Some(addr.port()) == self.preview_port) {
+            return Err(format!("{addr} is the service's own address"));
+        }
+        Ok(())
     }
 }
 
@@ -246,8 +362,7 @@ impl Config {
             ));
         }
         let mut names = HashSet::new();
-        let mut keys = HashMap::new();
-        let mut backends: HashMap<(SocketAddrV4, Protocol), String> = HashMap::new();
+        let mut keys: HashMap<(IpAddr, u16, Protocol), String> = HashMap::new();
         let mut services = Vec::with_capacity(raw.services.len());
         for spanned in &raw.services {
             let s = spanned.get_ref();
@@ -261,27 +376,81 @@ impl Config {
             if *s.port.get_ref() == 0 {
                 return Err(invalid(s.port.span(), "port", "port 0 is not a service port".into()));
             }
-            if s.vip.is_unspecified() || s.vip.is_broadcast() || s.vip.is_multicast() {
+            if s.vip.is_unspecified() || s.vip.is_multicast() || s.vip == IpAddr::V4(Ipv4Addr::BROADCAST) {
                 return Err(invalid(spanned.span(), "vip", format!("{} cannot be a virtual IP", s.vip)));
             }
-            if let Some(other) = keys.insert((s.vip, *s.port.get_ref(), s.protocol), name.clone()) {
-                return Err(invalid(
-                    spanned.span(),
-                    "vip",
-                    format!("{}:{}/{} is already service {other:?}", s.vip, s.port.get_ref(), s.protocol.as_str()),
-                ));
+            let mut ports = vec![(*s.port.get_ref(), s.port.span(), "port")];
+            if let Some(p) = &s.preview_port {
+                if *p.get_ref() == 0 || p.get_ref() == s.port.get_ref() {
+                    return Err(invalid(
+                        p.span(),
+                        "preview_port",
+                        "use a port other than 0 and the service port".into(),
+                    ));
+                }
+                ports.push((*p.get_ref(), p.span(), "preview_port"));
             }
-            let active: Colour = (*s.active.get_ref()).into();
-            let service = ServiceConfig {
+            for (port, span, field) in ports {
+                if let Some(other) = keys.insert((s.vip, port, s.protocol), name.clone()) {
+                    return Err(invalid(
+                        span,
+                        field,
+                        format!("{}:{port}/{} is already used by service {other:?}", s.vip, s.protocol.as_str()),
+                    ));
+                }
+            }
+            let mut service = ServiceConfig {
                 name: name.clone(),
                 vip: s.vip,
                 port: *s.port.get_ref(),
+                preview_port: s.preview_port.as_ref().map(|p| *p.get_ref()),
                 protocol: s.protocol,
-                active,
-                blue: s.blue,
-                green: s.green,
+                mode: s.mode,
+                active: (*s.active.get_ref()).into(),
+                blue: Vec::new(),
+                green: Vec::new(),
+                drain_timeout: s.drain_timeout_secs.map(Duration::from_secs),
+                on_drain_timeout: s.on_drain_timeout,
             };
-            if service.backend(active).is_none() {
+            for (colour, pool) in [(Colour::Blue, &s.blue), (Colour::Green, &s.green)] {
+                let Some(pool) = pool else { continue };
+                let list: Vec<BackendConfig> = match pool.get_ref() {
+                    RawPool::One(addr) => vec![BackendConfig { addr: *addr, weight: 1 }],
+                    RawPool::Many(list) => list
+                        .iter()
+                        .map(|b| match b {
+                            RawBackend::Addr(addr) => BackendConfig { addr: *addr, weight: 1 },
+                            RawBackend::Weighted { address, weight } => {
+                                BackendConfig { addr: *address, weight: *weight }
+                            }
+                        })
+                        .collect(),
+                };
+                if list.len() > MAX_POOL as usize {
+                    return Err(invalid(
+                        pool.span(),
+                        colour.as_str(),
+                        format!("{} backends; at most {MAX_POOL} per colour", list.len()),
+                    ));
+                }
+                let mut seen = HashSet::new();
+                for b in &list {
+                    service.check_backend(b.addr).map_err(|m| invalid(pool.span(), colour.as_str(), m))?;
+                    if b.weight > 1000 {
+                        return Err(invalid(
+                            pool.span(),
+                            colour.as_str(),
+                            format!("{}: weight {} is above 1000", b.addr, b.weight),
+                        ));
+                    }
+                    if !seen.insert(b.addr) {
+                        return Err(invalid(pool.span(), colour.as_str(), format!("{} is listed twice", b.addr)));
+                    }
+                }
+                *service.pool_mut(colour) = list;
+            }
+            let active = service.active;
+            if !service.serves(active) {
                 return Err(invalid(
                     s.active.span(),
                     "active",
@@ -290,39 +459,23 @@ impl Config {
                     ),
                 ));
             }
-            for colour in Colour::ALL {
-                let Some(addr) = service.backend(colour) else { continue };
-                if addr.ip().is_unspecified() || addr.port() == 0 {
-                    return Err(invalid(
-                        spanned.span(),
-                        colour.as_str(),
-                        format!("{addr} is not a usable backend address"),
-                    ));
-                }
-                // Replies are told apart by backend address; a backend shared between services
-                // would make them ambiguous only for the same client port, but a backend that is
-                // the VIP of another service would loop.
-                if keys.contains_key(&(*addr.ip(), addr.port(), s.protocol)) {
-                    return Err(invalid(
-                        spanned.span(),
-                        colour.as_str(),
-                        format!("{addr} is itself a service address"),
-                    ));
-                }
-                backends.insert((addr, s.protocol), name.clone());
-            }
             services.push(service);
         }
-        // A VIP of a later service may be a backend of an earlier one.
+        // A backend must not be another service's address: packets would loop through the VIP.
         for s in &services {
-            if let Some(owner) = backends.get(&(SocketAddrV4::new(s.vip, s.port), s.protocol)) {
-                let span =
-                    raw.services.iter().find(|r| r.get_ref().name.get_ref() == owner).map_or(0..0, toml::Spanned::span);
-                return Err(invalid(
-                    span,
-                    "backend",
-                    format!("a backend of {owner:?} is the address of service {:?}", s.name),
-                ));
+            for b in s.blue.iter().chain(&s.green) {
+                if let Some(owner) = keys.get(&(b.addr.ip(), b.addr.port(), s.protocol)) {
+                    let span = raw
+                        .services
+                        .iter()
+                        .find(|r| r.get_ref().name.get_ref() == &s.name)
+                        .map_or(0..0, toml::Spanned::span);
+                    return Err(invalid(
+                        span,
+                        "backend",
+                        format!("{} is itself the address of service {owner:?}", b.addr),
+                    ));
+                }
             }
         }
         Ok(Config {
@@ -343,7 +496,10 @@ impl Config {
 
 /// The parser's message, with "line N" made explicit (toml's own message has it as a snippet).
 fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_owned();
+    let mut msg = e.message().trim().to_owned();
+    if msg.contains("untagged enum Raw") {
+        msg = "expected \"ADDRESS:PORT\" ([v6]:PORT for IPv6), a list of them, or a list of { address = \"ADDRESS:PORT\", weight = N }".into();
+    }
     match e.span() {
         Some(span) => format!("line {}: {msg}", line_of(text, span.start)),
         None => msg,
@@ -398,10 +554,11 @@ green = "198.51.100.18:5353"
         assert_eq!(c.services.len(), 2);
         let web = c.service("web").expect("web");
         assert_eq!(web.active, Colour::Blue);
-        assert_eq!(web.green, Some("198.51.100.18:8080".parse().expect("addr")));
+        assert_eq!(web.green, [BackendConfig { addr: "198.51.100.18:8080".parse().expect("addr"), weight: 1 }]);
+        assert_eq!(web.mode, Mode::Nat);
         let dns = c.service("dns").expect("dns");
         assert_eq!(dns.protocol, Protocol::Udp);
-        assert_eq!(dns.blue, None);
+        assert!(dns.blue.is_empty());
     }
 
     #[test]
@@ -426,7 +583,9 @@ green = "198.51.100.18:5353"
     #[test]
     fn bad_values_name_line_and_field() {
         let e = err(&GOOD.replace("vip = \"203.0.113.10\"\nport = 80", "vip = \"203.0.113.300\"\nport = 80"));
-        assert!(e.contains("line 7") && e.contains("invalid IPv4 address"), "{e}");
+        assert!(e.contains("line 7") && e.contains("invalid IP address"), "{e}");
+        let e = err(&GOOD.replace("blue = \"198.51.100.2:8080\"", "blue = \"198.51.100.2\""));
+        assert!(e.contains("line 11") && e.contains("expected \"ADDRESS:PORT\""), "{e}");
         let e = err(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
         assert!(e.contains("line 9") && e.contains("unknown variant `sctp`"), "{e}");
         let e = err(&GOOD.replace("active = \"blue\"", "active = \"red\""));
@@ -444,7 +603,7 @@ green = "198.51.100.18:5353"
         let e = err(&GOOD.replace("name = \"dns\"", "name = \"web\""));
         assert_eq!(e, "test.toml:15: name: service \"web\" is defined twice");
         let e = err(&GOOD.replace("port = 53", "port = 80").replace("\"udp\"", "\"tcp\""));
-        assert!(e.contains("is already service \"web\""), "{e}");
+        assert!(e.contains("is already used by service \"web\""), "{e}");
         let e = err(&GOOD.replace("active = \"green\"", "active = \"blue\""));
         assert_eq!(
             e,
@@ -463,7 +622,47 @@ green = "198.51.100.18:5353"
     #[test]
     fn a_backend_may_not_be_a_service_address() {
         let e = err(&GOOD.replace("198.51.100.18:5353", "203.0.113.10:80").replace("\"udp\"", "\"tcp\""));
-        assert!(e.contains("is itself a service address"), "{e}");
+        assert!(e.contains("is itself the address of service \"web\""), "{e}");
+    }
+
+    #[test]
+    fn pools_weights_ipv6_preview_and_dsr() {
+        let c = parse(
+            r#"interfaces = ["eth0"]
+[[service]]
+name = "api"
+vip = "2001:db8::10"
+port = 443
+preview_port = 8443
+protocol = "tcp"
+mode = "dsr"
+active = "green"
+blue = ["[2001:db8:1::2]:443", "[2001:db8:1::3]:443"]
+green = [{ address = "[2001:db8:2::2]:443", weight = 3 }, { address = "[2001:db8:2::3]:443" }]
+drain_timeout_secs = 30
+on_drain_timeout = "reset"
+"#,
+        )
+        .expect("valid");
+        let api = &c.services[0];
+        assert_eq!((api.mode, api.preview_port, api.active), (Mode::Dsr, Some(8443), Colour::Green));
+        assert_eq!(api.blue.len(), 2);
+        assert_eq!(api.green.iter().map(|b| b.weight).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(api.drain_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(api.on_drain_timeout, DrainAction::Reset);
+    }
+
+    #[test]
+    fn backend_checks() {
+        let base =
+            GOOD.replace("green = \"198.51.100.18:8080\"", "green = [\"198.51.100.18:8080\", \"198.51.100.18:8080\"]");
+        assert!(err(&base).contains("198.51.100.18:8080 is listed twice"));
+        let v6 = GOOD.replace("green = \"198.51.100.18:8080\"", "green = \"[2001:db8::2]:8080\"");
+        assert!(err(&v6).contains("not of the VIP's address family"));
+        let dsr = GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nmode = \"dsr\"");
+        assert!(err(&dsr).contains("must listen on the service port 80"));
+        let preview = GOOD.replace("port = 80", "port = 80\npreview_port = 53").replace("\"udp\"", "\"tcp\"");
+        assert!(err(&preview).contains("203.0.113.10:53/tcp is already used by service \"web\""));
     }
 
     #[test]

@@ -32,14 +32,31 @@ pub enum Request {
         #[serde(default)]
         service: Option<String>,
     },
-    /// Make `colour` (default: the idle one) the active colour of `service`.
+    /// Make `colour` (default: the idle one) the active colour of `service`; the old colour's
+    /// flows drain, for at most `drain_timeout_secs` (default: the service's config).
     Cutover {
         service: String,
         #[serde(default)]
         colour: Option<String>,
+        #[serde(default)]
+        drain_timeout_secs: Option<u64>,
     },
     /// Go back to the colour that was active before the last switch.
     Rollback { service: String },
+    /// Send `basis_points` (0–10000) of new flows to `colour`, the rest to the other one.
+    Weight { service: String, colour: String, basis_points: u32 },
+    /// Add a backend to a colour's pool (or change its weight).
+    #[serde(rename = "backend-add")]
+    BackendAdd {
+        service: String,
+        colour: String,
+        address: String,
+        #[serde(default)]
+        weight: Option<u32>,
+    },
+    /// Remove a backend from a colour's pool; its open flows stay until they end.
+    #[serde(rename = "backend-remove")]
+    BackendRemove { service: String, colour: String, address: String },
 }
 
 /// The daemon's answer.
@@ -70,8 +87,14 @@ pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
     pub port: u16,
+    #[serde(default)]
+    pub preview_port: Option<u16>,
     pub protocol: String,
+    pub mode: String,
     pub active: String,
+    /// The share of new flows sent to the idle colour, if any.
+    #[serde(default)]
+    pub canary: Option<Canary>,
     #[serde(default)]
     pub previous: Option<String>,
     /// Cut-overs and rollbacks since the daemon started.
@@ -80,15 +103,52 @@ pub struct ServiceStatus {
     /// Seconds since the last switch, if there was one.
     #[serde(default)]
     pub since_switch_secs: Option<u64>,
+    /// The old colour's flows finishing after a switch.
+    #[serde(default)]
+    pub drain: Option<Drain>,
     pub colours: Vec<ColourStatus>,
+}
+
+/// A canary split.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Canary {
+    pub colour: String,
+    /// Share of new flows, in 0.01 % steps.
+    pub basis_points: u32,
+}
+
+/// A drain in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub colour: String,
+    /// Open flows left on the draining colour.
+    pub live_flows: u64,
+    /// Open flows it had when the drain began.
+    pub initial_flows: u64,
+    pub elapsed_secs: u64,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// What happens at the timeout: "move" or "reset".
+    pub on_timeout: String,
 }
 
 /// One colour of a service.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColourStatus {
     pub colour: String,
-    pub backend: Option<String>,
+    pub backends: Vec<BackendStatus>,
+    /// Open flows now on this colour.
+    pub live_flows: u64,
+    /// TCP flows closing (FIN/RST seen).
+    pub closing_flows: u64,
     pub counters: Counters,
+}
+
+/// One backend of a colour.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
 }
 
 /// Errors of talking to the daemon.
@@ -160,9 +220,17 @@ mod tests {
         for req in [
             Request::Status { service: None },
             Request::Status { service: Some("web".into()) },
-            Request::Cutover { service: "web".into(), colour: Some("green".into()) },
-            Request::Cutover { service: "web".into(), colour: None },
+            Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: Some(5) },
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None },
             Request::Rollback { service: "web".into() },
+            Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500 },
+            Request::BackendAdd {
+                service: "web".into(),
+                colour: "blue".into(),
+                address: "[2001:db8::1]:80".into(),
+                weight: Some(2),
+            },
+            Request::BackendRemove { service: "web".into(), colour: "blue".into(), address: "192.0.2.1:80".into() },
         ] {
             let line = serde_json::to_vec(&req).expect("serialize");
             assert_eq!(parse_request(&line), Ok(req));
@@ -173,7 +241,7 @@ mod tests {
     fn the_wire_format_is_stable() {
         assert_eq!(
             parse_request(br#"{"op":"cutover","service":"web","colour":"green"}"#),
-            Ok(Request::Cutover { service: "web".into(), colour: Some("green".into()) })
+            Ok(Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: None })
         );
         assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status { service: None }));
         let ok = serde_json::to_string(&Response { ok: true, ..Response::default() }).expect("json");

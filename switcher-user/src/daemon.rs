@@ -5,6 +5,8 @@
 //! microseconds, done inline.
 
 use std::{
+    collections::HashMap,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -12,25 +14,30 @@ use std::{
 };
 
 use anyhow::Context as _;
-use switcher_common::user::Colour;
+use switcher_common::{BP_ALL, MAX_POOL, user::Colour};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
 
 use crate::{
-    config::{Config, ServiceConfig},
-    control::{self, ColourStatus, Request, Response, ServiceStatus},
-    dataplane::{Counters, Dataplane, DataplaneError},
+    config::{BackendConfig, Config, DrainAction, ServiceConfig},
+    control::{self, BackendStatus, Canary, ColourStatus, Drain, Request, Response, ServiceStatus},
+    dataplane::{Counters, Dataplane, DataplaneError, FlowCounts},
 };
 
 /// What the switchboard needs of the data plane; a fake implements it in unit tests.
 pub trait Maps {
-    /// Writes a service's active colour.
+    /// Writes a service's switch state (one map write).
     ///
     /// # Errors
     /// The map write failed.
-    fn set_active(&mut self, id: u32, colour: Colour) -> Result<(), DataplaneError>;
+    fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32) -> Result<(), DataplaneError>;
+    /// Replaces a colour's pool and makes its new table live.
+    ///
+    /// # Errors
+    /// A map write failed or the pool is full.
+    fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<(), DataplaneError>;
     /// Reads a colour's counters.
     ///
     /// # Errors
@@ -41,11 +48,30 @@ pub trait Maps {
     /// # Errors
     /// The map read failed.
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError>;
+    /// Tracked flows per (service, colour); with `gc`, expired ones are forgotten.
+    ///
+    /// # Errors
+    /// The map read failed.
+    fn scan_flows(&mut self, gc: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError>;
+    /// Moves or resets the open flows of a draining colour; returns how many.
+    ///
+    /// # Errors
+    /// The map read failed.
+    fn end_drain(
+        &mut self,
+        s: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: DrainAction,
+    ) -> Result<u64, DataplaneError>;
 }
 
 impl Maps for Dataplane {
-    fn set_active(&mut self, id: u32, colour: Colour) -> Result<(), DataplaneError> {
-        Dataplane::set_active(self, id, colour)
+    fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32) -> Result<(), DataplaneError> {
+        Dataplane::set_state(self, id, active, canary_bp)
+    }
+    fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<(), DataplaneError> {
+        Dataplane::set_pool(self, id, colour, backends)
     }
     fn counters(&self, id: u32, colour: Colour) -> Result<Counters, DataplaneError> {
         Dataplane::counters(self, id, colour)
@@ -53,15 +79,38 @@ impl Maps for Dataplane {
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
         Dataplane::reasons(self)
     }
+    fn scan_flows(&mut self, gc: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
+        Dataplane::scan_flows(self, gc)
+    }
+    fn end_drain(
+        &mut self,
+        s: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: DrainAction,
+    ) -> Result<u64, DataplaneError> {
+        Dataplane::end_drain(self, s, id, from, action)
+    }
+}
+
+/// A drain in progress: the old colour's open flows finishing after a switch.
+#[derive(Clone, Debug)]
+struct DrainState {
+    from: Colour,
+    started: Instant,
+    timeout: Option<Duration>,
+    initial: u64,
 }
 
 struct ServiceState {
     id: u32,
     config: ServiceConfig,
     active: Colour,
+    canary_bp: u32,
     previous: Option<Colour>,
     switches: u64,
     switched_at: Option<Instant>,
+    drain: Option<DrainState>,
 }
 
 /// The services' switch state, in front of the maps.
@@ -70,8 +119,20 @@ pub struct Switchboard<M> {
     services: Vec<ServiceState>,
 }
 
+/// A colour named in a request.
+fn colour(c: &str) -> Result<Colour, String> {
+    c.parse::<Colour>().map_err(|e| format!("{c:?}: {e}"))
+}
+
+/// `12.5%` for 1250 basis points.
+#[must_use]
+pub fn percent(bp: u32) -> String {
+    let s = format!("{}.{:02}", bp / 100, bp % 100);
+    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
+}
+
 impl<M: Maps> Switchboard<M> {
-    /// `services[i]` has data-path id `i`, as [`Dataplane::load`] installed them.
+    /// `services[i]` has data-path id `i`, as [`Dataplane::open`] installed them.
     pub fn new(maps: M, services: &[ServiceConfig]) -> Self {
         let services = services
             .iter()
@@ -80,9 +141,11 @@ impl<M: Maps> Switchboard<M> {
                 id,
                 config: s.clone(),
                 active: s.active,
+                canary_bp: 0,
                 previous: None,
                 switches: 0,
                 switched_at: None,
+                drain: None,
             })
             .collect();
         Switchboard { maps, services }
@@ -92,8 +155,15 @@ impl<M: Maps> Switchboard<M> {
     pub fn handle(&mut self, req: Request) -> Response {
         let result = match req {
             Request::Status { service } => self.status(service.as_deref()),
-            Request::Cutover { service, colour } => self.cutover(&service, colour.as_deref()),
+            Request::Cutover { service, colour, drain_timeout_secs } => {
+                self.cutover(&service, colour.as_deref(), drain_timeout_secs.map(Duration::from_secs))
+            }
             Request::Rollback { service } => self.rollback(&service),
+            Request::Weight { service, colour, basis_points } => self.weight(&service, &colour, basis_points),
+            Request::BackendAdd { service, colour, address, weight } => {
+                self.backend(&service, &colour, &address, Some(weight.unwrap_or(1)))
+            }
+            Request::BackendRemove { service, colour, address } => self.backend(&service, &colour, &address, None),
         };
         result.unwrap_or_else(Response::error)
     }
@@ -109,13 +179,18 @@ impl<M: Maps> Switchboard<M> {
         })
     }
 
-    fn cutover(&mut self, name: &str, colour: Option<&str>) -> Result<Response, String> {
+    fn cutover(
+        &mut self,
+        name: &str,
+        target: Option<&str>,
+        drain_timeout: Option<Duration>,
+    ) -> Result<Response, String> {
         let i = self.find(name)?;
-        let target = match colour {
+        let target = match target {
             None => self.services[i].active.other(),
-            Some(c) => c.parse::<Colour>().map_err(|e| format!("{c:?}: {e}"))?,
+            Some(c) => colour(c)?,
         };
-        self.switch(i, target, "cut over")
+        self.switch(i, target, 0, drain_timeout, "cut over")
     }
 
     fn rollback(&mut self, name: &str) -> Result<Response, String> {
@@ -127,62 +202,221 @@ impl<M: Maps> Switchboard<M> {
                 s.active
             ));
         };
-        self.switch(i, previous, "rolled back")
+        self.switch(i, previous, 0, None, "rolled back")
     }
 
-    fn switch(&mut self, i: usize, target: Colour, verb: &str) -> Result<Response, String> {
-        let s = &self.services[i];
-        let name = s.config.name.clone();
-        if s.active == target {
-            return Ok(Response {
-                ok: true,
-                message: Some(format!("{name}: already on {target}, nothing changed")),
-                services: vec![self.service_status(i)?],
-                ..Response::default()
-            });
+    fn weight(&mut self, name: &str, c: &str, bp: u32) -> Result<Response, String> {
+        let i = self.find(name)?;
+        let c = colour(c)?;
+        if bp > BP_ALL {
+            return Err(format!("{} is more than 100%", percent(bp)));
         }
-        let Some(backend) = s.config.backend(target) else {
-            return Err(format!(
-                "{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config"
-            ));
-        };
-        let from = s.active;
-        let started = Instant::now();
-        self.maps
-            .set_active(s.id, target)
-            .map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
-        let took = started.elapsed();
-        let s = &mut self.services[i];
-        s.previous = Some(from);
-        s.active = target;
-        s.switches += 1;
-        s.switched_at = Some(Instant::now());
-        tracing::info!(service = %name, %from, to = %target, %backend, took_us = took.as_micros(), "{verb}");
+        let s = &self.services[i];
+        // The share of the colour that is not active is the canary.
+        let (active, canary) = if c == s.active { (s.active, BP_ALL - bp) } else { (s.active, bp) };
+        if canary == BP_ALL {
+            // All new flows to the other colour: that is a cut-over.
+            return self.switch(i, active.other(), 0, None, "cut over");
+        }
+        if canary > 0 && !s.config.serves(active.other()) {
+            return Err(format!("{name} has no {} backend to send a canary share to", active.other()));
+        }
+        self.maps.set_state(s.id, active, canary).map_err(|e| format!("{name}: map write failed: {}", chain(&e)))?;
+        self.services[i].canary_bp = canary;
+        let msg = format!(
+            "{name}: new flows {} {}, {} {}",
+            active,
+            percent(BP_ALL - canary),
+            active.other(),
+            percent(canary)
+        );
+        tracing::info!(service = %name, %active, canary_bp = canary, "weight changed");
         Ok(Response {
             ok: true,
-            message: Some(format!("{name}: {verb} {from} → {target} ({backend}) in {} µs", took.as_micros())),
-            services: vec![self.service_status(i)?],
+            message: Some(msg),
+            services: vec![self.service_status(i, None)?],
             ..Response::default()
         })
     }
 
-    fn status(&self, name: Option<&str>) -> Result<Response, String> {
+    fn switch(
+        &mut self,
+        i: usize,
+        target: Colour,
+        canary: u32,
+        drain_timeout: Option<Duration>,
+        verb: &str,
+    ) -> Result<Response, String> {
+        let s = &self.services[i];
+        let name = s.config.name.clone();
+        if s.active == target && s.canary_bp == canary {
+            return Ok(Response {
+                ok: true,
+                message: Some(format!("{name}: already on {target}, nothing changed")),
+                services: vec![self.service_status(i, None)?],
+                ..Response::default()
+            });
+        }
+        if !s.config.serves(target) {
+            return Err(format!(
+                "{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config, or `switcher backend add {name} {target} ADDRESS:PORT`"
+            ));
+        }
+        let from = s.active;
+        // The old colour's open flows, before the switch, to report drain progress against.
+        let initial = if from == target {
+            0
+        } else {
+            self.maps.scan_flows(false).ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
+        };
+        let started = Instant::now();
+        self.maps
+            .set_state(s.id, target, canary)
+            .map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
+        let took = started.elapsed();
+        let timeout = drain_timeout.or(s.config.drain_timeout);
+        let s = &mut self.services[i];
+        if from != target {
+            s.previous = Some(from);
+            s.switches += 1;
+            s.switched_at = Some(Instant::now());
+            s.drain = Some(DrainState { from, started: Instant::now(), timeout, initial });
+        }
+        s.active = target;
+        s.canary_bp = canary;
+        let backends: Vec<String> = s.config.pool(target).iter().map(|b| b.addr.to_string()).collect();
+        tracing::info!(service = %name, %from, to = %target, took_us = took.as_micros(), draining = initial, "{verb}");
+        let drain = if initial > 0 {
+            match timeout {
+                Some(t) => format!("; {initial} open flows on {from} drain (timeout {}s)", t.as_secs()),
+                None => format!("; {initial} open flows on {from} drain"),
+            }
+        } else {
+            String::new()
+        };
+        Ok(Response {
+            ok: true,
+            message: Some(format!(
+                "{name}: {verb} {from} → {target} ({}) in {} µs{drain}",
+                backends.join(", "),
+                took.as_micros()
+            )),
+            services: vec![self.service_status(i, None)?],
+            ..Response::default()
+        })
+    }
+
+    fn backend(&mut self, name: &str, c: &str, address: &str, weight: Option<u32>) -> Result<Response, String> {
+        let i = self.find(name)?;
+        let c = colour(c)?;
+        let addr: SocketAddr =
+            address.parse().map_err(|_| format!("{address:?} is not ADDRESS:PORT (IPv6 as [2001:db8::1]:80)"))?;
+        let s = &self.services[i];
+        let mut pool = s.config.pool(c).to_vec();
+        let msg = match weight {
+            Some(w) => {
+                s.config.check_backend(addr)?;
+                if w > 1000 {
+                    return Err(format!("weight {w} is above 1000"));
+                }
+                match pool.iter_mut().find(|b| b.addr == addr) {
+                    Some(b) => b.weight = w,
+                    None => pool.push(BackendConfig { addr, weight: w }),
+                }
+                if pool.len() > MAX_POOL as usize {
+                    return Err(format!("{name} {c} already has {MAX_POOL} backends"));
+                }
+                format!("{name} {c}: {addr} in the pool with weight {w} ({} backends)", pool.len())
+            }
+            None => {
+                let before = pool.len();
+                pool.retain(|b| b.addr != addr);
+                if pool.len() == before {
+                    return Err(format!("{addr} is not a {c} backend of {name}"));
+                }
+                let live = c == s.active || (s.canary_bp > 0 && c == s.active.other());
+                if live && !pool.iter().any(|b| b.weight > 0) {
+                    return Err(format!(
+                        "{addr} is the last {c} backend of {name}, which takes traffic; cut over first"
+                    ));
+                }
+                format!("{name} {c}: {addr} removed ({} backends); its open flows stay until they end", pool.len())
+            }
+        };
+        self.maps.set_pool(s.id, c, &pool).map_err(|e| format!("{name}: {}", chain(&e)))?;
+        *self.services[i].config.pool_mut(c) = pool;
+        tracing::info!(service = %name, colour = %c, %addr, ?weight, "pool changed");
+        Ok(Response {
+            ok: true,
+            message: Some(msg),
+            services: vec![self.service_status(i, None)?],
+            ..Response::default()
+        })
+    }
+
+    /// Periodic work: forget expired flows, and finish drains that are empty or timed out.
+    pub fn tick(&mut self) {
+        let counts = match self.maps.scan_flows(true) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("scan flows: {}", chain(&e));
+                return;
+            }
+        };
+        for i in 0..self.services.len() {
+            let s = &self.services[i];
+            let Some(drain) = s.drain.clone() else { continue };
+            let live = counts.get(&(s.id, drain.from)).map_or(0, |c| c.live);
+            let name = s.config.name.clone();
+            if live == 0 {
+                tracing::info!(service = %name, colour = %drain.from, secs = drain.started.elapsed().as_secs(), "drain complete");
+                self.services[i].drain = None;
+            } else if drain.timeout.is_some_and(|t| drain.started.elapsed() >= t) {
+                let action = s.config.on_drain_timeout;
+                let config = s.config.clone();
+                match self.maps.end_drain(&config, s.id, drain.from, action) {
+                    Ok(n) => {
+                        tracing::warn!(service = %name, colour = %drain.from, flows = n, ?action, "drain timed out")
+                    }
+                    Err(e) => tracing::warn!(service = %name, "end drain: {}", chain(&e)),
+                }
+                self.services[i].drain = None;
+            }
+        }
+    }
+
+    fn status(&mut self, name: Option<&str>) -> Result<Response, String> {
+        let counts = self.maps.scan_flows(false).map_err(|e| chain(&e))?;
         let services = match name {
-            Some(name) => vec![self.service_status(self.find(name)?)?],
-            None => (0..self.services.len()).map(|i| self.service_status(i)).collect::<Result<_, _>>()?,
+            Some(name) => vec![self.service_status(self.find(name)?, Some(&counts))?],
+            None => {
+                (0..self.services.len()).map(|i| self.service_status(i, Some(&counts))).collect::<Result<_, _>>()?
+            }
         };
         let reasons = self.maps.reasons().map_err(|e| chain(&e))?.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
         Ok(Response { ok: true, services, reasons, ..Response::default() })
     }
 
-    fn service_status(&self, i: usize) -> Result<ServiceStatus, String> {
+    fn service_status(
+        &self,
+        i: usize,
+        counts: Option<&HashMap<(u32, Colour), FlowCounts>>,
+    ) -> Result<ServiceStatus, String> {
         let s = &self.services[i];
+        let flows = |c: Colour| counts.and_then(|m| m.get(&(s.id, c)).copied()).unwrap_or_default();
         let colours = Colour::ALL
             .iter()
             .map(|&c| {
                 Ok(ColourStatus {
                     colour: c.to_string(),
-                    backend: s.config.backend(c).map(|b| b.to_string()),
+                    backends: s
+                        .config
+                        .pool(c)
+                        .iter()
+                        .map(|b| BackendStatus { address: b.addr.to_string(), weight: b.weight })
+                        .collect(),
+                    live_flows: flows(c).live,
+                    closing_flows: flows(c).closing,
                     counters: self.maps.counters(s.id, c).map_err(|e| chain(&e))?,
                 })
             })
@@ -191,11 +425,26 @@ impl<M: Maps> Switchboard<M> {
             name: s.config.name.clone(),
             vip: s.config.vip.to_string(),
             port: s.config.port,
+            preview_port: s.config.preview_port,
             protocol: s.config.protocol.as_str().to_owned(),
+            mode: s.config.mode.as_str().to_owned(),
             active: s.active.to_string(),
+            canary: (s.canary_bp > 0)
+                .then(|| Canary { colour: s.active.other().to_string(), basis_points: s.canary_bp }),
             previous: s.previous.map(|c| c.to_string()),
             switches: s.switches,
             since_switch_secs: s.switched_at.map(|t| t.elapsed().as_secs()),
+            drain: s.drain.as_ref().map(|d| Drain {
+                colour: d.from.to_string(),
+                live_flows: flows(d.from).live,
+                initial_flows: d.initial,
+                elapsed_secs: d.started.elapsed().as_secs(),
+                timeout_secs: d.timeout.map(|t| t.as_secs()),
+                on_timeout: match s.config.on_drain_timeout {
+                    DrainAction::Move => "move".into(),
+                    DrainAction::Reset => "reset".into(),
+                },
+            }),
             colours,
         })
     }
@@ -256,9 +505,16 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let board = Arc::new(Mutex::new(Switchboard::new(dataplane, &config.services)));
     tracing::info!(socket = %config.socket.display(), services = config.services.len(), "switcher daemon ready");
     tokio::pin!(shutdown);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            _ = ticker.tick() => {
+                if let Ok(mut b) = board.lock() {
+                    b.tick();
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let board = Arc::clone(&board);
@@ -323,21 +579,28 @@ fn ensure_forwarding() {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::config::Protocol;
+    use crate::config::{Mode, Protocol};
 
     #[derive(Default)]
     struct FakeMaps {
-        active: std::collections::HashMap<u32, Colour>,
+        state: HashMap<u32, (Colour, u32)>,
+        pools: HashMap<(u32, Colour), Vec<BackendConfig>>,
+        flows: HashMap<(u32, Colour), FlowCounts>,
+        ended: Vec<(u32, Colour, DrainAction)>,
         writes: usize,
     }
 
     impl Maps for FakeMaps {
-        fn set_active(&mut self, id: u32, colour: Colour) -> Result<(), DataplaneError> {
-            self.active.insert(id, colour);
+        fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32) -> Result<(), DataplaneError> {
+            self.state.insert(id, (active, canary_bp));
             self.writes += 1;
+            Ok(())
+        }
+        fn set_pool(&mut self, id: u32, colour: Colour, b: &[BackendConfig]) -> Result<(), DataplaneError> {
+            self.pools.insert((id, colour), b.to_vec());
             Ok(())
         }
         fn counters(&self, _: u32, _: Colour) -> Result<Counters, DataplaneError> {
@@ -346,24 +609,45 @@ mod tests {
         fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
             Ok(vec![("no_match", 3)])
         }
+        fn scan_flows(&mut self, _: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
+            Ok(self.flows.clone())
+        }
+        fn end_drain(
+            &mut self,
+            _: &ServiceConfig,
+            id: u32,
+            from: Colour,
+            a: DrainAction,
+        ) -> Result<u64, DataplaneError> {
+            self.ended.push((id, from, a));
+            Ok(1)
+        }
+    }
+
+    fn backend(a: &str) -> BackendConfig {
+        BackendConfig { addr: a.parse().expect("addr"), weight: 1 }
     }
 
     fn board() -> Switchboard<FakeMaps> {
         let web = ServiceConfig {
             name: "web".into(),
-            vip: Ipv4Addr::new(203, 0, 113, 10),
+            vip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
             port: 80,
+            preview_port: None,
             protocol: Protocol::Tcp,
+            mode: Mode::Nat,
             active: Colour::Blue,
-            blue: Some("198.51.100.2:8080".parse().expect("addr")),
-            green: Some("198.51.100.18:8080".parse().expect("addr")),
+            blue: vec![backend("198.51.100.2:8080")],
+            green: vec![backend("198.51.100.18:8080")],
+            drain_timeout: None,
+            on_drain_timeout: DrainAction::Move,
         };
-        let solo = ServiceConfig { name: "solo".into(), port: 81, green: None, ..web.clone() };
+        let solo = ServiceConfig { name: "solo".into(), port: 81, green: vec![], ..web.clone() };
         Switchboard::new(FakeMaps::default(), &[web, solo])
     }
 
     fn cutover(b: &mut Switchboard<FakeMaps>, s: &str, c: Option<&str>) -> Response {
-        b.handle(Request::Cutover { service: s.into(), colour: c.map(Into::into) })
+        b.handle(Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None })
     }
 
     #[test]
@@ -371,7 +655,7 @@ mod tests {
         let mut b = board();
         let r = cutover(&mut b, "web", None);
         assert!(r.ok, "{r:?}");
-        assert_eq!(b.maps.active.get(&0), Some(&Colour::Green));
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Green, 0)));
         assert_eq!(b.maps.writes, 1);
         assert_eq!(r.services[0].active, "green");
         assert_eq!(r.services[0].previous.as_deref(), Some("blue"));
@@ -387,7 +671,7 @@ mod tests {
         assert!(cutover(&mut b, "web", Some("green")).ok);
         let r = b.handle(Request::Rollback { service: "web".into() });
         assert!(r.ok, "{r:?}");
-        assert_eq!(b.maps.active.get(&0), Some(&Colour::Blue));
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
         assert_eq!(r.services[0].switches, 2);
     }
 
@@ -409,16 +693,87 @@ mod tests {
         assert!(r.error.as_deref().is_some_and(|e| e.contains("unknown colour")), "{r:?}");
         let r = cutover(&mut b, "solo", None);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend configured")), "{r:?}");
-        assert_eq!(b.maps.writes, 0, "a refused cut-over writes nothing");
+        let r = b.handle(Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100 });
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend")), "{r:?}");
+        assert_eq!(b.maps.writes, 0, "a refused request writes nothing");
+    }
+
+    #[test]
+    fn weights_set_a_canary_and_100_percent_is_a_cutover() {
+        let mut b = board();
+        let w = |b: &mut Switchboard<FakeMaps>, c: &str, bp| {
+            b.handle(Request::Weight { service: "web".into(), colour: c.into(), basis_points: bp })
+        };
+        let r = w(&mut b, "green", 500);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.message.as_deref(), Some("web: new flows blue 95%, green 5%"));
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 500)));
+        assert_eq!(r.services[0].canary, Some(Canary { colour: "green".into(), basis_points: 500 }));
+        assert!(w(&mut b, "blue", 9_999).ok);
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 1)));
+        assert!(w(&mut b, "green", 0).ok);
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
+        let r = w(&mut b, "green", 10_000);
+        assert_eq!(r.services[0].active, "green", "{r:?}");
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Green, 0)));
+        assert!(!w(&mut b, "green", 10_001).ok);
+        assert_eq!(percent(1), "0.01%");
+        assert_eq!(percent(1250), "12.5%");
+        assert_eq!(percent(10_000), "100%");
+    }
+
+    #[test]
+    fn drains_complete_when_empty_and_end_at_the_timeout() {
+        let mut b = board();
+        b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0 });
+        let r = b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0) });
+        assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (timeout 0s)")), "{r:?}");
+        let st = b.status(Some("web")).expect("status");
+        let drain = st.services[0].drain.clone().expect("draining");
+        assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));
+        b.tick();
+        assert_eq!(b.maps.ended, [(0, Colour::Blue, DrainAction::Move)], "timeout 0: ended at the first tick");
+        assert!(b.status(Some("web")).expect("status").services[0].drain.is_none());
+
+        // Without a timeout the drain waits for the flows to end.
+        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 2, closing: 0 });
+        assert!(cutover(&mut b, "web", Some("blue")).ok);
+        b.tick();
+        assert!(b.services[0].drain.is_some());
+        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 0, closing: 2 });
+        b.tick();
+        assert!(b.services[0].drain.is_none(), "closing flows do not hold a drain");
+        assert_eq!(b.maps.ended.len(), 1);
+    }
+
+    #[test]
+    fn pools_change_at_runtime() {
+        let mut b = board();
+        let add = |b: &mut Switchboard<FakeMaps>, a: &str, w| {
+            b.handle(Request::BackendAdd { service: "web".into(), colour: "blue".into(), address: a.into(), weight: w })
+        };
+        assert!(add(&mut b, "198.51.100.3:8080", Some(2)).ok);
+        assert_eq!(b.maps.pools[&(0, Colour::Blue)].len(), 2);
+        assert!(add(&mut b, "198.51.100.3:8080", Some(5)).ok, "re-adding changes the weight");
+        assert_eq!(b.maps.pools[&(0, Colour::Blue)][1].weight, 5);
+        assert!(add(&mut b, "[2001:db8::1]:80", None).error.is_some_and(|e| e.contains("address family")));
+        assert!(add(&mut b, "nonsense", None).error.is_some_and(|e| e.contains("is not ADDRESS:PORT")));
+        let rm = |b: &mut Switchboard<FakeMaps>, a: &str| {
+            b.handle(Request::BackendRemove { service: "web".into(), colour: "blue".into(), address: a.into() })
+        };
+        assert!(rm(&mut b, "198.51.100.2:8080").ok);
+        let r = rm(&mut b, "198.51.100.3:8080");
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("last blue backend")), "{r:?}");
+        assert!(rm(&mut b, "198.51.100.9:8080").error.is_some_and(|e| e.contains("is not a blue backend")));
     }
 
     #[test]
     fn status_lists_services_and_reasons() {
-        let b = board();
+        let mut b = board();
         let r = b.status(None).expect("status");
         assert_eq!(r.services.len(), 2);
         assert_eq!(r.services[0].colours.len(), 2);
-        assert_eq!(r.services[1].colours[1].backend, None);
+        assert!(r.services[1].colours[1].backends.is_empty());
         assert_eq!(r.reasons, [("no_match".to_owned(), 3)]);
         assert!(b.status(Some("nope")).is_err());
     }

@@ -1,10 +1,20 @@
 //! The XDP program and its maps, as the daemon sees them.
 //!
-//! [`Dataplane::load`] loads the embedded object, checks that its maps are the ones this binary
-//! was built against, attaches the program to the configured interfaces and keeps the map
-//! handles. Dropping the `Dataplane` detaches the program: the links are owned by this process.
+//! [`Dataplane::open`] loads the embedded object, fills the maps and loads the program;
+//! [`Dataplane::attach`] attaches it. The map handles stay here; dropping the `Dataplane`
+//! detaches the program (the links are owned by this process).
+//!
+//! Pools: each (service, colour) has up to `MAX_POOL` backend slots in `BACKENDS`. A backend
+//! keeps its slot while it stays in the pool; a change writes the new backends' slots, builds
+//! the Maglev table into the half of `RING` that is not live, and flips `RING_LIVE` — the live
+//! table is never edited in place.
 
-use std::{ffi::CString, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    ffi::CString,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -12,12 +22,18 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
 };
 use switcher_common::{
-    ABI_VERSION, Backend, ColourCounters, FORWARD_KERNEL, FORWARD_REDIRECT, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS,
-    MAP_ACTIVE, MAP_BACKENDS, MAP_COUNTERS, MAP_META, MAP_SERVICES, MAP_STATS, PROG_NAME, Reason, Service, ServiceKey,
-    colour_slot, user::Colour,
+    ABI_VERSION, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET, FORWARD_KERNEL,
+    FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS,
+    MAP_META, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAX_POOL, PROG_NAME,
+    RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR,
+    SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk,
+    user::Colour,
 };
 
-use crate::config::{self, ServiceConfig};
+use crate::{
+    config::{self, BackendConfig, Mode, ServiceConfig},
+    maglev,
+};
 
 /// The XDP object built by `build.rs` from `switcher-ebpf`.
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switcher"));
@@ -48,16 +64,11 @@ pub enum DataplaneError {
     },
     #[error("interface name {0:?} contains a NUL byte")]
     BadName(String),
+    #[error("a colour holds at most {MAX_POOL} backends")]
+    PoolFull,
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
-
-/// One service as the data path knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSlot {
-    pub id: u32,
-    pub config: ServiceConfig,
-}
 
 /// Counters of one colour of one service, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +78,15 @@ pub struct Counters {
     pub reply_packets: u64,
     pub reply_bytes: u64,
     pub flows: u64,
+}
+
+/// Tracked flows of one colour of one service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FlowCounts {
+    /// Open flows: not closing, not expired.
+    pub live: u64,
+    /// TCP flows that saw FIN or RST, kept a few seconds for the closing handshake.
+    pub closing: u64,
 }
 
 /// Load-time settings of the program.
@@ -111,15 +131,29 @@ fn is_physical(iface: &str) -> bool {
         .is_ok_and(|p| !p.to_string_lossy().contains("/devices/virtual/"))
 }
 
+/// One colour's pool: which backend sits in which `BACKENDS` slot, and its live table.
+#[derive(Clone, Debug, Default)]
+struct Pool {
+    slots: Vec<Option<BackendConfig>>,
+    half: u32,
+    table: Vec<u16>,
+}
+
 /// The loaded, attached program and its maps.
 pub struct Dataplane {
     // Holds the program and its links: dropping it detaches.
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, Service>,
     backends: Array<MapData, Backend>,
-    active: Array<MapData, u32>,
+    ring: Array<MapData, RingChunk>,
+    ring_live: Array<MapData, u32>,
+    state: Array<MapData, u32>,
+    flows: HashMap<MapData, FlowKey, Flow>,
+    replies: HashMap<MapData, FlowKey, Reply>,
     counters: PerCpuArray<MapData, ColourCounters>,
     stats: PerCpuArray<MapData, u64>,
+    pools: StdHashMap<(u32, Colour), Pool>,
+    options: Options,
     // Maps the program uses but nothing reads here: kept so their fds outlive the program.
     _meta: Array<MapData, u32>,
     _logger: Option<Logger>,
@@ -139,20 +173,60 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
-/// The map key of a service.
+/// An address in the maps' 16-byte field, and its family.
 #[must_use]
-pub fn service_key(s: &ServiceConfig) -> ServiceKey {
-    ServiceKey { vip: s.vip.octets(), port: s.port.to_be_bytes(), proto: s.protocol.number(), _pad: 0 }
+pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&a.octets());
+            (b, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
 }
 
-/// The map value of a backend (all zero when the colour has none).
+/// The address in a map's 16-byte field.
 #[must_use]
-pub fn backend_value(addr: Option<SocketAddrV4>) -> Backend {
-    addr.map_or_else(Backend::default, |a| Backend {
-        addr: a.ip().octets(),
-        port: a.port().to_be_bytes(),
+pub fn addr_ip(bytes: [u8; 16], family: u8) -> IpAddr {
+    if family == FAMILY_V6 { IpAddr::from(bytes) } else { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) }
+}
+
+/// The map key of a service port.
+#[must_use]
+pub fn service_key(s: &ServiceConfig, port: u16) -> ServiceKey {
+    let (vip, family) = addr_bytes(s.vip);
+    ServiceKey { vip, port: port.to_be_bytes(), proto: s.protocol.number(), family }
+}
+
+/// The map value of a backend.
+#[must_use]
+pub fn backend_value(addr: SocketAddr) -> Backend {
+    let (a, family) = addr_bytes(addr.ip());
+    Backend { addr: a, port: addr.port().to_be_bytes(), family, _pad: 0 }
+}
+
+/// The key of a flow's reply direction.
+#[must_use]
+pub fn reply_key(key: &FlowKey, backend: &Backend) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: key.src,
+        sport: backend.port,
+        dport: key.sport,
+        proto: key.proto,
+        family: key.family,
         _pad: [0; 2],
-    })
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `bpf_ktime_get_coarse_ns`.
+#[must_use]
+pub fn now_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 impl Dataplane {
@@ -200,9 +274,15 @@ impl Dataplane {
         let mut dp = Dataplane {
             services: take(&mut ebpf, MAP_SERVICES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
-            active: take(&mut ebpf, MAP_ACTIVE)?,
+            ring: take(&mut ebpf, MAP_RING)?,
+            ring_live: take(&mut ebpf, MAP_RING_LIVE)?,
+            state: take(&mut ebpf, MAP_STATE)?,
+            flows: take(&mut ebpf, MAP_FLOWS)?,
+            replies: take(&mut ebpf, MAP_REPLIES)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             stats: take(&mut ebpf, MAP_STATS)?,
+            pools: StdHashMap::new(),
+            options,
             _meta: meta,
             _logger: logger,
             ebpf,
@@ -249,32 +329,84 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes a service's key, backends and active colour. The active colour is written before
-    /// the key so that the first packet the service sees already has it.
+    /// Writes a service: pools and tables of both colours and its state first, then its keys,
+    /// so that the first packet the service sees finds everything in place.
     fn install(&mut self, id: u32, s: &ServiceConfig) -> Result<()> {
         for colour in Colour::ALL {
-            self.backends
-                .set(colour_slot(id, colour.as_u32()), &backend_value(s.backend(colour)), 0)
-                .map_err(map_err(MAP_BACKENDS))?;
+            self.set_pool(id, colour, s.pool(colour))?;
         }
-        self.set_active(id, s.active)?;
-        self.services.insert(&service_key(s), &Service { id, flags: 0 }, 0).map_err(map_err(MAP_SERVICES))
+        self.set_state(id, s.active, 0)?;
+        let mut flags = if s.mode == Mode::Dsr { SERVICE_DSR } else { 0 };
+        self.services.insert(&service_key(s, s.port), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
+        if let Some(preview) = s.preview_port {
+            flags |= SERVICE_PREVIEW;
+            self.services.insert(&service_key(s, preview), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
+        }
+        Ok(())
     }
 
-    /// The cut-over: one 4-byte map write; the next packet of a new flow sees it.
+    /// Sets a colour's pool: new backends get free slots, kept ones keep theirs, the Maglev
+    /// table is rebuilt into the idle half and then made live with one write.
+    ///
+    /// # Errors
+    /// More than `MAX_POOL` backends, or a map write failed.
+    pub fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<()> {
+        let mut pool = self.pools.get(&(id, colour)).cloned().unwrap_or_default();
+        pool.slots.resize(MAX_POOL as usize, None);
+        // Drop the ones that left; keep the others' slots.
+        for slot in &mut pool.slots {
+            if slot.is_some_and(|b| !backends.iter().any(|n| n.addr == b.addr)) {
+                *slot = None;
+            }
+        }
+        for b in backends {
+            let i = match pool.slots.iter().position(|s| s.is_some_and(|k| k.addr == b.addr)) {
+                Some(i) => i,
+                None => pool.slots.iter().position(Option::is_none).ok_or(DataplaneError::PoolFull)?,
+            };
+            pool.slots[i] = Some(*b);
+            self.backends
+                .set(pool_slot(id, colour.as_u32(), i as u32), &backend_value(b.addr), 0)
+                .map_err(map_err(MAP_BACKENDS))?;
+        }
+        let members: Vec<maglev::Member> = pool
+            .slots
+            .iter()
+            .zip(0u16..)
+            .filter_map(|(s, i)| s.map(|b| maglev::Member { name: b.addr.to_string(), weight: b.weight, index: i }))
+            .collect();
+        let table = maglev::build(&members, RING_SIZE);
+        let half = if self.pools.contains_key(&(id, colour)) { pool.half ^ 1 } else { 0 };
+        for (c, chunk) in (0u32..RING_CHUNKS).zip(table.chunks(RING_CHUNK as usize)) {
+            let mut value = RingChunk { slots: [RING_EMPTY; RING_CHUNK as usize] };
+            value.slots[..chunk.len()].copy_from_slice(chunk);
+            self.ring
+                .set(ring_chunk(id, colour.as_u32(), half, c * RING_CHUNK), &value, 0)
+                .map_err(map_err(MAP_RING))?;
+        }
+        self.ring_live.set(colour_slot(id, colour.as_u32()), &half, 0).map_err(map_err(MAP_RING_LIVE))?;
+        pool.half = half;
+        pool.table = table;
+        self.pools.insert((id, colour), pool);
+        Ok(())
+    }
+
+    /// The cut-over, rollback and canary: one 4-byte map write of the service's switch state.
     ///
     /// # Errors
     /// The map update failed.
-    pub fn set_active(&mut self, id: u32, colour: Colour) -> Result<()> {
-        self.active.set(id, &colour.as_u32(), 0).map_err(map_err(MAP_ACTIVE))
+    pub fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32) -> Result<()> {
+        let state = switcher_common::switch_state(active.as_u32(), canary_bp.min(BP_ALL));
+        self.state.set(id, &state, 0).map_err(map_err(MAP_STATE))
     }
 
-    /// The active colour as the data path sees it.
+    /// The switch state as the data path sees it: active colour and canary share.
     ///
     /// # Errors
     /// The map lookup failed.
-    pub fn active(&self, id: u32) -> Result<Colour> {
-        self.active.get(&id, 0).map(Colour::from_u32).map_err(map_err(MAP_ACTIVE))
+    pub fn state(&self, id: u32) -> Result<(Colour, u32)> {
+        let s = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
+        Ok((Colour::from_u32(switcher_common::state_active(s)), switcher_common::state_canary_bp(s)))
     }
 
     /// A colour's counters, summed over CPUs.
@@ -306,6 +438,114 @@ impl Dataplane {
                 Ok((*name, per_cpu.iter().sum()))
             })
             .collect()
+    }
+
+    /// Counts the tracked flows per (service, colour), and with `gc` forgets the expired ones
+    /// (and their reply entries).
+    ///
+    /// # Errors
+    /// A map read failed.
+    pub fn scan_flows(&mut self, gc: bool) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
+        let now = now_coarse_ns();
+        let idle = u64::try_from(self.options.udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let mut counts: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
+        let mut expired = Vec::new();
+        for entry in self.flows.iter() {
+            // An entry evicted while we walk is simply skipped.
+            let Ok((key, flow)) = entry else { continue };
+            if flow_expired(key.proto, flow.flags, now, flow.last_seen_ns, idle) {
+                expired.push((key, flow));
+                continue;
+            }
+            let c = counts.entry((flow.service, Colour::from_u32(u32::from(flow.colour)))).or_default();
+            if flow.flags & FLOW_CLOSING == 0 { c.live += 1 } else { c.closing += 1 }
+        }
+        if gc {
+            for (key, flow) in expired {
+                self.forget(&key, &flow);
+            }
+        }
+        Ok(counts)
+    }
+
+    fn forget(&mut self, key: &FlowKey, flow: &Flow) {
+        // Already gone (evicted, or the data path restarted it) is fine.
+        let _ = self.flows.remove(key);
+        let _ = self.replies.remove(&reply_key(key, &flow.backend));
+    }
+
+    /// Ends the drain of `from`: its open flows of service `id` are re-pointed to where a new
+    /// flow would go now (`move`), or marked so the data path answers their next TCP packet
+    /// with an RST and forgets them (`reset`). Returns how many flows were handled.
+    ///
+    /// # Errors
+    /// A map read failed.
+    pub fn end_drain(
+        &mut self,
+        service: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: config::DrainAction,
+    ) -> Result<u64> {
+        let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
+        let preview = service.preview_port.map(u16::to_be_bytes);
+        let victims: Vec<(FlowKey, Flow)> = self
+            .flows
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .filter(|(_, f)| f.service == id && u32::from(f.colour) == from.as_u32() && f.flags & FLOW_CLOSING == 0)
+            .collect();
+        let mut handled = 0;
+        for (key, flow) in victims {
+            match action {
+                config::DrainAction::Reset => {
+                    let mut f = flow;
+                    f.flags |= FLOW_RESET;
+                    if self.flows.insert(&key, &f, 0).is_ok() {
+                        handled += 1;
+                    }
+                }
+                config::DrainAction::Move => {
+                    let colour = Colour::from_u32(new_flow_colour(
+                        state,
+                        preview == Some(key.dport),
+                        flow_hash(&key, SEED_CANARY),
+                    ));
+                    let Some((idx, backend)) = self.pick(id, colour, &key) else { continue };
+                    let moved = Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..flow };
+                    let _ = self.replies.remove(&reply_key(&key, &flow.backend));
+                    if service.mode == Mode::Nat {
+                        let reply = Reply {
+                            vip: key.dst,
+                            port: key.dport,
+                            _pad: [0; 2],
+                            service: id,
+                            colour: colour.as_u32(),
+                            _pad2: 0,
+                        };
+                        let _ = self.replies.insert(&reply_key(&key, &backend), &reply, 0);
+                    }
+                    if self.flows.insert(&key, &moved, 0).is_ok() {
+                        handled += 1;
+                    }
+                }
+            }
+        }
+        Ok(handled)
+    }
+
+    /// The backend the live table gives a flow, as the data path would pick it.
+    fn pick(&self, id: u32, colour: Colour, key: &FlowKey) -> Option<(u16, Backend)> {
+        let pool = self.pools.get(&(id, colour))?;
+        let idx = *pool.table.get((flow_hash(key, SEED_RING) % RING_SIZE) as usize)?;
+        let b = pool.slots.get(usize::from(idx))?.as_ref()?;
+        Some((idx, backend_value(b.addr)))
+    }
+
+    /// The tracked flows, for tests and diagnostics: (key, flow) pairs.
+    #[must_use]
+    pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
+        self.flows.iter().filter_map(std::result::Result::ok).collect()
     }
 }
 

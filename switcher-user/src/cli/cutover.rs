@@ -1,15 +1,22 @@
 //! `switcher cutover`: make a colour live.
 
-use std::path::Path;
+use std::{
+    io::Write as _,
+    path::Path,
+    time::{Duration, Instant},
+};
 
-use switcher_user::control::Request;
+use switcher_user::control::{Request, Response};
 
 /// Send new flows of a service to a colour (default: the idle one).
 ///
-/// One BPF map write: the next new connection goes to the new colour; connections already
-/// open stay where they are. Roll back with `switcher rollback SERVICE`.
+/// One BPF map write: the next new connection goes to the new colour. Connections already
+/// open stay on the old colour while they drain: until they end, or until the drain timeout
+/// (`--drain-timeout`, else the service's `drain_timeout_secs`), when they are moved or reset
+/// as the service's `on_drain_timeout` says. `--wait` follows the drain with a progress bar.
+/// Roll back with `switcher rollback SERVICE`.
 ///
-/// Example: switcher cutover web green
+/// Example: switcher cutover web green --drain-timeout 30 --wait
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Service name, as in the config's [[service]] table.
@@ -17,13 +24,57 @@ pub struct Args {
     /// Colour to make active: blue or green. Default: the one that is idle now.
     #[arg(value_parser = ["blue", "green"])]
     colour: Option<String>,
+    /// Seconds the old colour's open flows may take to finish.
+    #[arg(long, value_name = "SECS")]
+    drain_timeout: Option<u64>,
+    /// Wait, showing progress, until the old colour has no open flows or the drain times out.
+    #[arg(long)]
+    wait: bool,
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
-    let req = Request::Cutover { service: args.service, colour: args.colour };
+    let req =
+        Request::Cutover { service: args.service.clone(), colour: args.colour, drain_timeout_secs: args.drain_timeout };
     let resp = super::ask(socket, &req)?;
     if let Some(m) = resp.message {
         println!("{m}");
     }
+    if args.wait {
+        wait_for_drain(socket, &args.service)?;
+    }
     Ok(())
+}
+
+/// Polls the daemon until the service has no drain in progress, drawing a bar on stderr.
+pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last_live = None;
+    loop {
+        let resp: Response = super::ask(socket, &Request::Status { service: Some(service.to_owned()) })?;
+        let Some(drain) = resp.services.first().and_then(|s| s.drain.clone()) else {
+            let took = started.elapsed().as_secs_f64();
+            eprintln!("\r\x1b[2K{service}: drained in {took:.1}s");
+            return Ok(());
+        };
+        let total = drain.initial_flows.max(drain.live_flows).max(1);
+        let done = total - drain.live_flows.min(total);
+        let width = 30u64;
+        let filled = (done * width / total) as usize;
+        let timeout = drain.timeout_secs.map_or_else(String::new, |t| format!("/{t}s, then {}", drain.on_timeout));
+        eprint!(
+            "\r\x1b[2Kdraining {}: [{}{}] {} of {} flows left  {}s{}",
+            drain.colour,
+            "#".repeat(filled),
+            "-".repeat(width as usize - filled),
+            drain.live_flows,
+            drain.initial_flows,
+            drain.elapsed_secs,
+            timeout
+        );
+        if last_live != Some(drain.live_flows) {
+            last_live = Some(drain.live_flows);
+        }
+        let _ = std::io::stderr().flush();
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }

@@ -1,9 +1,11 @@
 //! Command-line interface: one module per verb, each with its `Args` and `run`.
 
+mod backend;
 mod cutover;
 mod daemon;
 mod rollback;
 mod status;
+mod weight;
 
 use std::path::PathBuf;
 
@@ -34,6 +36,8 @@ enum Command {
     Daemon(daemon::Args),
     Cutover(cutover::Args),
     Rollback(rollback::Args),
+    Weight(weight::Args),
+    Backend(backend::Args),
     Status(status::Args),
 }
 
@@ -42,6 +46,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Daemon(args) => daemon::run(args),
         Command::Cutover(args) => cutover::run(&cli.socket, args),
         Command::Rollback(args) => rollback::run(&cli.socket, args),
+        Command::Weight(args) => weight::run(&cli.socket, args),
+        Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
     }
 }

@@ -35,29 +35,58 @@ fn render(resp: &Response) -> String {
         out.push_str("no services configured\n");
     }
     for s in &resp.services {
-        let _ = write!(out, "{}  {}:{}/{}  active: {}", s.name, s.vip, s.port, s.protocol, s.active.to_uppercase());
+        let vip = if s.vip.contains(':') { format!("[{}]", s.vip) } else { s.vip.clone() };
+        let _ =
+            write!(out, "{}  {vip}:{}/{}  {}  active: {}", s.name, s.port, s.protocol, s.mode, s.active.to_uppercase());
+        if let Some(c) = &s.canary {
+            let _ = write!(out, "  canary: {} {}", c.colour, percent(c.basis_points));
+        }
         if let (Some(prev), Some(ago)) = (&s.previous, s.since_switch_secs) {
             let _ = write!(out, "  (was {prev}, switched {ago}s ago, {} switches)", s.switches);
         }
         out.push('\n');
+        if let Some(p) = s.preview_port {
+            let idle = if s.active == "blue" { "green" } else { "blue" };
+            let _ = writeln!(out, "  preview: port {p} → {idle}");
+        }
+        if let Some(d) = &s.drain {
+            let timeout = d
+                .timeout_secs
+                .map_or_else(|| "no timeout".to_owned(), |t| format!("timeout {t}s, then {}", d.on_timeout));
+            let _ = writeln!(
+                out,
+                "  draining {}: {} of {} open flows left after {}s ({timeout})",
+                d.colour, d.live_flows, d.initial_flows, d.elapsed_secs
+            );
+        }
         for c in &s.colours {
             let mark = if c.colour == s.active { "*" } else { " " };
-            let backend = c.backend.as_deref().unwrap_or("-");
             let k = &c.counters;
             let _ = writeln!(
                 out,
-                "  {mark} {:<5} {:<21} flows {:>8}  packets {:>10}  bytes {:>12}  replies {:>10}",
-                c.colour, backend, k.flows, k.packets, k.bytes, k.reply_packets
+                "  {mark} {:<5}  open flows {:>6}  closing {:>5}  flows {:>8}  packets {:>10}  bytes {:>12}  replies {:>10}",
+                c.colour, c.live_flows, c.closing_flows, k.flows, k.packets, k.bytes, k.reply_packets
             );
+            if c.backends.is_empty() {
+                out.push_str("          (no backends)\n");
+            }
+            for b in &c.backends {
+                let _ = writeln!(out, "          {}  weight {}", b.address, b.weight);
+            }
         }
     }
     out
 }
 
+/// `12.5%` for 1250 basis points.
+fn percent(bp: u32) -> String {
+    switcher_user::daemon::percent(bp)
+}
+
 #[cfg(test)]
 mod tests {
     use switcher_user::{
-        control::{ColourStatus, ServiceStatus},
+        control::{BackendStatus, ColourStatus, Drain, ServiceStatus},
         dataplane::Counters,
     };
 
@@ -67,7 +96,9 @@ mod tests {
     fn status_marks_the_active_colour() {
         let colour = |c: &str, b: Option<&str>, flows| ColourStatus {
             colour: c.into(),
-            backend: b.map(Into::into),
+            backends: b.map(|a| BackendStatus { address: a.into(), weight: 1 }).into_iter().collect(),
+            live_flows: 4,
+            closing_flows: 0,
             counters: Counters { flows, ..Counters::default() },
         };
         let resp = Response {
@@ -76,21 +107,36 @@ mod tests {
                 name: "web".into(),
                 vip: "203.0.113.10".into(),
                 port: 80,
+                preview_port: Some(8080),
                 protocol: "tcp".into(),
+                mode: "nat".into(),
                 active: "green".into(),
+                canary: None,
                 previous: Some("blue".into()),
                 switches: 1,
                 since_switch_secs: Some(3),
+                drain: Some(Drain {
+                    colour: "blue".into(),
+                    live_flows: 4,
+                    initial_flows: 9,
+                    elapsed_secs: 2,
+                    timeout_secs: Some(30),
+                    on_timeout: "move".into(),
+                }),
                 colours: vec![colour("blue", Some("198.51.100.2:8080"), 7), colour("green", None, 2)],
             }],
             ..Response::default()
         };
         let text = render(&resp);
         assert!(
-            text.starts_with("web  203.0.113.10:80/tcp  active: GREEN  (was blue, switched 3s ago, 1 switches)\n"),
+            text.starts_with("web  203.0.113.10:80/tcp  nat  active: GREEN  (was blue, switched 3s ago, 1 switches)\n"),
             "{text}"
         );
-        assert!(text.contains("    blue  198.51.100.2:8080     flows        7"), "{text}");
-        assert!(text.contains("  * green -"), "{text}");
+        assert!(text.contains("  preview: port 8080 → blue\n"), "{text}");
+        assert!(text.contains("  draining blue: 4 of 9 open flows left after 2s (timeout 30s, then move)\n"), "{text}");
+        assert!(text.contains("    blue   open flows      4"), "{text}");
+        assert!(text.contains("          198.51.100.2:8080  weight 1\n"), "{text}");
+        assert!(text.contains("  * green"), "{text}");
+        assert!(text.contains("(no backends)"), "{text}");
     }
 }

@@ -7,19 +7,26 @@
 //! TTL decremented, MACs set), GREEN has no route and CLIENT2 no neighbour (kernel path:
 //! rewritten packet passed up, TTL untouched).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use switcher_common::user::Colour;
 use switcher_user::{
-    config::{Protocol, ServiceConfig},
+    config::{BackendConfig, DrainAction, Mode, Protocol, ServiceConfig},
     dataplane::{Dataplane, Options},
 };
 
 use crate::net::{BLUE, CLIENT, GREEN, Netns, VIP, unique_prefix};
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+/// The router between the client and the LB, which sends "fragmentation needed".
+const LB_GW: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 14);
 /// UDP idle timeout of the program under test.
 const IDLE: Duration = Duration::from_secs(1);
 const XDP_REDIRECT: u32 = 4;
@@ -31,27 +38,63 @@ const OUT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const NEIGH_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// A client on a connected subnet without a neighbour entry.
 const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 9);
+/// web's preview port.
+const PREVIEW: u16 = 8088;
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2);
+const BLUE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+const GREEN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+/// Service ids, in `services()` order.
+const WEB: u32 = 0;
+const DNS: u32 = 1;
+const WEB6: u32 = 3;
+
+fn backend(ip: Ipv4Addr, port: u16) -> Vec<BackendConfig> {
+    vec![BackendConfig { addr: SocketAddr::new(IpAddr::V4(ip), port), weight: 1 }]
+}
 
 fn services() -> Vec<ServiceConfig> {
     let web = ServiceConfig {
         name: "web".into(),
-        vip: VIP,
+        vip: IpAddr::V4(VIP),
         port: 80,
+        preview_port: Some(PREVIEW),
         protocol: Protocol::Tcp,
+        mode: Mode::Nat,
         active: Colour::Blue,
-        blue: Some(std::net::SocketAddrV4::new(BLUE, 8080)),
-        green: Some(std::net::SocketAddrV4::new(GREEN, 8081)),
+        blue: backend(BLUE, 8080),
+        green: backend(GREEN, 8081),
+        drain_timeout: None,
+        on_drain_timeout: DrainAction::Move,
     };
     let dns = ServiceConfig {
         name: "dns".into(),
         port: 53,
         protocol: Protocol::Udp,
-        blue: Some(std::net::SocketAddrV4::new(BLUE, 5353)),
-        green: Some(std::net::SocketAddrV4::new(GREEN, 5354)),
+        blue: backend(BLUE, 5353),
+        green: backend(GREEN, 5354),
         ..web.clone()
     };
-    let blue_only = ServiceConfig { name: "blue-only".into(), port: 81, green: None, ..web.clone() };
-    vec![web, dns, blue_only]
+    let blue_only =
+        ServiceConfig { name: "blue-only".into(), port: 81, preview_port: None, green: vec![], ..web.clone() };
+    let web6 = ServiceConfig {
+        name: "web6".into(),
+        vip: IpAddr::V6(VIP6),
+        preview_port: None,
+        blue: vec![BackendConfig { addr: SocketAddr::new(IpAddr::V6(BLUE6), 8080), weight: 1 }],
+        green: vec![BackendConfig { addr: SocketAddr::new(IpAddr::V6(GREEN6), 8080), weight: 1 }],
+        ..web.clone()
+    };
+    let dsr = ServiceConfig {
+        name: "dsr".into(),
+        port: 443,
+        preview_port: None,
+        mode: Mode::Dsr,
+        blue: backend(BLUE, 443),
+        green: backend(GREEN, 443),
+        ..web.clone()
+    };
+    vec![web, dns, blue_only, web6, dsr]
 }
 
 #[derive(Clone, Copy)]
@@ -121,7 +164,7 @@ fn pkt(what: &'static str, input: Vec<u8>, action: u32, reason: &'static str, ou
 fn check(dp: &mut Dataplane, step: Step) {
     let (what, input, action, reason, output) = match step {
         Step::Active(id, colour) => {
-            dp.set_active(id, colour).expect("set active");
+            dp.set_state(id, colour, 0).expect("set state");
             return;
         }
         Step::Packet { what, input, action, reason, output } => (what, input, action, reason, output),
@@ -157,10 +200,13 @@ fn fib_namespace() -> Netns {
     ns.ip(&["link", "set", "t1", "up"]);
     ns.ip(&["addr", "add", "198.51.100.1/28", "dev", "t0"]);
     ns.ip(&["addr", "add", "192.0.2.1/28", "dev", "t0"]);
-    for n in [BLUE, CLIENT] {
-        ns.ip(&["neigh", "replace", &n.to_string(), "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"]);
+    ns.ip(&["addr", "add", "2001:db8:1::1/64", "dev", "t0", "nodad"]);
+    ns.ip(&["addr", "add", "2001:db8:c::1/64", "dev", "t0", "nodad"]);
+    for n in [BLUE.to_string(), CLIENT.to_string(), BLUE6.to_string(), CLIENT6.to_string()] {
+        ns.ip(&["neigh", "replace", &n, "lladdr", "02:00:00:00:00:02", "dev", "t0", "nud", "permanent"]);
     }
     ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.forwarding=1"]);
+    ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     ns
 }
 
@@ -284,10 +330,24 @@ fn data_path_table() {
                 "no_match",
                 None,
             ),
-            pkt("ARP passes untouched", arp(), XDP_PASS, "not_ipv4", None),
+            pkt("ARP passes untouched", arp(), XDP_PASS, "not_ip", None),
             pkt(
-                "a VLAN-tagged frame passes untouched",
-                vlan(tcp(IN, c, (VIP, 80), 64, Tcp::Syn)),
+                "a VLAN-tagged frame is translated and left to the kernel's VLAN devices",
+                vlan(tcp(IN, (CLIENT, 40100), (VIP, 80), 64, Tcp::Syn)),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(vlan(tcp(IN, (CLIENT, 40100), (BLUE, 8080), 64, Tcp::Syn))),
+            ),
+            pkt(
+                "a double-tagged (QinQ) frame is translated too",
+                vlan(vlan(tcp(IN, (CLIENT, 40101), (VIP, 80), 64, Tcp::Syn))),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(vlan(vlan(tcp(IN, (CLIENT, 40101), (BLUE, 8080), 64, Tcp::Syn)))),
+            ),
+            pkt(
+                "three tags pass untouched",
+                vlan(vlan(vlan(tcp(IN, c, (VIP, 80), 64, Tcp::Syn)))),
                 XDP_PASS,
                 "vlan",
                 None,
@@ -334,7 +394,7 @@ fn data_path_table() {
         }
         let web = |colour| dp.counters(0, colour).expect("counters");
         let (blue, green) = (web(Colour::Blue), web(Colour::Green));
-        assert_eq!((blue.flows, blue.packets, blue.reply_packets), (2, 3, 1), "web blue counters");
+        assert_eq!((blue.flows, blue.packets, blue.reply_packets), (4, 5, 1), "web blue counters (two VLAN flows)");
         assert_eq!((green.flows, green.packets, green.reply_packets), (2, 2, 1), "web green counters");
     });
 }
@@ -406,6 +466,340 @@ fn kernel_forwarding_never_redirects() {
             ),
         );
     });
+}
+
+fn tcp6(l2: L2, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), hops: u8, kind: Tcp) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(l2.src, l2.dst)
+        .ipv6(src.0.octets(), dst.0.octets(), hops)
+        .tcp(src.1, dst.1, 1000, 64_000);
+    let b = match kind {
+        Tcp::Syn => b.syn(),
+        Tcp::Ack => b.ack(77),
+    };
+    let mut v = Vec::new();
+    b.write(&mut v, b"hello").expect("build tcp6");
+    v
+}
+
+/// The first 28 bytes of an IPv4 TCP packet, as an ICMP error quotes it.
+fn quote4(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: etherparse::IpNumber) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = PacketBuilder::ipv4(src.0.octets(), dst.0.octets(), 60);
+    if proto == etherparse::IpNumber::UDP {
+        b.udp(src.1, dst.1).write(&mut v, b"0123456789").expect("quote");
+    } else {
+        b.tcp(src.1, dst.1, 5, 1000).ack(9).write(&mut v, b"0123456789").expect("quote");
+    }
+    v.truncate(28);
+    v
+}
+
+fn icmp4(
+    l2: L2,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    kind: etherparse::icmpv4::DestUnreachableHeader,
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(l2.src, l2.dst)
+        .ipv4(src.octets(), dst.octets(), ttl)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(kind))
+        .write(&mut v, quote)
+        .expect("build icmp");
+    v
+}
+
+/// IPv6, the preview port, DSR and reset, each with its flows set up first.
+#[test]
+fn ipv6_preview_dsr_and_icmp() {
+    if !crate::have_root("ipv6_preview_dsr_and_icmp") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true }).expect("load");
+        let c6 = (CLIENT6, 40000);
+        let c = (CLIENT, 41000);
+        let frag = etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 };
+        let port = etherparse::icmpv4::DestUnreachableHeader::Port;
+        let steps = vec![
+            pkt(
+                "IPv6 SYN to web6 goes to blue6, hop limit decremented",
+                tcp6(IN, c6, (VIP6, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp6(OUT, c6, (BLUE6, 8080), 63, Tcp::Syn)),
+            ),
+            pkt(
+                "blue6's reply comes from the IPv6 VIP",
+                tcp6(IN, (BLUE6, 8080), c6, 64, Tcp::Ack),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(tcp6(OUT, (VIP6, 80), c6, 63, Tcp::Ack)),
+            ),
+            Step::Active(WEB6, Colour::Green),
+            pkt(
+                "an IPv6 flow stays on blue6 after the cut-over",
+                tcp6(IN, c6, (VIP6, 80), 64, Tcp::Ack),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp6(OUT, c6, (BLUE6, 8080), 63, Tcp::Ack)),
+            ),
+            pkt(
+                "a new IPv6 flow goes to green6 (no route: kernel path)",
+                tcp6(IN, (CLIENT6, 40001), (VIP6, 80), 64, Tcp::Syn),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp6(IN, (CLIENT6, 40001), (GREEN6, 8080), 64, Tcp::Syn)),
+            ),
+            pkt(
+                "the preview port goes to the idle colour (green)",
+                tcp(IN, c, (VIP, PREVIEW), 64, Tcp::Syn),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp(IN, c, (GREEN, 8081), 64, Tcp::Syn)),
+            ),
+            pkt(
+                "green's preview reply comes from VIP:preview",
+                tcp(IN, (GREEN, 8081), c, 64, Tcp::Ack),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(tcp(OUT, (VIP, PREVIEW), c, 63, Tcp::Ack)),
+            ),
+            Step::Active(WEB, Colour::Green),
+            pkt(
+                "after a cut-over to green, the preview port goes to blue",
+                tcp(IN, (CLIENT, 41001), (VIP, PREVIEW), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, (CLIENT, 41001), (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+            Step::Active(WEB, Colour::Blue),
+            pkt(
+                "DSR: only the MACs change, TTL stays",
+                tcp(IN, (CLIENT, 41002), (VIP, 443), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "dsr",
+                Some(tcp(OUT, (CLIENT, 41002), (VIP, 443), 64, Tcp::Syn)),
+            ),
+            Step::Active(4, Colour::Green),
+            pkt(
+                "DSR to a backend without a neighbour is dropped, not routed elsewhere",
+                tcp(IN, (CLIENT, 41003), (VIP, 443), 64, Tcp::Syn),
+                XDP_DROP,
+                "dsr_no_neigh",
+                None,
+            ),
+            // ICMP: a web flow on blue, then a "fragmentation needed" about its reply.
+            pkt(
+                "web flow for the ICMP cases",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, c, (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+            pkt(
+                "frag-needed about a VIP reply goes to the flow's backend, quoting what it sent",
+                icmp4(IN, LB_GW, VIP, 64, frag.clone(), &quote4((VIP, 80), c, etherparse::IpNumber::TCP)),
+                XDP_REDIRECT,
+                "icmp_fwd",
+                Some(icmp4(OUT, LB_GW, BLUE, 63, frag.clone(), &quote4((BLUE, 8080), c, etherparse::IpNumber::TCP))),
+            ),
+            pkt(
+                "dns flow for the ICMP reply case",
+                udp(IN, c, (VIP, 53), 64),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(udp(OUT, c, (BLUE, 5353), 63)),
+            ),
+            pkt(
+                "a backend's port-unreachable reaches the client from the VIP, quoting what the client sent",
+                icmp4(IN, BLUE, CLIENT, 64, port.clone(), &quote4(c, (BLUE, 5353), etherparse::IpNumber::UDP)),
+                XDP_REDIRECT,
+                "icmp_reply",
+                Some(icmp4(OUT, VIP, CLIENT, 63, port.clone(), &quote4(c, (VIP, 53), etherparse::IpNumber::UDP))),
+            ),
+            pkt(
+                "an ICMP error about no tracked flow passes untouched",
+                icmp4(IN, LB_GW, VIP, 64, frag, &quote4((VIP, 80), (CLIENT, 1), etherparse::IpNumber::TCP)),
+                XDP_PASS,
+                "no_match",
+                None,
+            ),
+        ];
+        for step in steps {
+            check(&mut dp, step);
+        }
+        let _ = DNS;
+    });
+}
+
+/// FIN marks a flow closing; a drain that ends with `reset` turns the client's next packet
+/// into an RST from the VIP; `move` re-points flows to the new colour.
+#[test]
+fn closing_reset_and_move() {
+    if !crate::have_root("closing_reset_and_move") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let svcs = services();
+        let mut dp = Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true }).expect("load");
+        let (a, b, u) = ((CLIENT, 42000), (CLIENT, 42001), (CLIENT, 42002));
+        check(
+            &mut dp,
+            pkt(
+                "flow a on blue",
+                tcp(IN, a, (VIP, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, a, (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+        );
+        check(
+            &mut dp,
+            pkt(
+                "flow b on blue",
+                tcp(IN, b, (VIP, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, b, (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+        );
+        check(
+            &mut dp,
+            pkt(
+                "udp flow on blue",
+                udp(IN, u, (VIP, 53), 64),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(udp(OUT, u, (BLUE, 5353), 63)),
+            ),
+        );
+        // A FIN marks b closing: it still routes, but no longer counts as open.
+        let mut fin = tcp(IN, b, (VIP, 80), 64, Tcp::Ack);
+        let mut fin_out = tcp(OUT, b, (BLUE, 8080), 63, Tcp::Ack);
+        for f in [&mut fin, &mut fin_out] {
+            set_tcp_flags(f, 0x11);
+        }
+        check(&mut dp, pkt("FIN of b still goes to blue", fin, XDP_REDIRECT, "fwd_redirect", Some(fin_out)));
+        let counts = dp.scan_flows(false).expect("scan");
+        assert_eq!(counts.get(&(WEB, Colour::Blue)).map(|c| (c.live, c.closing)), Some((1, 1)), "a open, b closing");
+
+        dp.set_state(WEB, Colour::Green, 0).expect("cut over");
+        let n = dp.end_drain(&svcs[0], WEB, Colour::Blue, DrainAction::Reset).expect("reset");
+        assert_eq!(n, 1, "only the open flow is reset");
+        // a's next packet comes back to the client as an RST from the VIP.
+        let mut rst = Vec::new();
+        PacketBuilder::ethernet2(LB_MAC, CLIENT_MAC)
+            .ipv4(VIP.octets(), CLIENT.octets(), 64)
+            .tcp(80, a.1, 77, 64_000)
+            .rst()
+            .write(&mut rst, b"GET / HTTP/1.0\r\n\r\n")
+            .expect("rst");
+        check(
+            &mut dp,
+            pkt("reset flow: RST to the client", tcp(IN, a, (VIP, 80), 64, Tcp::Ack), XDP_TX, "reset", Some(rst)),
+        );
+        check(
+            &mut dp,
+            pkt(
+                "after the RST, the 5-tuple is a new flow on green",
+                tcp(IN, a, (VIP, 80), 64, Tcp::Syn),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp(IN, a, (GREEN, 8081), 64, Tcp::Syn)),
+            ),
+        );
+
+        dp.set_state(DNS, Colour::Green, 0).expect("cut over dns");
+        assert_eq!(dp.end_drain(&svcs[1], DNS, Colour::Blue, DrainAction::Move).expect("move"), 1);
+        check(
+            &mut dp,
+            pkt(
+                "a moved UDP flow continues on green",
+                udp(IN, u, (VIP, 53), 64),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(udp(IN, u, (GREEN, 5354), 64)),
+            ),
+        );
+        check(
+            &mut dp,
+            pkt(
+                "green's answer to the moved flow comes from the VIP",
+                udp(IN, (GREEN, 5354), u, 64),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(udp(OUT, (VIP, 53), u, 63)),
+            ),
+        );
+    });
+}
+
+/// A canary share sends exactly the flows whose canary hash falls under it to the other
+/// colour, as `switcher_common::new_flow_colour` predicts, and about that share of them.
+#[test]
+fn canary_split_follows_the_hash() {
+    if !crate::have_root("canary_split_follows_the_hash") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false }).expect("load");
+        dp.set_state(WEB, Colour::Blue, 1_000).expect("10% canary");
+        let state = switcher_common::switch_state(0, 1_000);
+        let mut green = 0;
+        for port in 20_000..22_000u16 {
+            let key = switcher_common::FlowKey {
+                src: widen(CLIENT),
+                dst: widen(VIP),
+                sport: port.to_be_bytes(),
+                dport: 80u16.to_be_bytes(),
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            };
+            let expect_green = switcher_common::new_flow_colour(
+                state,
+                false,
+                switcher_common::flow_hash(&key, switcher_common::SEED_CANARY),
+            ) == 1;
+            let to = if expect_green { (GREEN, 8081) } else { (BLUE, 8080) };
+            check(
+                &mut dp,
+                pkt(
+                    "canary flow",
+                    tcp(IN, (CLIENT, port), (VIP, 80), 64, Tcp::Syn),
+                    XDP_PASS,
+                    "fwd_kernel",
+                    Some(tcp(IN, (CLIENT, port), to, 64, Tcp::Syn)),
+                ),
+            );
+            green += u32::from(expect_green);
+        }
+        assert!((140..=260).contains(&green), "10% of 2000 flows ± 3%: {green}");
+        assert_eq!(u64::from(green), dp.counters(WEB, Colour::Green).expect("counters").flows);
+    });
+}
+
+fn widen(a: Ipv4Addr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&a.octets());
+    b
+}
+
+fn set_tcp_flags(frame: &mut [u8], flags: u8) {
+    let off = 14 + 20 + 13;
+    let old = [frame[off - 1], frame[off]];
+    frame[off] = flags;
+    let mut d = switcher_common::csum::CsumDelta::new();
+    d.replace2(old, [frame[off - 1], frame[off]]);
+    let c = 14 + 20 + 16;
+    let new = d.apply([frame[c], frame[c + 1]]);
+    frame[c..c + 2].copy_from_slice(&new);
 }
 
 /// IPv4 options move the L4 header: a service packet with 4 bytes of options is still

@@ -1,0 +1,148 @@
+//! Which backend a service packet goes to, and the flow table that keeps it there.
+//!
+//! A packet of a tracked flow (in `FLOWS`, not expired) goes where the flow went first. A new
+//! flow — a TCP SYN, or any packet the table does not know, e.g. after eviction — takes the
+//! colour `new_flow_colour` picks (active, canary or, on a preview port, idle) and that
+//! colour's backend from its live Maglev table, slot `flow_hash % RING_SIZE`: the same
+//! 5-tuple always hashes to the same backend while the pool is unchanged.
+//!
+//! Keys and values are built in the per-CPU `Scratch`, not on the stack.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use switcher_common::{
+    FLOW_CLOSING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP, RING_CHUNK, RING_EMPTY,
+    RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, colour_slot, ends_flow,
+    flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, starts_flow,
+};
+
+use crate::{
+    nat::{self, Scratch, Verdict},
+    parse::Packet,
+    prog::{BACKENDS, COUNTERS, FLOWS, REPLIES, RING, RING_LIVE, STATE, UDP_IDLE_NS},
+};
+
+/// Picks the packet's backend (its flow is `scratch.key`) and forwards it there.
+#[inline(never)]
+pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service) -> Verdict {
+    match pick(pkt, scratch, service) {
+        Ok(v) => v,
+        Err(reason) => Verdict::pass(reason),
+    }
+}
+
+#[inline(always)]
+fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reason> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let ending = ends_flow(pkt.proto, pkt.tcp_flags);
+    let tracked = if starts_flow(pkt.proto, pkt.tcp_flags) { None } else { FLOWS.get_ptr_mut(&s.key) };
+    let mut have = false;
+    if let Some(p) = tracked {
+        // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
+        let flow = unsafe { &mut *p };
+        if !flow_expired(pkt.proto, flow.flags, now, flow.last_seen_ns, UDP_IDLE_NS.load()) {
+            if ending && flow.flags & FLOW_CLOSING == 0 {
+                flow.flags |= FLOW_CLOSING;
+                flow.last_seen_ns = now;
+            } else if now.saturating_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+                flow.last_seen_ns = now;
+            }
+            s.flow = *flow;
+            have = true;
+        }
+    }
+    if have && s.flow.flags & FLOW_RESET != 0 {
+        // The drain timed out with `reset`: a TCP client is told with an RST, a UDP flow
+        // simply starts again on the active colour.
+        write_reply_key(&s.key, &s.flow, &mut s.other);
+        let _ = FLOWS.remove(&s.key);
+        let _ = REPLIES.remove(&s.other);
+        if pkt.proto == PROTO_TCP {
+            let tcp = crate::parse::recheck(pkt, pkt.ports)?;
+            return Ok(nat::reset(pkt, tcp));
+        }
+        have = false;
+    }
+    if have {
+        count(s.flow.service, u32::from(s.flow.colour), pkt.ip_len, false, false);
+    } else {
+        new_flow(&s.key, service, now, ending, &mut s.flow)?;
+        // An LRU insert only fails on memory pressure; the packet is still forwarded and
+        // the next packet of the flow lands on the same backend through the hash.
+        let _ = FLOWS.insert(&s.key, &s.flow, 0);
+        if service.flags & SERVICE_DSR == 0 {
+            write_reply_key(&s.key, &s.flow, &mut s.other);
+            s.reply.vip = s.key.dst;
+            s.reply.port = s.key.dport;
+            s.reply._pad = [0; 2];
+            s.reply.service = service.id;
+            s.reply.colour = u32::from(s.flow.colour);
+            s.reply._pad2 = 0;
+            let _ = REPLIES.insert(&s.other, &s.reply, 0);
+        }
+        count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, true);
+    }
+    if service.flags & SERVICE_DSR != 0 {
+        Ok(nat::dsr(pkt, &s.flow.backend, &mut s.fib))
+    } else {
+        Ok(nat::forward(pkt, &s.flow.backend, &mut s.fib))
+    }
+}
+
+/// The key of a flow's reply direction (backend → client).
+#[inline(always)]
+fn write_reply_key(key: &FlowKey, flow: &Flow, out: &mut FlowKey) {
+    out.src = flow.backend.addr;
+    out.dst = key.src;
+    out.sport = flow.backend.port;
+    out.dport = key.sport;
+    out.proto = key.proto;
+    out.family = key.family;
+    out._pad = [0; 2];
+}
+
+/// The colour and backend of a flow the table does not have, written into `flow`.
+#[inline(always)]
+fn new_flow(key: &FlowKey, service: Service, now: u64, ending: bool, flow: &mut Flow) -> Result<(), Reason> {
+    let state = *STATE.get(service.id).ok_or(Reason::INTERNAL)?;
+    let colour = new_flow_colour(state, service.flags & SERVICE_PREVIEW != 0, flow_hash(key, SEED_CANARY));
+    let half = *RING_LIVE.get(colour_slot(service.id, colour)).ok_or(Reason::INTERNAL)?;
+    let slot = flow_hash(key, SEED_RING) % RING_SIZE;
+    let chunk = RING.get(ring_chunk(service.id, colour, half, slot)).ok_or(Reason::INTERNAL)?;
+    let idx = chunk.slots[(slot % RING_CHUNK) as usize];
+    if idx == RING_EMPTY || u32::from(idx) >= MAX_POOL {
+        return Err(Reason::NO_BACKEND);
+    }
+    let backend = BACKENDS.get(pool_slot(service.id, colour, u32::from(idx))).ok_or(Reason::INTERNAL)?;
+    if !backend.is_set() {
+        return Err(Reason::NO_BACKEND);
+    }
+    flow.backend = *backend;
+    flow.service = service.id;
+    flow.colour = colour as u8;
+    flow.flags = if ending { FLOW_CLOSING } else { 0 };
+    flow.backend_idx = idx;
+    flow._pad = [0; 4];
+    flow.last_seen_ns = now;
+    Ok(())
+}
+
+/// Adds a packet to its service colour's counters.
+#[inline(always)]
+pub fn count(service: u32, colour: u32, ip_len: u16, reply: bool, new_flow: bool) {
+    if let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        let c = unsafe { &mut *c };
+        let bytes = u64::from(ip_len);
+        if reply {
+            c.reply_packets += 1;
+            c.reply_bytes += bytes;
+        } else {
+            c.packets += 1;
+            c.bytes += bytes;
+        }
+        if new_flow {
+            c.flows += 1;
+        }
+    }
+}

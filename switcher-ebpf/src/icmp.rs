@@ -1,0 +1,107 @@
+//! ICMP and ICMPv6 errors about tracked flows.
+//!
+//! - From a client (or a router on its path) to the VIP, quoting a reply the client got
+//!   (`VIP:port → client:cport`), e.g. "fragmentation needed" / "packet too big": the flow is
+//!   found in `FLOWS`, the outer destination becomes the flow's backend and the quoted packet
+//!   is rewritten to what the backend really sent (`backend:bport → client:cport`), so the
+//!   backend's stack learns the path MTU.
+//! - From a backend to a client, quoting the client's packet as the backend got it
+//!   (`client:cport → backend:bport`), e.g. "port unreachable": found in `REPLIES`, the outer
+//!   source becomes the VIP and the quoted packet is rewritten to what the client sent.
+//!
+//! The ICMP checksum, the quoted IPv4 header's checksum and the outer headers are updated
+//! incrementally, and so is a quoted UDP checksum. A quoted TCP checksum is usually cut off
+//! (it is at byte 16) and receivers do not check it: it is left as it is.
+
+use network_types::udp::UdpHdr;
+use switcher_common::{PROTO_UDP, Reason, csum::CsumDelta};
+
+use crate::{
+    nat::{self, Scratch, Side, Verdict},
+    parse::Packet,
+    prog::{FLOWS, REPLIES},
+};
+
+/// Translates an ICMP error about a tracked flow, or says it is none.
+#[inline(never)]
+pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
+    let (check, inner, inner_proto, inner_ports) = (pkt.check, pkt.inner, pkt.inner_proto, pkt.ports);
+    // SAFETY: the quoted ports were bounds-checked by the parser.
+    let (qsport, qdport) = unsafe { ((*inner_ports).src, (*inner_ports).dst) };
+    // The quoted packet travelled the other way: its reverse is the tracked direction.
+    let key = &mut scratch.key;
+    key.src = inner.dst();
+    key.dst = inner.src();
+    key.sport = qdport;
+    key.dport = qsport;
+    key.proto = inner_proto;
+    key.family = inner.family();
+    key._pad = [0; 2];
+    // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
+    if let Some(flow) = unsafe { FLOWS.get(key) } {
+        // Client → VIP about a reply: send it to the backend, quoting what the backend sent.
+        let outer = nat::set_addr(pkt.ip, Side::Dst, &flow.backend.addr);
+        let icmp = rewrite_quote(pkt, Side::Src, &flow.backend.addr, flow.backend.port, outer);
+        fix(check, icmp);
+        return nat::out(pkt, outer, Reason::ICMP_FWD, Reason::ICMP_FWD, &mut scratch.fib);
+    }
+    // SAFETY: as above.
+    if let Some(reply) = unsafe { REPLIES.get(key) } {
+        // Backend → client about the client's packet: from the VIP, quoting what the client sent.
+        let outer = nat::set_addr(pkt.ip, Side::Src, &reply.vip);
+        let icmp = rewrite_quote(pkt, Side::Dst, &reply.vip, reply.port, outer);
+        fix(check, icmp);
+        return nat::out(pkt, outer, Reason::ICMP_REPLY, Reason::ICMP_REPLY, &mut scratch.fib);
+    }
+    Verdict::pass(Reason::NO_MATCH)
+}
+
+/// Rewrites one side of the quoted packet; returns the delta of the ICMP checksum (which for
+/// ICMPv6 also covers the outer pseudo-header, changed by `outer`).
+#[inline(always)]
+fn rewrite_quote(pkt: &Packet, side: Side, addr: &[u8; 16], port: [u8; 2], outer: CsumDelta) -> CsumDelta {
+    let (inner, ports, v6) = (pkt.inner, pkt.ports, pkt.ip.is_v6());
+    let addr_delta = nat::set_addr(inner, side, addr);
+    let port_delta = nat::set_port(ports, side, port);
+    let mut icmp = addr_delta;
+    icmp.add(port_delta);
+    // A quoted UDP header is always whole (8 bytes); its checksum is kept right too. A quoted
+    // TCP checksum (byte 16) is usually cut off, and receivers do not check it: left alone.
+    if pkt.inner_proto == PROTO_UDP {
+        if let Ok(udp) = crate::parse::recheck::<UdpHdr, _>(pkt, ports) {
+            let mut l4 = addr_delta;
+            l4.add(port_delta);
+            // SAFETY: bounds-checked just above.
+            unsafe {
+                let old = (*udp).check;
+                let new = l4.apply_udp(old);
+                (*udp).check = new;
+                icmp.replace2(old, new);
+            }
+        }
+    }
+    if !inner.is_v6() {
+        let h = inner.v4();
+        // The quoted IPv4 header checksum changes too, and it is part of the ICMP payload.
+        // SAFETY: bounds-checked by the parser.
+        unsafe {
+            let old = (*h).check;
+            let new = addr_delta.apply(old);
+            (*h).check = new;
+            icmp.replace2(old, new);
+        }
+    }
+    if v6 {
+        icmp.add(outer);
+    }
+    icmp
+}
+
+#[inline(always)]
+fn fix(check: *mut [u8; 2], delta: CsumDelta) {
+    // SAFETY: bounds-checked by the parser.
+    unsafe {
+        let old = *check;
+        *check = delta.apply(old);
+    }
+}
