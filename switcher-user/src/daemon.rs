@@ -354,6 +354,11 @@ impl<M: Maps> Switchboard<M> {
         })
     }
 
+    /// The services as configured now (pools may have changed at runtime).
+    pub fn services(&self) -> Vec<ServiceConfig> {
+        self.services.iter().map(|s| s.config.clone()).collect()
+    }
+
     /// Periodic work: forget expired flows, and finish drains that are empty or timed out.
     pub fn tick(&mut self) {
         let counts = match self.maps.scan_flows(true) {
@@ -495,7 +500,10 @@ impl Drop for SocketFile {
 /// # Errors
 /// Start-up failures (attach, maps, socket), with what was being done.
 pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    ensure_forwarding();
+    ensure_forwarding("/proc/sys/net/ipv4/ip_forward", "IPv4");
+    if config.services.iter().any(|s| s.vip.is_ipv6()) {
+        ensure_forwarding("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6");
+    }
     let dataplane = Dataplane::load(&config).context("start the data plane")?;
     for s in &config.services {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %s.active, "serving");
@@ -506,6 +514,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     tracing::info!(socket = %config.socket.display(), services = config.services.len(), "switcher daemon ready");
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -513,7 +522,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             _ = ticker.tick() => {
                 if let Ok(mut b) = board.lock() {
                     b.tick();
+                    if ticks % 5 == 0 {
+                        keep_dsr_neighbours(&b.services());
+                    }
                 }
+                ticks += 1;
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
@@ -561,19 +574,38 @@ async fn serve(stream: UnixStream, board: &Mutex<Switchboard<Dataplane>>) -> any
     Ok(())
 }
 
-/// The data path forwards between interfaces, so the node must route: turn IPv4 forwarding on
-/// in this network namespace if it is off, and say so.
-fn ensure_forwarding() {
-    const KNOB: &str = "/proc/sys/net/ipv4/ip_forward";
-    match std::fs::read_to_string(KNOB) {
+/// The data path forwards between interfaces, so the node must route: turn forwarding on in
+/// this network namespace if it is off, and say so.
+fn ensure_forwarding(knob: &str, family: &str) {
+    match std::fs::read_to_string(knob) {
         Ok(v) if v.trim() == "1" => {}
-        Ok(_) => match std::fs::write(KNOB, "1") {
-            Ok(()) => tracing::info!("enabled IPv4 forwarding ({KNOB} = 1): the load balancer routes to its backends"),
+        Ok(_) => match std::fs::write(knob, "1") {
+            Ok(()) => {
+                tracing::info!("enabled {family} forwarding ({knob} = 1): the load balancer routes to its backends")
+            }
             Err(e) => tracing::warn!(
-                "IPv4 forwarding is off and {KNOB} cannot be written ({e}); service traffic will not be forwarded"
+                "{family} forwarding is off and {knob} cannot be written ({e}); service traffic will not be forwarded"
             ),
         },
-        Err(e) => tracing::warn!("cannot read {KNOB}: {e}"),
+        Err(e) => tracing::warn!("cannot read {knob}: {e}"),
+    }
+}
+
+/// DSR frames go straight to a backend's MAC, which the FIB only knows while the neighbour
+/// entry is valid. A datagram to the discard port (9) of each DSR backend every few seconds
+/// makes the kernel resolve and refresh those entries.
+fn keep_dsr_neighbours(services: &[ServiceConfig]) {
+    for s in services.iter().filter(|s| s.mode == crate::config::Mode::Dsr) {
+        for b in s.blue.iter().chain(&s.green) {
+            let any: SocketAddr = if b.addr.is_ipv4() {
+                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            if let Ok(sock) = std::net::UdpSocket::bind(any) {
+                let _ = sock.send_to(&[], SocketAddr::new(b.addr.ip(), 9));
+            }
+        }
     }
 }
 

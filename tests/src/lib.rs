@@ -8,6 +8,8 @@
 //!  client 192.0.2.2 ──── 192.0.2.1 [lb] 198.51.100.1  ──── 198.51.100.2  blue
 //!                                       198.51.100.17 ──── 198.51.100.18 green
 //!  VIP 203.0.113.10 is routed to lb; the lb's XDP program owns it.
+//!  blue and green hold three IPv4 backends each (.2–.4, .18–.20) and one IPv6 one; IPv6:
+//!  client 2001:db8:c::2, blue 2001:db8:1::2, green 2001:db8:2::2, VIP 2001:db8:10::10.
 //! ```
 
 pub mod net;

@@ -4,7 +4,7 @@ use std::{
     collections::BTreeSet,
     fs::File,
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     process::Command,
     sync::{
@@ -17,9 +17,16 @@ use std::{
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const LB_CLIENT_SIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The first backend of each colour; `BLUES`/`GREENS` hold all three.
 pub const BLUE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const GREEN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 18);
+pub const BLUES: [Ipv4Addr; 3] = [BLUE, Ipv4Addr::new(198, 51, 100, 3), Ipv4Addr::new(198, 51, 100, 4)];
+pub const GREENS: [Ipv4Addr; 3] = [GREEN, Ipv4Addr::new(198, 51, 100, 19), Ipv4Addr::new(198, 51, 100, 20)];
 pub const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2);
+pub const BLUE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const GREEN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 0x10);
 /// Port the backends serve TCP on, and UDP on.
 pub const BACKEND_TCP: u16 = 8080;
 pub const BACKEND_UDP: u16 = 5353;
@@ -59,6 +66,11 @@ impl Netns {
         sh(&["ip", "netns", "add", &name]);
         let ns = Netns { name, owned: true };
         ns.ip(&["link", "set", "lo", "up"]);
+        // No duplicate address detection: the namespace is ours alone, and tentative link-local
+        // addresses would delay IPv6 neighbour discovery for the first second or two.
+        for knob in ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"] {
+            ns.exec(&["sysctl", "-qw", knob]);
+        }
         ns
     }
 
@@ -162,28 +174,34 @@ impl Topology {
             lb_ifaces: vec![format!("{p}c"), format!("{p}b"), format!("{p}g")],
         };
         let pairs = [
-            (&t.client, CLIENT, LB_CLIENT_SIDE, &t.lb_ifaces[0], "/28"),
-            (&t.blue, BLUE, Ipv4Addr::new(198, 51, 100, 1), &t.lb_ifaces[1], "/28"),
-            (&t.green, GREEN, Ipv4Addr::new(198, 51, 100, 17), &t.lb_ifaces[2], "/28"),
+            (&t.client, &[CLIENT][..], LB_CLIENT_SIDE, CLIENT6, "2001:db8:c::1", &t.lb_ifaces[0]),
+            (&t.blue, &BLUES[..], Ipv4Addr::new(198, 51, 100, 1), BLUE6, "2001:db8:1::1", &t.lb_ifaces[1]),
+            (&t.green, &GREENS[..], Ipv4Addr::new(198, 51, 100, 17), GREEN6, "2001:db8:2::1", &t.lb_ifaces[2]),
         ];
-        for (ns, addr, gw, lb_if, len) in pairs {
+        for (ns, addrs, gw, addr6, gw6, lb_if) in pairs {
             let inner = "eth0";
             sh(&[
                 "ip", "link", "add", inner, "netns", &ns.name, "type", "veth", "peer", "name", lb_if, "netns",
                 &t.lb.name,
             ]);
-            ns.ip(&["addr", "add", &format!("{addr}{len}"), "dev", inner]);
+            for addr in addrs {
+                ns.ip(&["addr", "add", &format!("{addr}/28"), "dev", inner]);
+            }
+            ns.ip(&["addr", "add", &format!("{addr6}/64"), "dev", inner, "nodad"]);
             ns.ip(&["link", "set", inner, "up"]);
             ns.ip(&["route", "add", "default", "via", &gw.to_string()]);
+            ns.ip(&["-6", "route", "add", "default", "via", gw6]);
             // XDP_REDIRECT into a veth needs NAPI on the receiving end (GRO), and XDP rewrites
             // break the partial checksums of veth TX offload: see shared/toolchain.md.
             if prepare_veth {
                 ns.exec(&["ethtool", "-K", inner, "gro", "on", "tx", "off"]);
             }
-            t.lb.ip(&["addr", "add", &format!("{gw}{len}"), "dev", lb_if]);
+            t.lb.ip(&["addr", "add", &format!("{gw}/28"), "dev", lb_if]);
+            t.lb.ip(&["addr", "add", &format!("{gw6}/64"), "dev", lb_if, "nodad"]);
             t.lb.ip(&["link", "set", lb_if, "up"]);
         }
         t.lb.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        t.lb.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
         t
     }
 }
@@ -201,42 +219,73 @@ pub struct Server {
 }
 
 impl Server {
-    /// Serves `name` on TCP `BACKEND_TCP` and UDP `BACKEND_UDP` inside `ns`.
+    /// Serves on every address of `ns` this crate gives a backend (`BLUES`, `BLUE6`, …): TCP
+    /// `BACKEND_TCP` and UDP `BACKEND_UDP`, answering "NAME ADDRESS" (the local address the
+    /// request reached), so a test can tell colours and backends apart.
     ///
     /// # Panics
     /// When the ports cannot be bound.
     #[must_use]
     pub fn start(ns: &Netns, name: &'static str) -> Server {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tcp, udp) = ns.run(|| {
-            let tcp = TcpListener::bind(("0.0.0.0", BACKEND_TCP)).expect("bind tcp");
-            let udp = UdpSocket::bind(("0.0.0.0", BACKEND_UDP)).expect("bind udp");
-            (tcp, udp)
-        });
-        tcp.set_nonblocking(true).expect("nonblocking");
-        udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
-        let s = Arc::clone(&stop);
-        let t1 = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match tcp.accept() {
-                    Ok((conn, _)) => {
-                        std::thread::spawn(move || serve_tcp(conn, name));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        let s = Arc::clone(&stop);
-        let t2 = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !s.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(name.as_bytes(), from);
-                }
-            }
-        });
-        Server { stop, threads: vec![t1, t2] }
+        let addrs: Vec<IpAddr> = match name {
+            "green" => GREENS.iter().map(|a| IpAddr::V4(*a)).chain([IpAddr::V6(GREEN6)]).collect(),
+            _ => BLUES.iter().map(|a| IpAddr::V4(*a)).chain([IpAddr::V6(BLUE6)]).collect(),
+        };
+        Server::on(ns, name, &addrs)
     }
+
+    /// Serves on the given addresses of `ns`.
+    ///
+    /// # Panics
+    /// When the ports cannot be bound.
+    #[must_use]
+    pub fn on(ns: &Netns, name: &'static str, addrs: &[IpAddr]) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let addrs = addrs.to_vec();
+        let sockets = ns.run(move || {
+            addrs
+                .iter()
+                .map(|a| {
+                    let tcp = TcpListener::bind((*a, BACKEND_TCP)).unwrap_or_else(|e| panic!("bind tcp {a}: {e}"));
+                    let udp = UdpSocket::bind((*a, BACKEND_UDP)).unwrap_or_else(|e| panic!("bind udp {a}: {e}"));
+                    (*a, tcp, udp)
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut threads = Vec::new();
+        for (addr, tcp, udp) in sockets {
+            tcp.set_nonblocking(true).expect("nonblocking");
+            udp.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+            let answer: &'static str = Box::leak(format!("{name} {addr}").into_boxed_str());
+            let s = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((conn, _)) => {
+                            std::thread::spawn(move || serve_tcp(conn, answer));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            }));
+            let s = Arc::clone(&stop);
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(answer.as_bytes(), from);
+                    }
+                }
+            }));
+        }
+        Server { stop, threads }
+    }
+}
+
+/// The colour in a server's answer ("blue 198.51.100.2" → "blue").
+#[must_use]
+pub fn colour_of(answer: &str) -> &str {
+    answer.split_whitespace().next().unwrap_or("")
 }
 
 fn serve_tcp(conn: TcpStream, name: &str) {
@@ -273,8 +322,9 @@ impl Conn {
     ///
     /// # Errors
     /// Connect failure or timeout.
-    pub fn open(ns: &Netns, to: SocketAddrV4) -> std::io::Result<Conn> {
-        let stream = ns.run(move || TcpStream::connect_timeout(&SocketAddr::V4(to), Duration::from_secs(2)))?;
+    pub fn open(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<Conn> {
+        let to = to.into();
+        let stream = ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(2)))?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         Ok(Conn { stream: BufReader::new(stream) })
     }
@@ -305,7 +355,7 @@ impl Conn {
 ///
 /// # Errors
 /// Any failure of connect, send or receive.
-pub fn tcp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
+pub fn tcp_request(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
     let mut c = Conn::open(ns, to)?;
     let answer = c.ask()?;
     Ok((answer, c.peer()?))
@@ -315,7 +365,7 @@ pub fn tcp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, Soc
 ///
 /// # Errors
 /// Any failure of send or receive (timeout 2 s).
-pub fn udp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
+pub fn udp_request(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
     udp_request_from(ns, 0, to)
 }
 
@@ -323,8 +373,10 @@ pub fn udp_request(ns: &Netns, to: SocketAddrV4) -> std::io::Result<(String, Soc
 ///
 /// # Errors
 /// As [`udp_request`].
-pub fn udp_request_from(ns: &Netns, port: u16, to: SocketAddrV4) -> std::io::Result<(String, SocketAddr)> {
-    let sock = ns.run(move || UdpSocket::bind(("0.0.0.0", port)))?;
+pub fn udp_request_from(ns: &Netns, port: u16, to: impl Into<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
+    let to = to.into();
+    let any: IpAddr = if to.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let sock = ns.run(move || UdpSocket::bind((any, port)))?;
     sock.set_read_timeout(Some(Duration::from_secs(2)))?;
     sock.send_to(b"which colour?", to)?;
     let mut buf = [0u8; 256];

@@ -35,6 +35,12 @@ pub fn switcher_bin() -> PathBuf {
 /// with `forwarding` (`"auto"`, `"redirect"` or `"kernel"`).
 #[must_use]
 pub fn demo_config(ifaces: &[String], forwarding: &str, socket: &Path) -> String {
+    config_with(ifaces, forwarding, socket, "")
+}
+
+/// [`demo_config`] plus more `[[service]]` tables.
+#[must_use]
+pub fn config_with(ifaces: &[String], forwarding: &str, socket: &Path, extra: &str) -> String {
     let ifaces: Vec<String> = ifaces.iter().map(|i| format!("{i:?}")).collect();
     format!(
         r#"interfaces = [{ifaces}]
@@ -58,7 +64,7 @@ protocol = "udp"
 active = "blue"
 blue = "{BLUE}:{BACKEND_UDP}"
 green = "{GREEN}:{BACKEND_UDP}"
-"#,
+{extra}"#,
         ifaces = ifaces.join(", "),
         socket = socket.display(),
     )

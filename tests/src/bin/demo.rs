@@ -150,7 +150,7 @@ fn client_loop(ns_name: &str, tally: &Mutex<Tally>, stop: &AtomicBool) {
                 if from != std::net::SocketAddr::V4(vip) {
                     t.leaked += 1;
                 }
-                match answer.as_str() {
+                match switcher_tests::net::colour_of(&answer) {
                     "blue" => t.blue += 1,
                     "green" => t.green += 1,
                     _ => t.failed += 1,

@@ -4,7 +4,10 @@
 use std::net::{SocketAddr, SocketAddrV4};
 
 use crate::{
-    net::{BACKEND_TCP, BLUE, Conn, GREEN, Server, Sniffer, Topology, VIP, VIP_TCP, VIP_UDP, tcp_request, udp_request},
+    net::{
+        BACKEND_TCP, BLUE, Conn, GREEN, Server, Sniffer, Topology, VIP, VIP_TCP, VIP_UDP, colour_of, tcp_request,
+        udp_request,
+    },
     proc::{Daemon, demo_config},
 };
 
@@ -16,9 +19,9 @@ const DNS: SocketAddrV4 = SocketAddrV4::new(VIP, VIP_UDP);
 #[track_caller]
 fn expect_colour(t: &Topology, colour: &str) {
     let (answer, peer) = tcp_request(&t.client, WEB).unwrap_or_else(|e| panic!("TCP request to {WEB}: {e}"));
-    assert_eq!((answer.as_str(), peer), (colour, SocketAddr::V4(WEB)), "TCP answer");
+    assert_eq!((colour_of(&answer), peer), (colour, SocketAddr::V4(WEB)), "TCP answer");
     let (answer, from) = udp_request(&t.client, DNS).unwrap_or_else(|e| panic!("UDP request to {DNS}: {e}"));
-    assert_eq!((answer.as_str(), from), (colour, SocketAddr::V4(DNS)), "UDP answer");
+    assert_eq!((colour_of(&answer), from), (colour, SocketAddr::V4(DNS)), "UDP answer");
 }
 
 #[test]
@@ -35,7 +38,7 @@ fn cutover_and_rollback_with_real_traffic() {
     expect_colour(&t, "blue");
     // A long-lived connection opened on blue.
     let mut long = Conn::open(&t.client, WEB).expect("open long-lived connection");
-    assert_eq!(long.ask().expect("ask on long-lived connection"), "blue");
+    assert_eq!(colour_of(&long.ask().expect("ask on long-lived connection")), "blue");
 
     let out = d.cli_ok(&["cutover", "web"]);
     assert!(out.contains("blue → green"), "{out}");
@@ -55,7 +58,7 @@ fn cutover_and_rollback_with_real_traffic() {
     assert!(out.contains("green → blue"), "{out}");
     d.cli_ok(&["rollback", "dns"]);
     expect_colour(&t, "blue");
-    assert_eq!(long.ask().expect("long-lived connection after rollback"), "blue");
+    assert_eq!(colour_of(&long.ask().expect("long-lived connection after rollback")), "blue");
     drop(long);
 
     let seen = sniffer.stop();
@@ -66,7 +69,7 @@ fn cutover_and_rollback_with_real_traffic() {
     // is answered by blue's own address.
     let direct = SocketAddrV4::new(BLUE, BACKEND_TCP);
     let (answer, peer) = tcp_request(&t.client, direct).expect("direct request to blue");
-    assert_eq!((answer.as_str(), peer), ("blue", SocketAddr::V4(direct)));
+    assert_eq!((answer.as_str(), peer), ("blue 198.51.100.2", SocketAddr::V4(direct)));
 
     let status = d.status();
     let flows: Vec<u64> = status.services.iter().flat_map(|s| s.colours.iter().map(|c| c.counters.flows)).collect();
@@ -89,11 +92,11 @@ fn auto_forwarding_works_on_plain_veth() {
     assert!(d.log().contains("forwarding: kernel stack (auto"), "{}", d.log());
     expect_colour(&t, "blue");
     let mut long = Conn::open(&t.client, WEB).expect("open long-lived connection");
-    assert_eq!(long.ask().expect("ask"), "blue");
+    assert_eq!(colour_of(&long.ask().expect("ask")), "blue");
     d.cli_ok(&["cutover", "web"]);
     d.cli_ok(&["cutover", "dns"]);
     expect_colour(&t, "green");
-    assert_eq!(long.ask().expect("long-lived connection after cut-over"), "blue");
+    assert_eq!(colour_of(&long.ask().expect("long-lived connection after cut-over")), "blue");
     d.cli_ok(&["rollback", "web"]);
     d.cli_ok(&["rollback", "dns"]);
     expect_colour(&t, "blue");

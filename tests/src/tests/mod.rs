@@ -2,4 +2,5 @@
 //! skips with a message when not run as root.
 
 mod e2e;
+mod production;
 mod prog_test_run;
