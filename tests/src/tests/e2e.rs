@@ -46,7 +46,7 @@ fn cutover_and_rollback_with_real_traffic() {
     assert!(out.contains("blue → green"), "{out}");
     expect_colour(&t, "green");
     assert_eq!(
-        long.ask().expect("long-lived connection after cut-over"),
+        colour_of(&long.ask().expect("long-lived connection after cut-over")),
         "blue",
         "established flows stay where they are"
     );
