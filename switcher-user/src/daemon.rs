@@ -442,7 +442,8 @@ impl<M: Maps> Switchboard<M> {
             drain: s.drain.as_ref().map(|d| Drain {
                 colour: d.from.to_string(),
                 live_flows: flows(d.from).live,
-                initial_flows: d.initial,
+                // Flows that were mid-handshake at the switch may join the count afterwards.
+                initial_flows: d.initial.max(flows(d.from).live),
                 elapsed_secs: d.started.elapsed().as_secs(),
                 timeout_secs: d.timeout.map(|t| t.as_secs()),
                 on_timeout: match s.config.on_drain_timeout {
