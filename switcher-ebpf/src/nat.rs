@@ -139,25 +139,28 @@ pub fn fix_l4_check(proto: u8, check: *mut [u8; 2], delta: CsumDelta) {
     }
 }
 
+/// Rewrites one side (address and port) of a TCP/UDP packet, fixes the L4 checksum, and
+/// returns the change for the IPv4 header checksum.
+#[inline(always)]
+fn rewrite(pkt: &Packet, side: Side, addr: &[u8; 16], port: [u8; 2]) -> CsumDelta {
+    let ip_delta = set_addr(pkt.ip, side, addr);
+    let mut l4_delta = ip_delta;
+    l4_delta.add(set_port(pkt.ports, side, port));
+    fix_l4_check(pkt.proto, pkt.check, l4_delta);
+    ip_delta
+}
+
 /// Rewrites the destination to `backend` and forwards the packet.
 #[inline(always)]
 pub fn forward(pkt: &Packet, backend: &Backend, fib: &mut FibParams) -> Verdict {
-    let (ports, check) = (pkt.ports, pkt.check);
-    let ip_delta = set_addr(pkt.ip, Side::Dst, &backend.addr);
-    let mut l4_delta = ip_delta;
-    l4_delta.add(set_port(ports, Side::Dst, backend.port));
-    fix_l4_check(pkt.proto, check, l4_delta);
+    let ip_delta = rewrite(pkt, Side::Dst, &backend.addr, backend.port);
     out(pkt, ip_delta, Reason::FWD_REDIRECT, Reason::FWD_KERNEL, fib)
 }
 
 /// Rewrites a backend's reply to come from the VIP and forwards it to the client.
 #[inline(never)]
 pub fn reply(pkt: &Packet, reply: &Reply, fib: &mut FibParams) -> Verdict {
-    let (ports, check) = (pkt.ports, pkt.check);
-    let ip_delta = set_addr(pkt.ip, Side::Src, &reply.vip);
-    let mut l4_delta = ip_delta;
-    l4_delta.add(set_port(ports, Side::Src, reply.port));
-    fix_l4_check(pkt.proto, check, l4_delta);
+    let ip_delta = rewrite(pkt, Side::Src, &reply.vip, reply.port);
     out(pkt, ip_delta, Reason::REPLY_REDIRECT, Reason::REPLY_KERNEL, fib)
 }
 

@@ -334,26 +334,16 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         PROTO_ICMPV6 if ip.is_v6() => Some(true),
         _ => None,
     };
-    if let Some(v6) = icmp_v6 {
-        let (check, inner, inner_proto, ports) = parse_icmp_error(ctx, v6, l4_off)?;
-        return Ok(Packet {
-            ctx: ctx.ctx,
-            end: ctx.data_end(),
-            ifindex: ctx.ingress_ifindex() as u32,
-            eth,
-            ip,
-            proto,
-            ports,
-            check,
-            tcp_flags: 0,
-            icmp: 1,
-            inner,
-            inner_proto,
-            ip_len,
-            vlan,
-        });
-    }
-    let (ports, check, tcp_flags) = parse_ports(ctx, proto, l4_off)?;
+    let (ports, check, tcp_flags, icmp, inner, inner_proto) = match icmp_v6 {
+        Some(v6) => {
+            let (check, inner, inner_proto, ports) = parse_icmp_error(ctx, v6, l4_off)?;
+            (ports, check, 0, 1, inner, inner_proto)
+        }
+        None => {
+            let (ports, check, tcp_flags) = parse_ports(ctx, proto, l4_off)?;
+            (ports, check, tcp_flags, 0, ip, 0)
+        }
+    };
     Ok(Packet {
         ctx: ctx.ctx,
         end: ctx.data_end(),
@@ -364,9 +354,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
         ports,
         check,
         tcp_flags,
-        icmp: 0,
-        inner: ip,
-        inner_proto: 0,
+        icmp,
+        inner,
+        inner_proto,
         ip_len,
         vlan,
     })
