@@ -523,7 +523,7 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             _ = ticker.tick() => {
                 if let Ok(mut b) = board.lock() {
                     b.tick();
-                    if ticks % 5 == 0 {
+                    if ticks.is_multiple_of(5) {
                         keep_dsr_neighbours(&b.services());
                     }
                 }
