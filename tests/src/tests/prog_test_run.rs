@@ -511,6 +511,96 @@ fn icmp4(
     v
 }
 
+fn udp6(l2: L2, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), hops: u8) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(l2.src, l2.dst)
+        .ipv6(src.0.octets(), dst.0.octets(), hops)
+        .udp(src.1, dst.1)
+        .write(&mut v, b"query6")
+        .expect("build udp6");
+    v
+}
+
+/// The first 48 bytes of an IPv6 TCP packet, as an ICMPv6 error quotes it.
+fn quote6(src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16)) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv6(src.0.octets(), dst.0.octets(), 60)
+        .tcp(src.1, dst.1, 5, 1000)
+        .ack(9)
+        .write(&mut v, b"0123456789")
+        .expect("quote6");
+    v.truncate(48);
+    v
+}
+
+fn icmp6_too_big(l2: L2, src: Ipv6Addr, dst: Ipv6Addr, hops: u8, quote: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(l2.src, l2.dst)
+        .ipv6(src.octets(), dst.octets(), hops)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut v, quote)
+        .expect("build icmp6");
+    v
+}
+
+/// IPv6 UDP and an ICMPv6 "packet too big" about a tracked IPv6 flow.
+#[test]
+fn ipv6_udp_and_icmpv6() {
+    if !crate::have_root("ipv6_udp_and_icmpv6") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut svcs = services();
+        svcs.push(ServiceConfig {
+            name: "dns6".into(),
+            vip: IpAddr::V6(VIP6),
+            port: 53,
+            preview_port: None,
+            protocol: Protocol::Udp,
+            blue: vec![BackendConfig { addr: SocketAddr::new(IpAddr::V6(BLUE6), 5353), weight: 1 }],
+            green: vec![],
+            ..svcs[0].clone()
+        });
+        let mut dp = Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true }).expect("load");
+        let c6 = (CLIENT6, 40010);
+        let router = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0xfe);
+        let steps = vec![
+            pkt(
+                "IPv6 UDP to dns6 goes to blue6",
+                udp6(IN, c6, (VIP6, 53), 64),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(udp6(OUT, c6, (BLUE6, 5353), 63)),
+            ),
+            pkt(
+                "blue6's UDP answer comes from the VIP",
+                udp6(IN, (BLUE6, 5353), c6, 64),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(udp6(OUT, (VIP6, 53), c6, 63)),
+            ),
+            pkt(
+                "IPv6 TCP flow for the ICMPv6 case",
+                tcp6(IN, c6, (VIP6, 80), 64, Tcp::Syn),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp6(OUT, c6, (BLUE6, 8080), 63, Tcp::Syn)),
+            ),
+            pkt(
+                "packet-too-big about a VIP reply goes to blue6, quoting what blue6 sent",
+                icmp6_too_big(IN, router, VIP6, 64, &quote6((VIP6, 80), c6)),
+                XDP_REDIRECT,
+                "icmp_fwd",
+                Some(icmp6_too_big(OUT, router, BLUE6, 63, &quote6((BLUE6, 8080), c6))),
+            ),
+        ];
+        for step in steps {
+            check(&mut dp, step);
+        }
+    });
+}
+
 /// IPv6, the preview port, DSR and reset, each with its flows set up first.
 #[test]
 fn ipv6_preview_dsr_and_icmp() {
