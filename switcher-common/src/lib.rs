@@ -18,7 +18,7 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
@@ -133,11 +133,31 @@ pub const fn ring_chunk(service: u32, colour: u32, half: u32, slot: u32) -> u32 
 
 /// The switch state of a service, one `u32` so that a cut-over or a weight change is one
 /// atomic map write: the active colour in bit 16, and in the low 16 bits the share of new flows
-/// (basis points, `0..=BP_ALL`) that go to the other colour instead — the canary.
+/// (basis points, `0..=BP_ALL`) that go to the other colour instead — the canary. Bits 17–18
+/// remember the colour before the last switch (bit 18 set: there is one, bit 17: which), so a
+/// rollback works from the pinned map alone; the data path ignores them.
 #[inline(always)]
 #[must_use]
 pub const fn switch_state(active: u32, canary_bp: u32) -> u32 {
     ((active & 1) << 16) | (if canary_bp > BP_ALL { BP_ALL } else { canary_bp })
+}
+
+/// `state` with the colour before the last switch recorded.
+#[inline(always)]
+#[must_use]
+pub const fn with_previous(state: u32, previous: Option<u32>) -> u32 {
+    let state = state & !(0b11 << 17);
+    match previous {
+        Some(p) => state | (1 << 18) | ((p & 1) << 17),
+        None => state,
+    }
+}
+
+/// The colour before the last switch, if the state records one.
+#[inline(always)]
+#[must_use]
+pub const fn state_previous(state: u32) -> Option<u32> {
+    if state & (1 << 18) != 0 { Some((state >> 17) & 1) } else { None }
 }
 
 /// The active colour of a switch state.
@@ -466,6 +486,16 @@ mod tests {
         assert_eq!((state_active(s), state_canary_bp(s)), (COLOUR_GREEN, 500));
         assert_eq!(state_canary_bp(switch_state(COLOUR_BLUE, 20_000)), BP_ALL);
         assert_eq!(state_canary_bp(0xffff), BP_ALL, "a corrupt value is clamped");
+    }
+
+    #[test]
+    fn the_previous_colour_rides_along_without_changing_the_data_path() {
+        let s = with_previous(switch_state(COLOUR_GREEN, 250), Some(COLOUR_BLUE));
+        assert_eq!((state_active(s), state_canary_bp(s), state_previous(s)), (COLOUR_GREEN, 250, Some(COLOUR_BLUE)));
+        let s = with_previous(s, Some(COLOUR_GREEN));
+        assert_eq!(state_previous(s), Some(COLOUR_GREEN));
+        assert_eq!(state_previous(switch_state(COLOUR_BLUE, 0)), None);
+        assert_eq!(with_previous(s, None), switch_state(COLOUR_GREEN, 250));
     }
 
     #[test]

@@ -35,6 +35,8 @@ use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, user::Colour}
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
+/// Default port of the Prometheus endpoint (on 127.0.0.1).
+pub const DEFAULT_METRICS_PORT: u16 = 9477;
 /// Default path of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/switcher/switcher.toml";
 
@@ -134,6 +136,14 @@ struct RawConfig {
     forwarding: Forwarding,
     #[serde(default)]
     udp_idle_timeout_secs: Option<toml::Spanned<u64>>,
+    #[serde(default)]
+    pin_path: Option<PathBuf>,
+    #[serde(default)]
+    socket_group: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    metrics: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    audit_log: Option<PathBuf>,
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<RawService>>,
 }
@@ -158,6 +168,61 @@ struct RawService {
     drain_timeout_secs: Option<u64>,
     #[serde(default)]
     on_drain_timeout: DrainAction,
+    #[serde(default)]
+    health: Option<toml::Spanned<RawHealth>>,
+    #[serde(default)]
+    watch_secs: Option<u64>,
+    #[serde(default)]
+    failover: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(default)]
+    check: Option<CheckKind>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    expect_status: Option<u16>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    interval_ms: Option<u64>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    rise: Option<u32>,
+    #[serde(default)]
+    fall: Option<u32>,
+}
+
+/// How a backend's health is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect to the backend (the default for TCP services).
+    Tcp,
+    /// `GET path` over HTTP/1.0, expecting `expect_status`.
+    Http,
+    /// No checks: backends always count as healthy (the default for UDP services).
+    None,
+}
+
+/// A service's health checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub check: CheckKind,
+    pub path: String,
+    pub expect_status: u16,
+    /// Check this port instead of the backend's service port.
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
 }
 
 /// A colour's backends: one address, a list of addresses, or a list of tables with weights.
@@ -228,6 +293,14 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// A UDP flow idle this long is forgotten: its next datagram is a new flow.
     pub udp_idle_timeout: Duration,
+    /// Root of the pins on bpffs.
+    pub pin_path: PathBuf,
+    /// Group given the control socket (0660); its members may use every command.
+    pub socket_group: Option<String>,
+    /// Prometheus endpoint (`None`: off).
+    pub metrics: Option<SocketAddr>,
+    /// Audit lines also go to this file.
+    pub audit_log: Option<PathBuf>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -254,6 +327,29 @@ pub struct ServiceConfig {
     /// Default drain timeout of a cut-over (none: wait for flows to end by themselves).
     pub drain_timeout: Option<Duration>,
     pub on_drain_timeout: DrainAction,
+    pub health: HealthConfig,
+    /// After a cut-over, this long a failing new colour is rolled back automatically.
+    pub watch: Option<Duration>,
+    /// Fail over to the other colour when every backend of the live one is down.
+    pub failover: bool,
+}
+
+impl HealthConfig {
+    /// The defaults: TCP connect for TCP services, none for UDP; every second, 1 s timeout,
+    /// up after 2 successes, down after 3 failures.
+    #[must_use]
+    pub fn default_for(protocol: Protocol) -> HealthConfig {
+        HealthConfig {
+            check: if protocol == Protocol::Tcp { CheckKind::Tcp } else { CheckKind::None },
+            path: "/".into(),
+            expect_status: 200,
+            port: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
 }
 
 impl ServiceConfig {
@@ -411,7 +507,39 @@ impl Config {
                 green: Vec::new(),
                 drain_timeout: s.drain_timeout_secs.map(Duration::from_secs),
                 on_drain_timeout: s.on_drain_timeout,
+                health: HealthConfig::default_for(s.protocol),
+                watch: s.watch_secs.filter(|&w| w > 0).map(Duration::from_secs),
+                failover: s.failover,
             };
+            if let Some(h) = &s.health {
+                let span = h.span();
+                let h = h.get_ref();
+                let d = &mut service.health;
+                if let Some(c) = h.check {
+                    d.check = c;
+                }
+                if d.check == CheckKind::Http && s.protocol == Protocol::Udp {
+                    return Err(invalid(span, "health.check", "an HTTP check needs a TCP service".into()));
+                }
+                if let Some(p) = &h.path {
+                    if !p.starts_with('/') || p.contains(char::is_whitespace) {
+                        return Err(invalid(span, "health.path", format!("{p:?}: an absolute URL path without spaces")));
+                    }
+                    d.path.clone_from(p);
+                }
+                d.expect_status = h.expect_status.unwrap_or(d.expect_status);
+                d.port = h.port.or(d.port);
+                d.interval = h.interval_ms.map_or(d.interval, Duration::from_millis);
+                d.timeout = h.timeout_ms.map_or(d.timeout, Duration::from_millis);
+                d.rise = h.rise.unwrap_or(d.rise);
+                d.fall = h.fall.unwrap_or(d.fall);
+                if d.interval < Duration::from_millis(100) || d.timeout < Duration::from_millis(10) || d.timeout > d.interval * 10 {
+                    return Err(invalid(span, "health", "interval_ms ≥ 100 and 10 ≤ timeout_ms ≤ 10 × interval_ms".into()));
+                }
+                if d.rise == 0 || d.fall == 0 || d.rise > 100 || d.fall > 100 {
+                    return Err(invalid(span, "health", "rise and fall are between 1 and 100".into()));
+                }
+            }
             for (colour, pool) in [(Colour::Blue, &s.blue), (Colour::Green, &s.green)] {
                 let Some(pool) = pool else { continue };
                 let list: Vec<BackendConfig> = match pool.get_ref() {
@@ -478,12 +606,28 @@ impl Config {
                 }
             }
         }
+        let metrics = match &raw.metrics {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))),
+            Some(m) if m.get_ref() == "off" => None,
+            Some(m) => Some(m.get_ref().parse().map_err(|_| {
+                invalid(m.span(), "metrics", format!("{:?}: expected ADDRESS:PORT, or \"off\"", m.get_ref()))
+            })?),
+        };
+        if let Some(g) = &raw.socket_group
+            && group_id(g.get_ref()).is_none()
+        {
+            return Err(invalid(g.span(), "socket_group", format!("no group {:?} on this system", g.get_ref())));
+        }
         Ok(Config {
             interfaces: raw.interfaces.into_iter().map(toml::Spanned::into_inner).collect(),
             socket: raw.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
             xdp_mode: raw.xdp_mode,
             forwarding: raw.forwarding,
             udp_idle_timeout,
+            pin_path: raw.pin_path.unwrap_or_else(|| PathBuf::from(crate::pins::DEFAULT_PIN_PATH)),
+            socket_group: raw.socket_group.map(toml::Spanned::into_inner),
+            metrics,
+            audit_log: raw.audit_log,
             services,
         })
     }
@@ -492,6 +636,16 @@ impl Config {
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
     }
+}
+
+/// The id of a group name.
+#[must_use]
+pub fn group_id(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid C string; getgrnam returns a pointer to static storage or null.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    // SAFETY: checked for null just before.
+    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
 }
 
 /// The parser's message, with "line N" made explicit (toml's own message has it as a snippet).
@@ -650,6 +804,36 @@ on_drain_timeout = "reset"
         assert_eq!(api.green.iter().map(|b| b.weight).collect::<Vec<_>>(), [3, 1]);
         assert_eq!(api.drain_timeout, Some(Duration::from_secs(30)));
         assert_eq!(api.on_drain_timeout, DrainAction::Reset);
+    }
+
+    #[test]
+    fn health_and_agent_settings() {
+        let c = parse("interfaces = [\"eth0\"]\n").expect("valid");
+        assert_eq!(c.metrics, Some("127.0.0.1:9477".parse().expect("addr")));
+        assert_eq!(c.pin_path, Path::new("/sys/fs/bpf/switcher"));
+        let c = parse(&GOOD.replace("socket =", "metrics = \"off\"\nsocket =")).expect("valid");
+        assert_eq!(c.metrics, None);
+        let web = c.service("web").expect("web");
+        assert_eq!((web.health.check, web.health.rise, web.health.fall), (CheckKind::Tcp, 2, 3));
+        assert_eq!(c.service("dns").expect("dns").health.check, CheckKind::None, "UDP services are not checked by default");
+        let text = GOOD.replace(
+            "green = \"198.51.100.18:8080\"",
+            "green = \"198.51.100.18:8080\"\nwatch_secs = 30\nfailover = true\nhealth = { check = \"http\", path = \"/healthz\", expect_status = 204, interval_ms = 500, timeout_ms = 200, rise = 1, fall = 2 }",
+        );
+        let c = parse(&text).expect("valid");
+        let web = c.service("web").expect("web");
+        assert_eq!(web.watch, Some(Duration::from_secs(30)));
+        assert!(web.failover);
+        assert_eq!((web.health.check, web.health.path.as_str(), web.health.expect_status), (CheckKind::Http, "/healthz", 204));
+        assert_eq!((web.health.interval, web.health.timeout), (Duration::from_millis(500), Duration::from_millis(200)));
+        let e = err(&text.replace("rise = 1", "rise = 0"));
+        assert!(e.contains("test.toml:15: health: rise and fall"), "{e}");
+        let e = err(&text.replace("\"/healthz\"", "\"healthz\""));
+        assert!(e.contains("health.path"), "{e}");
+        let e = err(&GOOD.replace("socket =", "metrics = \"nowhere\"\nsocket ="));
+        assert!(e.contains("test.toml:3: metrics"), "{e}");
+        let e = err(&GOOD.replace("socket =", "socket_group = \"no-such-group-xyz\"\nsocket ="));
+        assert!(e.contains("no group \"no-such-group-xyz\""), "{e}");
     }
 
     #[test]

@@ -40,11 +40,27 @@ pub enum Request {
         colour: Option<String>,
         #[serde(default)]
         drain_timeout_secs: Option<u64>,
+        /// Switch even to a colour whose health checks fail.
+        #[serde(default)]
+        force: bool,
     },
     /// Go back to the colour that was active before the last switch.
-    Rollback { service: String },
+    Rollback {
+        service: String,
+        #[serde(default)]
+        force: bool,
+    },
     /// Send `basis_points` (0–10000) of new flows to `colour`, the rest to the other one.
-    Weight { service: String, colour: String, basis_points: u32 },
+    Weight {
+        service: String,
+        colour: String,
+        basis_points: u32,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Re-read the configuration file and apply it (like SIGHUP); an invalid file changes
+    /// nothing.
+    Reload,
     /// Add a backend to a colour's pool (or change its weight).
     #[serde(rename = "backend-add")]
     BackendAdd {
@@ -103,6 +119,9 @@ pub struct ServiceStatus {
     /// Seconds since the last switch, if there was one.
     #[serde(default)]
     pub since_switch_secs: Option<u64>,
+    /// Seconds left of the post-cut-over watch window (automatic rollback), if one runs.
+    #[serde(default)]
+    pub watch_secs_left: Option<u64>,
     /// The old colour's flows finishing after a switch.
     #[serde(default)]
     pub drain: Option<Drain>,
@@ -136,6 +155,9 @@ pub struct Drain {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColourStatus {
     pub colour: String,
+    /// Whether it can take traffic (a backend passed its checks, or checks are off).
+    #[serde(default)]
+    pub healthy: bool,
     pub backends: Vec<BackendStatus>,
     /// Open flows now on this colour.
     pub live_flows: u64,
@@ -149,6 +171,12 @@ pub struct ColourStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
+    /// "up", "down" or "unknown" (not checked yet, or checks off).
+    #[serde(default)]
+    pub health: String,
+    /// Since when, and the last failure.
+    #[serde(default)]
+    pub detail: Option<String>,
 }
 
 /// Errors of talking to the daemon.
@@ -220,10 +248,11 @@ mod tests {
         for req in [
             Request::Status { service: None },
             Request::Status { service: Some("web".into()) },
-            Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: Some(5) },
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None },
-            Request::Rollback { service: "web".into() },
-            Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500 },
+            Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: Some(5), force: true },
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false },
+            Request::Rollback { service: "web".into(), force: false },
+            Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500, force: false },
+            Request::Reload,
             Request::BackendAdd {
                 service: "web".into(),
                 colour: "blue".into(),
@@ -241,7 +270,7 @@ mod tests {
     fn the_wire_format_is_stable() {
         assert_eq!(
             parse_request(br#"{"op":"cutover","service":"web","colour":"green"}"#),
-            Ok(Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: None })
+            Ok(Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: None, force: false })
         );
         assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status { service: None }));
         let ok = serde_json::to_string(&Response { ok: true, ..Response::default() }).expect("json");

@@ -13,18 +13,23 @@ use std::{
     collections::HashMap as StdHashMap,
     ffi::CString,
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use switcher_common::{
     ABI_VERSION, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET, FORWARD_KERNEL,
     FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS,
-    MAP_META, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAX_POOL, PROG_NAME,
+    MAP_META, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_NAMES, MAX_POOL, MAX_SERVICES, PROG_NAME,
     RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR,
     SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk,
     user::Colour,
@@ -33,6 +38,7 @@ use switcher_common::{
 use crate::{
     config::{self, BackendConfig, Mode, ServiceConfig},
     maglev,
+    pins::{Pins, PinsError},
 };
 
 /// The XDP object built by `build.rs` from `switcher-ebpf`.
@@ -66,6 +72,32 @@ pub enum DataplaneError {
     BadName(String),
     #[error("a colour holds at most {MAX_POOL} backends")]
     PoolFull,
+    #[error("at most {MAX_SERVICES} services fit in the maps")]
+    TooManyServices,
+    #[error(transparent)]
+    Pins(#[from] PinsError),
+    #[error("the pinned maps in {} are of ABI {found}, this is ABI {ABI_VERSION}; run `switcher uninstall` with the version that made them", path.display())]
+    Incompatible { found: u32, path: PathBuf },
+    #[error("replace the pin {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pin the XDP link at {}", path.display())]
+    PinLink {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the link pinned for {iface} is not an XDP link")]
+    Link {
+        iface: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("XDP on {iface} was attached through netlink (kernel without XDP bpf_link, < 5.9): it cannot be pinned, so it would not survive the daemon; switcher needs Linux 5.9 or later")]
+    NetlinkOnly { iface: String },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -78,6 +110,15 @@ pub struct Counters {
     pub reply_packets: u64,
     pub reply_bytes: u64,
     pub flows: u64,
+}
+
+/// A service as the maps hold it after an install or adoption.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Installed {
+    pub id: u32,
+    pub active: Colour,
+    pub canary_bp: u32,
+    pub previous: Option<Colour>,
 }
 
 /// Tracked flows of one colour of one service.
@@ -154,6 +195,9 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     pools: StdHashMap<(u32, Colour), Pool>,
     options: Options,
+    /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
+    links: Vec<PinnedLink>,
+    pins: Option<Pins>,
     // Maps the program uses but nothing reads here: kept so their fds outlive the program.
     _meta: Array<MapData, u32>,
     _logger: Option<Logger>,
@@ -230,36 +274,64 @@ pub fn now_coarse_ns() -> u64 {
 }
 
 impl Dataplane {
-    /// Loads the program, fills the maps with the config's services (their ids are their
-    /// positions in the list) and attaches it to the config's interfaces.
+    /// Starts the data path the daemon way: pinned under the config's `pin_path`, adopting
+    /// what a previous daemon left there (maps with their flows, counters and switch states;
+    /// links, whose program is replaced atomically), filled with the config's services and
+    /// attached to its interfaces. Returns the services as installed, in config order.
     ///
     /// # Errors
-    /// Any load, map or attach failure, naming the object.
-    pub fn load(config: &config::Config) -> Result<Dataplane> {
+    /// Pins of another version, an incompatible pinned map, or any load, map or attach
+    /// failure, naming the object.
+    pub fn load(config: &config::Config) -> Result<(Dataplane, Vec<Installed>)> {
+        let pins = Pins::new(&config.pin_path);
+        pins.check_versions()?;
+        pins.prepare()?;
+        let adopt = pins.exists();
         let (redirect, why) = resolve_forwarding(config.forwarding, &config.interfaces);
         tracing::info!(redirect, "forwarding: {why}");
         let options = Options { udp_idle_timeout: config.udp_idle_timeout, redirect };
-        let mut dp = Dataplane::open(&config.services, options)?;
-        dp.attach(&config.interfaces, config.xdp_mode)?;
-        Ok(dp)
+        let mut dp = Dataplane::load_object(options, Some(&pins), adopt)?;
+        let installed = dp.install_all(&config.services, adopt)?;
+        dp.program()?.load().map_err(DataplaneError::Program)?;
+        dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
+        if adopt {
+            tracing::info!(pins = %pins.version_dir().display(), "adopted the pinned data path: flows and counters carry on");
+        }
+        dp.pins = Some(pins);
+        Ok((dp, installed))
     }
 
-    /// Loads the program into the kernel and fills its maps, without attaching it anywhere
-    /// (data-path tests run it with `BPF_PROG_TEST_RUN`).
+    /// Loads the program into the kernel and fills its maps, without pins and without
+    /// attaching it anywhere (data-path tests run it with `BPF_PROG_TEST_RUN`).
     ///
     /// # Errors
     /// Any load or map failure, naming the object.
     pub fn open(services: &[ServiceConfig], options: Options) -> Result<Dataplane> {
+        let mut dp = Dataplane::load_object(options, None, false)?;
+        dp.install_all(services, false)?;
+        dp.program()?.load().map_err(DataplaneError::Program)?;
+        Ok(dp)
+    }
+
+    /// Loads the object (maps created, or reused from `pins`); the program is not loaded yet.
+    fn load_object(options: Options, pins: Option<&Pins>, adopt: bool) -> Result<Dataplane> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
         let udp_idle_ns = u64::try_from(options.udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         let forward_mode = if options.redirect { FORWARD_REDIRECT } else { FORWARD_KERNEL };
-        let mut ebpf = EbpfLoader::new()
-            .override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true)
-            .override_global(GLOBAL_FORWARD_MODE, &forward_mode, true)
-            .load(PROGRAM)
-            .map_err(DataplaneError::Load)?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global(GLOBAL_UDP_IDLE_NS, &udp_idle_ns, true).override_global(
+            GLOBAL_FORWARD_MODE,
+            &forward_mode,
+            true,
+        );
+        if let Some(pins) = pins {
+            for name in MAP_NAMES {
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = loader.load(PROGRAM).map_err(DataplaneError::Load)?;
         // The logger task forwards the program's rare log lines to `log`/`tracing`. Without a
         // runtime the logger is kept unread: its ring buffer must stay open for the program.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -270,8 +342,12 @@ impl Dataplane {
             }
         };
         let mut meta: Array<MapData, u32> = take(&mut ebpf, MAP_META)?;
+        let found = meta.get(&0, 0).map_err(map_err(MAP_META))?;
+        if adopt && found != ABI_VERSION {
+            return Err(DataplaneError::Incompatible { found, path: pins.map(|p| p.maps_dir()).unwrap_or_default() });
+        }
         meta.set(0, &ABI_VERSION, 0).map_err(map_err(MAP_META))?;
-        let mut dp = Dataplane {
+        Ok(Dataplane {
             services: take(&mut ebpf, MAP_SERVICES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             ring: take(&mut ebpf, MAP_RING)?,
@@ -283,15 +359,12 @@ impl Dataplane {
             stats: take(&mut ebpf, MAP_STATS)?,
             pools: StdHashMap::new(),
             options,
+            links: Vec::new(),
+            pins: None,
             _meta: meta,
             _logger: logger,
             ebpf,
-        };
-        for (id, s) in (0u32..).zip(services) {
-            dp.install(id, s)?;
-        }
-        dp.program()?.load().map_err(DataplaneError::Program)?;
-        Ok(dp)
+        })
     }
 
     /// The XDP program (loaded by [`Dataplane::open`]).
@@ -307,7 +380,60 @@ impl Dataplane {
     }
 
     /// Attaches the program to each interface (names resolved in this thread's network
-    /// namespace). The links live as long as `self`.
+    /// namespace) through a bpf_link pinned under `links/<ifname>`. Where a link is pinned
+    /// already, the program under it is replaced atomically (`bpf_link_update`): traffic never
+    /// sees the interface without a program.
+    ///
+    /// # Errors
+    /// The first interface that cannot be attached, with the mode; an attachment that fell back
+    /// to netlink (kernel < 5.9), which cannot be pinned.
+    fn attach_pinned(&mut self, interfaces: &[String], mode: config::XdpMode, pins: &Pins) -> Result<()> {
+        let aya_mode = match mode {
+            config::XdpMode::Native => XdpMode::Driver,
+            config::XdpMode::Skb => XdpMode::Skb,
+        };
+        let mut links = Vec::new();
+        for iface in interfaces {
+            let path = pins.link(iface);
+            let prog = self.program()?;
+            let id = match PinnedLink::from_pin(&path) {
+                Ok(pinned) => {
+                    // Held by our fd while the pin is replaced: the link never drops.
+                    let fd_link = pinned.unpin().map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
+                    let link = XdpLink::try_from(fd_link).map_err(|source| DataplaneError::Link { iface: iface.clone(), source })?;
+                    let id = prog.attach_to_link(link).map_err(DataplaneError::Program)?;
+                    tracing::info!(interface = %iface, "replaced the program under the pinned link");
+                    id
+                }
+                Err(_) => {
+                    let name = CString::new(iface.as_str()).map_err(|_| DataplaneError::BadName(iface.clone()))?;
+                    let id = prog.attach(name.as_c_str(), aya_mode).map_err(|source| DataplaneError::Attach {
+                        iface: iface.clone(),
+                        mode,
+                        source,
+                    })?;
+                    tracing::info!(interface = %iface, ?mode, "attached XDP program");
+                    id
+                }
+            };
+            let link = self.program()?.take_link(id).map_err(DataplaneError::Program)?;
+            let fd_link = FdLink::try_from(link).map_err(|_| DataplaneError::NetlinkOnly { iface: iface.clone() })?;
+            let pinned = fd_link.pin(&path).map_err(|source| DataplaneError::PinLink { path: path.clone(), source })?;
+            links.push(pinned);
+        }
+        // Interfaces pinned before but no longer configured are detached.
+        for iface in pins.linked_interfaces() {
+            if !interfaces.contains(&iface) {
+                let _ = std::fs::remove_file(pins.link(&iface));
+                tracing::info!(interface = %iface, "detached (no longer configured)");
+            }
+        }
+        self.links = links;
+        Ok(())
+    }
+
+    /// Attaches the program to each interface without pins (its links live as long as
+    /// `self`).
     ///
     /// # Errors
     /// The first interface that cannot be attached, with the mode.
@@ -324,25 +450,107 @@ impl Dataplane {
                 mode,
                 source,
             })?;
-            tracing::info!(interface = %iface, ?mode, "attached XDP program");
         }
         Ok(())
     }
 
-    /// Writes a service: pools and tables of both colours and its state first, then its keys,
-    /// so that the first packet the service sees finds everything in place.
-    fn install(&mut self, id: u32, s: &ServiceConfig) -> Result<()> {
-        for colour in Colour::ALL {
-            self.set_pool(id, colour, s.pool(colour))?;
+    /// Detaches and removes every pin: the end of `--detach-on-exit` and `uninstall`.
+    ///
+    /// # Errors
+    /// A pin could not be removed.
+    pub fn detach(&mut self) -> std::io::Result<()> {
+        self.links.clear();
+        match self.pins.take() {
+            Some(pins) => pins.remove(),
+            None => Ok(()),
         }
-        self.set_state(id, s.active, 0)?;
-        let mut flags = if s.mode == Mode::Dsr { SERVICE_DSR } else { 0 };
-        self.services.insert(&service_key(s, s.port), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
-        if let Some(preview) = s.preview_port {
-            flags |= SERVICE_PREVIEW;
-            self.services.insert(&service_key(s, preview), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
+    }
+
+    /// Installs `services`: with `adopt`, services already in the maps keep their id, switch
+    /// state and backend slots, removed ones are deleted; new ones start as configured.
+    /// Returns the services as installed, in order.
+    fn install_all(&mut self, services: &[ServiceConfig], adopt: bool) -> Result<Vec<Installed>> {
+        let existing: StdHashMap<ServiceKey, Service> =
+            if adopt { self.services.iter().filter_map(std::result::Result::ok).collect() } else { StdHashMap::new() };
+        let mut used: Vec<u32> = Vec::new();
+        let mut ids = Vec::with_capacity(services.len());
+        for s in services {
+            ids.push(existing.get(&service_key(s, s.port)).map(|svc| svc.id));
+        }
+        used.extend(ids.iter().flatten());
+        let mut installed = Vec::with_capacity(services.len());
+        for (s, id) in services.iter().zip(ids) {
+            let (id, keep) = match id {
+                Some(id) => (id, true),
+                None => {
+                    let id = (0..MAX_SERVICES).find(|i| !used.contains(i)).ok_or(DataplaneError::TooManyServices)?;
+                    used.push(id);
+                    (id, false)
+                }
+            };
+            if keep {
+                self.seed_pools(id, s)?;
+            } else {
+                self.set_state(id, s.active, 0, None)?;
+            }
+            for colour in Colour::ALL {
+                self.set_pool(id, colour, s.pool(colour))?;
+            }
+            let mut flags = if s.mode == Mode::Dsr { SERVICE_DSR } else { 0 };
+            self.services.insert(&service_key(s, s.port), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
+            if let Some(preview) = s.preview_port {
+                flags |= SERVICE_PREVIEW;
+                self.services
+                    .insert(&service_key(s, preview), &Service { id, flags }, 0)
+                    .map_err(map_err(MAP_SERVICES))?;
+            }
+            let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
+            installed.push(Installed {
+                id,
+                active: Colour::from_u32(switcher_common::state_active(state)),
+                canary_bp: switcher_common::state_canary_bp(state),
+                previous: switcher_common::state_previous(state).map(Colour::from_u32),
+            });
+        }
+        // Keys of services that are gone (or moved to another port) are removed.
+        let wanted: Vec<ServiceKey> = services
+            .iter()
+            .flat_map(|s| std::iter::once(service_key(s, s.port)).chain(s.preview_port.map(|p| service_key(s, p))))
+            .collect();
+        for key in existing.keys().filter(|k| !wanted.contains(k)) {
+            let _ = self.services.remove(key);
+        }
+        Ok(installed)
+    }
+
+    /// Re-reads an adopted service's pools from the maps, so its backends keep their slots
+    /// and the next table goes into the half that is not live.
+    fn seed_pools(&mut self, id: u32, s: &ServiceConfig) -> Result<()> {
+        if self.pools.contains_key(&(id, Colour::Blue)) {
+            return Ok(());
+        }
+        for colour in Colour::ALL {
+            let mut pool = Pool { slots: vec![None; MAX_POOL as usize], ..Pool::default() };
+            for i in 0..MAX_POOL {
+                let b = self.backends.get(&pool_slot(id, colour.as_u32(), i), 0).map_err(map_err(MAP_BACKENDS))?;
+                if !b.is_set() {
+                    continue;
+                }
+                let addr = SocketAddr::new(addr_ip(b.addr, b.family), u16::from_be_bytes(b.port));
+                pool.slots[i as usize] = s.pool(colour).iter().find(|c| c.addr == addr).copied();
+            }
+            pool.half = self.ring_live.get(&colour_slot(id, colour.as_u32()), 0).map_err(map_err(MAP_RING_LIVE))?;
+            self.pools.insert((id, colour), pool);
         }
         Ok(())
+    }
+
+    /// Applies a changed service list (reload): the same as an adopting start.
+    ///
+    /// # Errors
+    /// As [`Dataplane::load`]'s map writes.
+    pub fn apply(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>> {
+        self.install_all(services, true)
     }
 
     /// Sets a colour's pool: new backends get free slots, kept ones keep theirs, the Maglev
@@ -395,8 +603,11 @@ impl Dataplane {
     ///
     /// # Errors
     /// The map update failed.
-    pub fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32) -> Result<()> {
-        let state = switcher_common::switch_state(active.as_u32(), canary_bp.min(BP_ALL));
+    pub fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, previous: Option<Colour>) -> Result<()> {
+        let state = switcher_common::with_previous(
+            switcher_common::switch_state(active.as_u32(), canary_bp.min(BP_ALL)),
+            previous.map(Colour::as_u32),
+        );
         self.state.set(id, &state, 0).map_err(map_err(MAP_STATE))
     }
 

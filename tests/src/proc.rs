@@ -46,6 +46,7 @@ pub fn config_with(ifaces: &[String], forwarding: &str, socket: &Path, extra: &s
         r#"interfaces = [{ifaces}]
 socket = "{socket}"
 forwarding = "{forwarding}"
+pin_path = "{pins}"
 
 [[service]]
 name = "web"
@@ -67,14 +68,25 @@ green = "{GREEN}:{BACKEND_UDP}"
 {extra}"#,
         ifaces = ifaces.join(", "),
         socket = socket.display(),
+        pins = pin_path(socket).display(),
     )
 }
 
-/// A `switcher daemon` running in a namespace; SIGTERM, then SIGKILL, on drop.
+/// The pin root of the daemon whose socket is `socket`: `bpf/` next to it, where
+/// [`Daemon::start`] mounts a bpffs of the test's own.
+#[must_use]
+pub fn pin_path(socket: &Path) -> PathBuf {
+    socket.parent().unwrap_or(Path::new("/tmp")).join("bpf")
+}
+
+/// A `switcher daemon` running in a namespace; on drop: SIGTERM (then SIGKILL), `switcher
+/// uninstall` of its pins, unmount of its bpffs.
 pub struct Daemon {
     child: Child,
     pub socket: PathBuf,
     pub dir: PathBuf,
+    pub config: PathBuf,
+    ns: String,
     log: PathBuf,
 }
 
@@ -92,20 +104,36 @@ impl Daemon {
         let socket = dir.join("switcher.sock");
         let cfg = dir.join("switcher.toml");
         std::fs::write(&cfg, config(&socket)).expect("write config");
+        // A bpffs of the test's own, in the root mount namespace, so the pins outlive the
+        // daemon (`ip netns exec` gives it a private /sys).
+        let pins = pin_path(&socket);
+        std::fs::create_dir_all(&pins).expect("pin dir");
+        net::sh(&["mount", "-t", "bpf", "bpf", &pins.to_string_lossy()]);
         let log = dir.join("daemon.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(switcher_bin())
-            .args(["daemon", "--config"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .spawn()
-            .expect("spawn switcher daemon");
-        let mut d = Daemon { child, socket, dir, log };
+        let child = spawn_daemon(&ns.name, &cfg, &log);
+        let mut d = Daemon { child, socket, dir, config: cfg, ns: ns.name.clone(), log };
+        d.wait_ready();
+        d
+    }
+
+    /// Starts the daemon again (after [`Daemon::kill`] or [`Daemon::stop`]) on the same
+    /// config and pins.
+    ///
+    /// # Panics
+    /// When it does not come up.
+    pub fn restart(&mut self) {
+        self.child = spawn_daemon(&self.ns, &self.config, &self.log);
+        self.wait_ready();
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn wait_ready(&mut self) {
+        let d = self;
         let ready = net::wait_for(Duration::from_secs(20), || {
             if let Ok(Some(status)) = d.child.try_wait() {
                 panic!("switcher daemon exited ({status}) during start-up:\n{}", d.log());
@@ -113,7 +141,6 @@ impl Daemon {
             d.socket.exists().then_some(())
         });
         assert!(ready.is_some(), "switcher daemon did not open its socket in 20 s:\n{}", d.log());
-        d
     }
 
     /// The daemon's stderr so far.
@@ -122,10 +149,18 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Runs `switcher --socket <ours> ARGS…` (in the root namespace: the socket is a file).
+    /// Runs `switcher --socket <ours> --config <ours> ARGS…` (in the root namespace: the
+    /// socket and the pins are files).
     #[must_use]
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(switcher_bin()).arg("--socket").arg(&self.socket).args(args).output().expect("run switcher CLI")
+        Command::new(switcher_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run switcher CLI")
     }
 
     /// Like [`Daemon::cli`], asserting success; returns stdout.
@@ -184,6 +219,23 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
+fn spawn_daemon(ns: &str, config: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(switcher_bin())
+        .arg("--config")
+        .arg(config)
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .spawn()
+        .expect("spawn switcher daemon")
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
@@ -193,6 +245,10 @@ impl Drop for Daemon {
                 let _ = self.child.wait();
             }
         }
+        // The data path outlives the daemon by design: take it away, then our bpffs.
+        let _ = self.cli(&["uninstall"]);
+        let pins = pin_path(&self.socket);
+        let _ = Command::new("umount").arg(&pins).status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switcher_user::control::{Request, Response};
+use switcher_user::{
+    control::{Request, Response},
+    emergency::Action,
+};
 
 /// Send new flows of a service to a colour (default: the idle one).
 ///
@@ -30,12 +33,22 @@ pub struct Args {
     /// Wait, showing progress, until the old colour has no open flows or the drain times out.
     #[arg(long)]
     wait: bool,
+    /// Cut over even when the colour fails its health checks.
+    #[arg(long)]
+    force: bool,
 }
 
-pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
-    let req =
-        Request::Cutover { service: args.service.clone(), colour: args.colour, drain_timeout_secs: args.drain_timeout };
-    let resp = super::ask(socket, &req)?;
+pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
+    let req = Request::Cutover {
+        service: args.service.clone(),
+        colour: args.colour.clone(),
+        drain_timeout_secs: args.drain_timeout,
+        force: args.force,
+    };
+    let colour = args.colour.as_deref().and_then(|c| c.parse().ok());
+    let Some(resp) = super::ask_or_emergency(socket, config, &req, &args.service, Action::Cutover(colour))? else {
+        return Ok(());
+    };
     if let Some(m) = resp.message {
         println!("{m}");
     }

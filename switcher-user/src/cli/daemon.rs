@@ -1,37 +1,35 @@
 //! `switcher daemon`: the agent.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use anyhow::Context as _;
-use switcher_user::config::{Config, DEFAULT_CONFIG};
+use switcher_user::config::Config;
 use tracing_subscriber::EnvFilter;
 
-/// Run the agent: attach the XDP program and serve the control socket.
+/// Run the agent: the data path, health checks, control socket and metrics.
 ///
-/// Loads the program, attaches it to every interface in the config, fills the service maps and
-/// serves the control socket until SIGTERM or SIGINT, then detaches and removes the socket.
-/// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.
+/// Pins the XDP program's maps and links under `pin_path` (mounting bpffs if needed) and
+/// adopts what a previous daemon pinned there, so restarts, crashes and upgrades never
+/// interrupt traffic: flows, counters and switch states carry on. Serves the control socket,
+/// checks backends, follows drains, reloads the config on SIGHUP. On SIGTERM or SIGINT it
+/// stops and leaves the data path running, unless --detach-on-exit. Logs go to stderr (the
+/// journal under systemd); set RUST_LOG (e.g. RUST_LOG=debug) for more.
 ///
 /// Example: switcher daemon --config /etc/switcher/switcher.toml
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Configuration file (TOML).
-    #[arg(long, short, default_value = DEFAULT_CONFIG)]
-    config: PathBuf,
-    /// Only check the configuration and exit.
+    /// Only check the configuration and exit (as `switcher config check`).
     #[arg(long)]
     check: bool,
+    /// On exit, detach the program and remove the pins (default: keep forwarding).
+    #[arg(long)]
+    detach_on_exit: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    let config = Config::load(&args.config)?;
+pub fn run(config_path: &Path, args: Args) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
     if args.check {
-        println!(
-            "{}: ok ({} services, interfaces: {})",
-            args.config.display(),
-            config.services.len(),
-            config.interfaces.join(", ")
-        );
+        println!("{}", super::config::summary(config_path, &config));
         return Ok(());
     }
     init_logging();
@@ -40,7 +38,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    rt.block_on(switcher_user::daemon::run(config, shutdown_signal()))
+    let opts = switcher_user::daemon::Options { config_path: config_path.to_owned(), detach_on_exit: args.detach_on_exit };
+    rt.block_on(switcher_user::daemon::run(config, opts, shutdown_signal()))
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

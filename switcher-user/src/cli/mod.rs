@@ -1,16 +1,23 @@
 //! Command-line interface: one module per verb, each with its `Args` and `run`.
 
 mod backend;
+mod config;
 mod cutover;
 mod daemon;
+mod docs;
+mod reload;
 mod rollback;
 mod status;
+mod uninstall;
 mod weight;
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use switcher_user::{config::DEFAULT_SOCKET, control};
+use switcher_user::{
+    config::{DEFAULT_CONFIG, DEFAULT_SOCKET},
+    control,
+};
 
 /// Blue-green traffic switcher in the kernel's XDP hook.
 ///
@@ -27,6 +34,11 @@ pub struct Cli {
     #[arg(long, global = true, env = "SWITCHER_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 
+    /// Configuration file: the daemon's, and where the CLI finds the pinned maps when the
+    /// daemon is down.
+    #[arg(long, short, global = true, env = "SWITCHER_CONFIG", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -39,17 +51,34 @@ enum Command {
     Weight(weight::Args),
     Backend(backend::Args),
     Status(status::Args),
+    Reload(reload::Args),
+    Config(config::Args),
+    Uninstall(uninstall::Args),
+    #[command(hide = true)]
+    Completions(docs::CompletionsArgs),
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Daemon(args) => daemon::run(args),
-        Command::Cutover(args) => cutover::run(&cli.socket, args),
-        Command::Rollback(args) => rollback::run(&cli.socket, args),
+        Command::Daemon(args) => daemon::run(&cli.config, args),
+        Command::Cutover(args) => cutover::run(&cli.socket, &cli.config, args),
+        Command::Rollback(args) => rollback::run(&cli.socket, &cli.config, args),
         Command::Weight(args) => weight::run(&cli.socket, args),
         Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
+        Command::Reload(args) => reload::run(&cli.socket, args),
+        Command::Config(args) => config::run(&cli.config, args),
+        Command::Uninstall(args) => uninstall::run(&cli.config, args),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     }
+}
+
+/// The CLI's definition, for completions and the man page.
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Sends a request and turns a refusal into an error.
@@ -59,6 +88,33 @@ fn ask(socket: &std::path::Path, req: &control::Request) -> anyhow::Result<contr
         Ok(resp)
     } else {
         anyhow::bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused without saying why".into()))
+    }
+}
+
+/// Sends a change to the daemon; when the daemon is not running, applies it to the pinned
+/// maps instead (the emergency path) and says so. `None`: the emergency path did it.
+fn ask_or_emergency(
+    socket: &std::path::Path,
+    config: &std::path::Path,
+    req: &control::Request,
+    service: &str,
+    action: switcher_user::emergency::Action,
+) -> anyhow::Result<Option<control::Response>> {
+    match control::request(socket, req) {
+        Ok(resp) if resp.ok => Ok(Some(resp)),
+        Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused without saying why".into())),
+        Err(control::ClientError::NotRunning { .. }) => {
+            let cfg = switcher_user::config::Config::load(config)
+                .map_err(|e| anyhow::anyhow!("the daemon is not running, and the emergency path needs its config: {e}"))?;
+            let done = switcher_user::emergency::switch(&cfg, service, action)
+                .map_err(|e| anyhow::anyhow!("the daemon is not running; emergency path: {e}"))?;
+            println!("{done}");
+            eprintln!(
+                "note: the switcher daemon is not running: this was written straight into the pinned maps (emergency path); health checks were not consulted. The daemon adopts it when it starts."
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -2,21 +2,28 @@
 
 use std::path::Path;
 
-use switcher_user::control::Request;
+use switcher_user::{control::Request, emergency::Action};
 
 /// Switch a service back to the colour that was active before its last switch.
 ///
-/// Like a cut-over, it is one map write and only moves new flows.
+/// Like a cut-over, it is one map write and only moves new flows. When the daemon is down it
+/// writes the pinned maps directly (the emergency path) and says so.
 ///
 /// Example: switcher rollback web
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Service name, as in the config's [[service]] table.
     service: String,
+    /// Roll back even when the old colour fails its health checks.
+    #[arg(long)]
+    force: bool,
 }
 
-pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
-    let resp = super::ask(socket, &Request::Rollback { service: args.service })?;
+pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
+    let req = Request::Rollback { service: args.service.clone(), force: args.force };
+    let Some(resp) = super::ask_or_emergency(socket, config, &req, &args.service, Action::Rollback)? else {
+        return Ok(());
+    };
     if let Some(m) = resp.message {
         println!("{m}");
     }

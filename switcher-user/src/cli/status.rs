@@ -45,6 +45,9 @@ fn render(resp: &Response) -> String {
             let _ = write!(out, "  (was {prev}, switched {ago}s ago, {} switches)", s.switches);
         }
         out.push('\n');
+        if let Some(w) = s.watch_secs_left {
+            let _ = writeln!(out, "  watching {} for {w}s more: it is rolled back if it fails its health checks", s.active);
+        }
         if let Some(p) = s.preview_port {
             let idle = if s.active == "blue" { "green" } else { "blue" };
             let _ = writeln!(out, "  preview: port {p} → {idle}");
@@ -64,14 +67,22 @@ fn render(resp: &Response) -> String {
             let k = &c.counters;
             let _ = writeln!(
                 out,
-                "  {mark} {:<5}  open flows {:>6}  closing {:>5}  flows {:>8}  packets {:>10}  bytes {:>12}  replies {:>10}",
-                c.colour, c.live_flows, c.closing_flows, k.flows, k.packets, k.bytes, k.reply_packets
+                "  {mark} {:<5}  open flows {:>6}  closing {:>5}  flows {:>8}  packets {:>10}  bytes {:>12}  replies {:>10}{}",
+                c.colour,
+                c.live_flows,
+                c.closing_flows,
+                k.flows,
+                k.packets,
+                k.bytes,
+                k.reply_packets,
+                if c.healthy || c.backends.is_empty() { "" } else { "  UNHEALTHY" }
             );
             if c.backends.is_empty() {
                 out.push_str("          (no backends)\n");
             }
             for b in &c.backends {
-                let _ = writeln!(out, "          {}  weight {}", b.address, b.weight);
+                let detail = b.detail.as_deref().unwrap_or(&b.health);
+                let _ = writeln!(out, "          {}  weight {}  {detail}", b.address, b.weight);
             }
         }
     }
@@ -80,7 +91,7 @@ fn render(resp: &Response) -> String {
 
 /// `12.5%` for 1250 basis points.
 fn percent(bp: u32) -> String {
-    switcher_user::daemon::percent(bp)
+    switcher_user::switchboard::percent(bp)
 }
 
 #[cfg(test)]
@@ -96,7 +107,11 @@ mod tests {
     fn status_marks_the_active_colour() {
         let colour = |c: &str, b: Option<&str>, flows| ColourStatus {
             colour: c.into(),
-            backends: b.map(|a| BackendStatus { address: a.into(), weight: 1 }).into_iter().collect(),
+            backends: b
+                .map(|a| BackendStatus { address: a.into(), weight: 1, health: "unknown".into(), detail: None })
+                .into_iter()
+                .collect(),
+            healthy: true,
             live_flows: 4,
             closing_flows: 0,
             counters: Counters { flows, ..Counters::default() },
@@ -115,6 +130,7 @@ mod tests {
                 previous: Some("blue".into()),
                 switches: 1,
                 since_switch_secs: Some(3),
+                watch_secs_left: None,
                 drain: Some(Drain {
                     colour: "blue".into(),
                     live_flows: 4,
@@ -135,7 +151,7 @@ mod tests {
         assert!(text.contains("  preview: port 8080 → blue\n"), "{text}");
         assert!(text.contains("  draining blue: 4 of 9 open flows left after 2s (timeout 30s, then move)\n"), "{text}");
         assert!(text.contains("    blue   open flows      4"), "{text}");
-        assert!(text.contains("          198.51.100.2:8080  weight 1\n"), "{text}");
+        assert!(text.contains("          198.51.100.2:8080  weight 1  unknown\n"), "{text}");
         assert!(text.contains("  * green"), "{text}");
         assert!(text.contains("(no backends)"), "{text}");
     }

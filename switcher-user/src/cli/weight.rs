@@ -18,6 +18,9 @@ pub struct Args {
     /// COLOUR=PERCENT, e.g. green=5% or blue=99.5%.
     #[arg(value_parser = parse_share)]
     share: (String, u32),
+    /// Send a share even to a colour that fails its health checks.
+    #[arg(long)]
+    force: bool,
 }
 
 /// `green=12.5%` → ("green", 1250 basis points).
@@ -40,7 +43,7 @@ fn parse_share(s: &str) -> Result<(String, u32), String> {
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let (colour, basis_points) = args.share;
-    let resp = super::ask(socket, &Request::Weight { service: args.service, colour, basis_points })?;
+    let resp = super::ask(socket, &Request::Weight { service: args.service, colour, basis_points, force: args.force })?;
     if let Some(m) = resp.message {
         println!("{m}");
     }

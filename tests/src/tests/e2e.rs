@@ -137,10 +137,21 @@ fn cli_errors_are_clear() {
     assert!(!d.socket.exists(), "the socket is removed on exit");
     let down = d.cli(&["status"]);
     assert!(String::from_utf8_lossy(&down.stderr).contains("daemon is not running"));
-    // Detached on exit: the VIP is no longer translated (nothing answers it).
-    let _blue = Server::start(&t.blue, "blue");
+    // The data path outlives the daemon: the VIP is still served, and the CLI's emergency
+    // path still switches it.
+    let (_blue, _green) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let (answer, _) = udp_request(&t.client, DNS).expect("the VIP is still served with the daemon down");
+    assert_eq!(colour_of(&answer), "blue");
+    let out = d.cli(&["cutover", "dns", "green"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("emergency path"), "{out:?}");
+    let (answer, _) = udp_request(&t.client, DNS).expect("after the emergency cut-over");
+    assert_eq!(colour_of(&answer), "green");
+    // `uninstall` takes the data path away: the VIP is no longer translated.
+    let out = d.cli(&["uninstall"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached from"), "{out:?}");
     let gone = udp_request(&t.client, DNS);
-    assert!(gone.is_err(), "the VIP was still served after the daemon stopped: {gone:?}");
+    assert!(gone.is_err(), "the VIP was still served after uninstall: {gone:?}");
 }
 
 #[test]
@@ -153,8 +164,9 @@ fn bad_config_is_refused_with_file_line_and_field() {
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "interfaces = [\"lo\"]\n\n[[service]]\nname = \"web\"\nvip = \"203.0.113.10\"\nport = 80\nprotocol = \"tcp\"\nactive = \"purple\"\nblue = \"198.51.100.2:80\"\n").expect("write");
     let out = std::process::Command::new(crate::proc::switcher_bin())
-        .args(["daemon", "--config"])
+        .arg("--config")
         .arg(&cfg)
+        .arg("daemon")
         .output()
         .expect("run");
     let _ = std::fs::remove_dir_all(&dir);

@@ -215,8 +215,9 @@ fn dsr_end_to_end() {
     for ns in [&t.blue, &t.green] {
         ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
     }
-    let _b = Server::on(&t.blue, "blue", &[IpAddr::V4(VIP)]);
-    let _g = Server::on(&t.green, "green", &[IpAddr::V4(VIP)]);
+    // They also listen on their own address, where the daemon's health checks reach them.
+    let _b = Server::on(&t.blue, "blue", &[IpAddr::V4(VIP), IpAddr::V4(BLUES[0])]);
+    let _g = Server::on(&t.green, "green", &[IpAddr::V4(VIP), IpAddr::V4(GREENS[0])]);
     let dsr = service(
         "dsr",
         &VIP.to_string(),

@@ -16,7 +16,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use etherparse::PacketBuilder;
 use switcher_common::user::Colour;
 use switcher_user::{
-    config::{BackendConfig, DrainAction, Mode, Protocol, ServiceConfig},
+    config::{BackendConfig, DrainAction, HealthConfig, Mode, Protocol, ServiceConfig},
     dataplane::{Dataplane, Options},
 };
 
@@ -66,6 +66,9 @@ fn services() -> Vec<ServiceConfig> {
         green: backend(GREEN, 8081),
         drain_timeout: None,
         on_drain_timeout: DrainAction::Move,
+        health: HealthConfig::default_for(Protocol::Tcp),
+        watch: None,
+        failover: false,
     };
     let dns = ServiceConfig {
         name: "dns".into(),
@@ -164,7 +167,7 @@ fn pkt(what: &'static str, input: Vec<u8>, action: u32, reason: &'static str, ou
 fn check(dp: &mut Dataplane, step: Step) {
     let (what, input, action, reason, output) = match step {
         Step::Active(id, colour) => {
-            dp.set_state(id, colour, 0).expect("set state");
+            dp.set_state(id, colour, 0, None).expect("set state");
             return;
         }
         Step::Packet { what, input, action, reason, output } => (what, input, action, reason, output),
@@ -778,7 +781,7 @@ fn closing_reset_and_move() {
         let counts = dp.scan_flows(false).expect("scan");
         assert_eq!(counts.get(&(WEB, Colour::Blue)).map(|c| (c.live, c.closing)), Some((1, 1)), "a open, b closing");
 
-        dp.set_state(WEB, Colour::Green, 0).expect("cut over");
+        dp.set_state(WEB, Colour::Green, 0, None).expect("cut over");
         let n = dp.end_drain(&svcs[0], WEB, Colour::Blue, DrainAction::Reset).expect("reset");
         assert_eq!(n, 1, "only the open flow is reset");
         // a's next packet comes back to the client as an RST from the VIP.
@@ -804,7 +807,7 @@ fn closing_reset_and_move() {
             ),
         );
 
-        dp.set_state(DNS, Colour::Green, 0).expect("cut over dns");
+        dp.set_state(DNS, Colour::Green, 0, None).expect("cut over dns");
         assert_eq!(dp.end_drain(&svcs[1], DNS, Colour::Blue, DrainAction::Move).expect("move"), 1);
         check(
             &mut dp,
@@ -839,7 +842,7 @@ fn canary_split_follows_the_hash() {
     let ns = fib_namespace();
     ns.run(|| {
         let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false }).expect("load");
-        dp.set_state(WEB, Colour::Blue, 1_000).expect("10% canary");
+        dp.set_state(WEB, Colour::Blue, 1_000, None).expect("10% canary");
         let state = switcher_common::switch_state(0, 1_000);
         let mut green = 0;
         for port in 20_000..22_000u16 {

@@ -1,0 +1,23 @@
+//! `switcher reload`: re-read the daemon's configuration.
+
+use std::path::Path;
+
+use switcher_user::control::Request;
+
+/// Make the daemon re-read and apply its configuration file (like SIGHUP).
+///
+/// New services are installed, removed ones taken out, changed pools rebuilt; services that
+/// stay keep their state and flows. An invalid file, or a change that needs a restart
+/// (interfaces, socket, pins), is rejected and nothing changes.
+///
+/// Example: switcher reload
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(socket: &Path, _args: Args) -> anyhow::Result<()> {
+    let resp = super::ask(socket, &Request::Reload)?;
+    if let Some(m) = resp.message {
+        println!("{m}");
+    }
+    Ok(())
+}

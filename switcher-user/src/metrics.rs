@@ -1,0 +1,195 @@
+//! The Prometheus endpoint: `GET /metrics` on the configured address (default
+//! 127.0.0.1:9477), in the OpenMetrics text format, built with `prometheus-client` from a
+//! fresh status snapshot at every scrape (the counters themselves live in the BPF maps).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpListener,
+};
+
+use crate::{control::Response, dataplane::Dataplane, switchboard::Switchboard};
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// Renders a status snapshot as OpenMetrics text.
+///
+/// # Errors
+/// Formatting failed (it does not, into a `String`).
+pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
+    let mut reg = Registry::with_prefix("switcher");
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let flows = Family::<Labels, Counter>::default();
+    let open = Family::<Labels, Gauge>::default();
+    let draining = Family::<Labels, Gauge>::default();
+    let backend_up = Family::<Labels, Gauge>::default();
+    let colour_healthy = Family::<Labels, Gauge>::default();
+    let active = Family::<Labels, Gauge>::default();
+    let canary = Family::<Labels, Gauge>::default();
+    let cutovers = Family::<Labels, Counter>::default();
+    let last_cutover = Family::<Labels, Gauge>::default();
+    let verdicts = Family::<Labels, Counter>::default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    for s in &status.services {
+        let name = s.name.as_str();
+        cutovers.get_or_create(&labels(&[("service", name)])).inc_by(s.switches);
+        if let Some(ago) = s.since_switch_secs {
+            last_cutover.get_or_create(&labels(&[("service", name)])).set(i64::try_from(now - ago).unwrap_or(0));
+        }
+        for c in &s.colours {
+            let col = c.colour.as_str();
+            let k = &c.counters;
+            for (dir, p, b) in [("request", k.packets, k.bytes), ("reply", k.reply_packets, k.reply_bytes)] {
+                packets.get_or_create(&labels(&[("service", name), ("colour", col), ("direction", dir)])).inc_by(p);
+                bytes.get_or_create(&labels(&[("service", name), ("colour", col), ("direction", dir)])).inc_by(b);
+            }
+            let sc = labels(&[("service", name), ("colour", col)]);
+            flows.get_or_create(&sc).inc_by(k.flows);
+            open.get_or_create(&sc).set(i64::try_from(c.live_flows).unwrap_or(i64::MAX));
+            let drain = s.drain.as_ref().filter(|d| d.colour == c.colour).map_or(0, |d| d.live_flows);
+            draining.get_or_create(&sc).set(i64::try_from(drain).unwrap_or(i64::MAX));
+            colour_healthy.get_or_create(&sc).set(i64::from(c.healthy));
+            active.get_or_create(&sc).set(i64::from(s.active == c.colour));
+            let share = match &s.canary {
+                Some(cn) if cn.colour == c.colour => i64::from(cn.basis_points),
+                Some(cn) => 10_000 - i64::from(cn.basis_points),
+                None => if s.active == c.colour { 10_000 } else { 0 },
+            };
+            canary.get_or_create(&sc).set(share);
+            for b in &c.backends {
+                let state = match b.health.as_str() {
+                    "up" => 1,
+                    "down" => 0,
+                    _ => -1,
+                };
+                backend_up
+                    .get_or_create(&labels(&[("service", name), ("colour", col), ("backend", b.address.as_str())]))
+                    .set(state);
+            }
+        }
+    }
+    for (reason, n) in &status.reasons {
+        verdicts.get_or_create(&labels(&[("reason", reason.as_str())])).inc_by(*n);
+    }
+    reg.register("packets", "Packets through the data path per service, colour and direction", packets);
+    reg.register("bytes", "L3 bytes through the data path per service, colour and direction", bytes);
+    reg.register("flows", "Flows given to each colour", flows);
+    reg.register("open_flows", "Open (tracked, not closing) flows per colour", open);
+    reg.register("draining_flows", "Open flows left on a colour that is draining", draining);
+    reg.register("backend_up", "Backend health: 1 up, 0 down, -1 unknown or unchecked", backend_up);
+    reg.register("colour_healthy", "Whether a colour can take traffic", colour_healthy);
+    reg.register("active", "1 for the active colour of each service", active);
+    reg.register("share_basis_points", "Share of new flows per colour, in 0.01 %", canary);
+    reg.register("cutovers", "Cut-overs, rollbacks and failovers since the daemon started", cutovers);
+    reg.register("last_cutover_timestamp_seconds", "Unix time of the last switch", last_cutover);
+    reg.register("datapath_verdicts", "Packets per data-path verdict reason (passes, drops, rewrites)", verdicts);
+    let mut out = String::new();
+    encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+/// Serves `GET /metrics` until the task is aborted.
+pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>) {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("metrics endpoint on {addr}: {e}; metrics are off");
+            return;
+        }
+    };
+    tracing::info!(%addr, "metrics endpoint ready (GET /metrics)");
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let board = Arc::clone(&board);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // The request line and headers, bounded in size and time.
+            let read = tokio::time::timeout(Duration::from_secs(2), async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            })
+            .await;
+            let wanted = read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
+            let (status, body) = if wanted {
+                let snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
+                match snapshot.map(|s| render(&s)) {
+                    Some(Ok(text)) => ("200 OK", text),
+                    _ => ("500 Internal Server Error", "status unavailable\n".to_owned()),
+                }
+            } else {
+                ("404 Not Found", "only GET /metrics is served here\n".to_owned())
+            };
+            let head = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        control::{BackendStatus, ColourStatus, ServiceStatus},
+        dataplane::Counters,
+    };
+
+    #[test]
+    fn metrics_name_services_colours_and_reasons() {
+        let status = Response {
+            ok: true,
+            services: vec![ServiceStatus {
+                name: "web".into(),
+                active: "green".into(),
+                switches: 3,
+                since_switch_secs: Some(5),
+                colours: vec![ColourStatus {
+                    colour: "green".into(),
+                    healthy: true,
+                    backends: vec![BackendStatus { address: "198.51.100.18:8080".into(), weight: 1, health: "up".into(), detail: None }],
+                    live_flows: 7,
+                    closing_flows: 1,
+                    counters: Counters { packets: 10, bytes: 600, reply_packets: 9, reply_bytes: 500, flows: 4 },
+                }],
+                ..ServiceStatus::default()
+            }],
+            reasons: vec![("no_match".into(), 12)],
+            ..Response::default()
+        };
+        let text = render(&status).expect("render");
+        for line in [
+            "switcher_packets_total{service=\"web\",colour=\"green\",direction=\"request\"} 10",
+            "switcher_open_flows{service=\"web\",colour=\"green\"} 7",
+            "switcher_backend_up{service=\"web\",colour=\"green\",backend=\"198.51.100.18:8080\"} 1",
+            "switcher_active{service=\"web\",colour=\"green\"} 1",
+            "switcher_cutovers_total{service=\"web\"} 3",
+            "switcher_datapath_verdicts_total{reason=\"no_match\"} 12",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

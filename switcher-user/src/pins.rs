@@ -1,0 +1,211 @@
+//! Where the data path lives on bpffs, so that it outlives the daemon.
+//!
+//! ```text
+//! <root>/                 default /sys/fs/bpf/switcher (config `pin_path`)
+//!   v<ABI_VERSION>/
+//!     maps/<MAP NAME>     every map of the program (flows, state, counters, …)
+//!     links/<ifname>      the XDP bpf_link of each interface
+//! ```
+//!
+//! A daemon that starts finds the maps and links of its ABI version and adopts them: the
+//! program is replaced under the links atomically (`bpf_link_update`), flows and counters
+//! carry on. Pins of another ABI version are refused with instructions, never reused.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use switcher_common::ABI_VERSION;
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is normally mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Default root of switcher's pins.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/switcher";
+
+/// Errors about the pin directories.
+#[derive(Debug, thiserror::Error)]
+pub enum PinsError {
+    #[error("mount bpffs on {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("create {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{found} holds pins of another switcher version (ABI {version}, this is ABI {ABI_VERSION}); the data path they belong to may still be running. Run that version's `switcher uninstall`, or remove {found} to start afresh"
+    )]
+    OtherVersion { found: PathBuf, version: String },
+}
+
+/// The pin layout under one root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    #[must_use]
+    pub fn new(root: impl Into<PathBuf>) -> Pins {
+        Pins { root: root.into() }
+    }
+
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/v<ABI_VERSION>`.
+    #[must_use]
+    pub fn version_dir(&self) -> PathBuf {
+        self.root.join(format!("v{ABI_VERSION}"))
+    }
+
+    #[must_use]
+    pub fn maps_dir(&self) -> PathBuf {
+        self.version_dir().join("maps")
+    }
+
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    #[must_use]
+    pub fn links_dir(&self) -> PathBuf {
+        self.version_dir().join("links")
+    }
+
+    #[must_use]
+    pub fn link(&self, iface: &str) -> PathBuf {
+        self.links_dir().join(iface)
+    }
+
+    /// Mounts bpffs where the root needs it (on `/sys/fs/bpf` for roots under it, else on the
+    /// root itself) unless it is there already, then creates the directories.
+    ///
+    /// # Errors
+    /// The mount or a directory creation failed.
+    pub fn prepare(&self) -> Result<(), PinsError> {
+        let mount_point = if self.root.starts_with(BPFFS) { PathBuf::from(BPFFS) } else { self.root.clone() };
+        std::fs::create_dir_all(&mount_point)
+            .map_err(|source| PinsError::Create { path: mount_point.clone(), source })?;
+        if !is_bpffs(&mount_point) {
+            mount_bpffs(&mount_point).map_err(|source| PinsError::Mount { path: mount_point.clone(), source })?;
+            tracing::info!(path = %mount_point.display(), "mounted bpffs");
+        }
+        for dir in [self.maps_dir(), self.links_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| PinsError::Create { path: dir.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    /// Refuses when the root holds pins of another ABI version.
+    ///
+    /// # Errors
+    /// [`PinsError::OtherVersion`] naming the directory.
+    pub fn check_versions(&self) -> Result<(), PinsError> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Ok(()) };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(version) = name.strip_prefix('v')
+                && version != ABI_VERSION.to_string()
+                && version.chars().all(|c| c.is_ascii_digit())
+                && has_entries(&entry.path().join("maps"))
+            {
+                return Err(PinsError::OtherVersion { found: entry.path(), version: version.to_owned() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a data path of this version is pinned here.
+    #[must_use]
+    pub fn exists(&self) -> bool {
+        has_entries(&self.maps_dir())
+    }
+
+    /// Interfaces with a pinned link.
+    #[must_use]
+    pub fn linked_interfaces(&self) -> Vec<String> {
+        std::fs::read_dir(self.links_dir())
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes every pin of this version and the directories (the links detach when their last
+    /// reference goes, the maps are freed when no program uses them).
+    ///
+    /// # Errors
+    /// A pin could not be removed.
+    pub fn remove(&self) -> io::Result<()> {
+        for dir in [self.links_dir(), self.maps_dir()] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        let _ = std::fs::remove_dir(self.version_dir());
+        let _ = std::fs::remove_dir(&self.root);
+        Ok(())
+    }
+}
+
+fn has_entries(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Whether `path` is on a bpffs.
+#[must_use]
+pub fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a buffer we own.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let target = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_versioned() {
+        let p = Pins::new("/sys/fs/bpf/switcher");
+        assert_eq!(p.map("FLOWS"), PathBuf::from(format!("/sys/fs/bpf/switcher/v{ABI_VERSION}/maps/FLOWS")));
+        assert_eq!(p.link("eth0"), PathBuf::from(format!("/sys/fs/bpf/switcher/v{ABI_VERSION}/links/eth0")));
+    }
+
+    #[test]
+    fn other_versions_are_refused_with_instructions() {
+        let dir = std::env::temp_dir().join(format!("switcher-pins-test-{}", std::process::id()));
+        let old = dir.join("v1").join("maps");
+        std::fs::create_dir_all(&old).expect("mkdir");
+        std::fs::write(old.join("FLOWS"), b"").expect("file");
+        let e = Pins::new(&dir).check_versions().expect_err("v1 pins");
+        assert!(e.to_string().contains("ABI 1") && e.to_string().contains("switcher uninstall"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(Pins::new(&dir).check_versions().is_ok());
+        assert!(!Pins::new(&dir).exists());
+    }
+}

@@ -1,0 +1,917 @@
+//! The services' switch state in front of the maps: cut-overs, rollbacks, canaries, pools,
+//! drains, health, automatic rollback and failover. One request at a time (the daemon holds
+//! it under a lock), so concurrent operators are serialised and the last accepted change wins.
+//!
+//! Everything that writes goes through the [`Maps`] trait, which a fake implements in the unit
+//! tests below.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use switcher_common::{BP_ALL, MAX_POOL, user::Colour};
+
+use crate::{
+    config::{BackendConfig, CheckKind, DrainAction, ServiceConfig},
+    control::{BackendStatus, Canary, ColourStatus, Drain, Request, Response, ServiceStatus},
+    dataplane::{Counters, Dataplane, DataplaneError, FlowCounts, Installed},
+    health::{BackendHealth, State},
+};
+
+/// What the switchboard needs of the data plane; a fake implements it in unit tests.
+pub trait Maps {
+    /// Writes a service's switch state (one map write).
+    ///
+    /// # Errors
+    /// The map write failed.
+    fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, previous: Option<Colour>) -> Result<(), DataplaneError>;
+    /// Replaces a colour's pool and makes its new table live.
+    ///
+    /// # Errors
+    /// A map write failed or the pool is full.
+    fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<(), DataplaneError>;
+    /// Reads a colour's counters.
+    ///
+    /// # Errors
+    /// The map read failed.
+    fn counters(&self, id: u32, colour: Colour) -> Result<Counters, DataplaneError>;
+    /// Data-path verdicts as `(reason, packets)`.
+    ///
+    /// # Errors
+    /// The map read failed.
+    fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError>;
+    /// Tracked flows per (service, colour); with `gc`, expired ones are forgotten.
+    ///
+    /// # Errors
+    /// The map read failed.
+    fn scan_flows(&mut self, gc: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError>;
+    /// Moves or resets the open flows of a draining colour; returns how many.
+    ///
+    /// # Errors
+    /// The map read failed.
+    fn end_drain(
+        &mut self,
+        s: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: DrainAction,
+    ) -> Result<u64, DataplaneError>;
+}
+
+impl Maps for Dataplane {
+    fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, previous: Option<Colour>) -> Result<(), DataplaneError> {
+        Dataplane::set_state(self, id, active, canary_bp, previous)
+    }
+    fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<(), DataplaneError> {
+        Dataplane::set_pool(self, id, colour, backends)
+    }
+    fn counters(&self, id: u32, colour: Colour) -> Result<Counters, DataplaneError> {
+        Dataplane::counters(self, id, colour)
+    }
+    fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
+        Dataplane::reasons(self)
+    }
+    fn scan_flows(&mut self, gc: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
+        Dataplane::scan_flows(self, gc)
+    }
+    fn end_drain(
+        &mut self,
+        s: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: DrainAction,
+    ) -> Result<u64, DataplaneError> {
+        Dataplane::end_drain(self, s, id, from, action)
+    }
+}
+
+/// A drain in progress: the old colour's open flows finishing after a switch.
+#[derive(Clone, Debug)]
+struct DrainState {
+    from: Colour,
+    started: Instant,
+    timeout: Option<Duration>,
+    initial: u64,
+}
+
+struct ServiceState {
+    id: u32,
+    config: ServiceConfig,
+    active: Colour,
+    canary_bp: u32,
+    previous: Option<Colour>,
+    switches: u64,
+    switched_at: Option<Instant>,
+    drain: Option<DrainState>,
+    health: HashMap<SocketAddr, BackendHealth>,
+    /// Until then, a failing new colour is rolled back automatically.
+    watch_until: Option<Instant>,
+}
+
+impl ServiceState {
+    fn new(config: ServiceConfig, installed: Installed) -> ServiceState {
+        ServiceState {
+            id: installed.id,
+            config,
+            active: installed.active,
+            canary_bp: installed.canary_bp,
+            previous: installed.previous,
+            switches: 0,
+            switched_at: None,
+            drain: None,
+            health: HashMap::new(),
+            watch_until: None,
+        }
+    }
+
+    fn checked(&self) -> bool {
+        self.config.health.check != CheckKind::None
+    }
+
+    fn state_of(&self, addr: SocketAddr) -> State {
+        if !self.checked() {
+            return State::Unknown;
+        }
+        self.health.get(&addr).map_or(State::Unknown, |h| h.state)
+    }
+
+    /// The pool as the maps get it: down backends keep their slot with weight 0, so they
+    /// leave the consistent-hash table and come back to the same slot.
+    fn effective_pool(&self, colour: Colour) -> Vec<BackendConfig> {
+        self.config
+            .pool(colour)
+            .iter()
+            .map(|b| if self.state_of(b.addr) == State::Down { BackendConfig { weight: 0, ..*b } } else { *b })
+            .collect()
+    }
+
+    /// Whether a colour can take traffic: a checked service needs a backend that passed its
+    /// checks; an unchecked one any backend with weight.
+    fn healthy(&self, colour: Colour) -> bool {
+        let pool = self.config.pool(colour);
+        if !self.checked() {
+            return pool.iter().any(|b| b.weight > 0);
+        }
+        pool.iter().any(|b| b.weight > 0 && self.state_of(b.addr) == State::Up)
+    }
+
+    /// Every backend of a checked colour is known to be down.
+    fn dead(&self, colour: Colour) -> bool {
+        let pool = self.config.pool(colour);
+        self.checked() && !pool.is_empty() && pool.iter().all(|b| self.state_of(b.addr) == State::Down)
+    }
+
+    /// Why a colour is not healthy, backend by backend.
+    fn why_unhealthy(&self, colour: Colour) -> String {
+        let pool = self.config.pool(colour);
+        if pool.is_empty() {
+            return format!("{colour} has no backends");
+        }
+        pool.iter()
+            .map(|b| match self.health.get(&b.addr) {
+                Some(h) => format!("{}: {}", b.addr, h.describe()),
+                None => format!("{}: not checked yet", b.addr),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// The services' switch state, in front of the maps.
+pub struct Switchboard<M> {
+    maps: M,
+    services: Vec<ServiceState>,
+}
+
+/// A colour named in a request.
+fn colour(c: &str) -> Result<Colour, String> {
+    c.parse::<Colour>().map_err(|e| format!("{c:?}: {e}"))
+}
+
+/// `12.5%` for 1250 basis points.
+#[must_use]
+pub fn percent(bp: u32) -> String {
+    let s = format!("{}.{:02}", bp / 100, bp % 100);
+    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
+}
+
+/// A change the switchboard made, for the audit log: `what` happened to `service`, `from` → `to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub service: String,
+    pub what: String,
+    pub from: String,
+    pub to: String,
+}
+
+impl<M: Maps> Switchboard<M> {
+    /// The services as [`Dataplane::load`] installed them, in config order.
+    pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
+        let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
+        Switchboard { maps, services }
+    }
+
+    /// The data plane, for the daemon's own use (reload).
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    /// Answers one request; a change it made is returned for the audit log.
+    pub fn handle(&mut self, req: Request) -> (Response, Option<Change>) {
+        let result = match req {
+            Request::Status { service } => self.status(service.as_deref()).map(|r| (r, None)),
+            Request::Cutover { service, colour, drain_timeout_secs, force } => {
+                self.cutover(&service, colour.as_deref(), drain_timeout_secs.map(Duration::from_secs), force)
+            }
+            Request::Rollback { service, force } => self.rollback(&service, force),
+            Request::Weight { service, colour, basis_points, force } => {
+                self.weight(&service, &colour, basis_points, force)
+            }
+            Request::BackendAdd { service, colour, address, weight } => {
+                self.backend(&service, &colour, &address, Some(weight.unwrap_or(1)))
+            }
+            Request::BackendRemove { service, colour, address } => self.backend(&service, &colour, &address, None),
+            Request::Reload => Err("reload is handled by the daemon".into()),
+        };
+        match result {
+            Ok((r, change)) => (r, change),
+            Err(e) => (Response::error(e), None),
+        }
+    }
+
+    fn find(&self, name: &str) -> Result<usize, String> {
+        self.services.iter().position(|s| s.config.name == name).ok_or_else(|| {
+            let known: Vec<_> = self.services.iter().map(|s| s.config.name.as_str()).collect();
+            if known.is_empty() {
+                format!("unknown service {name:?}: no services are configured")
+            } else {
+                format!("unknown service {name:?}; configured: {}", known.join(", "))
+            }
+        })
+    }
+
+    fn cutover(&mut self, name: &str, target: Option<&str>, drain: Option<Duration>, force: bool) -> Outcome {
+        let i = self.find(name)?;
+        let target = match target {
+            None => self.services[i].active.other(),
+            Some(c) => colour(c)?,
+        };
+        self.switch(i, target, 0, drain, "cut over", force)
+    }
+
+    fn rollback(&mut self, name: &str, force: bool) -> Outcome {
+        let i = self.find(name)?;
+        let s = &self.services[i];
+        let Some(previous) = s.previous else {
+            return Err(format!(
+                "nothing to roll back: {name} has been {} since it was installed; use `switcher cutover {name} COLOUR` to switch",
+                s.active
+            ));
+        };
+        self.switch(i, previous, 0, None, "rolled back", force)
+    }
+
+    fn weight(&mut self, name: &str, c: &str, bp: u32, force: bool) -> Outcome {
+        let i = self.find(name)?;
+        let c = colour(c)?;
+        if bp > BP_ALL {
+            return Err(format!("{} is more than 100%", percent(bp)));
+        }
+        let s = &self.services[i];
+        let active = s.active;
+        // The share of the colour that is not active is the canary.
+        let canary = if c == active { BP_ALL - bp } else { bp };
+        if canary == BP_ALL {
+            // All new flows to the other colour: that is a cut-over.
+            return self.switch(i, active.other(), 0, None, "cut over", force);
+        }
+        if canary > 0 && !s.config.serves(active.other()) {
+            return Err(format!("{name} has no {} backend to send a canary share to", active.other()));
+        }
+        if canary > 0 && !force && !s.healthy(active.other()) {
+            return Err(format!(
+                "refusing to send a canary share of {name} to {}: no healthy {} backend ({}); add --force to do it anyway",
+                active.other(),
+                active.other(),
+                s.why_unhealthy(active.other())
+            ));
+        }
+        let before = s.canary_bp;
+        self.maps
+            .set_state(s.id, active, canary, s.previous)
+            .map_err(|e| format!("{name}: map write failed: {}", chain(&e)))?;
+        self.services[i].canary_bp = canary;
+        let msg = format!("{name}: new flows {} {}, {} {}", active, percent(BP_ALL - canary), active.other(), percent(canary));
+        let change = Change {
+            service: name.to_owned(),
+            what: "weight".into(),
+            from: format!("{} {}", active.other(), percent(before)),
+            to: format!("{} {}", active.other(), percent(canary)),
+        };
+        Ok((Response { ok: true, message: Some(msg), services: vec![self.service_status(i, None)?], ..Response::default() }, Some(change)))
+    }
+
+    fn switch(&mut self, i: usize, target: Colour, canary: u32, drain_timeout: Option<Duration>, verb: &str, force: bool) -> Outcome {
+        let s = &self.services[i];
+        let name = s.config.name.clone();
+        if s.active == target && s.canary_bp == canary {
+            return Ok((
+                Response {
+                    ok: true,
+                    message: Some(format!("{name}: already on {target}, nothing changed")),
+                    services: vec![self.service_status(i, None)?],
+                    ..Response::default()
+                },
+                None,
+            ));
+        }
+        if !s.config.serves(target) {
+            return Err(format!(
+                "{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config, or `switcher backend add {name} {target} ADDRESS:PORT`"
+            ));
+        }
+        if !force && !s.healthy(target) {
+            return Err(format!(
+                "refusing to {} {name} to {target}: no healthy {target} backend ({}); add --force to switch anyway",
+                if verb == "rolled back" { "roll back" } else { "cut over" },
+                s.why_unhealthy(target)
+            ));
+        }
+        let from = s.active;
+        // The old colour's open flows, before the switch, to report drain progress against.
+        let initial = if from == target {
+            0
+        } else {
+            self.maps.scan_flows(false).ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
+        };
+        let previous = if from == target { s.previous } else { Some(from) };
+        let started = Instant::now();
+        self.maps
+            .set_state(s.id, target, canary, previous)
+            .map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
+        let took = started.elapsed();
+        let timeout = drain_timeout.or(s.config.drain_timeout);
+        let watch = s.config.watch;
+        let s = &mut self.services[i];
+        if from != target {
+            s.previous = previous;
+            s.switches += 1;
+            s.switched_at = Some(Instant::now());
+            s.drain = Some(DrainState { from, started: Instant::now(), timeout, initial });
+            s.watch_until = if verb == "cut over" { watch.map(|w| Instant::now() + w) } else { None };
+        }
+        s.active = target;
+        s.canary_bp = canary;
+        let backends: Vec<String> = s.config.pool(target).iter().map(|b| b.addr.to_string()).collect();
+        tracing::info!(service = %name, %from, to = %target, took_us = took.as_micros(), draining = initial, "{verb}");
+        let drain = if initial > 0 {
+            match timeout {
+                Some(t) => format!("; {initial} open flows on {from} drain (timeout {}s)", t.as_secs()),
+                None => format!("; {initial} open flows on {from} drain"),
+            }
+        } else {
+            String::new()
+        };
+        let watching = match watch {
+            Some(w) if from != target && verb == "cut over" => format!("; watching {target} for {}s", w.as_secs()),
+            _ => String::new(),
+        };
+        let change = Change { service: name.clone(), what: verb.replace(' ', "-"), from: from.to_string(), to: target.to_string() };
+        Ok((
+            Response {
+                ok: true,
+                message: Some(format!("{name}: {verb} {from} → {target} ({}) in {} µs{drain}{watching}", backends.join(", "), took.as_micros())),
+                services: vec![self.service_status(i, None)?],
+                ..Response::default()
+            },
+            Some(change),
+        ))
+    }
+
+    fn backend(&mut self, name: &str, c: &str, address: &str, weight: Option<u32>) -> Outcome {
+        let i = self.find(name)?;
+        let c = colour(c)?;
+        let addr: SocketAddr =
+            address.parse().map_err(|_| format!("{address:?} is not ADDRESS:PORT (IPv6 as [2001:db8::1]:80)"))?;
+        let s = &self.services[i];
+        let mut pool = s.config.pool(c).to_vec();
+        let (msg, what) = match weight {
+            Some(w) => {
+                s.config.check_backend(addr)?;
+                if w > 1000 {
+                    return Err(format!("weight {w} is above 1000"));
+                }
+                match pool.iter_mut().find(|b| b.addr == addr) {
+                    Some(b) => b.weight = w,
+                    None => pool.push(BackendConfig { addr, weight: w }),
+                }
+                if pool.len() > MAX_POOL as usize {
+                    return Err(format!("{name} {c} already has {MAX_POOL} backends"));
+                }
+                (format!("{name} {c}: {addr} in the pool with weight {w} ({} backends)", pool.len()), "backend-add")
+            }
+            None => {
+                let before = pool.len();
+                pool.retain(|b| b.addr != addr);
+                if pool.len() == before {
+                    return Err(format!("{addr} is not a {c} backend of {name}"));
+                }
+                let live = c == s.active || (s.canary_bp > 0 && c == s.active.other());
+                if live && !pool.iter().any(|b| b.weight > 0) {
+                    return Err(format!("{addr} is the last {c} backend of {name}, which takes traffic; cut over first"));
+                }
+                (format!("{name} {c}: {addr} removed ({} backends); its open flows stay until they end", pool.len()), "backend-remove")
+            }
+        };
+        *self.services[i].config.pool_mut(c) = pool;
+        let s = &self.services[i];
+        self.maps.set_pool(s.id, c, &s.effective_pool(c)).map_err(|e| format!("{name}: {}", chain(&e)))?;
+        tracing::info!(service = %name, colour = %c, %addr, ?weight, "pool changed");
+        let change = Change { service: name.to_owned(), what: what.into(), from: c.to_string(), to: addr.to_string() };
+        Ok((Response { ok: true, message: Some(msg), services: vec![self.service_status(i, None)?], ..Response::default() }, Some(change)))
+    }
+
+    /// The services as configured now (pools may have changed at runtime).
+    pub fn services(&self) -> Vec<ServiceConfig> {
+        self.services.iter().map(|s| s.config.clone()).collect()
+    }
+
+    /// What the health checker probes: per checked service, its check and every backend.
+    pub fn checks(&self) -> Vec<(String, crate::config::HealthConfig, Vec<SocketAddr>)> {
+        self.services
+            .iter()
+            .filter(|s| s.checked())
+            .map(|s| (s.config.name.clone(), s.config.health.clone(), s.config.blue.iter().chain(&s.config.green).map(|b| b.addr).collect()))
+            .collect()
+    }
+
+    /// Adds a round of probe results of one service: backends that changed state leave or
+    /// rejoin the tables, and a failing live colour may be rolled back or failed over.
+    /// Returns the changes made (for the audit log).
+    pub fn record_health(&mut self, name: &str, results: Vec<(SocketAddr, Result<(), String>)>) -> Vec<Change> {
+        let Ok(i) = self.find(name) else { return Vec::new() };
+        let s = &mut self.services[i];
+        let (rise, fall) = (s.config.health.rise, s.config.health.fall);
+        let mut changed = Vec::new();
+        for (addr, result) in results {
+            let h = s.health.entry(addr).or_default();
+            if h.record(result, rise, fall) {
+                tracing::warn!(service = %name, backend = %addr, state = h.state.as_str(), "{}", h.describe());
+                for c in Colour::ALL {
+                    if s.config.pool(c).iter().any(|b| b.addr == addr) && !changed.contains(&c) {
+                        changed.push(c);
+                    }
+                }
+            }
+        }
+        for c in changed {
+            let s = &self.services[i];
+            if let Err(e) = self.maps.set_pool(s.id, c, &s.effective_pool(c)) {
+                tracing::warn!(service = %name, colour = %c, "update the table after a health change: {}", chain(&e));
+            }
+        }
+        self.react(i)
+    }
+
+    /// Automatic rollback within the watch window, and failover of a dead live colour.
+    fn react(&mut self, i: usize) -> Vec<Change> {
+        let s = &self.services[i];
+        let name = s.config.name.clone();
+        let active = s.active;
+        if !s.dead(active) {
+            return Vec::new();
+        }
+        let watching = s.watch_until.is_some_and(|t| Instant::now() < t);
+        let (target, verb) = match s.previous {
+            Some(prev) if watching && prev != active => (prev, "auto-rollback"),
+            _ if s.config.failover && s.healthy(active.other()) => (active.other(), "failover"),
+            _ => return Vec::new(),
+        };
+        let why = s.why_unhealthy(active);
+        tracing::warn!(service = %name, from = %active, to = %target, "{verb}: every {active} backend failed its health checks ({why})");
+        match self.switch(i, target, 0, None, if verb == "auto-rollback" { "rolled back" } else { "failed over" }, true) {
+            Ok((_, change)) => change.map(|c| Change { what: verb.into(), ..c }).into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(service = %name, "{verb} failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Replaces the services after a reload: services that stay keep their switch state,
+    /// drain and health; new ones start as installed; removed ones go.
+    pub fn reload(&mut self, services: Vec<(ServiceConfig, Installed)>) {
+        let mut old: HashMap<String, ServiceState> = self.services.drain(..).map(|s| (s.config.name.clone(), s)).collect();
+        for (config, installed) in services {
+            let state = match old.remove(&config.name) {
+                Some(mut s) if s.id == installed.id => {
+                    s.config = config;
+                    s
+                }
+                _ => ServiceState::new(config, installed),
+            };
+            self.services.push(state);
+        }
+    }
+
+    /// Periodic work: forget expired flows, and finish drains that are empty or timed out.
+    pub fn tick(&mut self) {
+        let counts = match self.maps.scan_flows(true) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("scan flows: {}", chain(&e));
+                return;
+            }
+        };
+        for i in 0..self.services.len() {
+            let s = &self.services[i];
+            let Some(drain) = s.drain.clone() else { continue };
+            let live = counts.get(&(s.id, drain.from)).map_or(0, |c| c.live);
+            let name = s.config.name.clone();
+            if live == 0 {
+                tracing::info!(service = %name, colour = %drain.from, secs = drain.started.elapsed().as_secs(), "drain complete");
+                self.services[i].drain = None;
+            } else if drain.timeout.is_some_and(|t| drain.started.elapsed() >= t) {
+                let action = s.config.on_drain_timeout;
+                let config = s.config.clone();
+                match self.maps.end_drain(&config, s.id, drain.from, action) {
+                    Ok(n) => tracing::warn!(service = %name, colour = %drain.from, flows = n, ?action, "drain timed out"),
+                    Err(e) => tracing::warn!(service = %name, "end drain: {}", chain(&e)),
+                }
+                self.services[i].drain = None;
+            }
+        }
+    }
+
+    /// The status of all services, or one.
+    ///
+    /// # Errors
+    /// An unknown service, or a map read failure.
+    pub fn status(&mut self, name: Option<&str>) -> Result<Response, String> {
+        let counts = self.maps.scan_flows(false).map_err(|e| chain(&e))?;
+        let services = match name {
+            Some(name) => vec![self.service_status(self.find(name)?, Some(&counts))?],
+            None => (0..self.services.len()).map(|i| self.service_status(i, Some(&counts))).collect::<Result<_, _>>()?,
+        };
+        let reasons = self.maps.reasons().map_err(|e| chain(&e))?.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+        Ok(Response { ok: true, services, reasons, ..Response::default() })
+    }
+
+    fn service_status(&self, i: usize, counts: Option<&HashMap<(u32, Colour), FlowCounts>>) -> Result<ServiceStatus, String> {
+        let s = &self.services[i];
+        let flows = |c: Colour| counts.and_then(|m| m.get(&(s.id, c)).copied()).unwrap_or_default();
+        let colours = Colour::ALL
+            .iter()
+            .map(|&c| {
+                Ok(ColourStatus {
+                    colour: c.to_string(),
+                    healthy: s.healthy(c),
+                    backends: s
+                        .config
+                        .pool(c)
+                        .iter()
+                        .map(|b| BackendStatus {
+                            address: b.addr.to_string(),
+                            weight: b.weight,
+                            health: s.state_of(b.addr).as_str().to_owned(),
+                            detail: s.health.get(&b.addr).filter(|_| s.checked()).map(BackendHealth::describe),
+                        })
+                        .collect(),
+                    live_flows: flows(c).live,
+                    closing_flows: flows(c).closing,
+                    counters: self.maps.counters(s.id, c).map_err(|e| chain(&e))?,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(ServiceStatus {
+            name: s.config.name.clone(),
+            vip: s.config.vip.to_string(),
+            port: s.config.port,
+            preview_port: s.config.preview_port,
+            protocol: s.config.protocol.as_str().to_owned(),
+            mode: s.config.mode.as_str().to_owned(),
+            active: s.active.to_string(),
+            canary: (s.canary_bp > 0).then(|| Canary { colour: s.active.other().to_string(), basis_points: s.canary_bp }),
+            previous: s.previous.map(|c| c.to_string()),
+            switches: s.switches,
+            since_switch_secs: s.switched_at.map(|t| t.elapsed().as_secs()),
+            watch_secs_left: s.watch_until.and_then(|t| t.checked_duration_since(Instant::now())).map(|d| d.as_secs()),
+            drain: s.drain.as_ref().map(|d| Drain {
+                colour: d.from.to_string(),
+                live_flows: flows(d.from).live,
+                // Flows that were mid-handshake at the switch may join the count afterwards.
+                initial_flows: d.initial.max(flows(d.from).live),
+                elapsed_secs: d.started.elapsed().as_secs(),
+                timeout_secs: d.timeout.map(|t| t.as_secs()),
+                on_timeout: match s.config.on_drain_timeout {
+                    DrainAction::Move => "move".into(),
+                    DrainAction::Reset => "reset".into(),
+                },
+            }),
+            colours,
+        })
+    }
+}
+
+type Outcome = Result<(Response, Option<Change>), String>;
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::config::{HealthConfig, Mode, Protocol};
+
+    #[derive(Default)]
+    struct FakeMaps {
+        state: HashMap<u32, (Colour, u32)>,
+        pools: HashMap<(u32, Colour), Vec<BackendConfig>>,
+        flows: HashMap<(u32, Colour), FlowCounts>,
+        ended: Vec<(u32, Colour, DrainAction)>,
+        writes: usize,
+    }
+
+    impl Maps for FakeMaps {
+        fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, _: Option<Colour>) -> Result<(), DataplaneError> {
+            self.state.insert(id, (active, canary_bp));
+            self.writes += 1;
+            Ok(())
+        }
+        fn set_pool(&mut self, id: u32, colour: Colour, b: &[BackendConfig]) -> Result<(), DataplaneError> {
+            self.pools.insert((id, colour), b.to_vec());
+            Ok(())
+        }
+        fn counters(&self, _: u32, _: Colour) -> Result<Counters, DataplaneError> {
+            Ok(Counters::default())
+        }
+        fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
+            Ok(vec![("no_match", 3)])
+        }
+        fn scan_flows(&mut self, _: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
+            Ok(self.flows.clone())
+        }
+        fn end_drain(
+            &mut self,
+            _: &ServiceConfig,
+            id: u32,
+            from: Colour,
+            a: DrainAction,
+        ) -> Result<u64, DataplaneError> {
+            self.ended.push((id, from, a));
+            Ok(1)
+        }
+    }
+
+    fn backend(a: &str) -> BackendConfig {
+        BackendConfig { addr: a.parse().expect("addr"), weight: 1 }
+    }
+
+    fn board() -> Switchboard<FakeMaps> {
+        let web = ServiceConfig {
+            name: "web".into(),
+            vip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+            port: 80,
+            preview_port: None,
+            protocol: Protocol::Tcp,
+            mode: Mode::Nat,
+            active: Colour::Blue,
+            blue: vec![backend("198.51.100.2:8080")],
+            green: vec![backend("198.51.100.18:8080")],
+            drain_timeout: None,
+            on_drain_timeout: DrainAction::Move,
+            // Unchecked by default here; the health tests turn checks on.
+            health: HealthConfig { check: CheckKind::None, ..HealthConfig::default_for(Protocol::Tcp) },
+            watch: None,
+            failover: false,
+        };
+        let solo = ServiceConfig { name: "solo".into(), port: 81, green: vec![], ..web.clone() };
+        let installed = |id| Installed { id, active: Colour::Blue, canary_bp: 0, previous: None };
+        Switchboard::new(FakeMaps::default(), vec![(web, installed(0)), (solo, installed(1))])
+    }
+
+    fn handle(b: &mut Switchboard<FakeMaps>, req: Request) -> Response {
+        b.handle(req).0
+    }
+
+    fn cutover(b: &mut Switchboard<FakeMaps>, s: &str, c: Option<&str>) -> Response {
+        handle(b, Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None, force: false })
+    }
+
+    #[test]
+    fn cutover_defaults_to_the_idle_colour_and_writes_the_map_once() {
+        let mut b = board();
+        let r = cutover(&mut b, "web", None);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Green, 0)));
+        assert_eq!(b.maps.writes, 1);
+        assert_eq!(r.services[0].active, "green");
+        assert_eq!(r.services[0].previous.as_deref(), Some("blue"));
+        assert!(r.message.as_deref().is_some_and(|m| m.contains("blue → green")), "{r:?}");
+    }
+
+    #[test]
+    fn rollback_returns_to_the_previous_colour() {
+        let mut b = board();
+        let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false });
+        assert!(!r.ok);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("nothing to roll back")), "{r:?}");
+        assert!(cutover(&mut b, "web", Some("green")).ok);
+        let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false });
+        assert!(r.ok, "{r:?}");
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
+        assert_eq!(r.services[0].switches, 2);
+    }
+
+    #[test]
+    fn cutover_to_the_active_colour_changes_nothing() {
+        let mut b = board();
+        let r = cutover(&mut b, "web", Some("blue"));
+        assert!(r.ok);
+        assert_eq!(b.maps.writes, 0);
+        assert!(r.message.as_deref().is_some_and(|m| m.contains("already on blue")));
+    }
+
+    #[test]
+    fn errors_say_what_to_do() {
+        let mut b = board();
+        let r = cutover(&mut b, "api", None);
+        assert_eq!(r.error.as_deref(), Some("unknown service \"api\"; configured: web, solo"));
+        let r = cutover(&mut b, "web", Some("red"));
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("unknown colour")), "{r:?}");
+        let r = cutover(&mut b, "solo", None);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend configured")), "{r:?}");
+        let r = handle(&mut b, Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100, force: false });
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend")), "{r:?}");
+        assert_eq!(b.maps.writes, 0, "a refused request writes nothing");
+    }
+
+    #[test]
+    fn weights_set_a_canary_and_100_percent_is_a_cutover() {
+        let mut b = board();
+        let w = |b: &mut Switchboard<FakeMaps>, c: &str, bp| {
+            handle(b, Request::Weight { service: "web".into(), colour: c.into(), basis_points: bp, force: false })
+        };
+        let r = w(&mut b, "green", 500);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.message.as_deref(), Some("web: new flows blue 95%, green 5%"));
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 500)));
+        assert_eq!(r.services[0].canary, Some(Canary { colour: "green".into(), basis_points: 500 }));
+        assert!(w(&mut b, "blue", 9_999).ok);
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 1)));
+        assert!(w(&mut b, "green", 0).ok);
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
+        let r = w(&mut b, "green", 10_000);
+        assert_eq!(r.services[0].active, "green", "{r:?}");
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Green, 0)));
+        assert!(!w(&mut b, "green", 10_001).ok);
+        assert_eq!(percent(1), "0.01%");
+        assert_eq!(percent(1250), "12.5%");
+        assert_eq!(percent(10_000), "100%");
+    }
+
+    #[test]
+    fn drains_complete_when_empty_and_end_at_the_timeout() {
+        let mut b = board();
+        b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0 });
+        let r = handle(&mut b, Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0), force: false });
+        assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (timeout 0s)")), "{r:?}");
+        let st = b.status(Some("web")).expect("status");
+        let drain = st.services[0].drain.clone().expect("draining");
+        assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));
+        b.tick();
+        assert_eq!(b.maps.ended, [(0, Colour::Blue, DrainAction::Move)], "timeout 0: ended at the first tick");
+        assert!(b.status(Some("web")).expect("status").services[0].drain.is_none());
+
+        // Without a timeout the drain waits for the flows to end.
+        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 2, closing: 0 });
+        assert!(cutover(&mut b, "web", Some("blue")).ok);
+        b.tick();
+        assert!(b.services[0].drain.is_some());
+        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 0, closing: 2 });
+        b.tick();
+        assert!(b.services[0].drain.is_none(), "closing flows do not hold a drain");
+        assert_eq!(b.maps.ended.len(), 1);
+    }
+
+    #[test]
+    fn pools_change_at_runtime() {
+        let mut b = board();
+        let add = |b: &mut Switchboard<FakeMaps>, a: &str, w| {
+            handle(b, Request::BackendAdd { service: "web".into(), colour: "blue".into(), address: a.into(), weight: w })
+        };
+        assert!(add(&mut b, "198.51.100.3:8080", Some(2)).ok);
+        assert_eq!(b.maps.pools[&(0, Colour::Blue)].len(), 2);
+        assert!(add(&mut b, "198.51.100.3:8080", Some(5)).ok, "re-adding changes the weight");
+        assert_eq!(b.maps.pools[&(0, Colour::Blue)][1].weight, 5);
+        assert!(add(&mut b, "[2001:db8::1]:80", None).error.is_some_and(|e| e.contains("address family")));
+        assert!(add(&mut b, "nonsense", None).error.is_some_and(|e| e.contains("is not ADDRESS:PORT")));
+        let rm = |b: &mut Switchboard<FakeMaps>, a: &str| {
+            handle(b, Request::BackendRemove { service: "web".into(), colour: "blue".into(), address: a.into() })
+        };
+        assert!(rm(&mut b, "198.51.100.2:8080").ok);
+        let r = rm(&mut b, "198.51.100.3:8080");
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("last blue backend")), "{r:?}");
+        assert!(rm(&mut b, "198.51.100.9:8080").error.is_some_and(|e| e.contains("is not a blue backend")));
+    }
+
+    fn checked(b: &mut Switchboard<FakeMaps>, watch: Option<Duration>, failover: bool) {
+        let s = &mut b.services[0];
+        s.config.health.check = CheckKind::Tcp;
+        s.config.watch = watch;
+        s.config.failover = failover;
+    }
+
+    fn probe(b: &mut Switchboard<FakeMaps>, addr: &str, ok: bool) -> Vec<Change> {
+        let r = if ok { Ok(()) } else { Err("connect: connection refused".to_owned()) };
+        b.record_health("web", vec![(addr.parse().expect("addr"), r)])
+    }
+
+    #[test]
+    fn cutover_is_refused_to_an_unhealthy_colour_unless_forced() {
+        let mut b = board();
+        checked(&mut b, None, false);
+        probe(&mut b, "198.51.100.2:8080", true);
+        probe(&mut b, "198.51.100.18:8080", false);
+        let r = cutover(&mut b, "web", Some("green"));
+        let e = r.error.expect("refused");
+        assert!(e.contains("refusing to cut over web to green: no healthy green backend (198.51.100.18:8080: down for 0s: connect: connection refused)"), "{e}");
+        assert_eq!(b.maps.writes, 0);
+        let r = handle(&mut b, Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true });
+        assert!(r.ok, "{r:?}");
+        // A down backend leaves the table: weight 0 in the pool the maps got.
+        assert_eq!(b.maps.pools[&(0, Colour::Green)][0].weight, 0);
+        let s = b.status(Some("web")).expect("status");
+        assert_eq!(s.services[0].colours[1].backends[0].health, "down");
+        assert!(!s.services[0].colours[1].healthy);
+    }
+
+    #[test]
+    fn a_failing_new_colour_is_rolled_back_within_the_watch_window() {
+        let mut b = board();
+        checked(&mut b, Some(Duration::from_secs(60)), false);
+        probe(&mut b, "198.51.100.2:8080", true);
+        probe(&mut b, "198.51.100.18:8080", true);
+        let r = cutover(&mut b, "web", Some("green"));
+        assert!(r.message.as_deref().is_some_and(|m| m.contains("watching green for 60s")), "{r:?}");
+        assert_eq!(r.services[0].watch_secs_left.map(|s| s > 50), Some(true));
+        // Three failures in a row (fall = 3) take green down, and with it the cut-over.
+        assert!(probe(&mut b, "198.51.100.18:8080", false).is_empty());
+        assert!(probe(&mut b, "198.51.100.18:8080", false).is_empty());
+        let changes = probe(&mut b, "198.51.100.18:8080", false);
+        assert_eq!(changes.len(), 1);
+        assert_eq!((changes[0].what.as_str(), changes[0].from.as_str(), changes[0].to.as_str()), ("auto-rollback", "green", "blue"));
+        assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
+    }
+
+    #[test]
+    fn a_dead_live_colour_fails_over_only_when_enabled() {
+        let mut b = board();
+        checked(&mut b, None, false);
+        probe(&mut b, "198.51.100.18:8080", true);
+        assert!(probe(&mut b, "198.51.100.2:8080", false).is_empty(), "failover is off");
+        assert_eq!(b.services[0].active, Colour::Blue);
+        let mut b = board();
+        checked(&mut b, None, true);
+        probe(&mut b, "198.51.100.18:8080", true);
+        let changes = probe(&mut b, "198.51.100.2:8080", false);
+        assert_eq!(changes.first().map(|c| c.what.as_str()), Some("failover"));
+        assert_eq!(b.services[0].active, Colour::Green);
+        // Green dies too: nowhere to go, nothing changes.
+        b.services[0].config.health.fall = 1;
+        assert!(probe(&mut b, "198.51.100.18:8080", false).is_empty());
+    }
+
+    #[test]
+    fn changes_are_reported_for_the_audit_log() {
+        let mut b = board();
+        let (_, change) = b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false });
+        assert_eq!(change, Some(Change { service: "web".into(), what: "cut-over".into(), from: "blue".into(), to: "green".into() }));
+        let (_, none) = b.handle(Request::Status { service: None });
+        assert_eq!(none, None);
+    }
+
+    #[test]
+    fn status_lists_services_and_reasons() {
+        let mut b = board();
+        let r = b.status(None).expect("status");
+        assert_eq!(r.services.len(), 2);
+        assert_eq!(r.services[0].colours.len(), 2);
+        assert!(r.services[1].colours[1].backends.is_empty());
+        assert_eq!(r.reasons, [("no_match".to_owned(), 3)]);
+        assert!(b.status(Some("nope")).is_err());
+    }
+}
