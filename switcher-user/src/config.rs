@@ -523,7 +523,11 @@ impl Config {
                 }
                 if let Some(p) = &h.path {
                     if !p.starts_with('/') || p.contains(char::is_whitespace) {
-                        return Err(invalid(span, "health.path", format!("{p:?}: an absolute URL path without spaces")));
+                        return Err(invalid(
+                            span,
+                            "health.path",
+                            format!("{p:?}: an absolute URL path without spaces"),
+                        ));
                     }
                     d.path.clone_from(p);
                 }
@@ -533,8 +537,15 @@ impl Config {
                 d.timeout = h.timeout_ms.map_or(d.timeout, Duration::from_millis);
                 d.rise = h.rise.unwrap_or(d.rise);
                 d.fall = h.fall.unwrap_or(d.fall);
-                if d.interval < Duration::from_millis(100) || d.timeout < Duration::from_millis(10) || d.timeout > d.interval * 10 {
-                    return Err(invalid(span, "health", "interval_ms ≥ 100 and 10 ≤ timeout_ms ≤ 10 × interval_ms".into()));
+                if d.interval < Duration::from_millis(100)
+                    || d.timeout < Duration::from_millis(10)
+                    || d.timeout > d.interval * 10
+                {
+                    return Err(invalid(
+                        span,
+                        "health",
+                        "interval_ms ≥ 100 and 10 ≤ timeout_ms ≤ 10 × interval_ms".into(),
+                    ));
                 }
                 if d.rise == 0 || d.fall == 0 || d.rise > 100 || d.fall > 100 {
                     return Err(invalid(span, "health", "rise and fall are between 1 and 100".into()));
@@ -815,7 +826,11 @@ on_drain_timeout = "reset"
         assert_eq!(c.metrics, None);
         let web = c.service("web").expect("web");
         assert_eq!((web.health.check, web.health.rise, web.health.fall), (CheckKind::Tcp, 2, 3));
-        assert_eq!(c.service("dns").expect("dns").health.check, CheckKind::None, "UDP services are not checked by default");
+        assert_eq!(
+            c.service("dns").expect("dns").health.check,
+            CheckKind::None,
+            "UDP services are not checked by default"
+        );
         let text = GOOD.replace(
             "green = \"198.51.100.18:8080\"",
             "green = \"198.51.100.18:8080\"\nwatch_secs = 30\nfailover = true\nhealth = { check = \"http\", path = \"/healthz\", expect_status = 204, interval_ms = 500, timeout_ms = 200, rise = 1, fall = 2 }",
@@ -824,7 +839,10 @@ on_drain_timeout = "reset"
         let web = c.service("web").expect("web");
         assert_eq!(web.watch, Some(Duration::from_secs(30)));
         assert!(web.failover);
-        assert_eq!((web.health.check, web.health.path.as_str(), web.health.expect_status), (CheckKind::Http, "/healthz", 204));
+        assert_eq!(
+            (web.health.check, web.health.path.as_str(), web.health.expect_status),
+            (CheckKind::Http, "/healthz", 204)
+        );
         assert_eq!((web.health.interval, web.health.timeout), (Duration::from_millis(500), Duration::from_millis(200)));
         let e = err(&text.replace("rise = 1", "rise = 0"));
         assert!(e.contains("test.toml:15: health: rise and fall"), "{e}");

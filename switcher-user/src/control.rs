@@ -248,7 +248,12 @@ mod tests {
         for req in [
             Request::Status { service: None },
             Request::Status { service: Some("web".into()) },
-            Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: Some(5), force: true },
+            Request::Cutover {
+                service: "web".into(),
+                colour: Some("green".into()),
+                drain_timeout_secs: Some(5),
+                force: true,
+            },
             Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false },
             Request::Rollback { service: "web".into(), force: false },
             Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500, force: false },
@@ -270,7 +275,12 @@ mod tests {
     fn the_wire_format_is_stable() {
         assert_eq!(
             parse_request(br#"{"op":"cutover","service":"web","colour":"green"}"#),
-            Ok(Request::Cutover { service: "web".into(), colour: Some("green".into()), drain_timeout_secs: None, force: false })
+            Ok(Request::Cutover {
+                service: "web".into(),
+                colour: Some("green".into()),
+                drain_timeout_secs: None,
+                force: false
+            })
         );
         assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status { service: None }));
         let ok = serde_json::to_string(&Response { ok: true, ..Response::default() }).expect("json");

@@ -157,11 +157,14 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     for (s, i) in config.services.iter().zip(&installed) {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %i.active, "serving");
     }
-    let board: Board = Arc::new(Mutex::new(Switchboard::new(dataplane, config.services.iter().cloned().zip(installed).collect())));
+    let board: Board =
+        Arc::new(Mutex::new(Switchboard::new(dataplane, config.services.iter().cloned().zip(installed).collect())));
     // One round of health checks before the socket opens, so that the first cut-over is
     // judged on facts (bounded by the checks' timeouts).
     let first = Arc::clone(&board);
-    let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&first, &Audit { file: None }, &mut HashMap::new())).await;
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), health_round(&first, &Audit { file: None }, &mut HashMap::new()))
+            .await;
     let listener = bind(&config.socket, config.socket_group.as_deref())?;
     let _socket = SocketFile(config.socket.clone());
     let audit = Arc::new(Audit { file: config.audit_log.clone() });
@@ -175,7 +178,8 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let mut watchdog_usec = 0;
     let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
     tracing::info!(socket = %config.socket.display(), services = config.services.len(), "switcher daemon ready");
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("install SIGHUP handler")?;
+    let mut hangup =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("install SIGHUP handler")?;
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -309,11 +313,21 @@ async fn serve(
                 let who = peer.as_ref().map_or_else(|| "unknown peer".to_owned(), Peer::describe);
                 if changes && !peer.as_ref().is_some_and(|p| p.may_change(group)) {
                     tracing::warn!(target: "audit", who, "refused a change: not root and not in the socket's group");
-                    Response::error(format!("{who} may not change switcher: ask root, or a member of the socket's group"))
+                    Response::error(format!(
+                        "{who} may not change switcher: ask root, or a member of the socket's group"
+                    ))
                 } else if matches!(req, Request::Reload) {
                     let r = reload(board, config_path, config);
                     if r.ok {
-                        audit.record(&who, &Change { service: "*".into(), what: "reload".into(), from: "-".into(), to: config_path.display().to_string() });
+                        audit.record(
+                            &who,
+                            &Change {
+                                service: "*".into(),
+                                what: "reload".into(),
+                                from: "-".into(),
+                                to: config_path.display().to_string(),
+                            },
+                        );
                     }
                     r
                 } else {
@@ -402,7 +416,9 @@ fn ensure_forwarding(knob: &str, family: &str) {
     match std::fs::read_to_string(knob) {
         Ok(v) if v.trim() == "1" => {}
         Ok(_) => match std::fs::write(knob, "1") {
-            Ok(()) => tracing::info!("enabled {family} forwarding ({knob} = 1): the load balancer routes to its backends"),
+            Ok(()) => {
+                tracing::info!("enabled {family} forwarding ({knob} = 1): the load balancer routes to its backends")
+            }
             Err(e) => tracing::warn!(
                 "{family} forwarding is off and {knob} cannot be written ({e}); service traffic will not be forwarded"
             ),

@@ -29,10 +29,10 @@ use aya::{
 use switcher_common::{
     ABI_VERSION, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET, FORWARD_KERNEL,
     FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS,
-    MAP_META, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_NAMES, MAX_POOL, MAX_SERVICES, PROG_NAME,
-    RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR,
-    SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk,
-    user::Colour,
+    MAP_META, MAP_NAMES, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAX_POOL,
+    MAX_SERVICES, PROG_NAME, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY,
+    SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired, flow_hash,
+    new_flow_colour, pool_slot, ring_chunk, user::Colour,
 };
 
 use crate::{
@@ -96,7 +96,9 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error("XDP on {iface} was attached through netlink (kernel without XDP bpf_link, < 5.9): it cannot be pinned, so it would not survive the daemon; switcher needs Linux 5.9 or later")]
+    #[error(
+        "XDP on {iface} was attached through netlink (kernel without XDP bpf_link, < 5.9): it cannot be pinned, so it would not survive the daemon; switcher needs Linux 5.9 or later"
+    )]
     NetlinkOnly { iface: String },
 }
 
@@ -399,8 +401,10 @@ impl Dataplane {
             let id = match PinnedLink::from_pin(&path) {
                 Ok(pinned) => {
                     // Held by our fd while the pin is replaced: the link never drops.
-                    let fd_link = pinned.unpin().map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
-                    let link = XdpLink::try_from(fd_link).map_err(|source| DataplaneError::Link { iface: iface.clone(), source })?;
+                    let fd_link =
+                        pinned.unpin().map_err(|source| DataplaneError::Pin { path: path.clone(), source })?;
+                    let link = XdpLink::try_from(fd_link)
+                        .map_err(|source| DataplaneError::Link { iface: iface.clone(), source })?;
                     let id = prog.attach_to_link(link).map_err(DataplaneError::Program)?;
                     tracing::info!(interface = %iface, "replaced the program under the pinned link");
                     id

@@ -21,7 +21,9 @@ pub enum Action {
 /// Errors of the emergency path, each saying what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum EmergencyError {
-    #[error("no pinned switcher data path under {pins}: the daemon has not run with this config, or it was uninstalled")]
+    #[error(
+        "no pinned switcher data path under {pins}: the daemon has not run with this config, or it was uninstalled"
+    )]
     NotPinned { pins: String },
     #[error("unknown service {0:?} in the config")]
     UnknownService(String),
@@ -53,12 +55,10 @@ pub fn switch(config: &Config, service: &str, action: Action) -> Result<String, 
         return Err(EmergencyError::NotPinned { pins: pins.version_dir().display().to_string() });
     }
     let s = config.service(service).ok_or_else(|| EmergencyError::UnknownService(service.to_owned()))?;
-    let services: HashMap<MapData, ServiceKey, Service> = HashMap::try_from(Map::HashMap(open(&pins, MAP_SERVICES)?))
-        .map_err(|source| EmergencyError::Map { name: MAP_SERVICES, source })?;
-    let id = services
-        .get(&service_key(s, s.port), 0)
-        .map_err(|_| EmergencyError::NotInstalled(service.to_owned()))?
-        .id;
+    let services: HashMap<MapData, ServiceKey, Service> =
+        HashMap::try_from(Map::HashMap(open(&pins, MAP_SERVICES)?))
+            .map_err(|source| EmergencyError::Map { name: MAP_SERVICES, source })?;
+    let id = services.get(&service_key(s, s.port), 0).map_err(|_| EmergencyError::NotInstalled(service.to_owned()))?.id;
     let mut state: Array<MapData, u32> = Array::try_from(Map::Array(open(&pins, MAP_STATE)?))
         .map_err(|source| EmergencyError::Map { name: MAP_STATE, source })?;
     let current = state.get(&id, 0).map_err(|source| EmergencyError::Map { name: MAP_STATE, source })?;

@@ -118,7 +118,8 @@ pub async fn probe(check: &HealthConfig, backend: SocketAddr) -> Result<(), Stri
             n += got;
         }
         let line = String::from_utf8_lossy(&buf[..n]);
-        let status = status_code(&line).ok_or_else(|| format!("{addr} did not answer HTTP: {:?}", line.lines().next().unwrap_or("")))?;
+        let status = status_code(&line)
+            .ok_or_else(|| format!("{addr} did not answer HTTP: {:?}", line.lines().next().unwrap_or("")))?;
         if status == check.expect_status {
             Ok(())
         } else {

@@ -68,7 +68,13 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             let share = match &s.canary {
                 Some(cn) if cn.colour == c.colour => i64::from(cn.basis_points),
                 Some(cn) => 10_000 - i64::from(cn.basis_points),
-                None => if s.active == c.colour { 10_000 } else { 0 },
+                None => {
+                    if s.active == c.colour {
+                        10_000
+                    } else {
+                        0
+                    }
+                }
             };
             canary.get_or_create(&sc).set(share);
             for b in &c.backends {
@@ -129,7 +135,8 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>) 
                 }
             })
             .await;
-            let wanted = read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
+            let wanted =
+                read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
             let (status, body) = if wanted {
                 let snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
                 match snapshot.map(|s| render(&s)) {
@@ -169,7 +176,12 @@ mod tests {
                 colours: vec![ColourStatus {
                     colour: "green".into(),
                     healthy: true,
-                    backends: vec![BackendStatus { address: "198.51.100.18:8080".into(), weight: 1, health: "up".into(), detail: None }],
+                    backends: vec![BackendStatus {
+                        address: "198.51.100.18:8080".into(),
+                        weight: 1,
+                        health: "up".into(),
+                        detail: None,
+                    }],
                     live_flows: 7,
                     closing_flows: 1,
                     counters: Counters { packets: 10, bytes: 600, reply_packets: 9, reply_bytes: 500, flows: 4 },

@@ -26,7 +26,13 @@ pub trait Maps {
     ///
     /// # Errors
     /// The map write failed.
-    fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, previous: Option<Colour>) -> Result<(), DataplaneError>;
+    fn set_state(
+        &mut self,
+        id: u32,
+        active: Colour,
+        canary_bp: u32,
+        previous: Option<Colour>,
+    ) -> Result<(), DataplaneError>;
     /// Replaces a colour's pool and makes its new table live.
     ///
     /// # Errors
@@ -61,7 +67,13 @@ pub trait Maps {
 }
 
 impl Maps for Dataplane {
-    fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, previous: Option<Colour>) -> Result<(), DataplaneError> {
+    fn set_state(
+        &mut self,
+        id: u32,
+        active: Colour,
+        canary_bp: u32,
+        previous: Option<Colour>,
+    ) -> Result<(), DataplaneError> {
         Dataplane::set_state(self, id, active, canary_bp, previous)
     }
     fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<(), DataplaneError> {
@@ -303,17 +315,39 @@ impl<M: Maps> Switchboard<M> {
             .set_state(s.id, active, canary, s.previous)
             .map_err(|e| format!("{name}: map write failed: {}", chain(&e)))?;
         self.services[i].canary_bp = canary;
-        let msg = format!("{name}: new flows {} {}, {} {}", active, percent(BP_ALL - canary), active.other(), percent(canary));
+        let msg = format!(
+            "{name}: new flows {} {}, {} {}",
+            active,
+            percent(BP_ALL - canary),
+            active.other(),
+            percent(canary)
+        );
         let change = Change {
             service: name.to_owned(),
             what: "weight".into(),
             from: format!("{} {}", active.other(), percent(before)),
             to: format!("{} {}", active.other(), percent(canary)),
         };
-        Ok((Response { ok: true, message: Some(msg), services: vec![self.service_status(i, None)?], ..Response::default() }, Some(change)))
+        Ok((
+            Response {
+                ok: true,
+                message: Some(msg),
+                services: vec![self.service_status(i, None)?],
+                ..Response::default()
+            },
+            Some(change),
+        ))
     }
 
-    fn switch(&mut self, i: usize, target: Colour, canary: u32, drain_timeout: Option<Duration>, verb: &str, force: bool) -> Outcome {
+    fn switch(
+        &mut self,
+        i: usize,
+        target: Colour,
+        canary: u32,
+        drain_timeout: Option<Duration>,
+        verb: &str,
+        force: bool,
+    ) -> Outcome {
         let s = &self.services[i];
         let name = s.config.name.clone();
         if s.active == target && s.canary_bp == canary {
@@ -378,11 +412,20 @@ impl<M: Maps> Switchboard<M> {
             Some(w) if from != target && verb == "cut over" => format!("; watching {target} for {}s", w.as_secs()),
             _ => String::new(),
         };
-        let change = Change { service: name.clone(), what: verb.replace(' ', "-"), from: from.to_string(), to: target.to_string() };
+        let change = Change {
+            service: name.clone(),
+            what: verb.replace(' ', "-"),
+            from: from.to_string(),
+            to: target.to_string(),
+        };
         Ok((
             Response {
                 ok: true,
-                message: Some(format!("{name}: {verb} {from} → {target} ({}) in {} µs{drain}{watching}", backends.join(", "), took.as_micros())),
+                message: Some(format!(
+                    "{name}: {verb} {from} → {target} ({}) in {} µs{drain}{watching}",
+                    backends.join(", "),
+                    took.as_micros()
+                )),
                 services: vec![self.service_status(i, None)?],
                 ..Response::default()
             },
@@ -420,9 +463,14 @@ impl<M: Maps> Switchboard<M> {
                 }
                 let live = c == s.active || (s.canary_bp > 0 && c == s.active.other());
                 if live && !pool.iter().any(|b| b.weight > 0) {
-                    return Err(format!("{addr} is the last {c} backend of {name}, which takes traffic; cut over first"));
+                    return Err(format!(
+                        "{addr} is the last {c} backend of {name}, which takes traffic; cut over first"
+                    ));
                 }
-                (format!("{name} {c}: {addr} removed ({} backends); its open flows stay until they end", pool.len()), "backend-remove")
+                (
+                    format!("{name} {c}: {addr} removed ({} backends); its open flows stay until they end", pool.len()),
+                    "backend-remove",
+                )
             }
         };
         *self.services[i].config.pool_mut(c) = pool;
@@ -430,7 +478,15 @@ impl<M: Maps> Switchboard<M> {
         self.maps.set_pool(s.id, c, &s.effective_pool(c)).map_err(|e| format!("{name}: {}", chain(&e)))?;
         tracing::info!(service = %name, colour = %c, %addr, ?weight, "pool changed");
         let change = Change { service: name.to_owned(), what: what.into(), from: c.to_string(), to: addr.to_string() };
-        Ok((Response { ok: true, message: Some(msg), services: vec![self.service_status(i, None)?], ..Response::default() }, Some(change)))
+        Ok((
+            Response {
+                ok: true,
+                message: Some(msg),
+                services: vec![self.service_status(i, None)?],
+                ..Response::default()
+            },
+            Some(change),
+        ))
     }
 
     /// The services as configured now (pools may have changed at runtime).
@@ -443,7 +499,13 @@ impl<M: Maps> Switchboard<M> {
         self.services
             .iter()
             .filter(|s| s.checked())
-            .map(|s| (s.config.name.clone(), s.config.health.clone(), s.config.blue.iter().chain(&s.config.green).map(|b| b.addr).collect()))
+            .map(|s| {
+                (
+                    s.config.name.clone(),
+                    s.config.health.clone(),
+                    s.config.blue.iter().chain(&s.config.green).map(|b| b.addr).collect(),
+                )
+            })
             .collect()
     }
 
@@ -491,7 +553,8 @@ impl<M: Maps> Switchboard<M> {
         };
         let why = s.why_unhealthy(active);
         tracing::warn!(service = %name, from = %active, to = %target, "{verb}: every {active} backend failed its health checks ({why})");
-        match self.switch(i, target, 0, None, if verb == "auto-rollback" { "rolled back" } else { "failed over" }, true) {
+        match self.switch(i, target, 0, None, if verb == "auto-rollback" { "rolled back" } else { "failed over" }, true)
+        {
             Ok((_, change)) => change.map(|c| Change { what: verb.into(), ..c }).into_iter().collect(),
             Err(e) => {
                 tracing::warn!(service = %name, "{verb} failed: {e}");
@@ -503,7 +566,8 @@ impl<M: Maps> Switchboard<M> {
     /// Replaces the services after a reload: services that stay keep their switch state,
     /// drain and health; new ones start as installed; removed ones go.
     pub fn reload(&mut self, services: Vec<(ServiceConfig, Installed)>) {
-        let mut old: HashMap<String, ServiceState> = self.services.drain(..).map(|s| (s.config.name.clone(), s)).collect();
+        let mut old: HashMap<String, ServiceState> =
+            self.services.drain(..).map(|s| (s.config.name.clone(), s)).collect();
         for (config, installed) in services {
             let state = match old.remove(&config.name) {
                 Some(mut s) if s.id == installed.id => {
@@ -537,7 +601,9 @@ impl<M: Maps> Switchboard<M> {
                 let action = s.config.on_drain_timeout;
                 let config = s.config.clone();
                 match self.maps.end_drain(&config, s.id, drain.from, action) {
-                    Ok(n) => tracing::warn!(service = %name, colour = %drain.from, flows = n, ?action, "drain timed out"),
+                    Ok(n) => {
+                        tracing::warn!(service = %name, colour = %drain.from, flows = n, ?action, "drain timed out")
+                    }
                     Err(e) => tracing::warn!(service = %name, "end drain: {}", chain(&e)),
                 }
                 self.services[i].drain = None;
@@ -553,13 +619,19 @@ impl<M: Maps> Switchboard<M> {
         let counts = self.maps.scan_flows(false).map_err(|e| chain(&e))?;
         let services = match name {
             Some(name) => vec![self.service_status(self.find(name)?, Some(&counts))?],
-            None => (0..self.services.len()).map(|i| self.service_status(i, Some(&counts))).collect::<Result<_, _>>()?,
+            None => {
+                (0..self.services.len()).map(|i| self.service_status(i, Some(&counts))).collect::<Result<_, _>>()?
+            }
         };
         let reasons = self.maps.reasons().map_err(|e| chain(&e))?.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
         Ok(Response { ok: true, services, reasons, ..Response::default() })
     }
 
-    fn service_status(&self, i: usize, counts: Option<&HashMap<(u32, Colour), FlowCounts>>) -> Result<ServiceStatus, String> {
+    fn service_status(
+        &self,
+        i: usize,
+        counts: Option<&HashMap<(u32, Colour), FlowCounts>>,
+    ) -> Result<ServiceStatus, String> {
         let s = &self.services[i];
         let flows = |c: Colour| counts.and_then(|m| m.get(&(s.id, c)).copied()).unwrap_or_default();
         let colours = Colour::ALL
@@ -593,7 +665,8 @@ impl<M: Maps> Switchboard<M> {
             protocol: s.config.protocol.as_str().to_owned(),
             mode: s.config.mode.as_str().to_owned(),
             active: s.active.to_string(),
-            canary: (s.canary_bp > 0).then(|| Canary { colour: s.active.other().to_string(), basis_points: s.canary_bp }),
+            canary: (s.canary_bp > 0)
+                .then(|| Canary { colour: s.active.other().to_string(), basis_points: s.canary_bp }),
             previous: s.previous.map(|c| c.to_string()),
             switches: s.switches,
             since_switch_secs: s.switched_at.map(|t| t.elapsed().as_secs()),
@@ -646,7 +719,13 @@ mod tests {
     }
 
     impl Maps for FakeMaps {
-        fn set_state(&mut self, id: u32, active: Colour, canary_bp: u32, _: Option<Colour>) -> Result<(), DataplaneError> {
+        fn set_state(
+            &mut self,
+            id: u32,
+            active: Colour,
+            canary_bp: u32,
+            _: Option<Colour>,
+        ) -> Result<(), DataplaneError> {
             self.state.insert(id, (active, canary_bp));
             self.writes += 1;
             Ok(())
@@ -708,7 +787,10 @@ mod tests {
     }
 
     fn cutover(b: &mut Switchboard<FakeMaps>, s: &str, c: Option<&str>) -> Response {
-        handle(b, Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None, force: false })
+        handle(
+            b,
+            Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None, force: false },
+        )
     }
 
     #[test]
@@ -754,7 +836,10 @@ mod tests {
         assert!(r.error.as_deref().is_some_and(|e| e.contains("unknown colour")), "{r:?}");
         let r = cutover(&mut b, "solo", None);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend configured")), "{r:?}");
-        let r = handle(&mut b, Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100, force: false });
+        let r = handle(
+            &mut b,
+            Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100, force: false },
+        );
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend")), "{r:?}");
         assert_eq!(b.maps.writes, 0, "a refused request writes nothing");
     }
@@ -787,7 +872,10 @@ mod tests {
     fn drains_complete_when_empty_and_end_at_the_timeout() {
         let mut b = board();
         b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0 });
-        let r = handle(&mut b, Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0), force: false });
+        let r = handle(
+            &mut b,
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0), force: false },
+        );
         assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (timeout 0s)")), "{r:?}");
         let st = b.status(Some("web")).expect("status");
         let drain = st.services[0].drain.clone().expect("draining");
@@ -811,7 +899,10 @@ mod tests {
     fn pools_change_at_runtime() {
         let mut b = board();
         let add = |b: &mut Switchboard<FakeMaps>, a: &str, w| {
-            handle(b, Request::BackendAdd { service: "web".into(), colour: "blue".into(), address: a.into(), weight: w })
+            handle(
+                b,
+                Request::BackendAdd { service: "web".into(), colour: "blue".into(), address: a.into(), weight: w },
+            )
         };
         assert!(add(&mut b, "198.51.100.3:8080", Some(2)).ok);
         assert_eq!(b.maps.pools[&(0, Colour::Blue)].len(), 2);
@@ -850,7 +941,10 @@ mod tests {
         let e = r.error.expect("refused");
         assert!(e.contains("refusing to cut over web to green: no healthy green backend (198.51.100.18:8080: down for 0s: connect: connection refused)"), "{e}");
         assert_eq!(b.maps.writes, 0);
-        let r = handle(&mut b, Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true });
+        let r = handle(
+            &mut b,
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true },
+        );
         assert!(r.ok, "{r:?}");
         // A down backend leaves the table: weight 0 in the pool the maps got.
         assert_eq!(b.maps.pools[&(0, Colour::Green)][0].weight, 0);
@@ -873,7 +967,10 @@ mod tests {
         assert!(probe(&mut b, "198.51.100.18:8080", false).is_empty());
         let changes = probe(&mut b, "198.51.100.18:8080", false);
         assert_eq!(changes.len(), 1);
-        assert_eq!((changes[0].what.as_str(), changes[0].from.as_str(), changes[0].to.as_str()), ("auto-rollback", "green", "blue"));
+        assert_eq!(
+            (changes[0].what.as_str(), changes[0].from.as_str(), changes[0].to.as_str()),
+            ("auto-rollback", "green", "blue")
+        );
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
     }
 
@@ -898,8 +995,12 @@ mod tests {
     #[test]
     fn changes_are_reported_for_the_audit_log() {
         let mut b = board();
-        let (_, change) = b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false });
-        assert_eq!(change, Some(Change { service: "web".into(), what: "cut-over".into(), from: "blue".into(), to: "green".into() }));
+        let (_, change) =
+            b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false });
+        assert_eq!(
+            change,
+            Some(Change { service: "web".into(), what: "cut-over".into(), from: "blue".into(), to: "green".into() })
+        );
         let (_, none) = b.handle(Request::Status { service: None });
         assert_eq!(none, None);
     }

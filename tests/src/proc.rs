@@ -126,6 +126,12 @@ impl Daemon {
         self.wait_ready();
     }
 
+    /// The daemon's PID.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

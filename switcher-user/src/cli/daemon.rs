@@ -38,7 +38,8 @@ pub fn run(config_path: &Path, args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let opts = switcher_user::daemon::Options { config_path: config_path.to_owned(), detach_on_exit: args.detach_on_exit };
+    let opts =
+        switcher_user::daemon::Options { config_path: config_path.to_owned(), detach_on_exit: args.detach_on_exit };
     rt.block_on(switcher_user::daemon::run(config, opts, shutdown_signal()))
 }
 

@@ -104,8 +104,9 @@ fn ask_or_emergency(
         Ok(resp) if resp.ok => Ok(Some(resp)),
         Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused without saying why".into())),
         Err(control::ClientError::NotRunning { .. }) => {
-            let cfg = switcher_user::config::Config::load(config)
-                .map_err(|e| anyhow::anyhow!("the daemon is not running, and the emergency path needs its config: {e}"))?;
+            let cfg = switcher_user::config::Config::load(config).map_err(|e| {
+                anyhow::anyhow!("the daemon is not running, and the emergency path needs its config: {e}")
+            })?;
             let done = switcher_user::emergency::switch(&cfg, service, action)
                 .map_err(|e| anyhow::anyhow!("the daemon is not running; emergency path: {e}"))?;
             println!("{done}");

@@ -46,7 +46,8 @@ fn render(resp: &Response) -> String {
         }
         out.push('\n');
         if let Some(w) = s.watch_secs_left {
-            let _ = writeln!(out, "  watching {} for {w}s more: it is rolled back if it fails its health checks", s.active);
+            let _ =
+                writeln!(out, "  watching {} for {w}s more: it is rolled back if it fails its health checks", s.active);
         }
         if let Some(p) = s.preview_port {
             let idle = if s.active == "blue" { "green" } else { "blue" };

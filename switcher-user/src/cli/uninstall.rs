@@ -20,7 +20,9 @@ pub struct Args {
 pub fn run(config: &Path, args: Args) -> anyhow::Result<()> {
     let root = match args.pin_path {
         Some(p) => p,
-        None => Config::load(config).map_or_else(|_| PathBuf::from(switcher_user::pins::DEFAULT_PIN_PATH), |c| c.pin_path),
+        None => {
+            Config::load(config).map_or_else(|_| PathBuf::from(switcher_user::pins::DEFAULT_PIN_PATH), |c| c.pin_path)
+        }
     };
     let pins = Pins::new(&root);
     if !pins.exists() && pins.linked_interfaces().is_empty() {

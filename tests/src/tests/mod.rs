@@ -1,6 +1,7 @@
 //! Privileged tests: the XDP program on crafted packets (T1) and in namespaces (T2). Each
 //! skips with a message when not run as root.
 
+mod agent;
 mod e2e;
 mod production;
 mod prog_test_run;

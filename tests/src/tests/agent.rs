@@ -1,0 +1,287 @@
+//! T2 for the agent: restarts and crashes without traffic loss, the emergency path, health
+//! checks and what they refuse or trigger, reload, socket security and metrics.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4},
+    os::unix::process::CommandExt as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{
+    net::{Conn, Netns, Server, Topology, VIP, colour_of, tcp_request, udp_request, wait_for},
+    proc::{Daemon, demo_config},
+};
+
+const WEB: SocketAddrV4 = SocketAddrV4::new(VIP, 80);
+const DNS: SocketAddrV4 = SocketAddrV4::new(VIP, 53);
+
+/// The demo config with extra lines in the `web` service and at the top.
+fn config(t: &Topology, socket: &std::path::Path, web: &str, top: &str) -> String {
+    let base = demo_config(&t.lb_ifaces, "redirect", socket);
+    format!("{top}\n{}", base.replacen("name = \"web\"\n", &format!("name = \"web\"\n{web}\n"), 1))
+}
+
+/// Fast checks so the tests do not wait long: every 200 ms, down after 2 failures.
+const FAST_CHECKS: &str = "health = { interval_ms = 200, timeout_ms = 200, rise = 1, fall = 2 }";
+
+fn active(d: &Daemon, service: &str) -> String {
+    d.status().services.iter().find(|s| s.name == service).map(|s| s.active.clone()).unwrap_or_default()
+}
+
+/// Requests through the VIP in a loop until stopped; counts answers and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU32>,
+    failed: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(client: &Netns) -> Load {
+        let (stop, ok, failed) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+        let ns = Netns::attach(&client.name);
+        let (s, o, f) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failed));
+        let thread = std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let mut n = 0u32;
+            // Bounded: at most 20 000 requests, and the test stops it after a few seconds.
+            while !s.load(Ordering::Relaxed) && n < 20_000 {
+                let r = if n % 2 == 0 { tcp_request(&ns, WEB) } else { udp_request(&ns, DNS) };
+                n += 1;
+                match r {
+                    Ok(_) => o.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        f.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            errors
+        });
+        Load { stop, ok, failed, thread: Some(thread) }
+    }
+
+    /// Stops the load; returns (answered, failed, the errors).
+    fn finish(mut self) -> (u32, u32, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default();
+        (self.ok.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed), errors)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_crash_loses_nothing_and_the_restarted_daemon_adopts_the_data_path() {
+    if !crate::have_root("a_crash_loses_nothing_and_the_restarted_daemon_adopts_the_data_path") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let mut d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    let mut long = Conn::open(&t.client, WEB).expect("long-lived connection");
+    assert_eq!(colour_of(&long.ask().expect("ask")), "blue");
+    let before = d.status();
+    let blue_before = before.services[0].colours[0].counters;
+
+    let load = Load::start(&t.client);
+    std::thread::sleep(Duration::from_millis(800));
+    d.kill();
+    std::thread::sleep(Duration::from_millis(800));
+    // With the daemon down, the emergency path still switches.
+    let out = d.cli(&["cutover", "web", "green"]);
+    assert!(out.status.success(), "emergency cut-over: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("emergency path"), "{out:?}");
+    std::thread::sleep(Duration::from_millis(800));
+    d.restart();
+    std::thread::sleep(Duration::from_millis(800));
+    let (ok, failed, errors) = load.finish();
+    assert!(ok > 100, "the load ran: {ok} answers");
+    assert_eq!(failed, 0, "requests failed across kill -9, emergency cut-over and restart: {errors:?}");
+
+    let after = d.status();
+    assert_eq!(after.services[0].active, "green", "the restarted daemon adopted the emergency cut-over");
+    assert_eq!(after.services[0].previous.as_deref(), Some("blue"));
+    let blue_after = after.services[0].colours[0].counters;
+    assert!(
+        blue_after.packets >= blue_before.packets && blue_after.flows >= blue_before.flows,
+        "counters carried on: {blue_before:?} → {blue_after:?}"
+    );
+    assert!(after.services[0].colours[0].live_flows >= 1, "the long-lived flow is still tracked");
+    assert_eq!(colour_of(&long.ask().expect("the long-lived connection survived")), "blue");
+    assert!(d.log().contains("adopted the pinned data path"), "{}", d.log());
+    // And the restarted daemon still rolls back.
+    assert!(d.cli_ok(&["rollback", "web"]).contains("green → blue"));
+}
+
+#[test]
+fn a_cutover_to_an_unhealthy_colour_is_refused_unless_forced() {
+    if !crate::have_root("a_cutover_to_an_unhealthy_colour_is_refused_unless_forced") {
+        return;
+    }
+    let t = Topology::new();
+    let _b = Server::start(&t.blue, "blue");
+    // No green server: green's checks fail.
+    let d = Daemon::start(&t.lb, |s| config(&t, s, FAST_CHECKS, ""));
+    let out = d.cli(&["cutover", "web", "green"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("refusing to cut over web to green: no healthy green backend")
+            && err.contains("198.51.100.18:8080"),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(active(&d, "web"), "blue");
+    let status = d.cli_ok(&["status", "web"]);
+    assert!(status.contains("UNHEALTHY") && status.contains("down for"), "{status}");
+    assert!(d.cli_ok(&["cutover", "web", "green", "--force"]).contains("blue → green"));
+    assert_eq!(active(&d, "web"), "green");
+}
+
+#[test]
+fn a_failing_new_colour_is_rolled_back_automatically() {
+    if !crate::have_root("a_failing_new_colour_is_rolled_back_automatically") {
+        return;
+    }
+    let t = Topology::new();
+    let _b = Server::start(&t.blue, "blue");
+    let green = Server::start(&t.green, "green");
+    let d = Daemon::start(&t.lb, |s| {
+        let audit = s.parent().map(|p| p.join("audit.log")).unwrap_or_default();
+        config(&t, s, &format!("watch_secs = 60\n{FAST_CHECKS}"), &format!("audit_log = \"{}\"", audit.display()))
+    });
+    let out = d.cli_ok(&["cutover", "web", "green"]);
+    assert!(out.contains("watching green for 60s"), "{out}");
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
+    drop(green);
+    let back = wait_for(Duration::from_secs(10), || (active(&d, "web") == "blue").then_some(()));
+    assert!(back.is_some(), "green's backends stopped but web was not rolled back:\n{}", d.log());
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request after rollback").0), "blue");
+    let audit = std::fs::read_to_string(d.dir.join("audit.log")).expect("audit log");
+    assert!(audit.contains("cut-over web blue -> green") && audit.contains("uid=0(root)"), "{audit}");
+    assert!(audit.contains("auto-rollback web green -> blue"), "{audit}");
+}
+
+#[test]
+fn a_dead_live_colour_fails_over() {
+    if !crate::have_root("a_dead_live_colour_fails_over") {
+        return;
+    }
+    let t = Topology::new();
+    let blue = Server::start(&t.blue, "blue");
+    let _g = Server::start(&t.green, "green");
+    let d = Daemon::start(&t.lb, |s| config(&t, s, &format!("failover = true\n{FAST_CHECKS}"), ""));
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "blue");
+    drop(blue);
+    let over = wait_for(Duration::from_secs(10), || (active(&d, "web") == "green").then_some(()));
+    assert!(over.is_some(), "blue died but web did not fail over:\n{}", d.log());
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request after failover").0), "green");
+}
+
+#[test]
+fn reload_applies_a_good_config_and_a_broken_one_changes_nothing() {
+    if !crate::have_root("reload_applies_a_good_config_and_a_broken_one_changes_nothing") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    d.cli_ok(&["cutover", "web", "green"]);
+    let good = std::fs::read_to_string(&d.config).expect("config");
+    let before = d.status();
+
+    std::fs::write(&d.config, good.replace("protocol = \"tcp\"", "protocol = \"tcpp\"")).expect("write");
+    let out = d.cli(&["reload"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("reload rejected, nothing changed") && err.contains("line"), "{err}");
+    std::fs::write(&d.config, "garbage ][").expect("write");
+    // SIGHUP, as systemd's reload does, with garbage in the file.
+    crate::net::sh(&["kill", "-HUP", &d.pid().to_string()]);
+    let logged = wait_for(Duration::from_secs(5), || d.log().contains("SIGHUP: reload rejected").then_some(()));
+    assert!(logged.is_some(), "{}", d.log());
+    let after = d.status();
+    assert_eq!(after.services.len(), before.services.len());
+    assert_eq!(active(&d, "web"), "green", "a rejected reload changes nothing");
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
+
+    let more = format!(
+        "{good}\n[[service]]\nname = \"web2\"\nvip = \"{VIP}\"\nport = 8000\nprotocol = \"tcp\"\nactive = \"blue\"\nblue = \"198.51.100.3:8080\"\n"
+    );
+    std::fs::write(&d.config, more).expect("write");
+    let out = d.cli_ok(&["reload"]);
+    assert!(out.contains("added: web2"), "{out}");
+    assert_eq!(active(&d, "web"), "green", "services that stay keep their state");
+    let (answer, peer) = tcp_request(&t.client, SocketAddrV4::new(VIP, 8000)).expect("the new service");
+    assert_eq!((answer.as_str(), peer), ("blue 198.51.100.3", SocketAddr::V4(SocketAddrV4::new(VIP, 8000))));
+}
+
+#[test]
+fn the_socket_refuses_other_users_and_garbage() {
+    if !crate::have_root("the_socket_refuses_other_users_and_garbage") {
+        return;
+    }
+    let t = Topology::new();
+    let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    // The test directory must be reachable for the other user to get as far as the socket.
+    crate::net::sh(&["chmod", "755", &d.dir.to_string_lossy()]);
+    let out = std::process::Command::new(crate::proc::switcher_bin())
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["status"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("permission denied"), "{err}");
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    s.write_all(&vec![b'x'; 70_000]).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.contains("larger than"), "{answer}");
+    d.cli_ok(&["status"]);
+}
+
+#[test]
+fn metrics_are_served_on_loopback() {
+    if !crate::have_root("metrics_are_served_on_loopback") {
+        return;
+    }
+    let t = Topology::new();
+    let _b = Server::start(&t.blue, "blue");
+    let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    tcp_request(&t.client, WEB).expect("some traffic");
+    let body = t.lb.run(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("send");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body
+    });
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    for needle in [
+        "switcher_packets_total{service=\"web\",colour=\"blue\",direction=\"request\"}",
+        "switcher_backend_up{service=\"web\",colour=\"blue\",backend=\"198.51.100.2:8080\"} 1",
+        "switcher_active{service=\"web\",colour=\"blue\"} 1",
+        "switcher_datapath_verdicts_total{reason=\"fwd_redirect\"}",
+        "# EOF",
+    ] {
+        assert!(body.contains(needle), "missing {needle} in:\n{body}");
+    }
+    drop(d);
+}
