@@ -868,6 +868,14 @@ on_drain_timeout = "reset"
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c =
+            Config::parse(Path::new("dist/switcher.toml"), include_str!("../../dist/switcher.toml")).expect("valid");
+        assert_eq!(c.services[0].health.check, CheckKind::Http);
+        assert!(c.services[0].failover);
+    }
+
+    #[test]
     fn line_numbers_are_one_based() {
         assert_eq!(line_of("a\nb\nc", 0), 1);
         assert_eq!(line_of("a\nb\nc", 2), 2);

@@ -393,9 +393,9 @@ async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, In
 }
 
 /// Runs futures concurrently and returns their outputs in order.
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut set = JoinSet::new();

@@ -436,28 +436,6 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches the program to each interface without pins (its links live as long as
-    /// `self`).
-    ///
-    /// # Errors
-    /// The first interface that cannot be attached, with the mode.
-    pub fn attach(&mut self, interfaces: &[String], mode: config::XdpMode) -> Result<()> {
-        let aya_mode = match mode {
-            config::XdpMode::Native => XdpMode::Driver,
-            config::XdpMode::Skb => XdpMode::Skb,
-        };
-        let prog = self.program()?;
-        for iface in interfaces {
-            let name = CString::new(iface.as_str()).map_err(|_| DataplaneError::BadName(iface.clone()))?;
-            prog.attach(name.as_c_str(), aya_mode).map_err(|source| DataplaneError::Attach {
-                iface: iface.clone(),
-                mode,
-                source,
-            })?;
-        }
-        Ok(())
-    }
-
     /// Detaches and removes every pin: the end of `--detach-on-exit` and `uninstall`.
     ///
     /// # Errors

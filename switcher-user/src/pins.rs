@@ -141,12 +141,18 @@ impl Pins {
             .unwrap_or_default()
     }
 
-    /// Removes every pin of this version and the directories (the links detach when their last
-    /// reference goes, the maps are freed when no program uses them).
+    /// Detaches every pinned link at once (`BPF_LINK_DETACH`: releasing the last reference
+    /// would detach later, from a kernel work queue), then removes every pin of this version
+    /// and the directories; the maps are freed when no program uses them.
     ///
     /// # Errors
     /// A pin could not be removed.
     pub fn remove(&self) -> io::Result<()> {
+        for iface in self.linked_interfaces() {
+            if let Err(e) = detach_link(&self.link(&iface)) {
+                tracing::warn!(interface = %iface, "detach the XDP link: {e}");
+            }
+        }
         for dir in [self.links_dir(), self.maps_dir()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
@@ -159,6 +165,30 @@ impl Pins {
         let _ = std::fs::remove_dir(&self.root);
         Ok(())
     }
+}
+
+/// `bpf(2)` with a zeroed 128-byte attribute block.
+fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
+    // SAFETY: the attribute block is ours and as large as we say.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// Opens a pinned link and detaches it from its hook now.
+fn detach_link(path: &Path) -> io::Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: a new fd the kernel just gave us; OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
+    let mut attr = [0u64; 16];
+    attr[0] = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(io::Error::other)?;
+    bpf(BPF_LINK_DETACH, &mut attr)?;
+    Ok(())
 }
 
 fn has_entries(dir: &Path) -> bool {

@@ -106,6 +106,65 @@ pub fn demo() -> anyhow::Result<()> {
     run(cmd)
 }
 
+pub fn install(prefix: &std::path::Path, destdir: &std::path::Path) -> anyhow::Result<()> {
+    build(true)?;
+    let bin = target_dir().join("release").join("switcher");
+    let under = |p: &std::path::Path| destdir.join(p.strip_prefix("/").unwrap_or(p));
+    let prefix = under(prefix);
+    let place = |from: &std::path::Path, to: &std::path::Path, mode: u32, replace: bool| -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        }
+        if to.exists() && !replace {
+            println!("kept      {} (exists)", to.display());
+            return Ok(());
+        }
+        std::fs::copy(from, to).with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(mode))?;
+        println!("installed {}", to.display());
+        Ok(())
+    };
+    let dist = root().join("dist");
+    place(&bin, &prefix.join("bin/switcher"), 0o755, true)?;
+    place(
+        &dist.join("switcher.service"),
+        &under(std::path::Path::new("/etc/systemd/system/switcher.service")),
+        0o644,
+        true,
+    )?;
+    place(&dist.join("60-switcher.conf"), &under(std::path::Path::new("/etc/sysctl.d/60-switcher.conf")), 0o644, true)?;
+    // An operator's config is never overwritten.
+    place(&dist.join("switcher.toml"), &under(std::path::Path::new("/etc/switcher/switcher.toml")), 0o640, false)?;
+    let generated = |args: &[&str], to: std::path::PathBuf| -> anyhow::Result<()> {
+        let out = Command::new(&bin).args(args).output().with_context(|| format!("run switcher {args:?}"))?;
+        if !out.status.success() {
+            bail!("switcher {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&to, out.stdout).with_context(|| format!("write {}", to.display()))?;
+        println!("installed {}", to.display());
+        Ok(())
+    };
+    generated(&["man"], prefix.join("share/man/man1/switcher.1"))?;
+    generated(&["completions", "bash"], prefix.join("share/bash-completion/completions/switcher"))?;
+    generated(&["completions", "zsh"], prefix.join("share/zsh/site-functions/_switcher"))?;
+    generated(&["completions", "fish"], prefix.join("share/fish/vendor_completions.d/switcher.fish"))?;
+    if destdir == std::path::Path::new("/") {
+        let booted = std::path::Path::new("/run/systemd/system").exists();
+        if booted {
+            let _ = Command::new("systemctl").arg("daemon-reload").status();
+            let _ = Command::new("sysctl").args(["--load", "/etc/sysctl.d/60-switcher.conf"]).status();
+            println!("next: edit /etc/switcher/switcher.toml, then `systemctl enable --now switcher`");
+        } else {
+            println!("systemd is not running here: start the daemon with `switcher daemon`");
+        }
+    }
+    Ok(())
+}
+
 pub fn lint() -> anyhow::Result<()> {
     let mut fmt = cargo();
     fmt.current_dir(root()).args(["fmt", "--all", "--check"]);

@@ -32,6 +32,16 @@ enum Command {
     Demo,
     /// Check formatting and run clippy on the workspace.
     Lint,
+    /// Build a release binary and install it with its systemd unit, example config, sysctl
+    /// settings, shell completions and man page.
+    Install {
+        /// Where binaries and docs go.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        /// Stage everything under this directory instead of / (packaging, tests).
+        #[arg(long, default_value = "/")]
+        destdir: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Test { args } => cmd::test(&args),
         Command::Demo => cmd::demo(),
         Command::Lint => cmd::lint(),
+        Command::Install { prefix, destdir } => cmd::install(&prefix, &destdir),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -27,9 +27,10 @@ enum Action {
 pub fn summary(path: &Path, c: &Config) -> String {
     let names: Vec<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
     format!(
-        "{}: ok — {} services ({}), interfaces {}, pins under {}",
+        "{}: ok — {} service{} ({}), interfaces {}, pins under {}",
         path.display(),
         c.services.len(),
+        if c.services.len() == 1 { "" } else { "s" },
         if names.is_empty() { "none".into() } else { names.join(", ") },
         c.interfaces.join(", "),
         c.pin_path.display()

@@ -131,6 +131,18 @@ mod tests {
     }
 
     #[test]
+    fn man_page_and_completions_are_generated_from_the_cli() {
+        let mut man = Vec::new();
+        clap_mangen::Man::new(command()).render(&mut man).expect("man");
+        let man = String::from_utf8_lossy(&man);
+        assert!(man.contains(".TH switcher 1") && man.contains("cutover"), "{man}");
+        let mut bash = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut command(), "switcher", &mut bash);
+        let bash = String::from_utf8_lossy(&bash);
+        assert!(bash.contains("rollback") && bash.contains("--drain-timeout"));
+    }
+
+    #[test]
     fn colours_are_checked_before_anything_is_sent() {
         let e = Cli::try_parse_from(["switcher", "cutover", "web", "red"]).expect_err("red");
         assert!(e.to_string().contains("invalid value 'red'"), "{e}");

@@ -52,7 +52,7 @@ impl Load {
             let mut n = 0u32;
             // Bounded: at most 20 000 requests, and the test stops it after a few seconds.
             while !s.load(Ordering::Relaxed) && n < 20_000 {
-                let r = if n % 2 == 0 { tcp_request(&ns, WEB) } else { udp_request(&ns, DNS) };
+                let r = if n.is_multiple_of(2) { tcp_request(&ns, WEB) } else { udp_request(&ns, DNS) };
                 n += 1;
                 match r {
                     Ok(_) => o.fetch_add(1, Ordering::Relaxed),
