@@ -328,15 +328,7 @@ impl<M: Maps> Switchboard<M> {
             from: format!("{} {}", active.other(), percent(before)),
             to: format!("{} {}", active.other(), percent(canary)),
         };
-        Ok((
-            Response {
-                ok: true,
-                message: Some(msg),
-                services: vec![self.service_status(i, None)?],
-                ..Response::default()
-            },
-            Some(change),
-        ))
+        self.answer(i, msg, Some(change))
     }
 
     fn switch(
@@ -351,15 +343,7 @@ impl<M: Maps> Switchboard<M> {
         let s = &self.services[i];
         let name = s.config.name.clone();
         if s.active == target && s.canary_bp == canary {
-            return Ok((
-                Response {
-                    ok: true,
-                    message: Some(format!("{name}: already on {target}, nothing changed")),
-                    services: vec![self.service_status(i, None)?],
-                    ..Response::default()
-                },
-                None,
-            ));
+            return self.answer(i, format!("{name}: already on {target}, nothing changed"), None);
         }
         if !s.config.serves(target) {
             return Err(format!(
@@ -418,19 +402,15 @@ impl<M: Maps> Switchboard<M> {
             from: from.to_string(),
             to: target.to_string(),
         };
-        Ok((
-            Response {
-                ok: true,
-                message: Some(format!(
-                    "{name}: {verb} {from} → {target} ({}) in {} µs{drain}{watching}",
-                    backends.join(", "),
-                    took.as_micros()
-                )),
-                services: vec![self.service_status(i, None)?],
-                ..Response::default()
-            },
+        self.answer(
+            i,
+            format!(
+                "{name}: {verb} {from} → {target} ({}) in {} µs{drain}{watching}",
+                backends.join(", "),
+                took.as_micros()
+            ),
             Some(change),
-        ))
+        )
     }
 
     fn backend(&mut self, name: &str, c: &str, address: &str, weight: Option<u32>) -> Outcome {
@@ -478,14 +458,19 @@ impl<M: Maps> Switchboard<M> {
         self.maps.set_pool(s.id, c, &s.effective_pool(c)).map_err(|e| format!("{name}: {}", chain(&e)))?;
         tracing::info!(service = %name, colour = %c, %addr, ?weight, "pool changed");
         let change = Change { service: name.to_owned(), what: what.into(), from: c.to_string(), to: addr.to_string() };
+        self.answer(i, msg, Some(change))
+    }
+
+    /// A successful answer about service `i`, with its status, and the change for the audit.
+    fn answer(&self, i: usize, message: String, change: Option<Change>) -> Outcome {
         Ok((
             Response {
                 ok: true,
-                message: Some(msg),
+                message: Some(message),
                 services: vec![self.service_status(i, None)?],
                 ..Response::default()
             },
-            Some(change),
+            change,
         ))
     }
 
