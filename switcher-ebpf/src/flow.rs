@@ -11,7 +11,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
     FLOW_CLOSING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP, RING_CHUNK, RING_EMPTY,
-    RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, colour_slot, ends_flow,
+    RING_SIZE, Reason, Reply, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, colour_slot, ends_flow,
     flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, starts_flow,
 };
 
@@ -37,6 +37,9 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
     let ending = ends_flow(pkt.proto, pkt.tcp_flags);
     let tracked = if starts_flow(pkt.proto, pkt.tcp_flags) { None } else { FLOWS.get_ptr_mut(&s.key) };
     let mut have = false;
+    // Set once a second per flow: the moment to check that its reply entry is still there
+    // (the two LRU maps evict independently under pressure).
+    let mut refresh = false;
     if let Some(p) = tracked {
         // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
         let flow = unsafe { &mut *p };
@@ -46,6 +49,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
                 flow.last_seen_ns = now;
             } else if now.saturating_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
                 flow.last_seen_ns = now;
+                refresh = true;
             }
             s.flow = *flow;
             have = true;
@@ -65,6 +69,14 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
     }
     if have {
         count(s.flow.service, u32::from(s.flow.colour), pkt.ip_len, false, false);
+        if refresh && service.flags & SERVICE_DSR == 0 {
+            write_reply_key(&s.key, &s.flow, &mut s.other);
+            // SAFETY: only checked for presence.
+            if unsafe { REPLIES.get(&s.other) }.is_none() {
+                write_reply(&s.key, &s.flow, service.id, &mut s.reply);
+                let _ = REPLIES.insert(&s.other, &s.reply, 0);
+            }
+        }
     } else {
         new_flow(&s.key, service, now, ending, &mut s.flow)?;
         // An LRU insert only fails on memory pressure; the packet is still forwarded and
@@ -72,12 +84,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
         let _ = FLOWS.insert(&s.key, &s.flow, 0);
         if service.flags & SERVICE_DSR == 0 {
             write_reply_key(&s.key, &s.flow, &mut s.other);
-            s.reply.vip = s.key.dst;
-            s.reply.port = s.key.dport;
-            s.reply._pad = [0; 2];
-            s.reply.service = service.id;
-            s.reply.colour = u32::from(s.flow.colour);
-            s.reply._pad2 = 0;
+            write_reply(&s.key, &s.flow, service.id, &mut s.reply);
             let _ = REPLIES.insert(&s.other, &s.reply, 0);
         }
         count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, true);
@@ -99,6 +106,17 @@ fn write_reply_key(key: &FlowKey, flow: &Flow, out: &mut FlowKey) {
     out.proto = key.proto;
     out.family = key.family;
     out._pad = [0; 2];
+}
+
+/// The reply entry of a flow: answer from the VIP and port the client used.
+#[inline(always)]
+fn write_reply(key: &FlowKey, flow: &Flow, service: u32, out: &mut Reply) {
+    out.vip = key.dst;
+    out.port = key.dport;
+    out._pad = [0; 2];
+    out.service = service;
+    out.colour = u32::from(flow.colour);
+    out._pad2 = 0;
 }
 
 /// The colour and backend of a flow the table does not have, written into `flow`.

@@ -12,7 +12,10 @@
 //! - IPv6 hop-by-hop, routing and destination-options headers are skipped, up to
 //!   `MAX_V6_EXT` of them; a longer chain: `XDP_PASS`, `IPV6_EXT`;
 //! - anything cut short or inconsistent (IHL < 5, total length beyond the frame or shorter than
-//!   the headers, TCP data offset < 5): `XDP_PASS`, `MALFORMED`;
+//!   the headers, a TCP data offset < 5 or past the datagram, a UDP length < 8 or past the
+//!   datagram): `XDP_PASS`, `MALFORMED`;
+//! - checksums are not verified: a packet with a bad checksum is translated like any other and
+//!   its checksum stays exactly as wrong (the receiver drops it); a UDP checksum of 0 stays 0;
 //! - ICMP/ICMPv6 errors (unreachable, fragmentation needed / packet too big, time exceeded)
 //!   are parsed down to the quoted packet's ports (see `icmp`); other protocols and ICMP
 //!   messages: `XDP_PASS`, `OTHER_L4`.
@@ -253,7 +256,12 @@ fn parse_ipv6(ctx: &XdpContext, offset: usize) -> Result<(Ip, u8, usize, u16), R
 
 /// TCP or UDP at `offset`: the ports, the checksum field and the TCP flags.
 #[inline(always)]
-fn parse_ports(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports, *mut [u8; 2], u8), Reason> {
+fn parse_ports(
+    ctx: &XdpContext,
+    proto: u8,
+    offset: usize,
+    l3_end: usize,
+) -> Result<(*mut Ports, *mut [u8; 2], u8), Reason> {
     match proto {
         PROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, offset)?;
@@ -263,7 +271,8 @@ fn parse_ports(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports
                 let raw = tcp.cast::<u8>();
                 (*raw.add(12) >> 4, *raw.add(13))
             };
-            if doff < 5 {
+            // The header with its options must fit in the datagram.
+            if doff < 5 || offset + usize::from(doff) * 4 > l3_end {
                 return Err(Reason::MALFORMED);
             }
             // SAFETY: as above.
@@ -273,6 +282,12 @@ fn parse_ports(ctx: &XdpContext, proto: u8, offset: usize) -> Result<(*mut Ports
         PROTO_UDP => {
             let udp: *mut UdpHdr = ptr_at(ctx, offset)?;
             // SAFETY: bounds-checked just above.
+            let len = usize::from(u16::from_be_bytes(unsafe { (*udp).len }));
+            // The UDP length covers its header and must fit in the datagram.
+            if len < UdpHdr::LEN || offset + len > l3_end {
+                return Err(Reason::MALFORMED);
+            }
+            // SAFETY: as above.
             let check = unsafe { core::ptr::addr_of_mut!((*udp).check) };
             Ok((udp.cast(), check, 0))
         }
@@ -340,7 +355,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
             (ports, check, 0, 1, inner, inner_proto)
         }
         None => {
-            let (ports, check, tcp_flags) = parse_ports(ctx, proto, l4_off)?;
+            let (ports, check, tcp_flags) = parse_ports(ctx, proto, l4_off, l3_off + usize::from(ip_len))?;
             (ports, check, tcp_flags, 0, ip, 0)
         }
     };

@@ -12,8 +12,10 @@
 //!  client 2001:db8:c::2, blue 2001:db8:1::2, green 2001:db8:2::2, VIP 2001:db8:10::10.
 //! ```
 
+pub mod corpus;
 pub mod net;
 pub mod proc;
+pub mod trace;
 
 #[cfg(test)]
 mod tests;

@@ -3,5 +3,6 @@
 
 mod agent;
 mod e2e;
+mod hostile;
 mod production;
 mod prog_test_run;
