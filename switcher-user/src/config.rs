@@ -144,6 +144,8 @@ struct RawConfig {
     metrics: Option<toml::Spanned<String>>,
     #[serde(default)]
     audit_log: Option<PathBuf>,
+    #[serde(default)]
+    max_flows: Option<toml::Spanned<u32>>,
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<RawService>>,
 }
@@ -301,6 +303,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Audit lines also go to this file.
     pub audit_log: Option<PathBuf>,
+    /// Size of the flow tables (per direction); default 262,144.
+    pub max_flows: Option<u32>,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -639,6 +643,16 @@ impl Config {
             socket_group: raw.socket_group.map(toml::Spanned::into_inner),
             metrics,
             audit_log: raw.audit_log,
+            max_flows: match raw.max_flows {
+                Some(m) if !(16..=16_777_216).contains(m.get_ref()) => {
+                    return Err(invalid(
+                        m.span(),
+                        "max_flows",
+                        format!("{} is out of range: 16 to 16777216", m.get_ref()),
+                    ));
+                }
+                m => m.map(toml::Spanned::into_inner),
+            },
             services,
         })
     }

@@ -254,6 +254,7 @@ fn reload(board: &Board, path: &Path, running: &Config) -> Response {
         ("xdp_mode", new.xdp_mode != running.xdp_mode),
         ("forwarding", new.forwarding != running.forwarding),
         ("udp_idle_timeout_secs", new.udp_idle_timeout != running.udp_idle_timeout),
+        ("max_flows", new.max_flows != running.max_flows),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))

@@ -139,11 +139,17 @@ pub struct Options {
     pub udp_idle_timeout: Duration,
     /// Redirect rewritten packets out of their egress interface (else the kernel routes them).
     pub redirect: bool,
+    /// Size of the flow tables (default `MAX_FLOWS`).
+    pub max_flows: Option<u32>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { udp_idle_timeout: Duration::from_nanos(switcher_common::DEFAULT_UDP_IDLE_NS), redirect: true }
+        Options {
+            udp_idle_timeout: Duration::from_nanos(switcher_common::DEFAULT_UDP_IDLE_NS),
+            redirect: true,
+            max_flows: None,
+        }
     }
 }
 
@@ -200,6 +206,8 @@ pub struct Dataplane {
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
     pins: Option<Pins>,
+    /// The `flock` on the pin root, held while this daemon drives the data path.
+    lock: Option<std::fs::File>,
     // Maps the program uses but nothing reads here: kept so their fds outlive the program.
     _meta: Array<MapData, u32>,
     _logger: Option<Logger>,
@@ -288,11 +296,13 @@ impl Dataplane {
         let pins = Pins::new(&config.pin_path);
         pins.check_versions()?;
         pins.prepare()?;
+        let lock = pins.lock()?;
         let adopt = pins.exists();
         let (redirect, why) = resolve_forwarding(config.forwarding, &config.interfaces);
         tracing::info!(redirect, "forwarding: {why}");
-        let options = Options { udp_idle_timeout: config.udp_idle_timeout, redirect };
+        let options = Options { udp_idle_timeout: config.udp_idle_timeout, redirect, max_flows: config.max_flows };
         let mut dp = Dataplane::load_object(options, Some(&pins), adopt)?;
+        dp.lock = Some(lock);
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
@@ -333,6 +343,9 @@ impl Dataplane {
                 loader.map_pin_path(name, pins.map(name));
             }
         }
+        if let Some(n) = options.max_flows {
+            loader.map_max_entries(MAP_FLOWS, n).map_max_entries(MAP_REPLIES, n);
+        }
         let mut ebpf = loader.load(PROGRAM).map_err(DataplaneError::Load)?;
         // The logger task forwards the program's rare log lines to `log`/`tracing`. Without a
         // runtime the logger is kept unread: its ring buffer must stay open for the program.
@@ -363,6 +376,7 @@ impl Dataplane {
             options,
             links: Vec::new(),
             pins: None,
+            lock: None,
             _meta: meta,
             _logger: logger,
             ebpf,

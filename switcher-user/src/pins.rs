@@ -44,6 +44,8 @@ pub enum PinsError {
         "{found} holds pins of another switcher version (ABI {version}, this is ABI {ABI_VERSION}); the data path they belong to may still be running. Run that version's `switcher uninstall`, or remove {found} to start afresh"
     )]
     OtherVersion { found: PathBuf, version: String },
+    #[error("another switcher daemon holds the pins at {}; stop it first (one daemon per data path)", path.display())]
+    Locked { path: PathBuf },
 }
 
 /// The pin layout under one root.
@@ -106,6 +108,23 @@ impl Pins {
             std::fs::create_dir_all(&dir).map_err(|source| PinsError::Create { path: dir.clone(), source })?;
         }
         Ok(())
+    }
+
+    /// Takes the pins for this process: an exclusive `flock` on the root, held as long as the
+    /// returned file is open, so two daemons never drive the same data path.
+    ///
+    /// # Errors
+    /// [`PinsError::Locked`] when another process holds it.
+    pub fn lock(&self) -> Result<std::fs::File, PinsError> {
+        use std::os::fd::AsRawFd as _;
+        let dir =
+            std::fs::File::open(&self.root).map_err(|source| PinsError::Create { path: self.root.clone(), source })?;
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(PinsError::Locked { path: self.root.clone() });
+        }
+        Ok(dir)
     }
 
     /// Refuses when the root holds pins of another ABI version.

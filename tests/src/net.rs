@@ -294,12 +294,27 @@ fn serve_tcp(conn: TcpStream, name: &str) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = BufReader::new(conn);
     let mut line = String::new();
-    // One answer per line, until the client closes; bounded by the read timeout.
-    while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+    // HTTP: one response, then close.
+    if matches!(r.read_line(&mut line), Ok(n) if n > 0) && line.starts_with("GET ") {
+        let mut header = String::new();
+        while matches!(r.read_line(&mut header), Ok(n) if n > 2) {
+            header.clear();
+        }
+        let body = format!("{name}\n");
+        let _ = w.write_all(
+            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes(),
+        );
+        return;
+    }
+    // Otherwise one answer per line, until the client closes; bounded by the read timeout.
+    while !line.is_empty() {
         if w.write_all(format!("{name}\n").as_bytes()).is_err() {
             return;
         }
         line.clear();
+        if !matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+            return;
+        }
     }
 }
 
@@ -359,6 +374,25 @@ pub fn tcp_request(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<(St
     let mut c = Conn::open(ns, to)?;
     let answer = c.ask()?;
     Ok((answer, c.peer()?))
+}
+
+/// One HTTP/1.0 `GET /` on a fresh connection: the body (trimmed) and the peer address.
+///
+/// # Errors
+/// Any failure of connect, send or receive, or an answer that is not `200 OK`.
+pub fn http_request(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<(String, SocketAddr)> {
+    let to = to.into();
+    let mut stream = ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(2)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(format!("GET / HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer.as_str(), ""));
+    if !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!("bad answer: {head:?}")));
+    }
+    Ok((body.trim().to_owned(), peer))
 }
 
 /// One UDP datagram from a fresh socket: the answer and the address it came from.

@@ -165,6 +165,19 @@ pub fn install(prefix: &std::path::Path, destdir: &std::path::Path) -> anyhow::R
     Ok(())
 }
 
+pub fn soak(flips: u32) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the soak builds network namespaces and attaches XDP programs: run it as root (sudo ./x soak)");
+    }
+    build(false)?;
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["run", "--locked", "--quiet", "--package", "switcher-tests", "--bin", "soak", "--", "--flips"])
+        .arg(flips.to_string())
+        .env("SWITCHER_BIN", target_dir().join("debug").join("switcher"));
+    run(cmd)
+}
+
 pub fn lint() -> anyhow::Result<()> {
     let mut fmt = cargo();
     fmt.current_dir(root()).args(["fmt", "--all", "--check"]);

@@ -30,6 +30,12 @@ enum Command {
     },
     /// Run the live blue → green → blue cut-over demo in network namespaces (needs root).
     Demo,
+    /// 1,000 cut-overs under continuous HTTP and UDP load, then the table of losses (needs root).
+    Soak {
+        /// How many cut-overs.
+        #[arg(long, default_value_t = 1000)]
+        flips: u32,
+    },
     /// Check formatting and run clippy on the workspace.
     Lint,
     /// Build a release binary and install it with its systemd unit, example config, sysctl
@@ -50,6 +56,7 @@ fn main() -> std::process::ExitCode {
         Command::Build { release } => cmd::build(release),
         Command::Test { args } => cmd::test(&args),
         Command::Demo => cmd::demo(),
+        Command::Soak { flips } => cmd::soak(flips),
         Command::Lint => cmd::lint(),
         Command::Install { prefix, destdir } => cmd::install(&prefix, &destdir),
     };

@@ -29,6 +29,12 @@ pub fn run(config: &Path, args: Args) -> anyhow::Result<()> {
         println!("nothing pinned under {}: already uninstalled", pins.version_dir().display());
         return Ok(());
     }
+    let _lock = pins.lock().map_err(|_| {
+        anyhow::anyhow!(
+            "a switcher daemon is running on the pins at {}: stop it first (`systemctl stop switcher`)",
+            root.display()
+        )
+    })?;
     let links = pins.linked_interfaces();
     pins.remove().map_err(|e| anyhow::anyhow!("remove the pins under {}: {e}", root.display()))?;
     println!(

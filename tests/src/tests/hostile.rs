@@ -14,8 +14,11 @@ use crate::{
 };
 
 fn open() -> Dataplane {
-    Dataplane::open(&corpus::services(), Options { udp_idle_timeout: Duration::from_secs(30), redirect: false })
-        .expect("load the XDP program")
+    Dataplane::open(
+        &corpus::services(),
+        Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None },
+    )
+    .expect("load the XDP program")
 }
 
 fn total(dp: &Dataplane) -> u64 {

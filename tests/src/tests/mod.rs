@@ -6,3 +6,4 @@ mod e2e;
 mod hostile;
 mod production;
 mod prog_test_run;
+mod reliability;

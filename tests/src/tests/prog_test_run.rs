@@ -220,7 +220,7 @@ fn data_path_table() {
     }
     let ns = fib_namespace();
     ns.run(move || {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true })
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
             .expect("load the XDP program");
         let c = (CLIENT, 40000);
         let c2 = (CLIENT2, 40001);
@@ -411,7 +411,7 @@ fn idle_udp_flows_expire() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true })
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
             .expect("load the XDP program");
         let c = (CLIENT2, 40000);
         let vip = udp(IN, c, (VIP, 53), 64);
@@ -446,7 +446,8 @@ fn kernel_forwarding_never_redirects() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false }).expect("load");
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None })
+            .expect("load");
         let c = (CLIENT, 40000);
         check(
             &mut dp,
@@ -565,7 +566,8 @@ fn ipv6_udp_and_icmpv6() {
             green: vec![],
             ..svcs[0].clone()
         });
-        let mut dp = Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true }).expect("load");
+        let mut dp =
+            Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None }).expect("load");
         let c6 = (CLIENT6, 40010);
         let router = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0xfe);
         let steps = vec![
@@ -612,7 +614,8 @@ fn ipv6_preview_dsr_and_icmp() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true }).expect("load");
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
+            .expect("load");
         let c6 = (CLIENT6, 40000);
         let c = (CLIENT, 41000);
         let frag = etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 };
@@ -739,7 +742,8 @@ fn closing_reset_and_move() {
     let ns = fib_namespace();
     ns.run(|| {
         let svcs = services();
-        let mut dp = Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true }).expect("load");
+        let mut dp =
+            Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None }).expect("load");
         let (a, b, u) = ((CLIENT, 42000), (CLIENT, 42001), (CLIENT, 42002));
         check(
             &mut dp,
@@ -841,7 +845,8 @@ fn canary_split_follows_the_hash() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false }).expect("load");
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None })
+            .expect("load");
         dp.set_state(WEB, Colour::Blue, 1_000, None).expect("10% canary");
         let state = switcher_common::switch_state(0, 1_000);
         let mut green = 0;
@@ -904,7 +909,7 @@ fn ip_options_are_handled() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true })
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
             .expect("load the XDP program");
         let with_options = |l2: L2, ttl: u8, dst: (Ipv4Addr, u16)| {
             let mut ip =
