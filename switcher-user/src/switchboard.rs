@@ -358,18 +358,19 @@ impl<M: Maps> Switchboard<M> {
             ));
         }
         let from = s.active;
-        // The old colour's open flows, before the switch, to report drain progress against.
-        let initial = if from == target {
-            0
-        } else {
-            self.maps.scan_flows(false).ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
-        };
         let previous = if from == target { s.previous } else { Some(from) };
         let started = Instant::now();
         self.maps
             .set_state(s.id, target, canary, previous)
             .map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
         let took = started.elapsed();
+        // The old colour's open flows, to report drain progress against: counted after the
+        // switch, which must not wait for a walk of the flow table.
+        let initial = if from == target {
+            0
+        } else {
+            self.maps.scan_flows(false).ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
+        };
         let timeout = drain_timeout.or(s.config.drain_timeout);
         let watch = s.config.watch;
         let s = &mut self.services[i];
