@@ -566,8 +566,13 @@ impl<M: Maps> Switchboard<M> {
         }
     }
 
-    /// Periodic work: forget expired flows, and finish drains that are empty or timed out.
-    pub fn tick(&mut self) {
+    /// Periodic work: finish drains that are empty or timed out, and forget expired flows.
+    /// The flow table is walked when a drain is in progress, or when `gc` asks for it (the
+    /// daemon does every few seconds): a walk of a large table is not free.
+    pub fn tick(&mut self, gc: bool) {
+        if !gc && self.services.iter().all(|s| s.drain.is_none()) {
+            return;
+        }
         let counts = match self.maps.scan_flows(true) {
             Ok(c) => c,
             Err(e) => {
@@ -866,17 +871,17 @@ mod tests {
         let st = b.status(Some("web")).expect("status");
         let drain = st.services[0].drain.clone().expect("draining");
         assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));
-        b.tick();
+        b.tick(true);
         assert_eq!(b.maps.ended, [(0, Colour::Blue, DrainAction::Move)], "timeout 0: ended at the first tick");
         assert!(b.status(Some("web")).expect("status").services[0].drain.is_none());
 
         // Without a timeout the drain waits for the flows to end.
         b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 2, closing: 0 });
         assert!(cutover(&mut b, "web", Some("blue")).ok);
-        b.tick();
+        b.tick(true);
         assert!(b.services[0].drain.is_some());
         b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 0, closing: 2 });
-        b.tick();
+        b.tick(true);
         assert!(b.services[0].drain.is_none(), "closing flows do not hold a drain");
         assert_eq!(b.maps.ended.len(), 1);
     }
