@@ -22,6 +22,8 @@ pub const ABI_VERSION: u32 = 3;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
+/// A program in the same object that only returns `XDP_PASS`: the benchmarks' baseline.
+pub const BASELINE_PROG: &str = "baseline";
 
 /// `ServiceKey` → `Service`; written by the daemon.
 pub const MAP_SERVICES: &str = "SERVICES";

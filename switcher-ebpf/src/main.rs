@@ -113,6 +113,12 @@ mod prog {
         action
     }
 
+    /// The benchmarks' baseline: does nothing but pass. Never attached by the daemon.
+    #[xdp]
+    pub fn baseline(_ctx: XdpContext) -> u32 {
+        aya_ebpf::bindings::xdp_action::XDP_PASS
+    }
+
     #[inline(always)]
     fn try_switch(ctx: &XdpContext) -> Result<Verdict, Reason> {
         let pkt = parse::parse(ctx)?;

@@ -27,12 +27,12 @@ use aya::{
     },
 };
 use switcher_common::{
-    ABI_VERSION, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET, FORWARD_KERNEL,
-    FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS,
-    MAP_META, MAP_NAMES, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAX_POOL,
-    MAX_SERVICES, PROG_NAME, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY,
-    SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired, flow_hash,
-    new_flow_colour, pool_slot, ring_chunk, user::Colour,
+    ABI_VERSION, BASELINE_PROG, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET,
+    FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
+    MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE,
+    MAP_STATS, MAX_POOL, MAX_SERVICES, PROG_NAME, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply,
+    RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired,
+    flow_hash, new_flow_colour, pool_slot, ring_chunk, user::Colour,
 };
 
 use crate::{
@@ -393,6 +393,62 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing { what: "program", name: PROG_NAME })?
             .try_into()
             .map_err(DataplaneError::Program)
+    }
+
+    /// The do-nothing baseline program of the same object, loaded (for benchmarks).
+    ///
+    /// # Errors
+    /// The object has no such program, or it does not load.
+    pub fn baseline(&mut self) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(BASELINE_PROG)
+            .ok_or(DataplaneError::Missing { what: "program", name: BASELINE_PROG })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(DataplaneError::Program)?;
+        }
+        Ok(prog)
+    }
+
+    /// Writes a flow entry directly (benchmarks fill the table with it).
+    ///
+    /// # Errors
+    /// The map update failed.
+    pub fn insert_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        self.flows.insert(key, flow, 0).map_err(map_err(MAP_FLOWS))
+    }
+
+    /// Locked kernel memory of each map, from `/proc/self/fdinfo` (name, bytes).
+    #[must_use]
+    pub fn map_memory(&self) -> Vec<(String, u64)> {
+        self.named_maps()
+            .filter_map(|(name, m)| {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(m.fd()));
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+                let bytes = info.lines().find_map(|l| l.strip_prefix("memlock:"))?.trim().parse().ok()?;
+                Some((name, bytes))
+            })
+            .collect()
+    }
+
+    fn named_maps(&self) -> impl Iterator<Item = (String, &MapData)> {
+        use aya::maps::IterableMap as _;
+        [
+            (MAP_SERVICES, self.services.map()),
+            (MAP_BACKENDS, self.backends.map()),
+            (MAP_RING, self.ring.map()),
+            (MAP_RING_LIVE, self.ring_live.map()),
+            (MAP_STATE, self.state.map()),
+            (MAP_FLOWS, self.flows.map()),
+            (MAP_REPLIES, self.replies.map()),
+            (MAP_COUNTERS, self.counters.map()),
+            (MAP_STATS, self.stats.map()),
+            (MAP_META, self._meta.map()),
+        ]
+        .into_iter()
+        .map(|(n, m)| (n.to_owned(), m))
     }
 
     /// Attaches the program to each interface (names resolved in this thread's network

@@ -38,13 +38,15 @@ pub struct Report {
     pub wrong_colour: u64,
     pub xdp_exceptions: u64,
     pub seconds: f64,
+    /// The first few failures, for the operator.
+    pub examples: Vec<String>,
 }
 
 impl Report {
     /// The table printed at the end of a run.
     #[must_use]
     pub fn table(&self) -> String {
-        format!(
+        let mut t = format!(
             "{:>6} {:>9} {:>7} {:>7} {:>13} {:>13} {:>15} {:>8}\n{:>6} {:>9} {:>7} {:>7} {:>13} {:>13} {:>15} {:>7.1}s\n",
             "flips",
             "requests",
@@ -62,7 +64,13 @@ impl Report {
             self.wrong_colour,
             self.xdp_exceptions,
             self.seconds
-        )
+        );
+        for e in &self.examples {
+            t.push_str("  ");
+            t.push_str(e);
+            t.push('\n');
+        }
+        t
     }
 
     /// Whether nothing went wrong.
@@ -171,16 +179,28 @@ pub fn run(flips: u32, pace: Duration, progress: bool) -> Report {
     let seconds = began.elapsed().as_secs_f64();
     let outcomes = outcomes.lock().map(|o| o.clone()).unwrap_or_default();
     let mut report = Report { flips, requests: outcomes.len() as u64, seconds, ..Report::default() };
-    for (_, o) in &outcomes {
+    for (http, o) in &outcomes {
         match &o.result {
             Err(e) if e == "reset" => report.resets += 1,
-            Err(_) => report.failed += 1,
+            Err(e) => {
+                report.failed += 1;
+                if report.examples.len() < 5 {
+                    report.examples.push(format!(
+                        "{} request failed after {} ms: {e}",
+                        if *http { "HTTP" } else { "UDP" },
+                        (o.end - o.start).as_millis()
+                    ));
+                }
+            }
             Ok((answer, peer, vip)) => {
                 if peer != vip {
                     report.from_backend += 1;
                 }
                 if !possibly_live(&timeline, "blue", colour_of(answer), o.start, o.end) {
                     report.wrong_colour += 1;
+                    if report.examples.len() < 5 {
+                        report.examples.push(format!("answered by {answer:?}, not live during the request"));
+                    }
                 }
             }
         }

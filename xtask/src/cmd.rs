@@ -178,6 +178,21 @@ pub fn soak(flips: u32) -> anyhow::Result<()> {
     run(cmd)
 }
 
+pub fn bench(quick: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load XDP programs and build namespaces: run them as root (sudo ./x bench)");
+    }
+    build(true)?;
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["run", "--locked", "--quiet", "--release", "--package", "switcher-tests", "--bin", "bench", "--"])
+        .env("SWITCHER_BIN", target_dir().join("release").join("switcher"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(cmd)
+}
+
 pub fn lint() -> anyhow::Result<()> {
     let mut fmt = cargo();
     fmt.current_dir(root()).args(["fmt", "--all", "--check"]);

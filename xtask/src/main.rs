@@ -30,6 +30,12 @@ enum Command {
     },
     /// Run the live blue → green → blue cut-over demo in network namespaces (needs root).
     Demo,
+    /// Benchmarks: per-packet cost, scaling, cut-over latency, footprint → BENCHMARKS.md (root).
+    Bench {
+        /// A shorter run (fewer repeats and flips).
+        #[arg(long)]
+        quick: bool,
+    },
     /// 1,000 cut-overs under continuous HTTP and UDP load, then the table of losses (needs root).
     Soak {
         /// How many cut-overs.
@@ -57,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Test { args } => cmd::test(&args),
         Command::Demo => cmd::demo(),
         Command::Soak { flips } => cmd::soak(flips),
+        Command::Bench { quick } => cmd::bench(quick),
         Command::Lint => cmd::lint(),
         Command::Install { prefix, destdir } => cmd::install(&prefix, &destdir),
     };
