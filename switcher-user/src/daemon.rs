@@ -198,7 +198,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             }
             _ = ticker.tick() => {
                 if let Ok(mut b) = board.lock() {
-                    b.tick(ticks.is_multiple_of(5));
+                    b.tick();
                     if ticks.is_multiple_of(5) {
                         keep_dsr_neighbours(&b.services());
                     }

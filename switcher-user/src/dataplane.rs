@@ -703,38 +703,28 @@ impl Dataplane {
             .collect()
     }
 
-    /// Counts the tracked flows per (service, colour), and with `gc` forgets the expired ones
-    /// (and their reply entries).
+    /// Counts the tracked flows per (service, colour); expired ones are not counted.
+    ///
+    /// Expired entries are left to the LRU: deleting them from here would race with the data
+    /// path, which may have just given the same 5-tuple a new flow (a new connection on a
+    /// reused port), and the deletion would take that flow's entries instead.
     ///
     /// # Errors
     /// A map read failed.
-    pub fn scan_flows(&mut self, gc: bool) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
+    pub fn scan_flows(&mut self) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
         let now = now_coarse_ns();
         let idle = u64::try_from(self.options.udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut counts: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
-        let mut expired = Vec::new();
         for entry in self.flows.iter() {
             // An entry evicted while we walk is simply skipped.
             let Ok((key, flow)) = entry else { continue };
             if flow_expired(key.proto, flow.flags, now, flow.last_seen_ns, idle) {
-                expired.push((key, flow));
                 continue;
             }
             let c = counts.entry((flow.service, Colour::from_u32(u32::from(flow.colour)))).or_default();
             if flow.flags & FLOW_CLOSING == 0 { c.live += 1 } else { c.closing += 1 }
         }
-        if gc {
-            for (key, flow) in expired {
-                self.forget(&key, &flow);
-            }
-        }
         Ok(counts)
-    }
-
-    fn forget(&mut self, key: &FlowKey, flow: &Flow) {
-        // Already gone (evicted, or the data path restarted it) is fine.
-        let _ = self.flows.remove(key);
-        let _ = self.replies.remove(&reply_key(key, &flow.backend));
     }
 
     /// Ends the drain of `from`: its open flows of service `id` are re-pointed to where a new
@@ -760,6 +750,11 @@ impl Dataplane {
             .collect();
         let mut handled = 0;
         for (key, flow) in victims {
+            // The data path may have given the 5-tuple a new flow since the walk: only the
+            // flow we saw is touched.
+            if self.flows.get(&key, 0).ok() != Some(flow) {
+                continue;
+            }
             match action {
                 config::DrainAction::Reset => {
                     let mut f = flow;

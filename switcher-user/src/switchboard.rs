@@ -48,11 +48,11 @@ pub trait Maps {
     /// # Errors
     /// The map read failed.
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError>;
-    /// Tracked flows per (service, colour); with `gc`, expired ones are forgotten.
+    /// Open flows per (service, colour).
     ///
     /// # Errors
     /// The map read failed.
-    fn scan_flows(&mut self, gc: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError>;
+    fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError>;
     /// Moves or resets the open flows of a draining colour; returns how many.
     ///
     /// # Errors
@@ -85,8 +85,8 @@ impl Maps for Dataplane {
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
         Dataplane::reasons(self)
     }
-    fn scan_flows(&mut self, gc: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
-        Dataplane::scan_flows(self, gc)
+    fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
+        Dataplane::scan_flows(self)
     }
     fn end_drain(
         &mut self,
@@ -369,7 +369,7 @@ impl<M: Maps> Switchboard<M> {
         let initial = if from == target {
             0
         } else {
-            self.maps.scan_flows(false).ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
+            self.maps.scan_flows().ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
         };
         let timeout = drain_timeout.or(s.config.drain_timeout);
         let watch = s.config.watch;
@@ -566,14 +566,13 @@ impl<M: Maps> Switchboard<M> {
         }
     }
 
-    /// Periodic work: finish drains that are empty or timed out, and forget expired flows.
-    /// The flow table is walked when a drain is in progress, or when `gc` asks for it (the
-    /// daemon does every few seconds): a walk of a large table is not free.
-    pub fn tick(&mut self, gc: bool) {
-        if !gc && self.services.iter().all(|s| s.drain.is_none()) {
+    /// Periodic work: finish drains that are empty or timed out. The flow table is walked
+    /// only while a drain is in progress: a walk of a large table is not free.
+    pub fn tick(&mut self) {
+        if self.services.iter().all(|s| s.drain.is_none()) {
             return;
         }
-        let counts = match self.maps.scan_flows(true) {
+        let counts = match self.maps.scan_flows() {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("scan flows: {}", chain(&e));
@@ -607,7 +606,7 @@ impl<M: Maps> Switchboard<M> {
     /// # Errors
     /// An unknown service, or a map read failure.
     pub fn status(&mut self, name: Option<&str>) -> Result<Response, String> {
-        let counts = self.maps.scan_flows(false).map_err(|e| chain(&e))?;
+        let counts = self.maps.scan_flows().map_err(|e| chain(&e))?;
         let services = match name {
             Some(name) => vec![self.service_status(self.find(name)?, Some(&counts))?],
             None => {
@@ -731,7 +730,7 @@ mod tests {
         fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
             Ok(vec![("no_match", 3)])
         }
-        fn scan_flows(&mut self, _: bool) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
+        fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
             Ok(self.flows.clone())
         }
         fn end_drain(
@@ -871,17 +870,17 @@ mod tests {
         let st = b.status(Some("web")).expect("status");
         let drain = st.services[0].drain.clone().expect("draining");
         assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));
-        b.tick(true);
+        b.tick();
         assert_eq!(b.maps.ended, [(0, Colour::Blue, DrainAction::Move)], "timeout 0: ended at the first tick");
         assert!(b.status(Some("web")).expect("status").services[0].drain.is_none());
 
         // Without a timeout the drain waits for the flows to end.
         b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 2, closing: 0 });
         assert!(cutover(&mut b, "web", Some("blue")).ok);
-        b.tick(true);
+        b.tick();
         assert!(b.services[0].drain.is_some());
         b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 0, closing: 2 });
-        b.tick(true);
+        b.tick();
         assert!(b.services[0].drain.is_none(), "closing flows do not hold a drain");
         assert_eq!(b.maps.ended.len(), 1);
     }
