@@ -35,7 +35,8 @@ pub const MAP_RING: &str = "RING";
 pub const MAP_RING_LIVE: &str = "RING_LIVE";
 /// `u32` service id → `u32` switch state (`switch_state`); the one map a cut-over writes.
 pub const MAP_STATE: &str = "STATE";
-/// `FlowKey` (client → VIP) → `Flow`; written by the data path, aged by the daemon.
+/// `FlowKey` (client → VIP) → `Flow`; written by the data path (expired entries are treated as
+/// absent and left to the LRU); the daemon rewrites flows only at a drain timeout.
 pub const MAP_FLOWS: &str = "FLOWS";
 /// `FlowKey` (backend → client) → `Reply`; written by the data path next to `FLOWS`.
 pub const MAP_REPLIES: &str = "REPLIES";
