@@ -150,11 +150,16 @@ impl ServiceState {
     }
 
     /// The pool as the maps get it: down backends keep their slot with weight 0, so they
-    /// leave the consistent-hash table and come back to the same slot.
+    /// leave the consistent-hash table and come back to the same slot. When every backend is
+    /// down the pool is kept whole ("panic mode", as Envoy does): sending traffic to backends
+    /// the checks call dead is no worse than sending it nowhere, and it survives a broken
+    /// check.
     fn effective_pool(&self, colour: Colour) -> Vec<BackendConfig> {
-        self.config
-            .pool(colour)
-            .iter()
+        let pool = self.config.pool(colour);
+        if pool.iter().filter(|b| b.weight > 0).all(|b| self.state_of(b.addr) == State::Down) {
+            return pool.to_vec();
+        }
+        pool.iter()
             .map(|b| if self.state_of(b.addr) == State::Down { BackendConfig { weight: 0, ..*b } } else { *b })
             .collect()
     }
@@ -936,11 +941,22 @@ mod tests {
             Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true },
         );
         assert!(r.ok, "{r:?}");
-        // A down backend leaves the table: weight 0 in the pool the maps got.
+        // Its only backend is down: the table keeps it (panic mode) rather than go empty.
+        assert_eq!(b.maps.pools[&(0, Colour::Green)][0].weight, 1);
+        // With a healthy sibling, a down backend leaves the table: weight 0 in the pool.
+        let add = Request::BackendAdd {
+            service: "web".into(),
+            colour: "green".into(),
+            address: "198.51.100.19:8080".into(),
+            weight: None,
+        };
+        assert!(handle(&mut b, add).ok);
+        probe(&mut b, "198.51.100.19:8080", true);
         assert_eq!(b.maps.pools[&(0, Colour::Green)][0].weight, 0);
+        assert_eq!(b.maps.pools[&(0, Colour::Green)][1].weight, 1);
         let s = b.status(Some("web")).expect("status");
         assert_eq!(s.services[0].colours[1].backends[0].health, "down");
-        assert!(!s.services[0].colours[1].healthy);
+        assert!(s.services[0].colours[1].healthy, "one healthy backend makes the colour healthy");
     }
 
     #[test]
