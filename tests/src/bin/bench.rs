@@ -353,6 +353,203 @@ fn cutover(quick: bool) -> Cutover {
     }
 }
 
+/// One contender of the HTTP comparison, set up in the lb namespace and taken down again.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    Switcher,
+    Nftables,
+    Haproxy,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Switcher => "switcher (XDP, redirect)",
+            Contender::Nftables => "nftables DNAT + conntrack",
+            Contender::Haproxy => "HAProxy, TCP mode",
+        }
+    }
+}
+
+/// A running contender; taken down on drop (the daemon by its own drop).
+enum Running {
+    Switcher(#[expect(dead_code, reason = "held for its drop")] Box<Daemon>),
+    Nftables(String),
+    Haproxy(std::process::Child, String),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        match self {
+            Running::Switcher(_) => {}
+            Running::Nftables(ns) => {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "exec", ns, "nft", "delete", "table", "ip", "swbench"])
+                    .status();
+            }
+            Running::Haproxy(child, ns) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::process::Command::new("ip")
+                    .args(["-n", ns, "addr", "del", &format!("{VIP}/32"), "dev", "lo"])
+                    .status();
+            }
+        }
+    }
+}
+
+fn start(c: Contender, t: &Topology, dir: &std::path::Path) -> Running {
+    match c {
+        Contender::Switcher => {
+            Running::Switcher(Box::new(Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s))))
+        }
+        Contender::Nftables => {
+            let rules = format!(
+                "table ip swbench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {VIP} tcp dport 80 dnat to {BLUE}:8080\n  }}\n}}\n"
+            );
+            let path = dir.join("nft.rules");
+            std::fs::write(&path, rules).expect("nft rules");
+            t.lb.exec(&["nft", "-f", &path.to_string_lossy()]);
+            Running::Nftables(t.lb.name.clone())
+        }
+        Contender::Haproxy => {
+            t.lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+            let cfg = dir.join("haproxy.cfg");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind {VIP}:80\n  default_backend b\nbackend b\n  server s1 {BLUE}:8080\n"
+                ),
+            )
+            .expect("haproxy.cfg");
+            let child = std::process::Command::new("ip")
+                .args(["netns", "exec", &t.lb.name, "haproxy", "-db", "-f"])
+                .arg(&cfg)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("haproxy");
+            std::thread::sleep(Duration::from_millis(500));
+            let mut child = child;
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("haproxy exited at start ({status}); check {}", cfg.display());
+            }
+            Running::Haproxy(child, t.lb.name.clone())
+        }
+    }
+}
+
+/// `wrk` from the client: requests per second and p99 latency (ms).
+fn wrk(t: &Topology, secs: u32, close: bool) -> (f64, f64) {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &t.client.name, "wrk", "-t2", "-c32", &format!("-d{secs}s"), "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd.arg(format!("http://{VIP}/")).output().expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps =
+        text.lines().find_map(|l| l.strip_prefix("Requests/sec:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| {
+            let v = v.trim();
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+            let n: f64 = num.parse().unwrap_or(0.0);
+            match unit {
+                "us" => n / 1000.0,
+                "s" => n * 1000.0,
+                _ => n,
+            }
+        })
+        .unwrap_or(0.0);
+    (rps, p99)
+}
+
+struct HttpRow {
+    contender: &'static str,
+    keepalive: (Spread, Spread),
+    close: (Spread, Spread),
+}
+
+/// The nginx we started, stopped by its PID on drop (also when the bench panics).
+struct Nginx(std::path::PathBuf);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.0) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// wrk → nginx through each contender, interleaved (A B C A B C …).
+fn http(quick: bool) -> Option<Vec<HttpRow>> {
+    for tool in ["nginx", "wrk", "haproxy", "nft"] {
+        let found = std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            eprintln!("  installing nginx-light wrk haproxy nftables");
+            let _ = std::process::Command::new("apt-get").args(["update", "-qq"]).status();
+            let _ = std::process::Command::new("apt-get")
+                .args(["install", "-y", "-qq", "nginx-light", "wrk", "haproxy", "nftables"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status();
+            break;
+        }
+    }
+    let (reps, secs) = if quick { (3, 3) } else { (REPEATS, 5) };
+    let t = Topology::new();
+    let dir = std::env::temp_dir().join(format!("switcher-bench-{}", unique_prefix()));
+    std::fs::create_dir_all(dir.join("www")).ok()?;
+    std::fs::write(dir.join("www/index.html"), "blue\n").ok()?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\npid {pid};\nerror_log {dir}/nginx.err;\nevents {{ worker_connections 4096; }}\nhttp {{ access_log off; keepalive_requests 100000; server {{ listen {BLUE}:8080; root {dir}/www; }} }}\n",
+            pid = dir.join("nginx.pid").display(),
+            dir = dir.display()
+        ),
+    )
+    .ok()?;
+    t.blue.exec(&["nginx", "-c", &conf.to_string_lossy()]);
+    let _nginx = Nginx(dir.join("nginx.pid"));
+    // One connection per request at ~20k/s would run the client out of ports in TIME_WAIT.
+    t.client.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"]);
+    t.client.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]);
+    let contenders = [Contender::Switcher, Contender::Nftables, Contender::Haproxy];
+    let mut samples: Vec<[Vec<f64>; 4]> = vec![Default::default(), Default::default(), Default::default()];
+    for _ in 0..reps {
+        for (i, c) in contenders.iter().enumerate() {
+            let running = start(*c, &t, &dir);
+            let (rk, pk) = wrk(&t, secs, false);
+            let (rc, pc) = wrk(&t, secs, true);
+            drop(running);
+            samples[i][0].push(rk);
+            samples[i][1].push(pk);
+            samples[i][2].push(rc);
+            samples[i][3].push(pc);
+        }
+    }
+    drop(_nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(
+        contenders
+            .iter()
+            .zip(samples)
+            .map(|(c, [rk, pk, rc, pc])| HttpRow {
+                contender: c.name(),
+                keepalive: (spread(rk), spread(pk)),
+                close: (spread(rc), spread(pc)),
+            })
+            .collect(),
+    )
+}
+
 fn footprint() -> Vec<(String, u64)> {
     let ns = Netns::new(format!("{}-mem", unique_prefix()));
     ns.run(|| {
@@ -412,6 +609,8 @@ fn main() -> std::process::ExitCode {
     let cut = cutover(quick);
     eprintln!("bench: footprint …");
     let maps = footprint();
+    eprintln!("bench: HTTP through switcher, nftables DNAT and HAProxy …");
+    let web = http(quick);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let svg = root.join("docs/bench.svg");
     if let Err(e) = chart(&paths, &svg) {
@@ -486,6 +685,40 @@ fn main() -> std::process::ExitCode {
         md,
         "\nThe probe is one UDP request at a time from a fresh port (each is a new flow), so \"first answered\" includes one probe round trip; the CLI's wall time is almost all process start-up.\n"
     );
+    if let Some(rows) = &web {
+        let _ = writeln!(md, "## HTTP: wrk → nginx through each contender\n");
+        let _ = writeln!(
+            md,
+            "Same namespaces and veth (prepared for XDP redirect) for all; `wrk -t2 -c32`, interleaved contender by contender; keep-alive, then one connection per request (`Connection: close`).\n"
+        );
+        let _ = writeln!(md, "| contender | keep-alive req/s | p99 | close req/s | p99 |\n|---|---:|---:|---:|---:|");
+        for r in rows {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} ({:.0}–{:.0}) | {:.2} ms | {:.0} ({:.0}–{:.0}) | {:.2} ms |",
+                r.contender,
+                r.keepalive.0.median,
+                r.keepalive.0.min,
+                r.keepalive.0.max,
+                r.keepalive.1.median,
+                r.close.0.median,
+                r.close.0.min,
+                r.close.0.max,
+                r.close.1.median
+            );
+        }
+        if let [sw, nft, hap] = rows.as_slice() {
+            let ratio = |a: f64, b: f64| a / b.max(1.0);
+            let _ = writeln!(
+                md,
+                "\nswitcher / nftables: {:.2}× keep-alive, {:.2}× close (goal ≥ 1, p99 no worse); switcher / HAProxy: {:.2}× keep-alive, {:.2}× close (goal ≥ 1.3).\n",
+                ratio(sw.keepalive.0.median, nft.keepalive.0.median),
+                ratio(sw.close.0.median, nft.close.0.median),
+                ratio(sw.keepalive.0.median, hap.keepalive.0.median),
+                ratio(sw.close.0.median, hap.close.0.median)
+            );
+        }
+    }
     let _ = writeln!(md, "## Footprint\n\n| map | locked memory |\n|---|---:|");
     let mut total = 0;
     for (name, bytes) in &maps {
@@ -500,7 +733,7 @@ fn main() -> std::process::ExitCode {
     );
     let _ = writeln!(
         md,
-        "## Not measured yet\n\nThe packet-rate comparisons through the load-balancer namespace (live frames against a plain redirect program; `trafgen` against nftables DNAT and plain routing; `wrk` → nginx against nftables DNAT and HAProxy; `iperf3`) and the alternatives' own cut-over latencies (HAProxy runtime API, nginx reload, nftables rule replace) are not in this run.\n"
+        "## Not measured yet\n\nThe packet-rate comparisons (live frames against a plain redirect program; `trafgen` against nftables DNAT and plain routing), bulk TCP (`iperf3`) and the alternatives' own cut-over latencies (HAProxy runtime API, nginx reload, nftables rule replace) are not in this run.\n"
     );
     let _ =
         writeln!(md, "Run: `./x bench` (full, about {} s here) or `./x bench --quick`.", started.elapsed().as_secs());
