@@ -147,6 +147,20 @@ fn per_packet(quick: bool) -> (Vec<Path>, f64) {
     })
 }
 
+/// Extra cost over the baseline of an established IPv4 flow from `port` to web.
+fn established_extra(dp: &mut Dataplane, port: u16, calls: usize) -> Spread {
+    let est = frame4((CLIENT, port), (VIP, 80), false);
+    run_ns(dp.program().expect("prog"), &est, 1);
+    let frames = vec![est; calls];
+    let mut extra = Vec::new();
+    for _ in 0..REPEATS {
+        let b = calls_ns(dp.baseline().expect("baseline"), &frames);
+        let s = calls_ns(dp.program().expect("prog"), &frames);
+        extra.push(s - b);
+    }
+    spread(extra)
+}
+
 /// Established-flow cost with more and more tracked flows, and with more services.
 fn scaling(quick: bool) -> Vec<(String, Spread)> {
     let sizes: Vec<u32> = if quick { vec![1, 1_000, 100_000] } else { vec![1, 1_000, 1_000_000] };
@@ -183,16 +197,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
                 };
                 dp.insert_flow(&key, &flow).expect("fill");
             }
-            let est = frame4((CLIENT, 999), (VIP, 80), false);
-            run_ns(dp.program().expect("prog"), &est, 1);
-            let frames = vec![est; calls];
-            let mut extra = Vec::new();
-            for _ in 0..REPEATS {
-                let b = calls_ns(dp.baseline().expect("baseline"), &frames);
-                let s = calls_ns(dp.program().expect("prog"), &frames);
-                extra.push(s - b);
-            }
-            rows.push((format!("{n} tracked flows"), spread(extra)));
+            rows.push((format!("{n} tracked flows"), established_extra(&mut dp, 999, calls)));
         }
         // Services: 1 and the maximum the maps hold.
         for count in [1usize, switcher_common::MAX_SERVICES as usize] {
@@ -211,16 +216,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
                 Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None },
             )
             .expect("load");
-            let est = frame4((CLIENT, 998), (VIP, 80), false);
-            run_ns(dp.program().expect("prog"), &est, 1);
-            let frames = vec![est; calls];
-            let mut extra = Vec::new();
-            for _ in 0..REPEATS {
-                let b = calls_ns(dp.baseline().expect("baseline"), &frames);
-                let s = calls_ns(dp.program().expect("prog"), &frames);
-                extra.push(s - b);
-            }
-            rows.push((format!("{count} services"), spread(extra)));
+            rows.push((format!("{count} services"), established_extra(&mut dp, 998, calls)));
         }
         rows
     })
