@@ -18,7 +18,7 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
@@ -51,8 +51,18 @@ pub const MAP_META: &str = "META";
 /// 512-byte BPF stack). Nobody else reads it.
 pub const MAP_SCRATCH: &str = "SCRATCH";
 
+/// `u32` port → `u8` bits: `PORT_SERVICE` if some service (or preview) listens on it,
+/// `PORT_BACKEND` if some backend does. Written by the daemon. A packet whose destination port
+/// is no service's and whose source port is no backend's passes without a hash lookup.
+pub const MAP_PORTS: &str = "PORTS";
+/// `PORTS` bit: a service port.
+pub const PORT_SERVICE: u8 = 1;
+/// `PORTS` bit: a backend port (replies come from it).
+pub const PORT_BACKEND: u8 = 2;
+
 /// Every map name, for the object-file test.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
+    MAP_PORTS,
     MAP_SCRATCH,
     MAP_SERVICES,
     MAP_BACKENDS,

@@ -30,8 +30,8 @@ mod prog {
     };
     use aya_log_ebpf::warn;
     use switcher_common::{
-        Backend, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_SERVICES, RING_CHUNKS, Reason, Reply,
-        RingChunk, Service, ServiceKey,
+        Backend, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE,
+        RING_CHUNKS, Reason, Reply, RingChunk, Service, ServiceKey,
     };
 
     use crate::{
@@ -43,6 +43,11 @@ mod prog {
     /// `ServiceKey` (VIP, port, protocol, family) → `Service`. Written by the daemon.
     #[map(name = "SERVICES")]
     pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES * 2, 0);
+
+    /// port → `PORT_SERVICE` | `PORT_BACKEND` bits. Written by the daemon; lets traffic of no
+    /// service pass without a hash lookup.
+    #[map(name = "PORTS")]
+    pub static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
 
     /// `pool_slot(service, colour, i)` → `Backend`. Written by the daemon.
     #[map(name = "BACKENDS")]
@@ -129,16 +134,21 @@ mod prog {
         }
         pkt.write_flow_key(&mut scratch.key);
         let key = &scratch.key;
-        let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
-        // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
-        if let Some(service) = unsafe { SERVICES.get(&service_key) } {
-            let service = *service;
-            return Ok(flow::to_backend(&pkt, scratch, service));
+        let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
+        if port_bits(key.dport) & PORT_SERVICE != 0 {
+            let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
+            // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
+            if let Some(service) = unsafe { SERVICES.get(&service_key) } {
+                let service = *service;
+                return Ok(flow::to_backend(&pkt, scratch, service));
+            }
         }
-        // SAFETY: as above.
-        if let Some(reply) = unsafe { REPLIES.get(key) } {
-            flow::count(reply.service, reply.colour, pkt.ip_len, true, false);
-            return Ok(crate::nat::reply(&pkt, reply, &mut scratch.fib));
+        if port_bits(key.sport) & PORT_BACKEND != 0 {
+            // SAFETY: as above.
+            if let Some(reply) = unsafe { REPLIES.get(key) } {
+                flow::count(reply.service, reply.colour, pkt.ip_len, true, false);
+                return Ok(crate::nat::reply(&pkt, reply, &mut scratch.fib));
+            }
         }
         Err(Reason::NO_MATCH)
     }

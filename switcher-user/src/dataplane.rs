@@ -29,10 +29,10 @@ use aya::{
 use switcher_common::{
     ABI_VERSION, BASELINE_PROG, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET,
     FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
-    MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE,
-    MAP_STATS, MAX_POOL, MAX_SERVICES, PROG_NAME, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply,
-    RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, colour_slot, flow_expired,
-    flow_hash, new_flow_colour, pool_slot, ring_chunk, user::Colour,
+    MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_PORTS, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES,
+    MAP_STATE, MAP_STATS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME, RING_CHUNK, RING_CHUNKS,
+    RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service,
+    ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, user::Colour,
 };
 
 use crate::{
@@ -201,7 +201,12 @@ pub struct Dataplane {
     replies: HashMap<MapData, FlowKey, Reply>,
     counters: PerCpuArray<MapData, ColourCounters>,
     stats: PerCpuArray<MapData, u64>,
+    ports: Array<MapData, u8>,
     pools: StdHashMap<(u32, Colour), Pool>,
+    /// Ports each service listens on (main and preview), by id.
+    service_ports: StdHashMap<u32, Vec<u16>>,
+    /// What `PORTS` holds, as written by this process.
+    ports_written: StdHashMap<u16, u8>,
     options: Options,
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
@@ -372,7 +377,10 @@ impl Dataplane {
             replies: take(&mut ebpf, MAP_REPLIES)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             stats: take(&mut ebpf, MAP_STATS)?,
+            ports: take(&mut ebpf, MAP_PORTS)?,
             pools: StdHashMap::new(),
+            service_ports: StdHashMap::new(),
+            ports_written: StdHashMap::new(),
             options,
             links: Vec::new(),
             pins: None,
@@ -545,6 +553,8 @@ impl Dataplane {
             } else {
                 self.set_state(id, s.active, 0, None)?;
             }
+            // The port bits go in with the pools, before the keys that need them.
+            self.service_ports.insert(id, std::iter::once(s.port).chain(s.preview_port).collect());
             for colour in Colour::ALL {
                 self.set_pool(id, colour, s.pool(colour))?;
             }
@@ -572,6 +582,10 @@ impl Dataplane {
         for key in existing.keys().filter(|k| !wanted.contains(k)) {
             let _ = self.services.remove(key);
         }
+        let ids: Vec<u32> = installed.iter().map(|i| i.id).collect();
+        self.service_ports.retain(|id, _| ids.contains(id));
+        self.pools.retain(|(id, _), _| ids.contains(id));
+        self.write_ports()?;
         Ok(installed)
     }
 
@@ -648,6 +662,35 @@ impl Dataplane {
         pool.half = half;
         pool.table = table;
         self.pools.insert((id, colour), pool);
+        self.write_ports()
+    }
+
+    /// Brings `PORTS` in line with the services' and backends' ports: bits are set before a
+    /// key that needs them is written, and cleared when no service or backend uses the port
+    /// (a bit left set only costs a hash lookup that misses).
+    fn write_ports(&mut self) -> Result<()> {
+        let mut want: StdHashMap<u16, u8> = StdHashMap::new();
+        for ports in self.service_ports.values() {
+            for p in ports {
+                *want.entry(*p).or_default() |= PORT_SERVICE;
+            }
+        }
+        for pool in self.pools.values() {
+            for b in pool.slots.iter().flatten() {
+                *want.entry(b.addr.port()).or_default() |= PORT_BACKEND;
+            }
+        }
+        let stale: Vec<u16> = self.ports_written.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        for (port, bits) in want.iter().map(|(p, b)| (*p, *b)).chain(stale.into_iter().map(|p| (p, 0))) {
+            if self.ports_written.get(&port).copied().unwrap_or(0) != bits {
+                self.ports.set(u32::from(port), &bits, 0).map_err(map_err(MAP_PORTS))?;
+            }
+            if bits == 0 {
+                self.ports_written.remove(&port);
+            } else {
+                self.ports_written.insert(port, bits);
+            }
+        }
         Ok(())
     }
 
