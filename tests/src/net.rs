@@ -389,7 +389,7 @@ pub fn http_request(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<(S
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut stream, &mut answer)?;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer.as_str(), ""));
-    if !head.starts_with("HTTP/1.0 200") {
+    if !(head.starts_with("HTTP/1.") && head.split_whitespace().nth(1) == Some("200")) {
         return Err(std::io::Error::other(format!("bad answer: {head:?}")));
     }
     Ok((body.trim().to_owned(), peer))
