@@ -576,9 +576,8 @@ impl Switch {
             ),
             1 => {
                 let sw = Switch::Nftables { ns: t.lb.name.clone(), dir: dir.to_owned() };
-                let rules = format!(
-                    "table ip swbench {{\n  chain pre {{\n    type nat hook prerouting priority dstnat;\n  }}\n}}\n"
-                );
+                let rules =
+                    "table ip swbench {\n  chain pre {\n    type nat hook prerouting priority dstnat;\n  }\n}\n";
                 std::fs::write(dir.join("nft-base.rules"), rules).expect("rules");
                 t.lb.exec(&["nft", "-f", &dir.join("nft-base.rules").to_string_lossy()]);
                 sw.to("blue");
