@@ -924,7 +924,7 @@ fn main() -> std::process::ExitCode {
     }
     let _ = writeln!(
         md,
-        "\nWhere the time goes, and what would close the gap to the goals (not yet tried): every service packet does two hash lookups before it is rewritten (the service, then its flow), and a new flow also takes the shared LRU lock twice (forward and reply entries) and computes two flow hashes. Per-CPU LRU flow tables (`BPF_F_NO_COMMON_LRU`), one hash reused for both entries, and a flow entry that carries what the rewrite needs, so an established packet needs one lookup, are the candidates."
+        "\nWhere the time goes: every service packet does two hash lookups before it is rewritten (the service, then its flow), and a new flow also inserts into two LRU tables (forward and reply entries) and computes two flow hashes. Per-CPU LRU flow tables (`BPF_F_NO_COMMON_LRU`) were tried and made new flows slower here, so they were reverted; not yet tried: one hash reused for both purposes, and a flow entry that carries what the rewrite needs, so that an established packet needs one lookup."
     );
     let _ = writeln!(
         md,
