@@ -370,6 +370,38 @@ impl Contender {
     }
 }
 
+/// Deletes the bench's nftables table in `ns` (if it is there).
+fn delete_nft_table(ns: &str) {
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "delete", "table", "ip", "swbench"])
+        .status();
+}
+
+/// Removes the VIP a proxy contender bound on the lb's loopback.
+fn delete_vip(ns: &str) {
+    let _ =
+        std::process::Command::new("ip").args(["-n", ns, "addr", "del", &format!("{VIP}/32"), "dev", "lo"]).status();
+}
+
+/// Binds the VIP on the lb's loopback, writes `config` to `cfg` and starts HAProxy in the
+/// foreground there; panics if it exits at start.
+fn start_haproxy(t: &Topology, cfg: &std::path::Path, config: &str) -> std::process::Child {
+    t.lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+    std::fs::write(cfg, config).expect("haproxy config");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.lb.name, "haproxy", "-db", "-f"])
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy");
+    std::thread::sleep(Duration::from_millis(600));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("haproxy exited at start ({status}); check {}", cfg.display());
+    }
+    child
+}
+
 /// A running contender; taken down on drop (the daemon by its own drop).
 enum Running {
     Switcher(#[expect(dead_code, reason = "held for its drop")] Box<Daemon>),
@@ -381,17 +413,11 @@ impl Drop for Running {
     fn drop(&mut self) {
         match self {
             Running::Switcher(_) => {}
-            Running::Nftables(ns) => {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "exec", ns, "nft", "delete", "table", "ip", "swbench"])
-                    .status();
-            }
+            Running::Nftables(ns) => delete_nft_table(ns),
             Running::Haproxy(child, ns) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = std::process::Command::new("ip")
-                    .args(["-n", ns, "addr", "del", &format!("{VIP}/32"), "dev", "lo"])
-                    .status();
+                delete_vip(ns);
             }
         }
     }
@@ -412,27 +438,13 @@ fn start(c: Contender, t: &Topology, dir: &std::path::Path) -> Running {
             Running::Nftables(t.lb.name.clone())
         }
         Contender::Haproxy => {
-            t.lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
-            let cfg = dir.join("haproxy.cfg");
-            std::fs::write(
-                &cfg,
-                format!(
+            let child = start_haproxy(
+                t,
+                &dir.join("haproxy.cfg"),
+                &format!(
                     "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind {VIP}:80\n  default_backend b\nbackend b\n  server s1 {BLUE}:8080\nfrontend fb\n  bind {VIP}:{BULK_PORT}\n  default_backend bb\nbackend bb\n  server s1 {BLUE}:{BULK_PORT}\n"
                 ),
-            )
-            .expect("haproxy.cfg");
-            let child = std::process::Command::new("ip")
-                .args(["netns", "exec", &t.lb.name, "haproxy", "-db", "-f"])
-                .arg(&cfg)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("haproxy");
-            std::thread::sleep(Duration::from_millis(500));
-            let mut child = child;
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("haproxy exited at start ({status}); check {}", cfg.display());
-            }
+            );
             Running::Haproxy(child, t.lb.name.clone())
         }
     }
@@ -714,7 +726,7 @@ enum Switch {
 }
 
 fn addr(colour: &str) -> Ipv4Addr {
-    if colour == "green" { Ipv4Addr::new(198, 51, 100, 18) } else { BLUE }
+    if colour == "green" { GREEN } else { BLUE }
 }
 
 fn nginx_proxy_conf(dir: &std::path::Path, colour: &str) -> String {
@@ -743,25 +755,15 @@ impl Switch {
                 (sw, "nftables: atomic rule replace")
             }
             2 => {
-                t.lb.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
                 let socket = dir.join("haproxy.sock");
-                let cfg = dir.join("haproxy-flip.cfg");
-                std::fs::write(
-                    &cfg,
-                    format!(
-                        "global\n  maxconn 4096\n  stats socket {} level admin\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind {VIP}:80\n  default_backend b\nbackend b\n  server blue {BLUE}:8080 weight 100\n  server green 198.51.100.18:8080 weight 0\n",
+                let child = start_haproxy(
+                    &t,
+                    &dir.join("haproxy-flip.cfg"),
+                    &format!(
+                        "global\n  maxconn 4096\n  stats socket {} level admin\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind {VIP}:80\n  default_backend b\nbackend b\n  server blue {BLUE}:8080 weight 100\n  server green {GREEN}:8080 weight 0\n",
                         socket.display()
                     ),
-                )
-                .expect("cfg");
-                let child = std::process::Command::new("ip")
-                    .args(["netns", "exec", &t.lb.name, "haproxy", "-db", "-f"])
-                    .arg(&cfg)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("haproxy");
-                std::thread::sleep(Duration::from_millis(600));
+                );
                 (Switch::Haproxy { child, socket, ns: t.lb.name.clone() }, "HAProxy: runtime API weight change")
             }
             _ => {
@@ -826,26 +828,18 @@ impl Drop for Switch {
     fn drop(&mut self) {
         match self {
             Switch::Switcher(_) => {}
-            Switch::Nftables { ns, .. } => {
-                let _ = std::process::Command::new("ip")
-                    .args(["netns", "exec", ns, "nft", "delete", "table", "ip", "swbench"])
-                    .status();
-            }
+            Switch::Nftables { ns, .. } => delete_nft_table(ns),
             Switch::Haproxy { child, ns, .. } => {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = std::process::Command::new("ip")
-                    .args(["-n", ns, "addr", "del", &format!("{VIP}/32"), "dev", "lo"])
-                    .status();
+                delete_vip(ns);
             }
             Switch::Nginx { ns, pid, .. } => {
                 if let Ok(p) = std::fs::read_to_string(&*pid) {
                     let _ = std::process::Command::new("kill").arg(p.trim()).status();
                 }
                 std::thread::sleep(Duration::from_millis(200));
-                let _ = std::process::Command::new("ip")
-                    .args(["-n", ns, "addr", "del", &format!("{VIP}/32"), "dev", "lo"])
-                    .status();
+                delete_vip(ns);
             }
         }
     }
