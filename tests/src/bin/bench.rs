@@ -757,7 +757,7 @@ impl Switch {
             2 => {
                 let socket = dir.join("haproxy.sock");
                 let child = start_haproxy(
-                    &t,
+                    t,
                     &dir.join("haproxy-flip.cfg"),
                     &format!(
                         "global\n  maxconn 4096\n  stats socket {} level admin\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\nfrontend f\n  bind {VIP}:80\n  default_backend b\nbackend b\n  server blue {BLUE}:8080 weight 100\n  server green {GREEN}:8080 weight 0\n",
