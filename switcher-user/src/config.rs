@@ -146,8 +146,24 @@ struct RawConfig {
     audit_log: Option<PathBuf>,
     #[serde(default)]
     max_flows: Option<toml::Spanned<u32>>,
+    #[serde(default)]
+    fleet: Option<toml::Spanned<RawFleet>>,
     #[serde(default, rename = "service")]
     services: Vec<toml::Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    endpoints: Vec<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    share_backends: bool,
+    #[serde(default)]
+    lease_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -305,7 +321,28 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// Size of the flow tables (per direction); default 262,144.
     pub max_flows: Option<u32>,
+    /// Fleet mode: the desired state lives in etcd (`None`: this node alone).
+    pub fleet: Option<FleetConfig>,
     pub services: Vec<ServiceConfig>,
+}
+
+/// Default key prefix of a fleet in etcd.
+pub const DEFAULT_FLEET_PREFIX: &str = "/switcher";
+
+/// The `[fleet]` section: where the fleet's shared state lives and who this node is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// etcd client URLs (`http://host:2379`).
+    pub endpoints: Vec<String>,
+    /// Every key of this fleet starts with it (`/switcher`).
+    pub prefix: String,
+    /// This node's name in the fleet (default: the host name).
+    pub node: String,
+    /// Backend pools are part of the shared desired state (`switcher backend` changes them
+    /// on every node); otherwise each node keeps the pools of its own config.
+    pub share_backends: bool,
+    /// This node's published state disappears this long after the node stops renewing it.
+    pub lease_ttl: Duration,
 }
 
 /// One backend of a colour.
@@ -653,6 +690,10 @@ impl Config {
                 }
                 m => m.map(toml::Spanned::into_inner),
             },
+            fleet: match &raw.fleet {
+                None => None,
+                Some(f) => Some(fleet_config(f.get_ref()).map_err(|(field, m)| invalid(f.span(), field, m))?),
+            },
             services,
         })
     }
@@ -661,6 +702,55 @@ impl Config {
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
     }
+}
+
+/// Checks the `[fleet]` section; an error names the field.
+fn fleet_config(raw: &RawFleet) -> Result<FleetConfig, (&'static str, String)> {
+    if raw.endpoints.is_empty() {
+        return Err(("fleet.endpoints", "list the etcd client URLs, e.g. endpoints = [\"http://10.0.0.1:2379\"]".into()));
+    }
+    for e in &raw.endpoints {
+        let Some(rest) = e.strip_prefix("http://") else {
+            return Err((
+                "fleet.endpoints",
+                format!("{e:?}: expected http://HOST:PORT (TLS to etcd is not supported; keep etcd on a management network)"),
+            ));
+        };
+        if rest.is_empty() || rest.contains(['/', ' ']) {
+            return Err(("fleet.endpoints", format!("{e:?}: expected http://HOST:PORT")));
+        }
+    }
+    let prefix = raw.prefix.clone().unwrap_or_else(|| DEFAULT_FLEET_PREFIX.into());
+    if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains(char::is_whitespace) {
+        return Err(("fleet.prefix", format!("{prefix:?}: a key prefix like \"/switcher\" (leading '/', no trailing '/')")));
+    }
+    let node = match &raw.node {
+        Some(n) => n.clone(),
+        None => host_name().ok_or(("fleet.node", "the host name cannot be read; set node = \"NAME\"".to_owned()))?,
+    };
+    if node.is_empty() || node.len() > 63 || !node.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(("fleet.node", format!("{node:?}: up to 63 letters, digits, '-', '_' and '.'")));
+    }
+    let lease_ttl = match raw.lease_ttl_secs {
+        None => Duration::from_secs(10),
+        Some(t) if (2..=300).contains(&t) => Duration::from_secs(t),
+        Some(t) => return Err(("fleet.lease_ttl_secs", format!("{t} is out of range: 2 to 300 seconds"))),
+    };
+    Ok(FleetConfig { endpoints: raw.endpoints.clone(), prefix, node, share_backends: raw.share_backends, lease_ttl })
+}
+
+/// This machine's host name.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is writable for its length; gethostname NUL-terminates within it
+    // when the name fits.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0)?;
+    let name = std::str::from_utf8(&buf[..end]).ok()?;
+    Some(name.split('.').next().unwrap_or(name).to_owned())
 }
 
 /// The id of a group name.

@@ -43,12 +43,16 @@ pub enum Request {
         /// Switch even to a colour whose health checks fail.
         #[serde(default)]
         force: bool,
+        #[serde(default, skip_serializing_if = "Scope::is_fleet_wide")]
+        scope: Scope,
     },
     /// Go back to the colour that was active before the last switch.
     Rollback {
         service: String,
         #[serde(default)]
         force: bool,
+        #[serde(default, skip_serializing_if = "Scope::is_fleet_wide")]
+        scope: Scope,
     },
     /// Send `basis_points` (0–10000) of new flows to `colour`, the rest to the other one.
     Weight {
@@ -57,6 +61,8 @@ pub enum Request {
         basis_points: u32,
         #[serde(default)]
         force: bool,
+        #[serde(default, skip_serializing_if = "Scope::is_fleet_wide")]
+        scope: Scope,
     },
     /// Re-read the configuration file and apply it (like SIGHUP); an invalid file changes
     /// nothing.
@@ -73,6 +79,29 @@ pub enum Request {
     /// Remove a backend from a colour's pool; its open flows stay until they end.
     #[serde(rename = "backend-remove")]
     BackendRemove { service: String, colour: String, address: String },
+    /// The fleet: the desired state in etcd and every node's published state.
+    Fleet,
+}
+
+/// Where a change applies when the daemon is part of a fleet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// This node only, not the fleet's desired state. It holds until the fleet's desired
+    /// state of the service changes.
+    #[serde(default)]
+    pub local: bool,
+    /// Write the fleet's desired state only if it is still at this revision (as
+    /// `switcher fleet status` showed it): nobody changed it in between.
+    #[serde(default)]
+    pub if_revision: Option<i64>,
+}
+
+impl Scope {
+    #[must_use]
+    pub fn is_fleet_wide(&self) -> bool {
+        *self == Scope::default()
+    }
 }
 
 /// The daemon's answer.
@@ -88,6 +117,48 @@ pub struct Response {
     /// Data-path verdicts, `(reason, packets)`, on `status`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<(String, u64)>,
+    /// The etcd revision a fleet-wide change was written at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// Fleet mode: this node's view (on `status`), and every node's (on `fleet`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetView>,
+}
+
+/// The fleet as one node sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// This node's name.
+    pub node: String,
+    pub endpoints: Vec<String>,
+    /// Whether etcd answers now.
+    pub connected: bool,
+    /// Seconds since it last connected or lost the connection.
+    pub since_secs: u64,
+    /// Why it is not connected.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The desired state of each service, as last read, and how this node follows it.
+    pub services: Vec<FleetService>,
+    /// Every node's published state (on `fleet` only), by name.
+    #[serde(default)]
+    pub nodes: Vec<crate::fleet::NodeState>,
+}
+
+/// One service's desired state and this node's relation to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetService {
+    pub name: String,
+    /// As last read from etcd (`None`: not read yet).
+    #[serde(default)]
+    pub desired: Option<crate::fleet::Desired>,
+    /// Its etcd mod revision.
+    pub revision: i64,
+    /// The revision this node applied last.
+    pub applied_revision: i64,
+    /// Why this node does not follow the desired state now, if it does not.
+    #[serde(default)]
+    pub local_override: Option<String>,
 }
 
 impl Response {
@@ -252,11 +323,11 @@ mod tests {
                 service: "web".into(),
                 colour: Some("green".into()),
                 drain_timeout_secs: Some(5),
-                force: true,
+                force: true, scope: Scope::default(),
             },
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false },
-            Request::Rollback { service: "web".into(), force: false },
-            Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500, force: false },
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false, scope: Scope::default() },
+            Request::Rollback { service: "web".into(), force: false, scope: Scope::default() },
+            Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500, force: false, scope: Scope::default() },
             Request::Reload,
             Request::BackendAdd {
                 service: "web".into(),
@@ -279,7 +350,7 @@ mod tests {
                 service: "web".into(),
                 colour: Some("green".into()),
                 drain_timeout_secs: None,
-                force: false
+                force: false, scope: Scope::default()
             })
         );
         assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status { service: None }));

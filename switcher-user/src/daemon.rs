@@ -23,6 +23,7 @@ use crate::{
     config::{Config, ServiceConfig, group_id},
     control::{self, Request, Response},
     dataplane::Dataplane,
+    fleet::Fleet,
     health,
     switchboard::{Change, Switchboard, chain},
 };
@@ -122,12 +123,12 @@ fn user_name(uid: u32) -> Option<String> {
 }
 
 /// Writes the audit trail of a change: who, what, from → to, when.
-struct Audit {
+pub(crate) struct Audit {
     file: Option<PathBuf>,
 }
 
 impl Audit {
-    fn record(&self, who: &str, change: &Change) {
+    pub(crate) fn record(&self, who: &str, change: &Change) {
         tracing::info!(target: "audit", who, service = %change.service, what = %change.what, from = %change.from, to = %change.to, "change");
         if let Some(path) = &self.file {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -169,10 +170,16 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let _socket = SocketFile(config.socket.clone());
     let audit = Arc::new(Audit { file: config.audit_log.clone() });
     let group = config.socket_group.as_deref().and_then(group_id);
+    let fleet = config.fleet.clone().map(|f| Arc::new(Fleet::new(f)));
     let mut tasks = JoinSet::new();
-    tasks.spawn(check_health(Arc::clone(&board), Arc::clone(&audit)));
+    tasks.spawn(check_health(Arc::clone(&board), Arc::clone(&audit), fleet.clone()));
     if let Some(addr) = config.metrics {
-        tasks.spawn(crate::metrics::serve(addr, Arc::clone(&board)));
+        tasks.spawn(crate::metrics::serve(addr, Arc::clone(&board), fleet.clone()));
+    }
+    if let Some(f) = &fleet {
+        tracing::info!(node = %f.config.node, endpoints = ?f.config.endpoints, prefix = %f.config.prefix, "fleet mode: following the desired state in etcd");
+        let audit = Arc::clone(&audit);
+        tasks.spawn(crate::fleet::run(Arc::clone(f), Arc::clone(&board), move |who, c| audit.record(who, c)));
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut watchdog_usec = 0;
@@ -189,7 +196,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         tokio::select! {
             () = &mut shutdown => break,
             _ = hangup.recv() => {
-                let r = reload(&board, &config_path, &config);
+                let r = reload(&board, &config_path, &config, fleet.as_deref());
                 match (r.ok, r.message, r.error) {
                     (true, Some(m), _) => tracing::info!("SIGHUP: {m}"),
                     (_, _, Some(e)) => tracing::error!("SIGHUP: {e}"),
@@ -210,9 +217,10 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let (board, audit, config_path, config) = (Arc::clone(&board), Arc::clone(&audit), config_path.clone(), config.clone());
+                    let (board, audit, config_path, config, fleet) = (Arc::clone(&board), Arc::clone(&audit), config_path.clone(), config.clone(), fleet.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = serve(stream, &board, &audit, group, &config_path, &config).await {
+                        let ctx = Ctx { board: &board, audit: &audit, group, config_path: &config_path, config: &config, fleet: fleet.as_deref() };
+                        if let Err(e) = serve(stream, &ctx).await {
                             tracing::debug!("control connection: {e:#}");
                         }
                     });
@@ -242,7 +250,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
 
 /// Re-reads the config and applies it; an invalid file, or one that changes what needs a
 /// restart, changes nothing.
-fn reload(board: &Board, path: &Path, running: &Config) -> Response {
+fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
@@ -255,6 +263,7 @@ fn reload(board: &Board, path: &Path, running: &Config) -> Response {
         ("forwarding", new.forwarding != running.forwarding),
         ("udp_idle_timeout_secs", new.udp_idle_timeout != running.udp_idle_timeout),
         ("max_flows", new.max_flows != running.max_flows),
+        ("[fleet]", new.fleet != running.fleet),
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))
@@ -281,21 +290,27 @@ fn reload(board: &Board, path: &Path, running: &Config) -> Response {
                 if removed.is_empty() { "none".into() } else { removed.join(", ") }
             );
             tracing::info!("{msg}");
+            if let Some(f) = fleet {
+                f.resync();
+            }
             Response { ok: true, message: Some(msg), ..Response::default() }
         }
         Err(e) => Response::error(format!("reload failed while writing the maps: {}", chain(&e))),
     }
 }
 
-/// Answers one connection: one request line, one answer line.
-async fn serve(
-    stream: UnixStream,
-    board: &Board,
-    audit: &Audit,
+/// What a control connection needs of the daemon.
+struct Ctx<'a> {
+    board: &'a Board,
+    audit: &'a Audit,
     group: Option<u32>,
-    config_path: &Path,
-    config: &Config,
-) -> anyhow::Result<()> {
+    config_path: &'a Path,
+    config: &'a Config,
+    fleet: Option<&'a Fleet>,
+}
+
+/// Answers one connection: one request line, one answer line.
+async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
     let peer = stream.peer_cred().map(|c| Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() }).ok();
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64 + 1));
@@ -310,38 +325,15 @@ async fn serve(
         Ok(Ok(_)) => match control::parse_request(line.trim_ascii()) {
             Err(msg) => Response::error(msg),
             Ok(req) => {
-                let changes = !matches!(req, Request::Status { .. });
+                let changes = !matches!(req, Request::Status { .. } | Request::Fleet);
                 let who = peer.as_ref().map_or_else(|| "unknown peer".to_owned(), Peer::describe);
-                if changes && !peer.as_ref().is_some_and(|p| p.may_change(group)) {
+                if changes && !peer.as_ref().is_some_and(|p| p.may_change(ctx.group)) {
                     tracing::warn!(target: "audit", who, "refused a change: not root and not in the socket's group");
                     Response::error(format!(
                         "{who} may not change switcher: ask root, or a member of the socket's group"
                     ))
-                } else if matches!(req, Request::Reload) {
-                    let r = reload(board, config_path, config);
-                    if r.ok {
-                        audit.record(
-                            &who,
-                            &Change {
-                                service: "*".into(),
-                                what: "reload".into(),
-                                from: "-".into(),
-                                to: config_path.display().to_string(),
-                            },
-                        );
-                    }
-                    r
                 } else {
-                    match board.lock() {
-                        Ok(mut b) => {
-                            let (resp, change) = b.handle(req);
-                            if let Some(c) = change {
-                                audit.record(&who, &c);
-                            }
-                            resp
-                        }
-                        Err(_) => Response::error("daemon state is poisoned; restart the daemon"),
-                    }
+                    answer(ctx, req, &who).await
                 }
             }
         },
@@ -352,17 +344,85 @@ async fn serve(
     Ok(())
 }
 
+/// Answers one request of a peer allowed to make it.
+async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
+    let names = || ctx.board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).unwrap_or_default();
+    let fleet_change = match &req {
+        Request::Cutover { .. } | Request::Rollback { .. } | Request::Weight { .. } => true,
+        Request::BackendAdd { .. } | Request::BackendRemove { .. } => {
+            ctx.fleet.is_some_and(|f| f.config.share_backends)
+        }
+        _ => false,
+    };
+    match (req, ctx.fleet) {
+        (Request::Reload, _) => {
+            let r = reload(ctx.board, ctx.config_path, ctx.config, ctx.fleet);
+            if r.ok {
+                let change = Change {
+                    service: "*".into(),
+                    what: "reload".into(),
+                    from: "-".into(),
+                    to: ctx.config_path.display().to_string(),
+                };
+                ctx.audit.record(who, &change);
+            }
+            r
+        }
+        (Request::Fleet, Some(f)) => f.view_all(&names()).await,
+        (Request::Fleet, None) => Response::error(
+            "this daemon is not part of a fleet: add a [fleet] section (etcd endpoints, node name) to its config",
+        ),
+        (req, Some(f)) if fleet_change => {
+            let (resp, change) = f.propose(ctx.board, req, who).await;
+            if let Some(c) = change {
+                ctx.audit.record(who, &c);
+            }
+            resp
+        }
+        (req, fleet) => {
+            if let Request::Cutover { scope, .. } | Request::Rollback { scope, .. } | Request::Weight { scope, .. } =
+                &req
+                && scope.if_revision.is_some()
+                && fleet.is_none()
+            {
+                return Response::error("--if-revision is for fleet mode; this daemon has no [fleet] section");
+            }
+            let status = matches!(req, Request::Status { .. });
+            let mut resp = match ctx.board.lock() {
+                Ok(mut b) => {
+                    let (resp, change) = b.handle(req);
+                    if let Some(c) = change {
+                        ctx.audit.record(who, &c);
+                    }
+                    resp
+                }
+                Err(_) => Response::error("daemon state is poisoned; restart the daemon"),
+            };
+            if status && let Some(f) = fleet {
+                resp.fleet = Some(f.local_view(&names()));
+            }
+            resp
+        }
+    }
+}
+
 /// Probes every checked service's backends at its interval and records the results.
-async fn check_health(board: Board, audit: Arc<Audit>) {
+async fn check_health(board: Board, audit: Arc<Audit>, fleet: Option<Arc<Fleet>>) {
     let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
-        health_round(&board, &audit, &mut due).await;
+        for c in health_round(&board, &audit, &mut due).await {
+            if let Some(f) = &fleet {
+                f.note_override(&c.service, format!("{} {} → {} by this node's health checks", c.what, c.from, c.to));
+            }
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Probes the services that are due, concurrently, and records the results.
-async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, Instant>) {
+/// Probes the services that are due, concurrently, and records the results; returns the
+/// switches the results caused (automatic rollback, failover).
+async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, Instant>) -> Vec<Change> {
+    let mut switches = Vec::new();
     {
         let checks = board.lock().map(|b| b.checks()).unwrap_or_default();
         let now = Instant::now();
@@ -388,9 +448,13 @@ async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, In
             let changes = board.lock().map(|mut b| b.record_health(&name, results)).unwrap_or_default();
             for c in changes {
                 audit.record("switcher (health checks)", &c);
+                if c.what == "auto-rollback" || c.what == "failover" {
+                    switches.push(c);
+                }
             }
         }
     }
+    switches
 }
 
 /// Runs futures concurrently and returns their outputs in order.

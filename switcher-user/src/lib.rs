@@ -3,13 +3,15 @@
 //! - [`config`]: the TOML file, parsed and validated into a [`config::Config`];
 //! - [`dataplane`]: loads the XDP program, attaches it, and reads and writes its maps;
 //! - [`control`]: the JSON-lines protocol of the control socket, and a client for it;
-//! - [`daemon`]: the agent: owns the data plane and serves the control socket.
+//! - [`daemon`]: the agent: owns the data plane and serves the control socket;
+//! - [`fleet`]: fleet mode: the desired state in etcd, followed by every node.
 
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod emergency;
+pub mod fleet;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

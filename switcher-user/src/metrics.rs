@@ -18,7 +18,7 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{control::Response, dataplane::Dataplane, switchboard::Switchboard};
+use crate::{control::Response, dataplane::Dataplane, fleet::Fleet, switchboard::Switchboard};
 
 type Labels = Vec<(String, String)>;
 
@@ -89,6 +89,23 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             }
         }
     }
+    let fleet_connected = Family::<Labels, Gauge>::default();
+    let desired_rev = Family::<Labels, Gauge>::default();
+    let applied_rev = Family::<Labels, Gauge>::default();
+    let overridden = Family::<Labels, Gauge>::default();
+    if let Some(f) = &status.fleet {
+        fleet_connected.get_or_create(&labels(&[("node", f.node.as_str())])).set(i64::from(f.connected));
+        for s in &f.services {
+            let l = labels(&[("service", s.name.as_str())]);
+            desired_rev.get_or_create(&l).set(s.revision);
+            applied_rev.get_or_create(&l).set(s.applied_revision);
+            overridden.get_or_create(&l).set(i64::from(s.local_override.is_some()));
+        }
+        reg.register("fleet_etcd_connected", "1 while etcd answers; 0: forwarding with the last applied state", fleet_connected);
+        reg.register("fleet_desired_revision", "etcd revision of each service's desired state, as last read", desired_rev);
+        reg.register("fleet_applied_revision", "etcd revision of the desired state this node applied last", applied_rev);
+        reg.register("fleet_local_override", "1 while this node does not follow the fleet's desired state", overridden);
+    }
     for (reason, n) in &status.reasons {
         verdicts.get_or_create(&labels(&[("reason", reason.as_str())])).inc_by(*n);
     }
@@ -110,7 +127,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
 }
 
 /// Serves `GET /metrics` until the task is aborted.
-pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>) {
+pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, fleet: Option<Arc<Fleet>>) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -122,6 +139,7 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>) 
     loop {
         let Ok((mut conn, _)) = listener.accept().await else { continue };
         let board = Arc::clone(&board);
+        let fleet = fleet.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
@@ -138,7 +156,11 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>) 
             let wanted =
                 read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
             let (status, body) = if wanted {
-                let snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
+                let mut snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
+                if let (Some(s), Some(f)) = (&mut snapshot, &fleet) {
+                    let names: Vec<String> = s.services.iter().map(|x| x.name.clone()).collect();
+                    s.fleet = Some(f.local_view(&names));
+                }
                 match snapshot.map(|s| render(&s)) {
                     Some(Ok(text)) => ("200 OK", text),
                     _ => ("500 Internal Server Error", "status unavailable\n".to_owned()),

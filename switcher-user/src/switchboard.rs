@@ -200,6 +200,21 @@ impl ServiceState {
 pub struct Switchboard<M> {
     maps: M,
     services: Vec<ServiceState>,
+    /// Open flows per (service, colour) at the last walk of the flow table.
+    last_flows: HashMap<(u32, Colour), FlowCounts>,
+}
+
+/// One service as this node sees it, for the fleet (see [`Switchboard::observed`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    pub name: String,
+    pub active: Colour,
+    pub canary_bp: u32,
+    pub live_flows: u64,
+    /// The colour draining and its open flows.
+    pub draining: Option<(Colour, u64)>,
+    /// Blue's, then green's.
+    pub healthy: [bool; 2],
 }
 
 /// A colour named in a request.
@@ -227,7 +242,7 @@ impl<M: Maps> Switchboard<M> {
     /// The services as [`Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
-        Switchboard { maps, services }
+        Switchboard { maps, services, last_flows: HashMap::new() }
     }
 
     /// The data plane, for the daemon's own use (reload).
@@ -239,18 +254,18 @@ impl<M: Maps> Switchboard<M> {
     pub fn handle(&mut self, req: Request) -> (Response, Option<Change>) {
         let result = match req {
             Request::Status { service } => self.status(service.as_deref()).map(|r| (r, None)),
-            Request::Cutover { service, colour, drain_timeout_secs, force } => {
+            Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
                 self.cutover(&service, colour.as_deref(), drain_timeout_secs.map(Duration::from_secs), force)
             }
-            Request::Rollback { service, force } => self.rollback(&service, force),
-            Request::Weight { service, colour, basis_points, force } => {
+            Request::Rollback { service, force, .. } => self.rollback(&service, force),
+            Request::Weight { service, colour, basis_points, force, .. } => {
                 self.weight(&service, &colour, basis_points, force)
             }
             Request::BackendAdd { service, colour, address, weight } => {
                 self.backend(&service, &colour, &address, Some(weight.unwrap_or(1)))
             }
             Request::BackendRemove { service, colour, address } => self.backend(&service, &colour, &address, None),
-            Request::Reload => Err("reload is handled by the daemon".into()),
+            Request::Reload | Request::Fleet => Err("handled by the daemon".into()),
         };
         match result {
             Ok((r, change)) => (r, change),
@@ -304,17 +319,8 @@ impl<M: Maps> Switchboard<M> {
             // All new flows to the other colour: that is a cut-over.
             return self.switch(i, active.other(), 0, None, "cut over", force);
         }
-        if canary > 0 && !s.config.serves(active.other()) {
-            return Err(format!("{name} has no {} backend to send a canary share to", active.other()));
-        }
-        if canary > 0 && !force && !s.healthy(active.other()) {
-            return Err(format!(
-                "refusing to send a canary share of {name} to {}: no healthy {} backend ({}); add --force to do it anyway",
-                active.other(),
-                active.other(),
-                s.why_unhealthy(active.other())
-            ));
-        }
+        self.check_canary(name, active, canary, force)?;
+        let s = &self.services[i];
         let before = s.canary_bp;
         self.maps
             .set_state(s.id, active, canary, s.previous)
@@ -350,18 +356,8 @@ impl<M: Maps> Switchboard<M> {
         if s.active == target && s.canary_bp == canary {
             return self.answer(i, format!("{name}: already on {target}, nothing changed"), None);
         }
-        if !s.config.serves(target) {
-            return Err(format!(
-                "{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config, or `switcher backend add {name} {target} ADDRESS:PORT`"
-            ));
-        }
-        if !force && !s.healthy(target) {
-            return Err(format!(
-                "refusing to {} {name} to {target}: no healthy {target} backend ({}); add --force to switch anyway",
-                if verb == "rolled back" { "roll back" } else { "cut over" },
-                s.why_unhealthy(target)
-            ));
-        }
+        self.may_switch(i, target, verb == "rolled back", force)?;
+        let s = &self.services[i];
         let from = s.active;
         let previous = if from == target { s.previous } else { Some(from) };
         let started = Instant::now();
@@ -419,50 +415,142 @@ impl<M: Maps> Switchboard<M> {
         )
     }
 
+    /// Whether service `i` may switch to `target`: the colour has backends, and healthy ones
+    /// unless `force`.
+    fn may_switch(&self, i: usize, target: Colour, rollback: bool, force: bool) -> Result<(), String> {
+        let s = &self.services[i];
+        let name = &s.config.name;
+        if !s.config.serves(target) {
+            return Err(format!(
+                "{name} has no {target} backend configured; add `{target} = \"ADDRESS:PORT\"` to its [[service]] in the config, or `switcher backend add {name} {target} ADDRESS:PORT`"
+            ));
+        }
+        if !force && !s.healthy(target) {
+            return Err(format!(
+                "refusing to {} {name} to {target}: no healthy {target} backend ({}); add --force to switch anyway",
+                if rollback { "roll back" } else { "cut over" },
+                s.why_unhealthy(target)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The checks a switch of `name` to `target` must pass here, without switching: for a
+    /// change that is written to the fleet's shared state first.
+    ///
+    /// # Errors
+    /// Why the switch would be refused.
+    pub fn check_switch(&self, name: &str, target: Colour, rollback: bool, force: bool) -> Result<(), String> {
+        self.may_switch(self.find(name)?, target, rollback, force)
+    }
+
+    /// The checks a canary share of `canary` basis points for the colour that is not
+    /// `active` must pass here.
+    ///
+    /// # Errors
+    /// Why the share would be refused.
+    pub fn check_canary(&self, name: &str, active: Colour, canary: u32, force: bool) -> Result<(), String> {
+        let s = &self.services[self.find(name)?];
+        let other = active.other();
+        if canary > 0 && !s.config.serves(other) {
+            return Err(format!("{name} has no {other} backend to send a canary share to"));
+        }
+        if canary > 0 && !force && !s.healthy(other) {
+            return Err(format!(
+                "refusing to send a canary share of {name} to {other}: no healthy {other} backend ({}); add --force to do it anyway",
+                s.why_unhealthy(other)
+            ));
+        }
+        Ok(())
+    }
+
+    /// A service's switch state and pools as this node has them: `(active, canary share,
+    /// previous, config)`.
+    #[must_use]
+    pub fn snapshot(&self, name: &str) -> Option<(Colour, u32, Option<Colour>, ServiceConfig)> {
+        let s = &self.services[self.find(name).ok()?];
+        Some((s.active, s.canary_bp, s.previous, s.config.clone()))
+    }
+
+    /// Makes a service's state what the fleet wants: its pools (when shared), then its
+    /// active colour and canary share, with `drain` as the old colour's drain timeout.
+    /// Health checks here do not veto it: the node that wrote it checked, and a node that
+    /// disagreed would split the fleet. Returns the change made, if any.
+    ///
+    /// # Errors
+    /// An unknown service, or a map write that failed.
+    pub fn apply_desired(
+        &mut self,
+        name: &str,
+        active: Colour,
+        canary: u32,
+        drain: Option<Duration>,
+        pools: Option<[Vec<BackendConfig>; 2]>,
+    ) -> Result<Option<Change>, String> {
+        let i = self.find(name)?;
+        let mut changed = None;
+        if let Some(pools) = pools {
+            for (c, pool) in Colour::ALL.into_iter().zip(pools) {
+                if self.services[i].config.pool(c) == pool.as_slice() {
+                    continue;
+                }
+                for b in &pool {
+                    self.services[i].config.check_backend(b.addr)?;
+                }
+                *self.services[i].config.pool_mut(c) = pool;
+                let s = &self.services[i];
+                self.maps.set_pool(s.id, c, &s.effective_pool(c)).map_err(|e| format!("{name}: {}", chain(&e)))?;
+                tracing::info!(service = %name, colour = %c, "pool from the fleet's desired state");
+                changed = Some(Change {
+                    service: name.to_owned(),
+                    what: "pool".into(),
+                    from: c.to_string(),
+                    to: format!("{} backends", s.config.pool(c).len()),
+                });
+            }
+        }
+        let s = &self.services[i];
+        if s.active == active && s.canary_bp == canary {
+            return Ok(changed);
+        }
+        let verb = if s.active == active { "weight" } else { "cut over" };
+        let (_, change) = self.switch(i, active, canary, drain, verb, true)?;
+        Ok(change.or(changed))
+    }
+
+    /// What this node publishes to the fleet about each service: `(name, active, canary,
+    /// open flows on the active colour, drain (colour, open flows), healthy per colour)`,
+    /// from the last walk of the flow table.
+    #[must_use]
+    pub fn observed(&self) -> Vec<Observed> {
+        self.services
+            .iter()
+            .map(|s| {
+                let live = |c: Colour| self.last_flows.get(&(s.id, c)).map_or(0, |f| f.live);
+                Observed {
+                    name: s.config.name.clone(),
+                    active: s.active,
+                    canary_bp: s.canary_bp,
+                    live_flows: live(s.active),
+                    draining: s.drain.as_ref().map(|d| (d.from, live(d.from))),
+                    healthy: [s.healthy(Colour::Blue), s.healthy(Colour::Green)],
+                }
+            })
+            .collect()
+    }
+
     fn backend(&mut self, name: &str, c: &str, address: &str, weight: Option<u32>) -> Outcome {
         let i = self.find(name)?;
         let c = colour(c)?;
-        let addr: SocketAddr =
-            address.parse().map_err(|_| format!("{address:?} is not ADDRESS:PORT (IPv6 as [2001:db8::1]:80)"))?;
         let s = &self.services[i];
         let mut pool = s.config.pool(c).to_vec();
-        let (msg, what) = match weight {
-            Some(w) => {
-                s.config.check_backend(addr)?;
-                if w > 1000 {
-                    return Err(format!("weight {w} is above 1000"));
-                }
-                match pool.iter_mut().find(|b| b.addr == addr) {
-                    Some(b) => b.weight = w,
-                    None => pool.push(BackendConfig { addr, weight: w }),
-                }
-                if pool.len() > MAX_POOL as usize {
-                    return Err(format!("{name} {c} already has {MAX_POOL} backends"));
-                }
-                (format!("{name} {c}: {addr} in the pool with weight {w} ({} backends)", pool.len()), "backend-add")
-            }
-            None => {
-                let before = pool.len();
-                pool.retain(|b| b.addr != addr);
-                if pool.len() == before {
-                    return Err(format!("{addr} is not a {c} backend of {name}"));
-                }
-                let live = c == s.active || (s.canary_bp > 0 && c == s.active.other());
-                if live && !pool.iter().any(|b| b.weight > 0) {
-                    return Err(format!(
-                        "{addr} is the last {c} backend of {name}, which takes traffic; cut over first"
-                    ));
-                }
-                (
-                    format!("{name} {c}: {addr} removed ({} backends); its open flows stay until they end", pool.len()),
-                    "backend-remove",
-                )
-            }
-        };
+        let live = c == s.active || (s.canary_bp > 0 && c == s.active.other());
+        let (addr, msg) = edit_pool(&s.config, c, &mut pool, address, weight, live)?;
         *self.services[i].config.pool_mut(c) = pool;
         let s = &self.services[i];
         self.maps.set_pool(s.id, c, &s.effective_pool(c)).map_err(|e| format!("{name}: {}", chain(&e)))?;
         tracing::info!(service = %name, colour = %c, %addr, ?weight, "pool changed");
+        let what = if weight.is_some() { "backend-add" } else { "backend-remove" };
         let change = Change { service: name.to_owned(), what: what.into(), from: c.to_string(), to: addr.to_string() };
         self.answer(i, msg, Some(change))
     }
@@ -577,13 +665,7 @@ impl<M: Maps> Switchboard<M> {
         if self.services.iter().all(|s| s.drain.is_none()) {
             return;
         }
-        let counts = match self.maps.scan_flows() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("scan flows: {}", chain(&e));
-                return;
-            }
-        };
+        let Some(counts) = self.refresh_flows() else { return };
         for i in 0..self.services.len() {
             let s = &self.services[i];
             let Some(drain) = s.drain.clone() else { continue };
@@ -606,12 +688,27 @@ impl<M: Maps> Switchboard<M> {
         }
     }
 
+    /// Walks the flow table and keeps the counts for [`Switchboard::observed`].
+    pub fn refresh_flows(&mut self) -> Option<HashMap<(u32, Colour), FlowCounts>> {
+        match self.maps.scan_flows() {
+            Ok(c) => {
+                self.last_flows.clone_from(&c);
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("scan flows: {}", chain(&e));
+                None
+            }
+        }
+    }
+
     /// The status of all services, or one.
     ///
     /// # Errors
     /// An unknown service, or a map read failure.
     pub fn status(&mut self, name: Option<&str>) -> Result<Response, String> {
         let counts = self.maps.scan_flows().map_err(|e| chain(&e))?;
+        self.last_flows.clone_from(&counts);
         let services = match name {
             Some(name) => vec![self.service_status(self.find(name)?, Some(&counts))?],
             None => {
@@ -684,6 +781,55 @@ impl<M: Maps> Switchboard<M> {
 }
 
 type Outcome = Result<(Response, Option<Change>), String>;
+
+/// Adds (`weight: Some`) or removes (`None`) a backend of `service`'s `colour` in `pool`, with
+/// the checks of `switcher backend`: address family, weight, pool size, and not the last
+/// backend of a colour that takes traffic (`live`). Returns the address and a message.
+///
+/// # Errors
+/// What is wrong, for the operator.
+pub fn edit_pool(
+    service: &ServiceConfig,
+    colour: Colour,
+    pool: &mut Vec<BackendConfig>,
+    address: &str,
+    weight: Option<u32>,
+    live: bool,
+) -> Result<(SocketAddr, String), String> {
+    let name = &service.name;
+    let addr: SocketAddr =
+        address.parse().map_err(|_| format!("{address:?} is not ADDRESS:PORT (IPv6 as [2001:db8::1]:80)"))?;
+    match weight {
+        Some(w) => {
+            service.check_backend(addr)?;
+            if w > 1000 {
+                return Err(format!("weight {w} is above 1000"));
+            }
+            match pool.iter_mut().find(|b| b.addr == addr) {
+                Some(b) => b.weight = w,
+                None => pool.push(BackendConfig { addr, weight: w }),
+            }
+            if pool.len() > MAX_POOL as usize {
+                return Err(format!("{name} {colour} already has {MAX_POOL} backends"));
+            }
+            Ok((addr, format!("{name} {colour}: {addr} in the pool with weight {w} ({} backends)", pool.len())))
+        }
+        None => {
+            let before = pool.len();
+            pool.retain(|b| b.addr != addr);
+            if pool.len() == before {
+                return Err(format!("{addr} is not a {colour} backend of {name}"));
+            }
+            if live && !pool.iter().any(|b| b.weight > 0) {
+                return Err(format!("{addr} is the last {colour} backend of {name}, which takes traffic; cut over first"));
+            }
+            Ok((
+                addr,
+                format!("{name} {colour}: {addr} removed ({} backends); its open flows stay until they end", pool.len()),
+            ))
+        }
+    }
+}
 
 /// An error and its sources on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -784,7 +930,7 @@ mod tests {
     fn cutover(b: &mut Switchboard<FakeMaps>, s: &str, c: Option<&str>) -> Response {
         handle(
             b,
-            Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None, force: false },
+            Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None, force: false, scope: Default::default() },
         )
     }
 
@@ -803,11 +949,11 @@ mod tests {
     #[test]
     fn rollback_returns_to_the_previous_colour() {
         let mut b = board();
-        let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false });
+        let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false, scope: Default::default() });
         assert!(!r.ok);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("nothing to roll back")), "{r:?}");
         assert!(cutover(&mut b, "web", Some("green")).ok);
-        let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false });
+        let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false, scope: Default::default() });
         assert!(r.ok, "{r:?}");
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
         assert_eq!(r.services[0].switches, 2);
@@ -833,7 +979,7 @@ mod tests {
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend configured")), "{r:?}");
         let r = handle(
             &mut b,
-            Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100, force: false },
+            Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100, force: false, scope: Default::default() },
         );
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend")), "{r:?}");
         assert_eq!(b.maps.writes, 0, "a refused request writes nothing");
@@ -843,7 +989,7 @@ mod tests {
     fn weights_set_a_canary_and_100_percent_is_a_cutover() {
         let mut b = board();
         let w = |b: &mut Switchboard<FakeMaps>, c: &str, bp| {
-            handle(b, Request::Weight { service: "web".into(), colour: c.into(), basis_points: bp, force: false })
+            handle(b, Request::Weight { service: "web".into(), colour: c.into(), basis_points: bp, force: false, scope: Default::default() })
         };
         let r = w(&mut b, "green", 500);
         assert!(r.ok, "{r:?}");
@@ -869,7 +1015,7 @@ mod tests {
         b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0 });
         let r = handle(
             &mut b,
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0), force: false },
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0), force: false, scope: Default::default() },
         );
         assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (timeout 0s)")), "{r:?}");
         let st = b.status(Some("web")).expect("status");
@@ -938,7 +1084,7 @@ mod tests {
         assert_eq!(b.maps.writes, 0);
         let r = handle(
             &mut b,
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true },
+            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true, scope: Default::default() },
         );
         assert!(r.ok, "{r:?}");
         // Its only backend is down: the table keeps it (panic mode) rather than go empty.
@@ -1002,7 +1148,7 @@ mod tests {
     fn changes_are_reported_for_the_audit_log() {
         let mut b = board();
         let (_, change) =
-            b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false });
+            b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false, scope: Default::default() });
         assert_eq!(
             change,
             Some(Change { service: "web".into(), what: "cut-over".into(), from: "blue".into(), to: "green".into() })

@@ -19,6 +19,9 @@ use switcher_user::{
 /// as the service's `on_drain_timeout` says. `--wait` follows the drain with a progress bar.
 /// Roll back with `switcher rollback SERVICE`.
 ///
+/// In a fleet (a `[fleet]` section in the daemon's config) it changes the desired state in
+/// etcd, which every node applies; `--wait` then shows each node applying it and draining.
+///
 /// Example: switcher cutover web green --drain-timeout 30 --wait
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,6 +39,8 @@ pub struct Args {
     /// Cut over even when the colour fails its health checks.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    scope: super::fleet::ScopeArgs,
 }
 
 pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
@@ -44,6 +49,7 @@ pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
         colour: args.colour.clone(),
         drain_timeout_secs: args.drain_timeout,
         force: args.force,
+        scope: args.scope.scope(),
     };
     let colour = args.colour.as_deref().and_then(|c| c.parse().ok());
     let Some(resp) = super::ask_or_emergency(socket, config, &req, &args.service, Action::Cutover(colour))? else {
@@ -53,7 +59,10 @@ pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
         println!("{m}");
     }
     if args.wait {
-        wait_for_drain(socket, &args.service)?;
+        match resp.revision {
+            Some(rev) => super::fleet::wait(socket, &args.service, rev)?,
+            None => wait_for_drain(socket, &args.service)?,
+        }
     }
     Ok(())
 }

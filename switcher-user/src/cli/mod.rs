@@ -5,6 +5,7 @@ mod config;
 mod cutover;
 mod daemon;
 mod docs;
+mod fleet;
 mod reload;
 mod rollback;
 mod status;
@@ -53,6 +54,7 @@ enum Command {
     Status(status::Args),
     Reload(reload::Args),
     Config(config::Args),
+    Fleet(fleet::Args),
     Uninstall(uninstall::Args),
     #[command(hide = true)]
     Completions(docs::CompletionsArgs),
@@ -70,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Reload(args) => reload::run(&cli.socket, args),
         Command::Config(args) => config::run(&cli.config, args),
+        Command::Fleet(args) => fleet::run(&cli.socket, args),
         Command::Uninstall(args) => uninstall::run(&cli.config, args),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),

@@ -31,6 +31,35 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
 
 fn render(resp: &Response) -> String {
     let mut out = String::new();
+    if let Some(f) = &resp.fleet {
+        if f.connected {
+            let _ = writeln!(out, "fleet: node {}, etcd {} connected", f.node, f.endpoints.join(","));
+        } else {
+            let _ = writeln!(
+                out,
+                "fleet: node {}, etcd {} UNREACHABLE for {}s ({}): forwarding with the last applied state",
+                f.node,
+                f.endpoints.join(","),
+                f.since_secs,
+                f.error.as_deref().unwrap_or("?")
+            );
+        }
+        for s in &f.services {
+            let state = match (&s.local_override, s.applied_revision >= s.revision && s.revision > 0) {
+                (Some(why), _) => format!("LOCAL OVERRIDE: {why}"),
+                (None, true) => "in step".to_owned(),
+                (None, false) => "not applied yet".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "  {}: desired {} at revision {}, applied {}: {state}",
+                s.name,
+                s.desired.as_ref().map_or("?", |d| d.active.as_str()),
+                s.revision,
+                s.applied_revision
+            );
+        }
+    }
     if resp.services.is_empty() {
         out.push_str("no services configured\n");
     }

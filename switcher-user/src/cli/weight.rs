@@ -21,6 +21,8 @@ pub struct Args {
     /// Send a share even to a colour that fails its health checks.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    scope: super::fleet::ScopeArgs,
 }
 
 /// `green=12.5%` → ("green", 1250 basis points).
@@ -43,7 +45,7 @@ fn parse_share(s: &str) -> Result<(String, u32), String> {
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let (colour, basis_points) = args.share;
-    let resp = super::ask(socket, &Request::Weight { service: args.service, colour, basis_points, force: args.force })?;
+    let resp = super::ask(socket, &Request::Weight { service: args.service, colour, basis_points, force: args.force, scope: args.scope.scope() })?;
     if let Some(m) = resp.message {
         println!("{m}");
     }

@@ -1,0 +1,1024 @@
+//! Fleet mode: several load-balancer nodes follow one desired state kept in etcd.
+//!
+//! ```text
+//! {prefix}/services/{name}  desired state of a service (JSON `Desired`), written by
+//!                           `switcher cutover|rollback|weight` on any node, in a transaction
+//!                           that checks the revision it read
+//! {prefix}/nodes/{node}     what a node has applied (JSON `NodeState`), under the node's
+//!                           lease: a node that stops renewing it disappears
+//! ```
+//!
+//! Each agent watches `services/`, applies every change to its own maps (the same inputs give
+//! every node the same Maglev tables, so a flow that ECMP moves to another node still reaches
+//! its backend) and publishes what it applied. When etcd is unreachable, a node keeps
+//! forwarding with its last applied state, says so in status and metrics, and catches up when
+//! etcd returns. A change made on one node only (`--local`, or any change while etcd is
+//! unreachable, or a health-check failover) holds until the service's desired state changes.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use switcher_common::{BP_ALL, user::Colour};
+
+use crate::{
+    config::{BackendConfig, FleetConfig},
+    control::{FleetService, FleetView, Request, Response},
+    switchboard::{Change, Maps, Switchboard, edit_pool, percent},
+};
+
+/// How often a node republishes its state (flows, health) without a change.
+const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+/// How often the published open-flow counts are refreshed by a walk of the flow table.
+const FLOWS_EVERY: Duration = Duration::from_secs(10);
+/// How long a change waits for this node to apply it before answering.
+const APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// What the fleet wants of one service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// "blue" or "green".
+    pub active: String,
+    /// Share of new flows for the other colour, in 0.01 %.
+    #[serde(default)]
+    pub canary_bp: u32,
+    /// The colour a rollback goes back to.
+    #[serde(default)]
+    pub previous: Option<String>,
+    /// Drain timeout of the switch that wrote this (none: the service's own).
+    #[serde(default)]
+    pub drain_timeout_secs: Option<u64>,
+    /// Shared pools (`share_backends`); absent: each node uses its own config's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue: Option<Vec<SharedBackend>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub green: Option<Vec<SharedBackend>>,
+    /// What the last change was ("cutover blue → green"), who made it and when.
+    #[serde(default)]
+    pub change: String,
+    #[serde(default)]
+    pub changed_by: String,
+    #[serde(default)]
+    pub at_unix: u64,
+}
+
+/// A backend in a shared pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedBackend {
+    pub address: String,
+    pub weight: u32,
+}
+
+/// What a node publishes about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    pub node: String,
+    pub at_unix: u64,
+    pub services: Vec<NodeService>,
+}
+
+/// One service on one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeService {
+    pub name: String,
+    pub active: String,
+    #[serde(default)]
+    pub canary_bp: u32,
+    /// The revision of the desired state it applied last (0: none yet).
+    pub applied_revision: i64,
+    /// Why it does not follow the desired state, if it does not.
+    #[serde(default)]
+    pub local_override: Option<String>,
+    /// Open flows on the active colour at the last count.
+    #[serde(default)]
+    pub live_flows: u64,
+    /// The colour draining and its open flows.
+    #[serde(default)]
+    pub draining: Option<(String, u64)>,
+    #[serde(default)]
+    pub healthy_blue: bool,
+    #[serde(default)]
+    pub healthy_green: bool,
+}
+
+/// The switch state a desired state asks for, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub active: Colour,
+    pub canary_bp: u32,
+    pub previous: Option<Colour>,
+    pub drain: Option<Duration>,
+    /// Blue's and green's shared pools, when shared.
+    pub pools: Option<[Vec<BackendConfig>; 2]>,
+}
+
+fn parse_colour(c: &str) -> Result<Colour, String> {
+    c.parse::<Colour>().map_err(|e| format!("{c:?}: {e}"))
+}
+
+impl Desired {
+    /// The state it asks for; a document no switcher wrote is an error, not a panic.
+    ///
+    /// # Errors
+    /// What is wrong with it.
+    pub fn target(&self) -> Result<Target, String> {
+        if self.canary_bp > BP_ALL {
+            return Err(format!("canary_bp {} is above {BP_ALL}", self.canary_bp));
+        }
+        let pool = |p: &Option<Vec<SharedBackend>>| -> Result<Option<Vec<BackendConfig>>, String> {
+            p.as_ref()
+                .map(|list| {
+                    list.iter()
+                        .map(|b| {
+                            let addr = b.address.parse().map_err(|_| format!("{:?} is not ADDRESS:PORT", b.address))?;
+                            if b.weight > 1000 {
+                                return Err(format!("{}: weight {} is above 1000", b.address, b.weight));
+                            }
+                            Ok(BackendConfig { addr, weight: b.weight })
+                        })
+                        .collect()
+                })
+                .transpose()
+        };
+        let pools = match (pool(&self.blue)?, pool(&self.green)?) {
+            (Some(b), Some(g)) => Some([b, g]),
+            (None, None) => None,
+            _ => return Err("a shared state has both pools or neither".into()),
+        };
+        Ok(Target {
+            active: parse_colour(&self.active)?,
+            canary_bp: self.canary_bp,
+            previous: self.previous.as_deref().map(parse_colour).transpose()?,
+            drain: self.drain_timeout_secs.map(Duration::from_secs),
+            pools,
+        })
+    }
+}
+
+fn shared(pool: &[BackendConfig]) -> Vec<SharedBackend> {
+    pool.iter().map(|b| SharedBackend { address: b.addr.to_string(), weight: b.weight }).collect()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The desired state that describes what `board` does now for `name` (to seed etcd).
+fn seed<M: Maps>(board: &Switchboard<M>, name: &str, node: &str, share: bool) -> Option<Desired> {
+    let (active, canary_bp, previous, config) = board.snapshot(name)?;
+    Some(Desired {
+        active: active.to_string(),
+        canary_bp,
+        previous: previous.map(|c| c.to_string()),
+        drain_timeout_secs: None,
+        blue: share.then(|| shared(&config.blue)),
+        green: share.then(|| shared(&config.green)),
+        change: "seeded from the first node's state".into(),
+        changed_by: node.to_owned(),
+        at_unix: now_unix(),
+    })
+}
+
+/// The next desired state for `req` from `cur`, checked against this node's view of the
+/// backends' health; `None` when nothing would change.
+///
+/// # Errors
+/// Why the change is refused.
+pub fn plan<M: Maps>(
+    board: &Switchboard<M>,
+    req: &Request,
+    cur: &Desired,
+    share: bool,
+) -> Result<Option<(Desired, String)>, String> {
+    let t = cur.target()?;
+    let mut next = Desired { drain_timeout_secs: None, ..cur.clone() };
+    let (name, what) = match req {
+        Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
+            let target = colour.as_deref().map(parse_colour).transpose()?.unwrap_or(t.active.other());
+            if target == t.active && t.canary_bp == 0 {
+                return Ok(None);
+            }
+            board.check_switch(service, target, false, *force)?;
+            next.active = target.to_string();
+            next.canary_bp = 0;
+            if target != t.active {
+                next.previous = Some(t.active.to_string());
+            }
+            next.drain_timeout_secs = *drain_timeout_secs;
+            (service, format!("cutover {} → {target}", t.active))
+        }
+        Request::Rollback { service, force, .. } => {
+            let Some(previous) = t.previous.filter(|p| *p != t.active) else {
+                return Err(format!(
+                    "nothing to roll back: the fleet's {service} has been {} since its desired state was written; use `switcher cutover {service} COLOUR`",
+                    t.active
+                ));
+            };
+            board.check_switch(service, previous, true, *force)?;
+            next.active = previous.to_string();
+            next.canary_bp = 0;
+            next.previous = Some(t.active.to_string());
+            (service, format!("rollback {} → {previous}", t.active))
+        }
+        Request::Weight { service, colour, basis_points, force, .. } => {
+            let c = parse_colour(colour)?;
+            if *basis_points > BP_ALL {
+                return Err(format!("{} is more than 100%", percent(*basis_points)));
+            }
+            let canary = if c == t.active { BP_ALL - basis_points } else { *basis_points };
+            if canary == BP_ALL {
+                let cut = Request::Cutover {
+                    service: service.clone(),
+                    colour: Some(t.active.other().to_string()),
+                    drain_timeout_secs: None,
+                    force: *force,
+                    scope: crate::control::Scope::default(),
+                };
+                return plan(board, &cut, cur, share);
+            }
+            if canary == t.canary_bp {
+                return Ok(None);
+            }
+            board.check_canary(service, t.active, canary, *force)?;
+            next.canary_bp = canary;
+            (
+                service,
+                format!("weight {} {} → {}", t.active.other(), percent(t.canary_bp), percent(canary)),
+            )
+        }
+        Request::BackendAdd { service, colour, address, .. } | Request::BackendRemove { service, colour, address }
+            if share =>
+        {
+            let weight = match req {
+                Request::BackendAdd { weight, .. } => Some(weight.unwrap_or(1)),
+                _ => None,
+            };
+            let c = parse_colour(colour)?;
+            let (_, _, _, config) = board.snapshot(service).ok_or_else(|| format!("unknown service {service:?}"))?;
+            let [mut blue, mut green] = t.pools.unwrap_or([config.blue.clone(), config.green.clone()]);
+            let pool = if c == Colour::Blue { &mut blue } else { &mut green };
+            let live = c == t.active || (t.canary_bp > 0 && c == t.active.other());
+            let (addr, _) = edit_pool(&config, c, pool, address, weight, live)?;
+            next.blue = Some(shared(&blue));
+            next.green = Some(shared(&green));
+            let what = match weight {
+                Some(w) => format!("backend add {c} {addr} weight {w}"),
+                None => format!("backend remove {c} {addr}"),
+            };
+            (service, what)
+        }
+        _ => return Err("not a change of the fleet's desired state".into()),
+    };
+    let _ = name;
+    next.change.clone_from(&what);
+    next.at_unix = now_unix();
+    Ok(Some((next, what)))
+}
+
+/// This node's part in the fleet: its view of etcd, of the desired state, and what it applied.
+pub struct Fleet {
+    pub config: FleetConfig,
+    state: Mutex<State>,
+    /// Wakes waiters when something was applied, and the publisher when there is news.
+    applied: tokio::sync::Notify,
+    publish: tokio::sync::Notify,
+}
+
+struct State {
+    client: Option<Client>,
+    since: Instant,
+    error: Option<String>,
+    /// name → (desired state, its mod revision), as last read.
+    desired: HashMap<String, (Desired, i64)>,
+    /// name → revision applied last.
+    applied: HashMap<String, i64>,
+    /// name → (the desired revision it overrides, why).
+    overrides: HashMap<String, (i64, String)>,
+    /// Desired states that could not be applied here, and why.
+    problems: HashMap<String, String>,
+    /// Local services missing in etcd are to be seeded (at start and after a reload).
+    reseed: bool,
+}
+
+type Board<M> = Arc<Mutex<Switchboard<M>>>;
+
+/// A failed write: refused (a message for the operator), or etcd did not answer.
+enum WriteError {
+    Refused(String),
+    Etcd(String),
+}
+
+impl From<etcd_client::Error> for WriteError {
+    fn from(e: etcd_client::Error) -> Self {
+        WriteError::Etcd(e.to_string())
+    }
+}
+
+impl Fleet {
+    #[must_use]
+    pub fn new(config: FleetConfig) -> Fleet {
+        Fleet {
+            config,
+            state: Mutex::new(State {
+                client: None,
+                since: Instant::now(),
+                error: Some("not connected yet".into()),
+                desired: HashMap::new(),
+                applied: HashMap::new(),
+                overrides: HashMap::new(),
+                problems: HashMap::new(),
+                reseed: true,
+            }),
+            applied: tokio::sync::Notify::new(),
+            publish: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn services_prefix(&self) -> String {
+        format!("{}/services/", self.config.prefix)
+    }
+
+    fn service_key(&self, name: &str) -> String {
+        format!("{}/services/{name}", self.config.prefix)
+    }
+
+    fn nodes_prefix(&self) -> String {
+        format!("{}/nodes/", self.config.prefix)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether etcd answered last time.
+    #[must_use]
+    pub fn connected(&self) -> bool {
+        self.lock().client.is_some()
+    }
+
+    /// After a reload: seed services that are new here, and apply the desired state again.
+    pub fn resync(&self) {
+        let mut st = self.lock();
+        st.reseed = true;
+        st.applied.clear();
+        drop(st);
+        self.publish.notify_one();
+    }
+
+    /// A change this node made on its own (`--local`, etcd down, health failover): it holds
+    /// until the service's desired state changes.
+    pub fn note_override(&self, name: &str, why: String) {
+        let mut st = self.lock();
+        let base = st.desired.get(name).map_or(0, |(_, r)| *r);
+        tracing::warn!(service = %name, "this node now differs from the fleet's desired state: {why}");
+        st.overrides.insert(name.to_owned(), (base, why));
+        drop(st);
+        self.publish.notify_one();
+    }
+
+    /// This node's view, without the other nodes.
+    #[must_use]
+    pub fn local_view(&self, services: &[String]) -> FleetView {
+        let st = self.lock();
+        FleetView {
+            node: self.config.node.clone(),
+            endpoints: self.config.endpoints.clone(),
+            connected: st.client.is_some(),
+            since_secs: st.since.elapsed().as_secs(),
+            error: st.error.clone(),
+            services: services
+                .iter()
+                .map(|name| FleetService {
+                    name: name.clone(),
+                    desired: st.desired.get(name).map(|(d, _)| d.clone()),
+                    revision: st.desired.get(name).map_or(0, |(_, r)| *r),
+                    applied_revision: st.applied.get(name).copied().unwrap_or(0),
+                    local_override: st
+                        .overrides
+                        .get(name)
+                        .map(|(_, why)| why.clone())
+                        .or_else(|| st.problems.get(name).cloned()),
+                })
+                .collect(),
+            nodes: Vec::new(),
+        }
+    }
+
+    fn set_connected(&self, client: Option<Client>, error: Option<String>) {
+        let mut st = self.lock();
+        if st.client.is_some() != client.is_some() {
+            st.since = Instant::now();
+            match &error {
+                Some(e) => tracing::warn!(
+                    "etcd unreachable ({e}): forwarding goes on with the last applied state; retrying"
+                ),
+                None => tracing::info!(endpoints = ?self.config.endpoints, "connected to etcd"),
+            }
+        }
+        st.client = client;
+        st.error = error;
+    }
+
+    /// Applies one desired state read from etcd, unless this node already has it or holds an
+    /// override that is newer.
+    fn apply<M: Maps>(&self, board: &Board<M>, name: &str, desired: Desired, rev: i64) -> Option<Change> {
+        let mut st = self.lock();
+        st.desired.insert(name.to_owned(), (desired.clone(), rev));
+        if let Some((base, why)) = st.overrides.get(name) {
+            if rev <= *base {
+                return None;
+            }
+            tracing::info!(service = %name, revision = rev, "the fleet's desired state changed: the local override ({why}) ends");
+            st.overrides.remove(name);
+        }
+        if st.applied.get(name).is_some_and(|a| *a >= rev) {
+            return None;
+        }
+        drop(st);
+        let result = desired.target().and_then(|t| {
+            let mut b = board.lock().map_err(|_| "daemon state poisoned".to_owned())?;
+            if b.snapshot(name).is_none() {
+                return Err(format!("{name} is in the fleet's desired state but not configured on this node"));
+            }
+            b.apply_desired(name, t.active, t.canary_bp, t.drain, t.pools)
+        });
+        let mut st = self.lock();
+        let change = match result {
+            Ok(change) => {
+                st.applied.insert(name.to_owned(), rev);
+                st.problems.remove(name);
+                change
+            }
+            Err(e) => {
+                if st.problems.get(name) != Some(&e) {
+                    tracing::warn!(service = %name, revision = rev, "cannot apply the fleet's desired state: {e}");
+                }
+                st.problems.insert(name.to_owned(), e);
+                None
+            }
+        };
+        drop(st);
+        self.applied.notify_waiters();
+        self.publish.notify_one();
+        change
+    }
+
+    /// Handles a change request of an operator in fleet mode: written to etcd (checking the
+    /// revision it read), then applied here by the watch like on every other node. With
+    /// `--local`, or when etcd cannot be reached, it is applied on this node only.
+    pub async fn propose<M: Maps>(&self, board: &Board<M>, req: Request, who: &str) -> (Response, Option<Change>) {
+        let local = match &req {
+            Request::Cutover { scope, .. } | Request::Rollback { scope, .. } | Request::Weight { scope, .. } => {
+                scope.local
+            }
+            _ => false,
+        };
+        let backends = matches!(req, Request::BackendAdd { .. } | Request::BackendRemove { .. });
+        if local {
+            return self.local(board, req, "changed on this node only (--local)".into(), None);
+        }
+        let client = self.lock().client.clone();
+        let error = match client {
+            Some(mut client) => match self.write(&mut client, board, &req, who).await {
+                Ok(r) => return r,
+                Err(WriteError::Refused(msg)) => return (Response::error(msg), None),
+                Err(WriteError::Etcd(e)) => e,
+            },
+            None => self.lock().error.clone().unwrap_or_else(|| "not connected".into()),
+        };
+        if backends {
+            return (
+                Response::error(format!(
+                    "etcd is unreachable ({error}): the fleet's shared pools cannot change now; nothing changed"
+                )),
+                None,
+            );
+        }
+        self.local(
+            board,
+            req,
+            format!("changed on this node only while etcd was unreachable ({error})"),
+            Some(error),
+        )
+    }
+
+    /// Applies a change on this node only and records the override.
+    fn local<M: Maps>(
+        &self,
+        board: &Board<M>,
+        req: Request,
+        why: String,
+        error: Option<String>,
+    ) -> (Response, Option<Change>) {
+        let name = match &req {
+            Request::Cutover { service, .. }
+            | Request::Rollback { service, .. }
+            | Request::Weight { service, .. }
+            | Request::BackendAdd { service, .. }
+            | Request::BackendRemove { service, .. } => service.clone(),
+            _ => String::new(),
+        };
+        let (mut resp, change) = match board.lock() {
+            Ok(mut b) => b.handle(req),
+            Err(_) => return (Response::error("daemon state is poisoned; restart the daemon"), None),
+        };
+        if resp.ok && change.is_some() {
+            self.note_override(&name, why.clone());
+            let desired = self.lock().desired.get(&name).map(|(d, r)| (d.active.clone(), *r));
+            let note = match (error, desired) {
+                (Some(e), Some((active, rev))) => format!(
+                    "\nnote: etcd is unreachable ({e}): applied on node {} only. The fleet's desired state still says {active} (revision {rev}); this node keeps its own until that changes.",
+                    self.config.node
+                ),
+                (Some(e), None) => {
+                    format!("\nnote: etcd is unreachable ({e}): applied on node {} only.", self.config.node)
+                }
+                (None, _) => format!(
+                    "\nnote: applied on node {} only; it holds until the fleet's desired state of {name} changes.",
+                    self.config.node
+                ),
+            };
+            if let Some(m) = &mut resp.message {
+                m.push_str(&note);
+            }
+        }
+        (resp, change)
+    }
+
+    async fn write<M: Maps>(
+        &self,
+        client: &mut Client,
+        board: &Board<M>,
+        req: &Request,
+        who: &str,
+    ) -> Result<(Response, Option<Change>), WriteError> {
+        let (name, if_revision) = match req {
+            Request::Cutover { service, scope, .. }
+            | Request::Rollback { service, scope, .. }
+            | Request::Weight { service, scope, .. } => (service.clone(), scope.if_revision),
+            Request::BackendAdd { service, .. } | Request::BackendRemove { service, .. } => (service.clone(), None),
+            _ => return Err(WriteError::Refused("not a change".into())),
+        };
+        let key = self.service_key(&name);
+        let got = client.get(key.clone(), None).await?;
+        let (cur, rev) = match got.kvs().first() {
+            Some(kv) => (parse_desired(kv).map_err(WriteError::Refused)?, kv.mod_revision()),
+            None => {
+                let b = board.lock().map_err(|_| WriteError::Refused("daemon state poisoned".into()))?;
+                let d = seed(&b, &name, &self.config.node, self.config.share_backends).ok_or_else(|| {
+                    WriteError::Refused(format!("unknown service {name:?}: it is not configured on this node"))
+                })?;
+                (d, 0)
+            }
+        };
+        if let Some(expected) = if_revision
+            && expected != rev
+        {
+            return Err(WriteError::Refused(format!(
+                "conflict: the fleet's desired state of {name} is at revision {rev} ({}), not {expected} as you read it; nothing was written. Check `switcher fleet status` and run the command again.",
+                describe(&cur)
+            )));
+        }
+        let planned = {
+            let b = board.lock().map_err(|_| WriteError::Refused("daemon state poisoned".into()))?;
+            plan(&b, req, &cur, self.config.share_backends).map_err(WriteError::Refused)?
+        };
+        let Some((mut next, what)) = planned else {
+            return Ok((
+                Response {
+                    ok: true,
+                    message: Some(format!(
+                        "{name}: the fleet's desired state is already {} (revision {rev}); nothing written",
+                        cur.active
+                    )),
+                    revision: Some(rev),
+                    ..Response::default()
+                },
+                None,
+            ));
+        };
+        next.changed_by = format!("{} ({who})", self.config.node);
+        let value = serde_json::to_string(&next).map_err(|e| WriteError::Refused(e.to_string()))?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(key.clone(), value, None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let resp = client.txn(txn).await?;
+        if !resp.succeeded() {
+            let now = resp.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (parse_desired(kv), kv.mod_revision())),
+                _ => None,
+            });
+            let detail = match now {
+                Some((Ok(d), r)) => format!("now revision {r}: {}", describe(&d)),
+                _ => "it was deleted".into(),
+            };
+            return Err(WriteError::Refused(format!(
+                "conflict: the fleet's desired state of {name} changed while this change was being made ({detail}); nothing was written. Check `switcher fleet status` and run the command again."
+            )));
+        }
+        let written = resp.header().map_or(rev, etcd_client::ResponseHeader::revision);
+        tracing::info!(service = %name, revision = written, "wrote the fleet's desired state: {what}");
+        // This node applies it through its watch, like every other node: wait for that.
+        let started = Instant::now();
+        let applied = tokio::time::timeout(APPLY_WAIT, async {
+            loop {
+                let notified = self.applied.notified();
+                if self.lock().applied.get(&name).is_some_and(|a| *a >= written) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok();
+        let here = if applied {
+            format!("applied here in {} ms", started.elapsed().as_millis())
+        } else {
+            "not applied here yet".to_owned()
+        };
+        let status = board.lock().ok().and_then(|mut b| b.status(Some(&name)).ok());
+        let change = Change {
+            service: name.clone(),
+            what: format!("fleet {}", what.split(' ').next().unwrap_or("change")),
+            from: format!("revision {rev}"),
+            to: format!("revision {written}: {what}"),
+        };
+        Ok((
+            Response {
+                ok: true,
+                message: Some(format!(
+                    "{name}: {what} written to the fleet at revision {written}; {here}. `switcher fleet status` shows every node."
+                )),
+                services: status.map(|s| s.services).unwrap_or_default(),
+                revision: Some(written),
+                ..Response::default()
+            },
+            Some(change),
+        ))
+    }
+
+    /// Every node's published state and the desired state, read from etcd now.
+    pub async fn view_all(&self, services: &[String]) -> Response {
+        let mut view = self.local_view(services);
+        let client = self.lock().client.clone();
+        let Some(mut client) = client else {
+            return Response {
+                ok: false,
+                error: Some(format!(
+                    "etcd is unreachable ({}): the other nodes cannot be seen from here. This node forwards with the desired state it applied last.",
+                    view.error.clone().unwrap_or_default()
+                )),
+                fleet: Some(view),
+                ..Response::default()
+            };
+        };
+        let nodes = client.get(self.nodes_prefix(), Some(GetOptions::new().with_prefix())).await;
+        let desired = client.get(self.services_prefix(), Some(GetOptions::new().with_prefix())).await;
+        match (nodes, desired) {
+            (Ok(nodes), Ok(desired)) => {
+                view.nodes = nodes.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
+                view.nodes.sort_by(|a: &NodeState, b| a.node.cmp(&b.node));
+                let prefix = self.services_prefix();
+                for kv in desired.kvs() {
+                    let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else { continue };
+                    let Ok(d) = parse_desired(kv) else { continue };
+                    match view.services.iter_mut().find(|s| s.name == name) {
+                        Some(s) => {
+                            s.desired = Some(d);
+                            s.revision = kv.mod_revision();
+                        }
+                        None => view.services.push(FleetService {
+                            name: name.to_owned(),
+                            desired: Some(d),
+                            revision: kv.mod_revision(),
+                            applied_revision: 0,
+                            local_override: Some("not configured on this node".into()),
+                        }),
+                    }
+                }
+                Response { ok: true, fleet: Some(view), ..Response::default() }
+            }
+            (Err(e), _) | (_, Err(e)) => Response {
+                ok: false,
+                error: Some(format!("reading the fleet from etcd: {e}")),
+                fleet: Some(view),
+                ..Response::default()
+            },
+        }
+    }
+
+    /// What this node publishes.
+    fn node_state<M: Maps>(&self, board: &Board<M>) -> NodeState {
+        let observed = board.lock().map(|b| b.observed()).unwrap_or_default();
+        let st = self.lock();
+        NodeState {
+            node: self.config.node.clone(),
+            at_unix: now_unix(),
+            services: observed
+                .into_iter()
+                .map(|o| NodeService {
+                    applied_revision: st.applied.get(&o.name).copied().unwrap_or(0),
+                    local_override: st
+                        .overrides
+                        .get(&o.name)
+                        .map(|(_, why)| why.clone())
+                        .or_else(|| st.problems.get(&o.name).cloned()),
+                    active: o.active.to_string(),
+                    canary_bp: o.canary_bp,
+                    live_flows: o.live_flows,
+                    draining: o.draining.map(|(c, n)| (c.to_string(), n)),
+                    healthy_blue: o.healthy[0],
+                    healthy_green: o.healthy[1],
+                    name: o.name,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn parse_desired(kv: &KeyValue) -> Result<Desired, String> {
+    serde_json::from_slice(kv.value())
+        .map_err(|e| format!("the desired state at {} is not switcher's: {e}", kv.key_str().unwrap_or("?")))
+}
+
+/// "green (cutover blue → green by lb1 (uid=0) 12s ago)".
+fn describe(d: &Desired) -> String {
+    let ago = now_unix().saturating_sub(d.at_unix);
+    let canary = if d.canary_bp > 0 { format!(", canary {}", percent(d.canary_bp)) } else { String::new() };
+    format!("{}{canary}: {} by {}, {ago}s ago", d.active, d.change, d.changed_by)
+}
+
+/// Runs the node's side of the fleet until aborted: connect, seed, read, watch, publish;
+/// reconnect with back-off when etcd goes away.
+pub async fn run<M: Maps + Send + 'static>(
+    fleet: Arc<Fleet>,
+    board: Board<M>,
+    record: impl Fn(&str, &Change) + Send + Sync + 'static,
+) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        let e = session(&fleet, &board, &record).await;
+        fleet.set_connected(None, Some(e));
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(500);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(4));
+    }
+}
+
+/// One connection to etcd, until it fails; returns why.
+async fn session<M: Maps>(fleet: &Fleet, board: &Board<M>, record: &impl Fn(&str, &Change)) -> String {
+    match session_inner(fleet, board, record).await {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+enum Never {}
+
+async fn session_inner<M: Maps>(
+    fleet: &Fleet,
+    board: &Board<M>,
+    record: &impl Fn(&str, &Change),
+) -> Result<Never, String> {
+    let e = |e: etcd_client::Error| e.to_string();
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
+    let mut client = Client::connect(&fleet.config.endpoints, Some(opts)).await.map_err(e)?;
+    seed_missing(fleet, board, &mut client).await?;
+    let all = client.get(fleet.services_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(e)?;
+    let revision = all.header().map_or(0, etcd_client::ResponseHeader::revision);
+    let ttl = i64::try_from(fleet.config.lease_ttl.as_secs()).unwrap_or(10);
+    let lease = client.lease_grant(ttl, None).await.map_err(e)?.id();
+    let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await.map_err(e)?;
+    let mut watch = client
+        .watch(
+            fleet.services_prefix(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
+        )
+        .await
+        .map_err(e)?;
+    fleet.set_connected(Some(client.clone()), None);
+    apply_kvs(fleet, board, record, all.kvs());
+    publish(fleet, board, &mut client, lease).await?;
+    let mut renew = tokio::time::interval(fleet.config.lease_ttl / 3);
+    let mut republish = tokio::time::interval(PUBLISH_EVERY);
+    let mut flows_counted = Instant::now();
+    loop {
+        tokio::select! {
+            msg = watch.message() => {
+                let msg = msg.map_err(e)?.ok_or("the watch on etcd ended")?;
+                if msg.canceled() {
+                    return Err(format!("the watch on etcd was cancelled: {}", msg.cancel_reason()));
+                }
+                let puts: Vec<KeyValue> = msg
+                    .events()
+                    .iter()
+                    .filter(|ev| ev.event_type() == etcd_client::EventType::Put)
+                    .filter_map(|ev| ev.kv().cloned())
+                    .collect();
+                for ev in msg.events().iter().filter(|ev| ev.event_type() == etcd_client::EventType::Delete) {
+                    if let Some(kv) = ev.kv() {
+                        tracing::warn!(key = kv.key_str().unwrap_or("?"), "a desired state was deleted from etcd; this node keeps what it has");
+                    }
+                }
+                apply_kvs(fleet, board, record, &puts);
+                publish(fleet, board, &mut client, lease).await?;
+            }
+            _ = renew.tick() => keeper.keep_alive().await.map_err(e)?,
+            answer = keepalive.message() => {
+                let answer = answer.map_err(e)?.ok_or("the lease keep-alive stream ended")?;
+                if answer.ttl() <= 0 {
+                    return Err("this node's lease expired".into());
+                }
+            }
+            _ = republish.tick() => {
+                if flows_counted.elapsed() >= FLOWS_EVERY {
+                    if let Ok(mut b) = board.lock() {
+                        let _ = b.refresh_flows();
+                    }
+                    flows_counted = Instant::now();
+                }
+                if std::mem::take(&mut fleet.lock().reseed) {
+                    seed_missing(fleet, board, &mut client).await?;
+                    let all = client.get(fleet.services_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(e)?;
+                    apply_kvs(fleet, board, record, all.kvs());
+                }
+                publish(fleet, board, &mut client, lease).await?;
+            }
+            () = fleet.publish.notified() => publish(fleet, board, &mut client, lease).await?,
+        }
+    }
+}
+
+/// Writes the desired state of local services etcd does not have yet (only if still absent).
+async fn seed_missing<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Client) -> Result<(), String> {
+    let names: Vec<String> = board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect()).unwrap_or_default();
+    for name in names {
+        let seeded = board.lock().ok().and_then(|b| seed(&b, &name, &fleet.config.node, fleet.config.share_backends));
+        let Some(d) = seeded else { continue };
+        let key = fleet.service_key(&name);
+        let value = serde_json::to_string(&d).map_err(|e| e.to_string())?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let r = client.txn(txn).await.map_err(|e| e.to_string())?;
+        if r.succeeded() {
+            tracing::info!(service = %name, active = %d.active, "seeded the fleet's desired state from this node");
+        }
+    }
+    fleet.lock().reseed = false;
+    Ok(())
+}
+
+fn apply_kvs<M: Maps>(fleet: &Fleet, board: &Board<M>, record: &impl Fn(&str, &Change), kvs: &[KeyValue]) {
+    let prefix = fleet.services_prefix();
+    for kv in kvs {
+        let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else { continue };
+        match parse_desired(kv) {
+            Ok(d) => {
+                let by = format!("fleet revision {} ({})", kv.mod_revision(), d.changed_by);
+                if let Some(c) = fleet.apply(board, name, d, kv.mod_revision()) {
+                    record(&by, &c);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(service = %name, "{e}; ignored");
+                fleet.lock().problems.insert(name.to_owned(), e);
+            }
+        }
+    }
+}
+
+async fn publish<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Client, lease: i64) -> Result<(), String> {
+    let state = fleet.node_state(board);
+    let value = serde_json::to_string(&state).map_err(|e| e.to_string())?;
+    client
+        .put(format!("{}{}", fleet.nodes_prefix(), fleet.config.node), value, Some(PutOptions::new().with_lease(lease)))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// How a node relates to the desired state of a service, for `switcher fleet status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Agreement {
+    /// Applied the latest revision and does what it says.
+    InStep,
+    /// Has not applied the latest revision yet.
+    Lags,
+    /// Applied it, or holds an override, but does something else.
+    Disagrees,
+    /// The node does not have the service.
+    Missing,
+}
+
+/// Compares a node's published state of a service with the desired state.
+#[must_use]
+pub fn agreement(node: &NodeState, name: &str, desired: &Desired, revision: i64) -> Agreement {
+    let Some(s) = node.services.iter().find(|s| s.name == name) else { return Agreement::Missing };
+    if s.active != desired.active || s.canary_bp != desired.canary_bp || s.local_override.is_some() {
+        if s.applied_revision < revision && s.local_override.is_none() {
+            return Agreement::Lags;
+        }
+        return Agreement::Disagrees;
+    }
+    if s.applied_revision < revision { Agreement::Lags } else { Agreement::InStep }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(active: &str) -> Desired {
+        Desired { active: active.into(), ..Desired::default() }
+    }
+
+    #[test]
+    fn desired_states_are_checked_not_trusted() {
+        let t = desired("green").target().expect("valid");
+        assert_eq!((t.active, t.canary_bp, t.previous, t.pools), (Colour::Green, 0, None, None));
+        assert!(desired("red").target().is_err());
+        assert!(Desired { canary_bp: 10_001, ..desired("blue") }.target().is_err());
+        let half = Desired {
+            blue: Some(vec![SharedBackend { address: "198.51.100.2:80".into(), weight: 1 }]),
+            ..desired("blue")
+        };
+        assert!(half.target().expect_err("one pool only").contains("both pools"));
+        let bad = Desired {
+            blue: Some(vec![SharedBackend { address: "nowhere".into(), weight: 1 }]),
+            green: Some(vec![]),
+            ..desired("blue")
+        };
+        assert!(bad.target().is_err());
+        let ok = Desired {
+            blue: Some(vec![SharedBackend { address: "198.51.100.2:80".into(), weight: 3 }]),
+            green: Some(vec![]),
+            previous: Some("green".into()),
+            drain_timeout_secs: Some(5),
+            ..desired("blue")
+        };
+        let t = ok.target().expect("valid");
+        assert_eq!(t.pools.map(|[b, g]| (b.len(), b[0].weight, g.len())), Some((1, 3, 0)));
+        assert_eq!((t.previous, t.drain), (Some(Colour::Green), Some(Duration::from_secs(5))));
+        // Unknown JSON is an error, never a panic.
+        for text in ["", "{", "[]", "{\"active\":1}", "null"] {
+            assert!(serde_json::from_str::<Desired>(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn nodes_are_in_step_lagging_or_disagreeing() {
+        let node = |active: &str, applied: i64, over: Option<&str>| NodeState {
+            node: "lb1".into(),
+            at_unix: 0,
+            services: vec![NodeService {
+                name: "web".into(),
+                active: active.into(),
+                applied_revision: applied,
+                local_override: over.map(Into::into),
+                ..NodeService::default()
+            }],
+        };
+        let want = desired("green");
+        assert_eq!(agreement(&node("green", 7, None), "web", &want, 7), Agreement::InStep);
+        assert_eq!(agreement(&node("blue", 5, None), "web", &want, 7), Agreement::Lags);
+        assert_eq!(agreement(&node("blue", 7, Some("rolled back locally")), "web", &want, 7), Agreement::Disagrees);
+        assert_eq!(agreement(&node("blue", 5, Some("etcd down")), "web", &want, 7), Agreement::Disagrees);
+        assert_eq!(agreement(&node("green", 7, None), "dns", &want, 7), Agreement::Missing);
+    }
+
+    #[test]
+    fn the_documents_round_trip() {
+        let d = Desired {
+            active: "green".into(),
+            canary_bp: 500,
+            previous: Some("blue".into()),
+            change: "weight".into(),
+            ..Desired::default()
+        };
+        let text = serde_json::to_string(&d).expect("json");
+        assert!(!text.contains("\"blue\":"), "unshared pools are left out: {text}");
+        assert_eq!(serde_json::from_str::<Desired>(&text).expect("parse"), d);
+        let n = NodeState {
+            node: "lb2".into(),
+            at_unix: 1,
+            services: vec![NodeService { name: "web".into(), draining: Some(("blue".into(), 3)), ..NodeService::default() }],
+        };
+        let text = serde_json::to_string(&n).expect("json");
+        assert_eq!(serde_json::from_str::<NodeState>(&text).expect("parse"), n);
+    }
+}
