@@ -707,13 +707,18 @@ impl Config {
 /// Checks the `[fleet]` section; an error names the field.
 fn fleet_config(raw: &RawFleet) -> Result<FleetConfig, (&'static str, String)> {
     if raw.endpoints.is_empty() {
-        return Err(("fleet.endpoints", "list the etcd client URLs, e.g. endpoints = [\"http://10.0.0.1:2379\"]".into()));
+        return Err((
+            "fleet.endpoints",
+            "list the etcd client URLs, e.g. endpoints = [\"http://10.0.0.1:2379\"]".into(),
+        ));
     }
     for e in &raw.endpoints {
         let Some(rest) = e.strip_prefix("http://") else {
             return Err((
                 "fleet.endpoints",
-                format!("{e:?}: expected http://HOST:PORT (TLS to etcd is not supported; keep etcd on a management network)"),
+                format!(
+                    "{e:?}: expected http://HOST:PORT (TLS to etcd is not supported; keep etcd on a management network)"
+                ),
             ));
         };
         if rest.is_empty() || rest.contains(['/', ' ']) {
@@ -722,7 +727,10 @@ fn fleet_config(raw: &RawFleet) -> Result<FleetConfig, (&'static str, String)> {
     }
     let prefix = raw.prefix.clone().unwrap_or_else(|| DEFAULT_FLEET_PREFIX.into());
     if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains(char::is_whitespace) {
-        return Err(("fleet.prefix", format!("{prefix:?}: a key prefix like \"/switcher\" (leading '/', no trailing '/')")));
+        return Err((
+            "fleet.prefix",
+            format!("{prefix:?}: a key prefix like \"/switcher\" (leading '/', no trailing '/')"),
+        ));
     }
     let node = match &raw.node {
         Some(n) => n.clone(),

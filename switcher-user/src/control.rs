@@ -323,11 +323,24 @@ mod tests {
                 service: "web".into(),
                 colour: Some("green".into()),
                 drain_timeout_secs: Some(5),
-                force: true, scope: Scope::default(),
+                force: true,
+                scope: Scope::default(),
             },
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false, scope: Scope::default() },
+            Request::Cutover {
+                service: "web".into(),
+                colour: None,
+                drain_timeout_secs: None,
+                force: false,
+                scope: Scope::default(),
+            },
             Request::Rollback { service: "web".into(), force: false, scope: Scope::default() },
-            Request::Weight { service: "web".into(), colour: "green".into(), basis_points: 500, force: false, scope: Scope::default() },
+            Request::Weight {
+                service: "web".into(),
+                colour: "green".into(),
+                basis_points: 500,
+                force: false,
+                scope: Scope::default(),
+            },
             Request::Reload,
             Request::BackendAdd {
                 service: "web".into(),
@@ -350,7 +363,8 @@ mod tests {
                 service: "web".into(),
                 colour: Some("green".into()),
                 drain_timeout_secs: None,
-                force: false, scope: Scope::default()
+                force: false,
+                scope: Scope::default()
             })
         );
         assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status { service: None }));

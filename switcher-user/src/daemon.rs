@@ -346,7 +346,8 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
 
 /// Answers one request of a peer allowed to make it.
 async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
-    let names = || ctx.board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).unwrap_or_default();
+    let names =
+        || ctx.board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).unwrap_or_default();
     let fleet_change = match &req {
         Request::Cutover { .. } | Request::Rollback { .. } | Request::Weight { .. } => true,
         Request::BackendAdd { .. } | Request::BackendRemove { .. } => {

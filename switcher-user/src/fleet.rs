@@ -248,10 +248,7 @@ pub fn plan<M: Maps>(
             }
             board.check_canary(service, t.active, canary, *force)?;
             next.canary_bp = canary;
-            (
-                service,
-                format!("weight {} {} → {}", t.active.other(), percent(t.canary_bp), percent(canary)),
-            )
+            (service, format!("weight {} {} → {}", t.active.other(), percent(t.canary_bp), percent(canary)))
         }
         Request::BackendAdd { service, colour, address, .. } | Request::BackendRemove { service, colour, address }
             if share =>
@@ -416,9 +413,9 @@ impl Fleet {
         if st.client.is_some() != client.is_some() {
             st.since = Instant::now();
             match &error {
-                Some(e) => tracing::warn!(
-                    "etcd unreachable ({e}): forwarding goes on with the last applied state; retrying"
-                ),
+                Some(e) => {
+                    tracing::warn!("etcd unreachable ({e}): forwarding goes on with the last applied state; retrying")
+                }
                 None => tracing::info!(endpoints = ?self.config.endpoints, "connected to etcd"),
             }
         }
@@ -501,12 +498,7 @@ impl Fleet {
                 None,
             );
         }
-        self.local(
-            board,
-            req,
-            format!("changed on this node only while etcd was unreachable ({error})"),
-            Some(error),
-        )
+        self.local(board, req, format!("changed on this node only while etcd was unreachable ({error})"), Some(error))
     }
 
     /// Applies a change on this node only and records the override.
@@ -805,10 +797,7 @@ async fn session_inner<M: Maps>(
     let lease = client.lease_grant(ttl, None).await.map_err(e)?.id();
     let (mut keeper, mut keepalive) = client.lease_keep_alive(lease).await.map_err(e)?;
     let mut watch = client
-        .watch(
-            fleet.services_prefix(),
-            Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
-        )
+        .watch(fleet.services_prefix(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
         .await
         .map_err(e)?;
     fleet.set_connected(Some(client.clone()), None);
@@ -866,7 +855,8 @@ async fn session_inner<M: Maps>(
 
 /// Writes the desired state of local services etcd does not have yet (only if still absent).
 async fn seed_missing<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Client) -> Result<(), String> {
-    let names: Vec<String> = board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect()).unwrap_or_default();
+    let names: Vec<String> =
+        board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect()).unwrap_or_default();
     for name in names {
         let seeded = board.lock().ok().and_then(|b| seed(&b, &name, &fleet.config.node, fleet.config.share_backends));
         let Some(d) = seeded else { continue };
@@ -1016,7 +1006,11 @@ mod tests {
         let n = NodeState {
             node: "lb2".into(),
             at_unix: 1,
-            services: vec![NodeService { name: "web".into(), draining: Some(("blue".into(), 3)), ..NodeService::default() }],
+            services: vec![NodeService {
+                name: "web".into(),
+                draining: Some(("blue".into(), 3)),
+                ..NodeService::default()
+            }],
         };
         let text = serde_json::to_string(&n).expect("json");
         assert_eq!(serde_json::from_str::<NodeState>(&text).expect("parse"), n);

@@ -101,9 +101,21 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             applied_rev.get_or_create(&l).set(s.applied_revision);
             overridden.get_or_create(&l).set(i64::from(s.local_override.is_some()));
         }
-        reg.register("fleet_etcd_connected", "1 while etcd answers; 0: forwarding with the last applied state", fleet_connected);
-        reg.register("fleet_desired_revision", "etcd revision of each service's desired state, as last read", desired_rev);
-        reg.register("fleet_applied_revision", "etcd revision of the desired state this node applied last", applied_rev);
+        reg.register(
+            "fleet_etcd_connected",
+            "1 while etcd answers; 0: forwarding with the last applied state",
+            fleet_connected,
+        );
+        reg.register(
+            "fleet_desired_revision",
+            "etcd revision of each service's desired state, as last read",
+            desired_rev,
+        );
+        reg.register(
+            "fleet_applied_revision",
+            "etcd revision of the desired state this node applied last",
+            applied_rev,
+        );
         reg.register("fleet_local_override", "1 while this node does not follow the fleet's desired state", overridden);
     }
     for (reason, n) in &status.reasons {

@@ -821,11 +821,16 @@ pub fn edit_pool(
                 return Err(format!("{addr} is not a {colour} backend of {name}"));
             }
             if live && !pool.iter().any(|b| b.weight > 0) {
-                return Err(format!("{addr} is the last {colour} backend of {name}, which takes traffic; cut over first"));
+                return Err(format!(
+                    "{addr} is the last {colour} backend of {name}, which takes traffic; cut over first"
+                ));
             }
             Ok((
                 addr,
-                format!("{name} {colour}: {addr} removed ({} backends); its open flows stay until they end", pool.len()),
+                format!(
+                    "{name} {colour}: {addr} removed ({} backends); its open flows stay until they end",
+                    pool.len()
+                ),
             ))
         }
     }
@@ -930,7 +935,13 @@ mod tests {
     fn cutover(b: &mut Switchboard<FakeMaps>, s: &str, c: Option<&str>) -> Response {
         handle(
             b,
-            Request::Cutover { service: s.into(), colour: c.map(Into::into), drain_timeout_secs: None, force: false, scope: Default::default() },
+            Request::Cutover {
+                service: s.into(),
+                colour: c.map(Into::into),
+                drain_timeout_secs: None,
+                force: false,
+                scope: Default::default(),
+            },
         )
     }
 
@@ -979,7 +990,13 @@ mod tests {
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend configured")), "{r:?}");
         let r = handle(
             &mut b,
-            Request::Weight { service: "solo".into(), colour: "green".into(), basis_points: 100, force: false, scope: Default::default() },
+            Request::Weight {
+                service: "solo".into(),
+                colour: "green".into(),
+                basis_points: 100,
+                force: false,
+                scope: Default::default(),
+            },
         );
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend")), "{r:?}");
         assert_eq!(b.maps.writes, 0, "a refused request writes nothing");
@@ -989,7 +1006,16 @@ mod tests {
     fn weights_set_a_canary_and_100_percent_is_a_cutover() {
         let mut b = board();
         let w = |b: &mut Switchboard<FakeMaps>, c: &str, bp| {
-            handle(b, Request::Weight { service: "web".into(), colour: c.into(), basis_points: bp, force: false, scope: Default::default() })
+            handle(
+                b,
+                Request::Weight {
+                    service: "web".into(),
+                    colour: c.into(),
+                    basis_points: bp,
+                    force: false,
+                    scope: Default::default(),
+                },
+            )
         };
         let r = w(&mut b, "green", 500);
         assert!(r.ok, "{r:?}");
@@ -1015,7 +1041,13 @@ mod tests {
         b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0 });
         let r = handle(
             &mut b,
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: Some(0), force: false, scope: Default::default() },
+            Request::Cutover {
+                service: "web".into(),
+                colour: None,
+                drain_timeout_secs: Some(0),
+                force: false,
+                scope: Default::default(),
+            },
         );
         assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (timeout 0s)")), "{r:?}");
         let st = b.status(Some("web")).expect("status");
@@ -1084,7 +1116,13 @@ mod tests {
         assert_eq!(b.maps.writes, 0);
         let r = handle(
             &mut b,
-            Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: true, scope: Default::default() },
+            Request::Cutover {
+                service: "web".into(),
+                colour: None,
+                drain_timeout_secs: None,
+                force: true,
+                scope: Default::default(),
+            },
         );
         assert!(r.ok, "{r:?}");
         // Its only backend is down: the table keeps it (panic mode) rather than go empty.
@@ -1147,8 +1185,13 @@ mod tests {
     #[test]
     fn changes_are_reported_for_the_audit_log() {
         let mut b = board();
-        let (_, change) =
-            b.handle(Request::Cutover { service: "web".into(), colour: None, drain_timeout_secs: None, force: false, scope: Default::default() });
+        let (_, change) = b.handle(Request::Cutover {
+            service: "web".into(),
+            colour: None,
+            drain_timeout_secs: None,
+            force: false,
+            scope: Default::default(),
+        });
         assert_eq!(
             change,
             Some(Change { service: "web".into(), what: "cut-over".into(), from: "blue".into(), to: "green".into() })

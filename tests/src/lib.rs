@@ -13,6 +13,7 @@
 //! ```
 
 pub mod corpus;
+pub mod fleet;
 pub mod flips;
 pub mod net;
 pub mod proc;

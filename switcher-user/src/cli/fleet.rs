@@ -207,7 +207,9 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             let _ = std::io::stderr().flush();
             last_line = line;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Fine-grained at first, where convergence happens, then gentler while drains run.
+        let pause = if started.elapsed() < Duration::from_secs(2) { 10 } else { 100 };
+        std::thread::sleep(Duration::from_millis(pause));
     }
 }
 

@@ -45,7 +45,10 @@ fn parse_share(s: &str) -> Result<(String, u32), String> {
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let (colour, basis_points) = args.share;
-    let resp = super::ask(socket, &Request::Weight { service: args.service, colour, basis_points, force: args.force, scope: args.scope.scope() })?;
+    let resp = super::ask(
+        socket,
+        &Request::Weight { service: args.service, colour, basis_points, force: args.force, scope: args.scope.scope() },
+    )?;
     if let Some(m) = resp.message {
         println!("{m}");
     }

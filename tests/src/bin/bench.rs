@@ -790,7 +790,8 @@ impl Switch {
                     service: "web".into(),
                     colour: Some(colour.into()),
                     drain_timeout_secs: None,
-                    force: false, scope: Default::default(),
+                    force: false,
+                    scope: Default::default(),
                 };
                 let _ = switcher_user::control::request(&d.socket, &req);
             }

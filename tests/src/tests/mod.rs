@@ -3,6 +3,7 @@
 
 mod agent;
 mod e2e;
+mod fleet;
 mod hostile;
 mod production;
 mod prog_test_run;

@@ -1,0 +1,207 @@
+//! Fleet mode end to end: three lb nodes, each with its own daemon and XDP program, one etcd,
+//! a client with an ECMP route to the VIP over all three, and DSR backends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use switcher_user::control::Response;
+
+use crate::{
+    fleet::{Etcd, FleetTopology, PORT, Relay},
+    net::{Conn, VIP, tcp_request, wait_for},
+    proc::Daemon,
+};
+
+const NODES: usize = 3;
+
+/// "blue-2 203.0.113.10" → "blue-2".
+fn backend_of(answer: &str) -> String {
+    answer.split_whitespace().next().unwrap_or("").to_owned()
+}
+
+fn colour(backend: &str) -> &str {
+    backend.split('-').next().unwrap_or("")
+}
+
+/// `switcher fleet status --json` on a node, parsed (also when it reports an error).
+fn fleet(d: &Daemon) -> Response {
+    let out = d.cli(&["fleet", "status", "--json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("fleet status --json ({e}): {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The desired revision of `web`, and whether every node applied it and runs `colour`.
+fn converged(d: &Daemon, colour: &str) -> Option<i64> {
+    let r = fleet(d);
+    let view = r.fleet?;
+    let web = view.services.iter().find(|s| s.name == "web")?;
+    let all = view.nodes.len() == NODES
+        && view.nodes.iter().all(|n| {
+            n.services.iter().any(|s| {
+                s.name == "web"
+                    && s.active == colour
+                    && s.applied_revision >= web.revision
+                    && s.local_override.is_none()
+            })
+        });
+    all.then_some(web.revision)
+}
+
+/// `n` requests on fresh connections through the VIP: the backends that answered.
+fn requests(t: &FleetTopology, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let (answer, peer) = tcp_request(&t.client, SocketAddrV4::new(VIP, PORT))
+            .unwrap_or_else(|e| panic!("request {i} through the VIP: {e}"));
+        assert_eq!(peer, SocketAddrV4::new(VIP, PORT).into(), "the client only ever sees the VIP");
+        *seen.entry(backend_of(&answer)).or_insert(0) += 1;
+    }
+    seen
+}
+
+fn active_on(d: &Daemon) -> String {
+    d.status().services.first().map(|s| s.active.clone()).unwrap_or_default()
+}
+
+#[test]
+fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
+    if !crate::have_root("fleet_cutover_ecmp_conflicts_and_etcd_outage") {
+        return;
+    }
+    let mut etcd = Etcd::start();
+    let t = FleetTopology::new(NODES);
+    let _relays: Vec<Relay> = t.lbs.iter().map(|ns| Relay::start(ns, etcd.client_port)).collect();
+    let prefix = format!("/switcher-test-{}", t.client.name);
+    let nodes: Vec<Daemon> = (0..NODES).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s))).collect();
+    let logs = || nodes.iter().map(Daemon::log).collect::<Vec<_>>().join("\n----\n");
+
+    // 1. The first node seeds the desired state; every node publishes itself and applies it.
+    let seeded = wait_for(Duration::from_secs(20), || converged(&nodes[0], "blue"));
+    assert!(seeded.is_some(), "the fleet did not come up on blue: {:?}\n{}", fleet(&nodes[0]), logs());
+
+    // 2. ECMP spreads new flows over the nodes; every one of them reaches blue.
+    let seen = requests(&t, 40);
+    assert!(seen.keys().all(|b| colour(b) == "blue"), "before the cut-over only blue answers: {seen:?}");
+    let per_node: Vec<u64> =
+        nodes.iter().map(|d| d.status().services[0].colours.iter().map(|c| c.counters.flows).sum()).collect();
+    assert!(per_node.iter().filter(|&&f| f > 0).count() >= 2, "ECMP used several nodes: {per_node:?}");
+
+    // 3. A flow that the router moves to another node (a flow-table miss there) keeps its
+    //    backend: every node builds the same Maglev table from the same pool.
+    let mut conns: Vec<(Conn, String)> = (0..8)
+        .map(|i| {
+            let mut c = Conn::open(&t.client, SocketAddrV4::new(VIP, PORT)).unwrap_or_else(|e| panic!("conn {i}: {e}"));
+            let b = backend_of(&c.ask().unwrap_or_else(|e| panic!("conn {i}: {e}")));
+            (c, b)
+        })
+        .collect();
+    let distinct: BTreeSet<&String> = conns.iter().map(|(_, b)| b).collect();
+    assert!(distinct.len() > 1, "the connections spread over both blue backends: {distinct:?}");
+    let misses_before: Vec<u64> = nodes.iter().map(|d| d.status().services[0].colours[0].counters.flows).collect();
+    for only in 0..NODES {
+        t.route_via(&[only]);
+        for (i, (c, b)) in conns.iter_mut().enumerate() {
+            let now = c.ask().unwrap_or_else(|e| panic!("conn {i} moved to lb{only}: {e}\n{}", logs()));
+            assert_eq!(&backend_of(&now), b, "conn {i} moved to lb{only} kept its backend");
+        }
+    }
+    let misses_after: Vec<u64> = nodes.iter().map(|d| d.status().services[0].colours[0].counters.flows).collect();
+    assert!(
+        misses_after.iter().zip(&misses_before).all(|(a, b)| a > b),
+        "every node picked up moved flows it had never seen: {misses_before:?} → {misses_after:?}"
+    );
+    drop(conns);
+    t.route_via(&(0..NODES).collect::<Vec<_>>());
+
+    // 4. One command on one node cuts the whole fleet over; --wait follows every node.
+    let started = Instant::now();
+    let out = nodes[1].cli(&["cutover", "web", "green", "--drain-timeout", "2", "--wait"]);
+    let took = started.elapsed();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fleet cut-over failed: {stdout}{stderr}\n{}", logs());
+    assert!(stdout.contains("written to the fleet at revision"), "{stdout}");
+    assert!(stderr.contains(&format!("{NODES} nodes applied revision")), "--wait saw every node: {stderr}");
+    // The CLI's own account: "  lb2  applied revision 17 after 0.01s", then the drains.
+    let applied: Vec<f64> = stderr
+        .lines()
+        .filter(|l| l.contains("applied revision") && l.contains(" after "))
+        .filter_map(|l| l.rsplit(' ').next()?.trim_end_matches('s').parse().ok())
+        .collect();
+    assert_eq!(applied.len(), NODES, "--wait reported each node once: {stderr}");
+    eprintln!(
+        "fleet cut-over: applied on all {NODES} nodes {:.0} ms after the write (per node: {applied:?} s); drained (2 s timeout) and returned after {:.0} ms",
+        applied.iter().copied().fold(0.0, f64::max) * 1e3,
+        took.as_secs_f64() * 1e3
+    );
+    for (i, d) in nodes.iter().enumerate() {
+        assert_eq!(active_on(d), "green", "lb{i} is on green");
+    }
+    let seen = requests(&t, 30);
+    assert!(seen.keys().all(|b| colour(b) == "green"), "after the cut-over only green answers: {seen:?}");
+    let revision =
+        converged(&nodes[0], "green").unwrap_or_else(|| panic!("converged on green: {:?}", fleet(&nodes[0])));
+
+    // 5. Two operators: the second one read revision `revision`, the first one changed it
+    //    since; the second write is refused, not silently applied.
+    nodes[2].cli_ok(&["rollback", "web"]);
+    let out = nodes[0].cli(&["cutover", "web", "green", "--if-revision", &revision.to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a stale write must be refused");
+    assert!(stderr.contains("conflict") && stderr.contains("nothing was written"), "{stderr}");
+    let blue = wait_for(Duration::from_secs(10), || converged(&nodes[0], "blue"));
+    assert!(blue.is_some(), "the rollback, not the stale cut-over, is what the fleet runs: {:?}", fleet(&nodes[0]));
+
+    // 6. etcd goes away: traffic flows on the last applied state, status says so, and a local
+    //    emergency rollback still works on one node.
+    etcd.kill();
+    let down = wait_for(Duration::from_secs(20), || {
+        nodes.iter().all(|d| d.status().fleet.is_some_and(|f| !f.connected)).then_some(())
+    });
+    assert!(down.is_some(), "every node noticed etcd is gone:\n{}", logs());
+    let status = nodes[0].cli_ok(&["status"]);
+    assert!(status.contains("UNREACHABLE"), "{status}");
+    let seen = requests(&t, 20);
+    assert!(seen.keys().all(|b| colour(b) == "blue"), "with etcd down the fleet keeps blue: {seen:?}");
+    let out = nodes[0].cli(&["cutover", "web", "green"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "a local change while etcd is down: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("etcd is unreachable") && stdout.contains("lb0 only"), "{stdout}");
+    assert_eq!(active_on(&nodes[0]), "green");
+    assert_eq!(active_on(&nodes[1]), "blue", "the other nodes were not changed");
+    let out = nodes[0].cli(&["fleet", "status"]);
+    assert!(!out.status.success(), "fleet status says etcd is unreachable");
+
+    // 7. etcd returns: the nodes reconnect and catch up; lb0 keeps its local change until the
+    //    fleet's desired state changes, and fleet status flags it.
+    etcd.restart();
+    let back = wait_for(Duration::from_secs(30), || {
+        nodes.iter().all(|d| d.status().fleet.is_some_and(|f| f.connected)).then_some(())
+    });
+    assert!(back.is_some(), "every node reconnected:\n{}", logs());
+    let text = wait_for(Duration::from_secs(10), || {
+        let out = nodes[1].cli(&["fleet", "status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("DISAGREES").then_some(text)
+    });
+    assert!(
+        text.is_some(),
+        "lb0's local override is flagged: {}",
+        String::from_utf8_lossy(&nodes[1].cli(&["fleet", "status"]).stdout)
+    );
+    assert_eq!(active_on(&nodes[0]), "green", "the override holds while the desired state is unchanged");
+    let started = Instant::now();
+    nodes[2].cli_ok(&["cutover", "web", "green"]);
+    let all = wait_for(Duration::from_secs(10), || converged(&nodes[0], "green"));
+    assert!(all.is_some(), "a new desired state ends the override on every node: {:?}", fleet(&nodes[0]));
+    eprintln!("fleet converged after etcd's return in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+    let seen = requests(&t, 20);
+    assert!(seen.keys().all(|b| colour(b) == "green"), "{seen:?}");
+}
