@@ -152,6 +152,9 @@ impl Relay {
                             continue;
                         };
                         let _ = inner.set_nonblocking(false);
+                        // gRPC's small frames must not wait for Nagle and delayed ACKs here.
+                        let _ = inner.set_nodelay(true);
+                        let _ = outer.set_nodelay(true);
                         pipe(&inner, &outer);
                         pipe(&outer, &inner);
                     }

@@ -169,7 +169,12 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             let applied = ns.applied_revision >= revision && ns.active == desired.active;
             if applied && !converged.contains_key(&n.node) {
                 converged.insert(n.node.clone(), now);
-                eprintln!("\r\x1b[2K  {:<12} applied revision {} after {now:.2}s", n.node, ns.applied_revision);
+                eprintln!(
+                    "\r\x1b[2K  {:<12} applied revision {} after {:.0} ms",
+                    n.node,
+                    ns.applied_revision,
+                    now * 1e3
+                );
             }
             if !applied {
                 lagging.push(n.node.clone());
