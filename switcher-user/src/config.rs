@@ -994,4 +994,47 @@ on_drain_timeout = "reset"
         assert_eq!(line_of("a\nb\nc", 4), 3);
         assert_eq!(line_of("a", 99), 1);
     }
+    #[test]
+    fn the_fleet_section_is_checked() {
+        let base = r#"interfaces = ["eth0"]
+[[service]]
+name = "web"
+vip = "203.0.113.10"
+port = 80
+protocol = "tcp"
+active = "blue"
+blue = "198.51.100.2:80"
+"#;
+        let with = |fleet: &str| Config::parse(Path::new("f.toml"), &format!("{base}\n{fleet}"));
+        assert_eq!(with("").expect("no fleet").fleet, None);
+        let f = with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"lb1\"\n")
+            .expect("valid")
+            .fleet
+            .expect("fleet");
+        assert_eq!(
+            (f.prefix.as_str(), f.node.as_str(), f.share_backends, f.lease_ttl),
+            ("/switcher", "lb1", false, Duration::from_secs(10))
+        );
+        assert!(
+            !with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\n")
+                .expect("host name")
+                .fleet
+                .expect("fleet")
+                .node
+                .is_empty()
+        );
+        for (bad, field) in [
+            ("[fleet]\nendpoints = []", "fleet.endpoints"),
+            ("[fleet]\nendpoints = [\"https://etcd:2379\"]", "fleet.endpoints"),
+            ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nprefix = \"switcher/\"", "fleet.prefix"),
+            ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nnode = \"lb 1\"", "fleet.node"),
+            ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nlease_ttl_secs = 1", "fleet.lease_ttl_secs"),
+        ] {
+            let e = with(bad).expect_err(bad).to_string();
+            assert!(e.contains(field) && e.starts_with("f.toml:10:"), "{bad}: {e}");
+        }
+        let e =
+            with("[fleet]\nendpoints = [\"http://etcd:2379\"]\nnodes = \"x\"").expect_err("unknown key").to_string();
+        assert!(e.contains("nodes"), "{e}");
+    }
 }

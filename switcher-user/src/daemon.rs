@@ -178,6 +178,12 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     }
     if let Some(f) = &fleet {
         tracing::info!(node = %f.config.node, endpoints = ?f.config.endpoints, prefix = %f.config.prefix, "fleet mode: following the desired state in etcd");
+        for s in config.services.iter().filter(|s| s.mode == crate::config::Mode::Nat) {
+            tracing::warn!(
+                service = %s.name,
+                "NAT mode in a fleet: a reply must come back through the node that translated its request; if ECMP may send it through another node, use mode = \"dsr\""
+            );
+        }
         let audit = Arc::clone(&audit);
         tasks.spawn(crate::fleet::run(Arc::clone(f), Arc::clone(&board), move |who, c| audit.record(who, c)));
     }
