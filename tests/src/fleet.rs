@@ -339,6 +339,7 @@ endpoints = ["http://{ETCD_IN_NS}"]
 prefix = "{prefix}"
 node = "lb{i}"
 lease_ttl_secs = 4
+share_backends = true
 
 [[service]]
 name = "web"

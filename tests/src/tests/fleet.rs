@@ -16,6 +16,8 @@ use crate::{
 };
 
 const NODES: usize = 3;
+/// A green backend address added to the shared pool with weight 0 (nothing listens there).
+const SPARE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 20);
 
 /// "blue-2 203.0.113.10" → "blue-2".
 fn backend_of(answer: &str) -> String {
@@ -142,8 +144,27 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     }
     let seen = requests(&t, 30);
     assert!(seen.keys().all(|b| colour(b) == "green"), "after the cut-over only green answers: {seen:?}");
-    let revision =
-        converged(&nodes[0], "green").unwrap_or_else(|| panic!("converged on green: {:?}", fleet(&nodes[0])));
+    converged(&nodes[0], "green").unwrap_or_else(|| panic!("converged on green: {:?}", fleet(&nodes[0])));
+
+    // A canary share and a shared pool change, each made on one node, reach every node.
+    nodes[2].cli_ok(&["weight", "web", "blue=10%"]);
+    nodes[0].cli_ok(&["backend", "add", "web", "green", &format!("{SPARE}:{PORT}"), "--weight", "0"]);
+    let everywhere = wait_for(Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|d| {
+                let s = &d.status().services[0];
+                s.canary.as_ref().is_some_and(|c| c.colour == "blue" && c.basis_points == 1000)
+                    && s.colours[1].backends.iter().any(|b| b.address == format!("{SPARE}:{PORT}") && b.weight == 0)
+            })
+            .then_some(())
+    });
+    assert!(everywhere.is_some(), "canary and pool on every node: {:?}", fleet(&nodes[0]));
+    nodes[1].cli_ok(&["cutover", "web", "green"]);
+    let revision = wait_for(Duration::from_secs(10), || {
+        converged(&nodes[0], "green").filter(|_| nodes.iter().all(|d| d.status().services[0].canary.is_none()))
+    })
+    .unwrap_or_else(|| panic!("a cut-over ends the canary everywhere: {:?}", fleet(&nodes[0])));
 
     // 5. Two operators: the second one read revision `revision`, the first one changed it
     //    since; the second write is refused, not silently applied.
