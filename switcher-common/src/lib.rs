@@ -60,7 +60,11 @@ pub const PORT_SERVICE: u8 = 1;
 /// `PORTS` bit: a backend port (replies come from it).
 pub const PORT_BACKEND: u8 = 2;
 
-/// Every map name, for the object-file test.
+/// `u32` 0 → the live-frame benchmark's 64-byte frame; used by the `bench_*` programs only,
+/// never pinned and never written by the daemon.
+pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
+
+/// Every map name the data path uses and the daemon pins, for the object-file test.
 pub const MAP_NAMES: [&str; 12] = [
     MAP_PORTS,
     MAP_SCRATCH,

@@ -931,7 +931,7 @@ mod object_tests {
     use super::PROGRAM;
 
     /// The embedded object's maps are exactly the ones `switcher-common` names (plus aya-log's
-    /// ring buffer), and its program section is the XDP entry point.
+    /// ring buffer and the benchmark's frame), and its program section is the XDP entry point.
     #[test]
     fn embedded_object_matches_the_abi_names() {
         if PROGRAM.is_empty() {
@@ -949,6 +949,7 @@ mod object_tests {
         maps.sort();
         let mut expected: Vec<String> = switcher_common::MAP_NAMES.iter().map(|s| (*s).to_owned()).collect();
         expected.push("AYA_LOGS".into());
+        expected.push(switcher_common::MAP_BENCH_FRAME.into());
         expected.sort();
         assert_eq!(maps, expected);
         assert!(obj.section_by_name("xdp").is_some(), "an `xdp` program section");
