@@ -178,7 +178,7 @@ pub fn soak(flips: u32) -> anyhow::Result<()> {
     run(cmd)
 }
 
-pub fn bench(quick: bool) -> anyhow::Result<()> {
+pub fn bench(quick: bool, out: Option<&std::path::Path>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmarks load XDP programs and build namespaces: run them as root (sudo ./x bench)");
     }
@@ -190,7 +190,31 @@ pub fn bench(quick: bool) -> anyhow::Result<()> {
     if quick {
         cmd.arg("--quick");
     }
+    if let Some(dir) = out {
+        cmd.arg("--out").arg(dir);
+    }
     run(cmd)
+}
+
+/// CI's check that the benchmarks still run: `bench --quick` into a scratch directory, then a
+/// look at what it wrote. No figure is judged: timing has no place in a pass/fail.
+pub fn bench_smoke() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("switcher-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    println!("\nCI: `bench --quick` into {} to check that the benchmarks still run (no speed checks)", dir.display());
+    let result = bench(true, Some(&dir)).and_then(|()| {
+        let md = std::fs::read_to_string(dir.join("BENCHMARKS.md")).context("the bench wrote no BENCHMARKS.md")?;
+        for section in ["## Per-packet cost", "## Scaling", "## Cut-over", "## Live-frame packet rate", "## Footprint"]
+        {
+            if !md.contains(section) {
+                bail!("BENCHMARKS.md from the smoke run has no {section:?} section");
+            }
+        }
+        println!("bench smoke run: BENCHMARKS.md complete ({} bytes)", md.len());
+        Ok(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 pub fn lint() -> anyhow::Result<()> {

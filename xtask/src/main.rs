@@ -24,6 +24,11 @@ enum Command {
     /// Run every test: unit tests, data-path tests (BPF_PROG_TEST_RUN) and the network-namespace
     /// integration tests (these need root and skip with a message without it).
     Test {
+        /// Then run `bench --quick` into a scratch directory, only to check that the
+        /// benchmarks still work (no speed checks). On by default when `CI` is set and no test
+        /// filter is given.
+        #[arg(long)]
+        bench_smoke: bool,
         /// Arguments passed to the test binaries, e.g. a name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -35,6 +40,9 @@ enum Command {
         /// A shorter run (fewer repeats and flips).
         #[arg(long)]
         quick: bool,
+        /// Write BENCHMARKS.md and bench.svg into this directory instead of the repository.
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
     },
     /// 1,000 cut-overs under continuous HTTP and UDP load, then the table of losses (needs root).
     Soak {
@@ -60,10 +68,13 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build { release } => cmd::build(release),
-        Command::Test { args } => cmd::test(&args),
+        Command::Test { args, bench_smoke } => cmd::test(&args).and_then(|()| {
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+            if bench_smoke || (ci && args.is_empty()) { cmd::bench_smoke() } else { Ok(()) }
+        }),
         Command::Demo => cmd::demo(),
         Command::Soak { flips } => cmd::soak(flips),
-        Command::Bench { quick } => cmd::bench(quick),
+        Command::Bench { quick, out } => cmd::bench(quick, out.as_deref()),
         Command::Lint => cmd::lint(),
         Command::Install { prefix, destdir } => cmd::install(&prefix, &destdir),
     };

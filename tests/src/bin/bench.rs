@@ -1194,8 +1194,11 @@ fn main() -> std::process::ExitCode {
     let web = http(quick);
     eprintln!("bench: how fast each way of switching takes effect …");
     let alts = alternatives(quick);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let svg = root.join("docs/bench.svg");
+    // `--out DIR`: BENCHMARKS.md and bench.svg go there (a smoke run in CI), not into the repo.
+    let args: Vec<String> = std::env::args().collect();
+    let out_dir = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
+    let root = out_dir.clone().unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let svg = if out_dir.is_some() { root.join("bench.svg") } else { root.join("docs/bench.svg") };
     if let Err(e) = chart(&paths, &svg) {
         eprintln!("chart: {e}");
     }
