@@ -237,5 +237,35 @@ mod tests {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        assert!(!text.contains("fleet"), "no fleet metrics without a fleet");
+    }
+
+    #[test]
+    fn fleet_metrics_say_whether_etcd_answers() {
+        let status = Response {
+            ok: true,
+            fleet: Some(crate::control::FleetView {
+                node: "lb1".into(),
+                connected: false,
+                services: vec![crate::control::FleetService {
+                    name: "web".into(),
+                    revision: 9,
+                    applied_revision: 7,
+                    local_override: Some("etcd down".into()),
+                    ..crate::control::FleetService::default()
+                }],
+                ..crate::control::FleetView::default()
+            }),
+            ..Response::default()
+        };
+        let text = render(&status).expect("render");
+        for line in [
+            "switcher_fleet_etcd_connected{node=\"lb1\"} 0",
+            "switcher_fleet_desired_revision{service=\"web\"} 9",
+            "switcher_fleet_applied_revision{service=\"web\"} 7",
+            "switcher_fleet_local_override{service=\"web\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
     }
 }
