@@ -996,16 +996,8 @@ on_drain_timeout = "reset"
     }
     #[test]
     fn the_fleet_section_is_checked() {
-        let base = r#"interfaces = ["eth0"]
-[[service]]
-name = "web"
-vip = "203.0.113.10"
-port = 80
-protocol = "tcp"
-active = "blue"
-blue = "198.51.100.2:80"
-"#;
-        let with = |fleet: &str| Config::parse(Path::new("f.toml"), &format!("{base}\n{fleet}"));
+        let with = |fleet: &str| Config::parse(Path::new("f.toml"), &format!("{GOOD}\n{fleet}"));
+        let fleet_line = format!("f.toml:{}:", GOOD.lines().count() + 1);
         assert_eq!(with("").expect("no fleet").fleet, None);
         let f = with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"lb1\"\n")
             .expect("valid")
@@ -1031,7 +1023,7 @@ blue = "198.51.100.2:80"
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nlease_ttl_secs = 1", "fleet.lease_ttl_secs"),
         ] {
             let e = with(bad).expect_err(bad).to_string();
-            assert!(e.contains(field) && e.starts_with("f.toml:10:"), "{bad}: {e}");
+            assert!(e.contains(field) && e.starts_with(&fleet_line), "{bad}: {e}");
         }
         let e =
             with("[fleet]\nendpoints = [\"http://etcd:2379\"]\nnodes = \"x\"").expect_err("unknown key").to_string();

@@ -306,7 +306,7 @@ impl Dataplane {
         let (redirect, why) = resolve_forwarding(config.forwarding, &config.interfaces);
         tracing::info!(redirect, "forwarding: {why}");
         let options = Options { udp_idle_timeout: config.udp_idle_timeout, redirect, max_flows: config.max_flows };
-        let mut dp = Dataplane::load_object(options, Some(&pins), adopt)?;
+        let mut dp = Dataplane::load_object(options, Some(&pins), adopt, &[])?;
         dp.lock = Some(lock);
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
@@ -324,14 +324,23 @@ impl Dataplane {
     /// # Errors
     /// Any load or map failure, naming the object.
     pub fn open(services: &[ServiceConfig], options: Options) -> Result<Dataplane> {
-        let mut dp = Dataplane::load_object(options, None, false)?;
+        Dataplane::open_sized(services, options, &[])
+    }
+
+    /// Like [`Dataplane::open`], with some maps given other sizes, `(name, max_entries)`: for
+    /// the benchmarks (e.g. a `SERVICES` table of 10,000 keys).
+    ///
+    /// # Errors
+    /// As [`Dataplane::open`].
+    pub fn open_sized(services: &[ServiceConfig], options: Options, sizes: &[(&str, u32)]) -> Result<Dataplane> {
+        let mut dp = Dataplane::load_object(options, None, false, sizes)?;
         dp.install_all(services, false)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
         Ok(dp)
     }
 
     /// Loads the object (maps created, or reused from `pins`); the program is not loaded yet.
-    fn load_object(options: Options, pins: Option<&Pins>, adopt: bool) -> Result<Dataplane> {
+    fn load_object(options: Options, pins: Option<&Pins>, adopt: bool, sizes: &[(&str, u32)]) -> Result<Dataplane> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
@@ -350,6 +359,9 @@ impl Dataplane {
         }
         if let Some(n) = options.max_flows {
             loader.map_max_entries(MAP_FLOWS, n).map_max_entries(MAP_REPLIES, n);
+        }
+        for &(name, n) in sizes {
+            loader.map_max_entries(name, n);
         }
         let mut ebpf = loader.load(PROGRAM).map_err(DataplaneError::Load)?;
         // The logger task forwards the program's rare log lines to `log`/`tracing`. Without a
@@ -426,6 +438,22 @@ impl Dataplane {
     /// The map update failed.
     pub fn insert_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
         self.flows.insert(key, flow, 0).map_err(map_err(MAP_FLOWS))
+    }
+
+    /// Writes a `SERVICES` entry directly (benchmarks fill the table with it).
+    ///
+    /// # Errors
+    /// The map write failed (e.g. the table is full).
+    pub fn insert_service_key(&mut self, key: &ServiceKey, service: &Service) -> Result<()> {
+        self.services.insert(key, service, 0).map_err(map_err(MAP_SERVICES))
+    }
+
+    /// A `SERVICES` entry, as the data path would find it.
+    ///
+    /// # Errors
+    /// The map read failed or there is no such key.
+    pub fn service_key(&self, key: &ServiceKey) -> Result<Service> {
+        self.services.get(key, 0).map_err(map_err(MAP_SERVICES))
     }
 
     /// Locked kernel memory of each map, from `/proc/self/fdinfo` (name, bytes).

@@ -217,6 +217,7 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
         "lb0's local override is flagged: {}",
         String::from_utf8_lossy(&nodes[1].cli(&["fleet", "status"]).stdout)
     );
+    eprintln!("{}", text.unwrap_or_default());
     assert_eq!(active_on(&nodes[0]), "green", "the override holds while the desired state is unchanged");
     let started = Instant::now();
     nodes[2].cli_ok(&["cutover", "web", "green"]);
