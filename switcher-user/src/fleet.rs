@@ -314,7 +314,7 @@ enum WriteError {
 
 impl From<etcd_client::Error> for WriteError {
     fn from(e: etcd_client::Error) -> Self {
-        WriteError::Etcd(e.to_string())
+        WriteError::Etcd(etcd_error(&e))
     }
 }
 
@@ -736,6 +736,30 @@ impl Fleet {
     }
 }
 
+/// An etcd client error in a few words: the transport's own messages run to several lines
+/// of nested causes, which status and logs do not need.
+#[must_use]
+pub fn etcd_error(e: &etcd_client::Error) -> String {
+    let full = e.to_string();
+    let lower = full.to_lowercase();
+    let short = if lower.contains("connection refused") {
+        "connection refused"
+    } else if lower.contains("broken pipe")
+        || lower.contains("connection reset")
+        || lower.contains("h2 protocol error")
+        || lower.contains("error reading a body")
+    {
+        "connection lost"
+    } else if lower.contains("timed out") || lower.contains("deadline") || lower.contains("timeout") {
+        "timed out"
+    } else if lower.contains("dns error") || lower.contains("failed to lookup") {
+        "cannot resolve the endpoint's host name"
+    } else {
+        return full.chars().take(160).collect();
+    };
+    short.to_owned()
+}
+
 fn parse_desired(kv: &KeyValue) -> Result<Desired, String> {
     serde_json::from_slice(kv.value())
         .map_err(|e| format!("the desired state at {} is not switcher's: {e}", kv.key_str().unwrap_or("?")))
@@ -783,7 +807,7 @@ async fn session_inner<M: Maps>(
     board: &Board<M>,
     record: &impl Fn(&str, &Change),
 ) -> Result<Never, String> {
-    let e = |e: etcd_client::Error| e.to_string();
+    let e = |e: etcd_client::Error| etcd_error(&e);
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(3))
@@ -865,7 +889,7 @@ async fn seed_missing<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Cli
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value, None)]);
-        let r = client.txn(txn).await.map_err(|e| e.to_string())?;
+        let r = client.txn(txn).await.map_err(|e| etcd_error(&e))?;
         if r.succeeded() {
             tracing::info!(service = %name, active = %d.active, "seeded the fleet's desired state from this node");
         }
@@ -899,7 +923,7 @@ async fn publish<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Client, 
     client
         .put(format!("{}{}", fleet.nodes_prefix(), fleet.config.node), value, Some(PutOptions::new().with_lease(lease)))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| etcd_error(&e))?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! `switcher cutover`: make a colour live.
 
 use std::{
-    io::Write as _,
+    io::{IsTerminal as _, Write as _},
     path::Path,
     time::{Duration, Instant},
 };
@@ -67,15 +67,18 @@ pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Polls the daemon until the service has no drain in progress, drawing a bar on stderr.
+/// Polls the daemon until the service has no drain in progress, drawing a bar on stderr (on a
+/// terminal; in a log, a line each time the count changes).
 pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
     let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let clear = if tty { "\r\x1b[2K" } else { "" };
     let mut last_live = None;
     loop {
         let resp: Response = super::ask(socket, &Request::Status { service: Some(service.to_owned()) })?;
         let Some(drain) = resp.services.first().and_then(|s| s.drain.clone()) else {
             let took = started.elapsed().as_secs_f64();
-            eprintln!("\r\x1b[2K{service}: drained in {took:.1}s");
+            eprintln!("{clear}{service}: drained in {took:.1}s");
             return Ok(());
         };
         let total = drain.initial_flows.max(drain.live_flows).max(1);
@@ -83,8 +86,8 @@ pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
         let width = 30u64;
         let filled = (done * width / total) as usize;
         let timeout = drain.timeout_secs.map_or_else(String::new, |t| format!("/{t}s, then {}", drain.on_timeout));
-        eprint!(
-            "\r\x1b[2Kdraining {}: [{}{}] {} of {} flows left  {}s{}",
+        let line = format!(
+            "draining {}: [{}{}] {} of {} flows left  {}s{}",
             drain.colour,
             "#".repeat(filled),
             "-".repeat(width as usize - filled),
@@ -93,9 +96,12 @@ pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
             drain.elapsed_secs,
             timeout
         );
-        if last_live != Some(drain.live_flows) {
-            last_live = Some(drain.live_flows);
+        if tty {
+            eprint!("{clear}{line}");
+        } else if last_live != Some(drain.live_flows) {
+            eprintln!("{line}");
         }
+        last_live = Some(drain.live_flows);
         let _ = std::io::stderr().flush();
         std::thread::sleep(Duration::from_millis(500));
     }

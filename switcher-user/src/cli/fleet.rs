@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::Write as _,
+    io::{IsTerminal as _, Write as _},
     path::Path,
     time::{Duration, Instant},
 };
@@ -151,6 +151,9 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
     let mut converged: BTreeMap<String, f64> = BTreeMap::new();
     let mut drained: BTreeMap<String, f64> = BTreeMap::new();
     let mut last_line = String::new();
+    // On a terminal a progress line is redrawn in place; in a log, only the events.
+    let tty = std::io::stderr().is_terminal();
+    let clear = if tty { "\r\x1b[2K" } else { "" };
     loop {
         let resp: Response = switcher_user::control::request(socket, &Request::Fleet)?;
         let Some(view) = resp.fleet.filter(|_| resp.ok) else {
@@ -169,23 +172,18 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             let applied = ns.applied_revision >= revision && ns.active == desired.active;
             if applied && !converged.contains_key(&n.node) {
                 converged.insert(n.node.clone(), now);
-                eprintln!(
-                    "\r\x1b[2K  {:<12} applied revision {} after {:.0} ms",
-                    n.node,
-                    ns.applied_revision,
-                    now * 1e3
-                );
+                eprintln!("{clear}  {:<12} applied revision {} after {:.0} ms", n.node, ns.applied_revision, now * 1e3);
             }
             if !applied {
                 lagging.push(n.node.clone());
             } else if ns.draining.is_none() && !drained.contains_key(&n.node) {
                 drained.insert(n.node.clone(), now);
-                eprintln!("\r\x1b[2K  {:<12} drained after {now:.2}s", n.node);
+                eprintln!("{clear}  {:<12} drained after {now:.2}s", n.node);
             }
         }
         let total = view.nodes.len();
         if lagging.is_empty() && drained.len() >= total {
-            eprintln!("\r\x1b[2K{service}: {total} nodes applied revision {revision} and drained in {now:.1}s");
+            eprintln!("{clear}{service}: {total} nodes applied revision {revision} and drained in {now:.1}s");
             return Ok(());
         }
         if !lagging.is_empty() && started.elapsed() > CONVERGE_TIMEOUT {
@@ -207,8 +205,8 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             converged.len(),
             drained.len()
         );
-        if line != last_line {
-            eprint!("\r\x1b[2K{line}");
+        if tty && line != last_line {
+            eprint!("{clear}{line}");
             let _ = std::io::stderr().flush();
             last_line = line;
         }

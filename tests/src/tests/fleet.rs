@@ -127,6 +127,7 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     assert!(out.status.success(), "fleet cut-over failed: {stdout}{stderr}\n{}", logs());
     assert!(stdout.contains("written to the fleet at revision"), "{stdout}");
     assert!(stderr.contains(&format!("{NODES} nodes applied revision")), "--wait saw every node: {stderr}");
+    eprint!("$ switcher cutover web green --drain-timeout 2 --wait\n{stdout}{stderr}");
     // The CLI's own account: "  lb2  applied revision 17 after 3 ms", then the drains.
     let applied: Vec<u64> = stderr
         .lines()
@@ -185,6 +186,7 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     assert!(down.is_some(), "every node noticed etcd is gone:\n{}", logs());
     let status = nodes[0].cli_ok(&["status"]);
     assert!(status.contains("UNREACHABLE"), "{status}");
+    eprint!("$ switcher status (lb0, etcd down)\n{status}");
     let seen = requests(&t, 20);
     assert!(seen.keys().all(|b| colour(b) == "blue"), "with etcd down the fleet keeps blue: {seen:?}");
     let out = nodes[0].cli(&["cutover", "web", "green"]);
