@@ -994,6 +994,122 @@ mod tests {
         }
     }
 
+    fn req_cutover(colour: Option<&str>) -> Request {
+        Request::Cutover {
+            service: "web".into(),
+            colour: colour.map(Into::into),
+            drain_timeout_secs: Some(30),
+            force: false,
+            scope: crate::control::Scope::default(),
+        }
+    }
+
+    #[test]
+    fn changes_are_planned_from_the_desired_state_not_the_local_one() {
+        let b = crate::switchboard::tests::board();
+        let blue = Desired { active: "blue".into(), ..Desired::default() };
+        // A cut-over to the idle colour records where it came from and its drain timeout.
+        let (next, what) = plan(&b, &req_cutover(None), &blue, false).expect("ok").expect("a change");
+        assert_eq!(
+            (next.active.as_str(), next.previous.as_deref(), next.drain_timeout_secs),
+            ("green", Some("blue"), Some(30))
+        );
+        assert_eq!(what, "cutover blue → green");
+        // Nothing to do is not a write.
+        assert_eq!(plan(&b, &req_cutover(Some("blue")), &blue, false), Ok(None));
+        // A rollback needs a previous colour in the *desired* state.
+        let rollback =
+            Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
+        let e = plan(&b, &rollback, &blue, false).expect_err("nothing to roll back");
+        assert!(e.contains("nothing to roll back"), "{e}");
+        let (back, _) = plan(&b, &rollback, &next, false).expect("ok").expect("a change");
+        assert_eq!(
+            (back.active.as_str(), back.previous.as_deref(), back.drain_timeout_secs),
+            ("blue", Some("green"), None)
+        );
+        // Weights: a share for the idle colour is a canary; 100 % of it is a cut-over.
+        let weight = |c: &str, bp| Request::Weight {
+            service: "web".into(),
+            colour: c.into(),
+            basis_points: bp,
+            force: false,
+            scope: crate::control::Scope::default(),
+        };
+        let (canary, what) = plan(&b, &weight("green", 500), &blue, false).expect("ok").expect("a change");
+        assert_eq!((canary.active.as_str(), canary.canary_bp), ("blue", 500));
+        assert_eq!(what, "weight green 0% → 5%");
+        let (all, _) = plan(&b, &weight("green", 10_000), &blue, false).expect("ok").expect("a change");
+        assert_eq!((all.active.as_str(), all.canary_bp), ("green", 0));
+        assert!(plan(&b, &weight("green", 10_001), &blue, false).is_err());
+        // A colour without backends is refused; so is an unknown service.
+        let solo = Request::Cutover {
+            service: "solo".into(),
+            colour: None,
+            drain_timeout_secs: None,
+            force: true,
+            scope: crate::control::Scope::default(),
+        };
+        assert!(plan(&b, &solo, &blue, false).expect_err("no green").contains("no green backend"));
+        let ghost =
+            Request::Rollback { service: "ghost".into(), force: false, scope: crate::control::Scope::default() };
+        assert!(plan(&b, &ghost, &next, false).expect_err("unknown").contains("unknown service"));
+    }
+
+    #[test]
+    fn shared_pools_are_edited_with_the_local_checks() {
+        let b = crate::switchboard::tests::board();
+        let blue = Desired { active: "blue".into(), ..Desired::default() };
+        let add = Request::BackendAdd {
+            service: "web".into(),
+            colour: "green".into(),
+            address: "198.51.100.19:8080".into(),
+            weight: Some(2),
+        };
+        // Without shared pools a backend change is not the fleet's business.
+        assert!(plan(&b, &add, &blue, false).is_err());
+        let (next, what) = plan(&b, &add, &blue, true).expect("ok").expect("a change");
+        let green = next.green.clone().expect("green pool");
+        assert_eq!(green.len(), 2, "seeded from the local pool, then added to: {green:?}");
+        assert_eq!(green[1], SharedBackend { address: "198.51.100.19:8080".into(), weight: 2 });
+        assert_eq!(next.blue.as_ref().map(Vec::len), Some(1));
+        assert_eq!(what, "backend add green 198.51.100.19:8080 weight 2");
+        // The last backend of the live colour cannot go.
+        let remove = Request::BackendRemove {
+            service: "web".into(),
+            colour: "blue".into(),
+            address: "198.51.100.2:8080".into(),
+        };
+        assert!(plan(&b, &remove, &next, true).expect_err("last live backend").contains("last blue backend"));
+        // A wrong family is refused like locally.
+        let v6 = Request::BackendAdd {
+            service: "web".into(),
+            colour: "green".into(),
+            address: "[2001:db8::1]:8080".into(),
+            weight: None,
+        };
+        assert!(plan(&b, &v6, &next, true).is_err());
+    }
+
+    #[test]
+    fn a_desired_state_is_applied_with_its_pools_and_canary() {
+        let mut b = crate::switchboard::tests::board();
+        let pools = [
+            vec![BackendConfig { addr: "198.51.100.2:8080".parse().expect("addr"), weight: 1 }],
+            vec![
+                BackendConfig { addr: "198.51.100.18:8080".parse().expect("addr"), weight: 1 },
+                BackendConfig { addr: "198.51.100.19:8080".parse().expect("addr"), weight: 3 },
+            ],
+        ];
+        let change = b.apply_desired("web", Colour::Green, 250, None, Some(pools)).expect("applied");
+        assert!(change.is_some());
+        let (active, canary, previous, config) = b.snapshot("web").expect("web");
+        assert_eq!((active, canary, previous), (Colour::Green, 250, Some(Colour::Blue)));
+        assert_eq!(config.green.len(), 2);
+        // The same again changes nothing.
+        assert_eq!(b.apply_desired("web", Colour::Green, 250, None, None), Ok(None));
+        assert!(b.apply_desired("ghost", Colour::Green, 0, None, None).is_err());
+    }
+
     #[test]
     fn nodes_are_in_step_lagging_or_disagreeing() {
         let node = |active: &str, applied: i64, over: Option<&str>| NodeState {

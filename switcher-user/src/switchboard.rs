@@ -849,14 +849,15 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
     use crate::config::{HealthConfig, Mode, Protocol};
 
+    /// Maps in memory, for the switchboard's and the fleet's unit tests.
     #[derive(Default)]
-    struct FakeMaps {
+    pub(crate) struct FakeMaps {
         state: HashMap<u32, (Colour, u32)>,
         pools: HashMap<(u32, Colour), Vec<BackendConfig>>,
         flows: HashMap<(u32, Colour), FlowCounts>,
@@ -905,7 +906,9 @@ mod tests {
         BackendConfig { addr: a.parse().expect("addr"), weight: 1 }
     }
 
-    fn board() -> Switchboard<FakeMaps> {
+    /// `web` (blue 198.51.100.2, green 198.51.100.18; NAT, TCP 80, unchecked) and `solo`
+    /// (blue only), both active on blue.
+    pub(crate) fn board() -> Switchboard<FakeMaps> {
         let web = ServiceConfig {
             name: "web".into(),
             vip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
