@@ -1204,12 +1204,20 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only live-frames|scaling`: one section, printed, nothing written (for working on it).
+    // `--only per-packet|live-frames|scaling`: one section, printed, nothing written (for working on it).
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     match only.as_deref() {
         Some("live-frames") => {
             for (name, s, share) in live_frames(quick) {
                 println!("{name}: {:.2} Mpps ({:.2}–{:.2}), {:.1} % delivered", s.median, s.min, s.max, share * 100.0);
+            }
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some("per-packet") => {
+            let (paths, floor) = per_packet(quick);
+            println!("baseline {floor:.0} ns");
+            for p in &paths {
+                println!("{}: {:+.1} ns ({:+.1} – {:+.1})", p.name, p.extra.median, p.extra.min, p.extra.max);
             }
             return std::process::ExitCode::SUCCESS;
         }
@@ -1222,7 +1230,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::SUCCESS;
         }
         Some(other) => {
-            eprintln!("--only takes live-frames or scaling, not {other:?}");
+            eprintln!("--only takes per-packet, live-frames or scaling, not {other:?}");
             return std::process::ExitCode::FAILURE;
         }
         None => {}
