@@ -997,7 +997,7 @@ on_drain_timeout = "reset"
     #[test]
     fn the_fleet_section_is_checked() {
         let with = |fleet: &str| Config::parse(Path::new("f.toml"), &format!("{GOOD}\n{fleet}"));
-        let fleet_line = format!("f.toml:{}:", GOOD.lines().count() + 1);
+        let fleet_line = format!("f.toml:{}:", GOOD.matches('\n').count() + 2);
         assert_eq!(with("").expect("no fleet").fleet, None);
         let f = with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"lb1\"\n")
             .expect("valid")
