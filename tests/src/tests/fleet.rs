@@ -78,7 +78,7 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     let t = FleetTopology::new(NODES);
     let _relays: Vec<Relay> = t.lbs.iter().map(|ns| Relay::start(ns, etcd.client_port)).collect();
     let prefix = format!("/switcher-test-{}", t.client.name);
-    let nodes: Vec<Daemon> = (0..NODES).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s))).collect();
+    let mut nodes: Vec<Daemon> = (0..NODES).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s))).collect();
     let logs = || nodes.iter().map(Daemon::log).collect::<Vec<_>>().join("\n----\n");
 
     // 1. The first node seeds the desired state; every node publishes itself and applies it.
@@ -228,4 +228,19 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     eprintln!("fleet converged after etcd's return in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
     let seen = requests(&t, 20);
     assert!(seen.keys().all(|b| colour(b) == "green"), "{seen:?}");
+
+    // 8. A node whose daemon dies misses a change: its pinned data path forwards on with what
+    //    it had (new flows through it still reach green), and the restarted daemon catches up.
+    nodes[2].kill();
+    nodes[0].cli_ok(&["rollback", "web"]);
+    assert_eq!(active_on(&nodes[1]), "blue");
+    let seen = requests(&t, 30);
+    assert_eq!(seen.values().sum::<usize>(), 30, "every request answered while lb2's daemon is down: {seen:?}");
+    let started = Instant::now();
+    nodes[2].restart();
+    let caught_up = wait_for(Duration::from_secs(15), || converged(&nodes[0], "blue"));
+    assert!(caught_up.is_some(), "the restarted lb2 caught up: {:?}\n{}", fleet(&nodes[0]), nodes[2].log());
+    eprintln!("a restarted node caught up {:.0} ms after its daemon started", started.elapsed().as_secs_f64() * 1e3);
+    let seen = requests(&t, 30);
+    assert!(seen.keys().all(|b| colour(b) == "blue"), "after lb2 caught up only blue answers: {seen:?}");
 }
