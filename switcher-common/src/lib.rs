@@ -55,6 +55,25 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 /// `PORT_BACKEND` if some backend does. Written by the daemon. A packet whose destination port
 /// is no service's and whose source port is no backend's passes without a hash lookup.
 pub const MAP_PORTS: &str = "PORTS";
+/// `u32` `vip_slot(address)` → `u8` 1 if some service's VIP falls in that slot. Written by the
+/// daemon before the `SERVICES` keys that need it; lets traffic to other addresses on a
+/// service port pass without a hash lookup.
+pub const MAP_VIPS: &str = "VIPS";
+/// Slots of `VIPS`.
+pub const VIP_SLOTS: u32 = 65_536;
+
+/// The `VIPS` slot of an address: its last two bytes (of the four of an IPv4 address, which
+/// the 16-byte field holds first).
+#[inline(always)]
+#[must_use]
+pub const fn vip_slot(addr: &[u8; 16], family: u8) -> u32 {
+    if family == FAMILY_V6 {
+        ((addr[14] as u32) << 8) | addr[15] as u32
+    } else {
+        ((addr[2] as u32) << 8) | addr[3] as u32
+    }
+}
+
 /// `PORTS` bit: a service port.
 pub const PORT_SERVICE: u8 = 1;
 /// `PORTS` bit: a backend port (replies come from it).
@@ -65,8 +84,9 @@ pub const PORT_BACKEND: u8 = 2;
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 
 /// Every map name the data path uses and the daemon pins, for the object-file test.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     MAP_PORTS,
+    MAP_VIPS,
     MAP_SCRATCH,
     MAP_SERVICES,
     MAP_BACKENDS,

@@ -33,7 +33,7 @@ mod prog {
     use aya_log_ebpf::warn;
     use switcher_common::{
         Backend, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE,
-        RING_CHUNKS, Reason, Reply, RingChunk, Service, ServiceKey,
+        RING_CHUNKS, Reason, Reply, RingChunk, Service, ServiceKey, VIP_SLOTS, vip_slot,
     };
 
     use crate::{
@@ -50,6 +50,11 @@ mod prog {
     /// service pass without a hash lookup.
     #[map(name = "PORTS")]
     pub static PORTS: Array<u8> = Array::with_max_entries(65_536, 0);
+
+    /// `vip_slot(address)` → 1 if a VIP is in that slot. Written by the daemon; lets traffic to
+    /// other addresses on a service port pass without a hash lookup.
+    #[map(name = "VIPS")]
+    pub static VIPS: Array<u8> = Array::with_max_entries(VIP_SLOTS, 0);
 
     /// `pool_slot(service, colour, i)` → `Backend`. Written by the daemon.
     #[map(name = "BACKENDS")]
@@ -160,7 +165,8 @@ mod prog {
         pkt.write_flow_key(&mut scratch.key);
         let key = &scratch.key;
         let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
-        if port_bits(key.dport) & PORT_SERVICE != 0 {
+        let maybe_vip = || VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
+        if port_bits(key.dport) & PORT_SERVICE != 0 && maybe_vip() {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
             // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
             if let Some(service) = unsafe { SERVICES.get(&service_key) } {

@@ -30,9 +30,9 @@ use switcher_common::{
     ABI_VERSION, BASELINE_PROG, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET,
     FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
     MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_PORTS, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES,
-    MAP_STATE, MAP_STATS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME, RING_CHUNK, RING_CHUNKS,
-    RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service,
-    ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, user::Colour,
+    MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME, RING_CHUNK,
+    RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW,
+    Service, ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, user::Colour,
 };
 
 use crate::{
@@ -202,11 +202,16 @@ pub struct Dataplane {
     counters: PerCpuArray<MapData, ColourCounters>,
     stats: PerCpuArray<MapData, u64>,
     ports: Array<MapData, u8>,
+    vips: Array<MapData, u8>,
     pools: StdHashMap<(u32, Colour), Pool>,
     /// Ports each service listens on (main and preview), by id.
     service_ports: StdHashMap<u32, Vec<u16>>,
     /// What `PORTS` holds, as written by this process.
     ports_written: StdHashMap<u16, u8>,
+    /// `VIPS` slot of each service's VIP, by id.
+    service_vips: StdHashMap<u32, u32>,
+    /// `VIPS` slots set by this process.
+    vips_written: std::collections::HashSet<u32>,
     options: Options,
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
@@ -390,9 +395,12 @@ impl Dataplane {
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             stats: take(&mut ebpf, MAP_STATS)?,
             ports: take(&mut ebpf, MAP_PORTS)?,
+            vips: take(&mut ebpf, MAP_VIPS)?,
             pools: StdHashMap::new(),
             service_ports: StdHashMap::new(),
             ports_written: StdHashMap::new(),
+            service_vips: StdHashMap::new(),
+            vips_written: std::collections::HashSet::new(),
             options,
             links: Vec::new(),
             pins: None,
@@ -482,6 +490,8 @@ impl Dataplane {
             (MAP_COUNTERS, self.counters.map()),
             (MAP_STATS, self.stats.map()),
             (MAP_META, self._meta.map()),
+            (MAP_PORTS, self.ports.map()),
+            (MAP_VIPS, self.vips.map()),
         ]
         .into_iter()
         .map(|(n, m)| (n.to_owned(), m))
@@ -581,8 +591,10 @@ impl Dataplane {
             } else {
                 self.set_state(id, s.active, 0, None)?;
             }
-            // The port bits go in with the pools, before the keys that need them.
+            // The port and VIP bits go in with the pools, before the keys that need them.
             self.service_ports.insert(id, std::iter::once(s.port).chain(s.preview_port).collect());
+            let key = service_key(s, s.port);
+            self.service_vips.insert(id, switcher_common::vip_slot(&key.vip, key.family));
             for colour in Colour::ALL {
                 self.set_pool(id, colour, s.pool(colour))?;
             }
@@ -612,6 +624,7 @@ impl Dataplane {
         }
         let ids: Vec<u32> = installed.iter().map(|i| i.id).collect();
         self.service_ports.retain(|id, _| ids.contains(id));
+        self.service_vips.retain(|id, _| ids.contains(id));
         self.pools.retain(|(id, _), _| ids.contains(id));
         self.write_ports()?;
         Ok(installed)
@@ -697,6 +710,7 @@ impl Dataplane {
     /// key that needs them is written, and cleared when no service or backend uses the port
     /// (a bit left set only costs a hash lookup that misses).
     fn write_ports(&mut self) -> Result<()> {
+        self.write_vips()?;
         let mut want: StdHashMap<u16, u8> = StdHashMap::new();
         for ports in self.service_ports.values() {
             for p in ports {
@@ -719,6 +733,20 @@ impl Dataplane {
                 self.ports_written.insert(port, bits);
             }
         }
+        Ok(())
+    }
+
+    /// Brings `VIPS` in line with the services' VIPs: new slots are set first, slots no VIP
+    /// uses any more are cleared after (a slot left set only costs a hash lookup that misses).
+    fn write_vips(&mut self) -> Result<()> {
+        let want: std::collections::HashSet<u32> = self.service_vips.values().copied().collect();
+        for slot in want.iter().filter(|s| !self.vips_written.contains(s)) {
+            self.vips.set(*slot, &1, 0).map_err(map_err(MAP_VIPS))?;
+        }
+        for slot in self.vips_written.iter().filter(|s| !want.contains(s)) {
+            self.vips.set(*slot, &0, 0).map_err(map_err(MAP_VIPS))?;
+        }
+        self.vips_written = want;
         Ok(())
     }
 

@@ -437,6 +437,46 @@ fn idle_udp_flows_expire() {
     });
 }
 
+/// The VIP filter in front of the service lookup follows the services: traffic to another
+/// address on a service port passes, a service moved to a new VIP is served there and no
+/// longer at the old one, and an address sharing a VIP's filter slot still only matches by
+/// the service table.
+#[test]
+fn the_vip_filter_follows_the_services() {
+    if !crate::have_root("the_vip_filter_follows_the_services") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None })
+            .expect("load");
+        let c = (CLIENT, 41000);
+        let syn = |to: Ipv4Addr| tcp(IN, c, (to, 80), 64, Tcp::Syn);
+        let to_blue = tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn);
+        check(&mut dp, pkt("SYN to the VIP", syn(VIP), XDP_PASS, "fwd_kernel", Some(to_blue.clone())));
+        let other = Ipv4Addr::new(198, 51, 100, 99);
+        check(&mut dp, pkt("another address on port 80", syn(other), XDP_PASS, "no_match", None));
+        // Same last two bytes as the VIP (203.0.113.10): the filter lets it through to the
+        // service table, which does not know it.
+        let twin = Ipv4Addr::new(192, 0, 113, 10);
+        check(&mut dp, pkt("an address in the VIP's filter slot", syn(twin), XDP_PASS, "no_match", None));
+        // Move every service of VIP to NEW_VIP.
+        let new_vip = Ipv4Addr::new(203, 0, 113, 77);
+        let moved: Vec<ServiceConfig> = services()
+            .into_iter()
+            .map(|mut s| {
+                if s.vip == IpAddr::V4(VIP) {
+                    s.vip = IpAddr::V4(new_vip);
+                }
+                s
+            })
+            .collect();
+        dp.apply(&moved).expect("apply the moved services");
+        check(&mut dp, pkt("the old VIP is no service any more", syn(VIP), XDP_PASS, "no_match", None));
+        check(&mut dp, pkt("SYN to the new VIP", syn(new_vip), XDP_PASS, "fwd_kernel", Some(to_blue)));
+    });
+}
+
 /// With `redirect: false` the rewritten packet always goes to the kernel's stack, even where
 /// the FIB has a complete answer: MACs and TTL are left to the kernel.
 #[test]
