@@ -143,6 +143,12 @@ pub const FLOW_CLOSING: u8 = 1;
 /// `Flow::flags`: the drain timeout expired with `reset`: the next client packet is answered
 /// with a TCP RST and the flow is forgotten.
 pub const FLOW_RESET: u8 = 2;
+/// `Flow` flag: the flow records its service's mode (`FLOW_DSR` or NAT), so its packets can be
+/// forwarded from the flow entry alone, before the service lookup. Entries without it (written
+/// by an older program, or by user space) take the full path.
+pub const FLOW_KNOWN: u8 = 4;
+/// `Flow` flag: the flow's service is DSR (with `FLOW_KNOWN`).
+pub const FLOW_DSR: u8 = 8;
 
 /// Basis points in 100 %: canary weights are in steps of 0.01 %.
 pub const BP_ALL: u32 = 10_000;
@@ -295,7 +301,7 @@ pub struct Flow {
     pub backend: Backend,
     pub service: u32,
     pub colour: u8,
-    /// `FLOW_CLOSING`, `FLOW_RESET`.
+    /// `FLOW_CLOSING`, `FLOW_RESET`, `FLOW_KNOWN`, `FLOW_DSR`.
     pub flags: u8,
     /// Index of the backend in its colour's pool when the flow started.
     pub backend_idx: u16,

@@ -10,9 +10,9 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
-    FLOW_CLOSING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP, RING_CHUNK, RING_EMPTY,
-    RING_SIZE, Reason, Reply, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, colour_slot, ends_flow,
-    flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, starts_flow,
+    FLOW_CLOSING, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP,
+    RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, Reply, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service,
+    colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, starts_flow,
 };
 
 use crate::{
@@ -30,6 +30,62 @@ pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service) -> Verd
     }
 }
 
+/// A packet of a tracked flow that records its mode (`FLOW_KNOWN`), forwarded from the flow
+/// entry alone, before any service lookup: the common case costs one hash lookup. Anything
+/// else — no entry, an expired one, a reset, an entry without `FLOW_KNOWN` — is
+/// `Verdict::UNHANDLED`, and the caller takes the full path. The daemon removes the flows of
+/// a service it removes, so an entry found here belongs to a live service.
+#[inline(never)]
+pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
+    let Some(p) = FLOWS.get_ptr_mut(&s.key) else { return Verdict::UNHANDLED };
+    // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
+    let flow = unsafe { &mut *p };
+    if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
+        return Verdict::UNHANDLED;
+    }
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let Some(refresh) = touch(flow, pkt, now) else { return Verdict::UNHANDLED };
+    s.flow = *flow;
+    forward_tracked(pkt, s, refresh, s.flow.flags & FLOW_DSR != 0)
+}
+
+/// Marks a live flow's packet: closing on FIN/RST, last-seen stamp at most once per
+/// `LAST_SEEN_GRANULARITY_NS`. `None`: the flow has expired (it is then a new flow);
+/// `Some(true)`: the stamp moved, time to check the flow's reply entry.
+#[inline(always)]
+fn touch(flow: &mut Flow, pkt: &Packet, now: u64) -> Option<bool> {
+    if flow_expired(pkt.proto, flow.flags, now, flow.last_seen_ns, UDP_IDLE_NS.load()) {
+        return None;
+    }
+    if ends_flow(pkt.proto, pkt.tcp_flags) && flow.flags & FLOW_CLOSING == 0 {
+        flow.flags |= FLOW_CLOSING;
+        flow.last_seen_ns = now;
+        Some(false)
+    } else if now.saturating_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+        flow.last_seen_ns = now;
+        Some(true)
+    } else {
+        Some(false)
+    }
+}
+
+/// Counts and forwards a packet of the tracked flow in `s.flow`; `refresh`: make sure its
+/// reply entry is still there (the two LRU maps evict independently under pressure).
+#[inline(always)]
+fn forward_tracked(pkt: &Packet, s: &mut Scratch, refresh: bool, dsr: bool) -> Verdict {
+    count(s.flow.service, u32::from(s.flow.colour), pkt.ip_len, false, false);
+    if refresh && !dsr {
+        write_reply_key(&s.key, &s.flow, &mut s.other);
+        // SAFETY: only checked for presence.
+        if unsafe { REPLIES.get(&s.other) }.is_none() {
+            write_reply(&s.key, &s.flow, s.flow.service, &mut s.reply);
+            let _ = REPLIES.insert(&s.other, &s.reply, 0);
+        }
+    }
+    if dsr { nat::dsr(pkt, &s.flow.backend, &mut s.fib) } else { nat::forward(pkt, &s.flow.backend, &mut s.fib) }
+}
+
 #[inline(always)]
 fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reason> {
     // SAFETY: plain helper call.
@@ -37,20 +93,12 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
     let ending = ends_flow(pkt.proto, pkt.tcp_flags);
     let tracked = if starts_flow(pkt.proto, pkt.tcp_flags) { None } else { FLOWS.get_ptr_mut(&s.key) };
     let mut have = false;
-    // Set once a second per flow: the moment to check that its reply entry is still there
-    // (the two LRU maps evict independently under pressure).
     let mut refresh = false;
     if let Some(p) = tracked {
         // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
         let flow = unsafe { &mut *p };
-        if !flow_expired(pkt.proto, flow.flags, now, flow.last_seen_ns, UDP_IDLE_NS.load()) {
-            if ending && flow.flags & FLOW_CLOSING == 0 {
-                flow.flags |= FLOW_CLOSING;
-                flow.last_seen_ns = now;
-            } else if now.saturating_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-                flow.last_seen_ns = now;
-                refresh = true;
-            }
+        if let Some(r) = touch(flow, pkt, now) {
+            refresh = r;
             s.flow = *flow;
             have = true;
         }
@@ -67,29 +115,21 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
         }
         have = false;
     }
+    let dsr = service.flags & SERVICE_DSR != 0;
     if have {
-        count(s.flow.service, u32::from(s.flow.colour), pkt.ip_len, false, false);
-        if refresh && service.flags & SERVICE_DSR == 0 {
-            write_reply_key(&s.key, &s.flow, &mut s.other);
-            // SAFETY: only checked for presence.
-            if unsafe { REPLIES.get(&s.other) }.is_none() {
-                write_reply(&s.key, &s.flow, service.id, &mut s.reply);
-                let _ = REPLIES.insert(&s.other, &s.reply, 0);
-            }
-        }
-    } else {
-        new_flow(&s.key, service, now, ending, &mut s.flow)?;
-        // An LRU insert only fails on memory pressure; the packet is still forwarded and
-        // the next packet of the flow lands on the same backend through the hash.
-        let _ = FLOWS.insert(&s.key, &s.flow, 0);
-        if service.flags & SERVICE_DSR == 0 {
-            write_reply_key(&s.key, &s.flow, &mut s.other);
-            write_reply(&s.key, &s.flow, service.id, &mut s.reply);
-            let _ = REPLIES.insert(&s.other, &s.reply, 0);
-        }
-        count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, true);
+        return Ok(forward_tracked(pkt, s, refresh, dsr));
     }
-    if service.flags & SERVICE_DSR != 0 {
+    new_flow(&s.key, service, now, ending, &mut s.flow)?;
+    // An LRU insert only fails on memory pressure; the packet is still forwarded and the next
+    // packet of the flow lands on the same backend through the hash.
+    let _ = FLOWS.insert(&s.key, &s.flow, 0);
+    if !dsr {
+        write_reply_key(&s.key, &s.flow, &mut s.other);
+        write_reply(&s.key, &s.flow, service.id, &mut s.reply);
+        let _ = REPLIES.insert(&s.other, &s.reply, 0);
+    }
+    count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, true);
+    if dsr {
         Ok(nat::dsr(pkt, &s.flow.backend, &mut s.fib))
     } else {
         Ok(nat::forward(pkt, &s.flow.backend, &mut s.fib))
@@ -138,7 +178,8 @@ fn new_flow(key: &FlowKey, service: Service, now: u64, ending: bool, flow: &mut 
     flow.backend = *backend;
     flow.service = service.id;
     flow.colour = colour as u8;
-    flow.flags = if ending { FLOW_CLOSING } else { 0 };
+    let mode = if service.flags & SERVICE_DSR != 0 { FLOW_KNOWN | FLOW_DSR } else { FLOW_KNOWN };
+    flow.flags = if ending { FLOW_CLOSING | mode } else { mode };
     flow.backend_idx = idx;
     flow._pad = [0; 4];
     flow.last_seen_ns = now;

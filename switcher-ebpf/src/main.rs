@@ -165,18 +165,27 @@ mod prog {
         pkt.write_flow_key(&mut scratch.key);
         let key = &scratch.key;
         let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
-        let maybe_vip = || VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
-        if port_bits(key.dport) & PORT_SERVICE != 0 && maybe_vip() {
+        let to_service = port_bits(key.dport) & PORT_SERVICE != 0
+            && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
+        let from_backend = port_bits(key.sport) & PORT_BACKEND != 0;
+        if to_service {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
+            // A packet of a known flow needs no service lookup; a SYN always starts afresh.
+            if !switcher_common::starts_flow(pkt.proto, pkt.tcp_flags) {
+                let v = flow::established(&pkt, scratch);
+                if v.handled() {
+                    return Ok(v);
+                }
+            }
             // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
             if let Some(service) = unsafe { SERVICES.get(&service_key) } {
                 let service = *service;
                 return Ok(flow::to_backend(&pkt, scratch, service));
             }
         }
-        if port_bits(key.sport) & PORT_BACKEND != 0 {
+        if from_backend {
             // SAFETY: as above.
-            if let Some(reply) = unsafe { REPLIES.get(key) } {
+            if let Some(reply) = unsafe { REPLIES.get(&scratch.key) } {
                 flow::count(reply.service, reply.colour, pkt.ip_len, true, false);
                 return Ok(crate::nat::reply(&pkt, reply, &mut scratch.fib));
             }

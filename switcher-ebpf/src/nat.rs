@@ -38,6 +38,14 @@ impl Verdict {
         Verdict((u64::from(action) << 32) | u64::from(reason.0))
     }
 
+    /// Not decided here: the caller goes on with the full path. Never leaves the program.
+    pub const UNHANDLED: Verdict = Verdict(u64::MAX);
+
+    #[inline(always)]
+    pub fn handled(self) -> bool {
+        self.0 != u64::MAX
+    }
+
     /// Passed to the kernel untouched (or as rewritten so far), counted under `reason`.
     #[inline(always)]
     pub fn pass(reason: Reason) -> Verdict {

@@ -571,6 +571,7 @@ impl Dataplane {
         let existing: StdHashMap<ServiceKey, Service> =
             if adopt { self.services.iter().filter_map(std::result::Result::ok).collect() } else { StdHashMap::new() };
         let mut used: Vec<u32> = Vec::new();
+        let mut changed: Vec<ServiceKey> = Vec::new();
         let mut ids = Vec::with_capacity(services.len());
         for s in services {
             ids.push(existing.get(&service_key(s, s.port)).map(|svc| svc.id));
@@ -599,6 +600,11 @@ impl Dataplane {
                 self.set_pool(id, colour, s.pool(colour))?;
             }
             let mut flags = if s.mode == Mode::Dsr { SERVICE_DSR } else { 0 };
+            if existing.get(&service_key(s, s.port)).is_some_and(|old| old.flags & SERVICE_DSR != flags) {
+                // NAT ↔ DSR: the open flows recorded the old mode (`FLOW_DSR`); they go.
+                changed.push(service_key(s, s.port));
+                changed.extend(s.preview_port.map(|p| service_key(s, p)));
+            }
             self.services.insert(&service_key(s, s.port), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
             if let Some(preview) = s.preview_port {
                 flags |= SERVICE_PREVIEW;
@@ -621,6 +627,15 @@ impl Dataplane {
             .collect();
         for key in existing.keys().filter(|k| !wanted.contains(k)) {
             let _ = self.services.remove(key);
+            changed.push(*key);
+        }
+        // The data path forwards a known flow before it looks its service up: the flows of a
+        // service that is gone (or changed mode) must go with it.
+        if !changed.is_empty() {
+            let n = self.purge_flows(&changed);
+            if n > 0 {
+                tracing::info!(flows = n, "removed the open flows of services that were removed or changed mode");
+            }
         }
         let ids: Vec<u32> = installed.iter().map(|i| i.id).collect();
         self.service_ports.retain(|id, _| ids.contains(id));
@@ -930,6 +945,26 @@ impl Dataplane {
             }
         }
         Ok(handled)
+    }
+
+    /// Removes the flows (and their reply entries) addressed to any of `keys`; returns how
+    /// many. A flow the data path re-created since the walk is left alone.
+    fn purge_flows(&mut self, keys: &[ServiceKey]) -> u64 {
+        let to = |k: &FlowKey| {
+            keys.iter().any(|s| s.vip == k.dst && s.port == k.dport && s.proto == k.proto && s.family == k.family)
+        };
+        let doomed: Vec<(FlowKey, Flow)> = self.flow_entries().into_iter().filter(|(k, _)| to(k)).collect();
+        let mut n = 0;
+        for (key, flow) in doomed {
+            if self.flows.get(&key, 0).ok() != Some(flow) {
+                continue;
+            }
+            if self.flows.remove(&key).is_ok() {
+                n += 1;
+            }
+            let _ = self.replies.remove(&reply_key(&key, &flow.backend));
+        }
+        n
     }
 
     /// The backend the live table gives a flow, as the data path would pick it.

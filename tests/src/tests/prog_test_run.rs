@@ -439,8 +439,8 @@ fn idle_udp_flows_expire() {
 
 /// The VIP filter in front of the service lookup follows the services: traffic to another
 /// address on a service port passes, a service moved to a new VIP is served there and no
-/// longer at the old one, and an address sharing a VIP's filter slot still only matches by
-/// the service table.
+/// longer at the old one (its open flows included), and an address sharing a VIP's filter
+/// slot still only matches by the service table.
 #[test]
 fn the_vip_filter_follows_the_services() {
     if !crate::have_root("the_vip_filter_follows_the_services") {
@@ -454,6 +454,16 @@ fn the_vip_filter_follows_the_services() {
         let syn = |to: Ipv4Addr| tcp(IN, c, (to, 80), 64, Tcp::Syn);
         let to_blue = tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn);
         check(&mut dp, pkt("SYN to the VIP", syn(VIP), XDP_PASS, "fwd_kernel", Some(to_blue.clone())));
+        check(
+            &mut dp,
+            pkt(
+                "the flow's next packet, from the flow entry",
+                tcp(IN, c, (VIP, 80), 64, Tcp::Ack),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(tcp(IN, c, (BLUE, 8080), 64, Tcp::Ack)),
+            ),
+        );
         let other = Ipv4Addr::new(198, 51, 100, 99);
         check(&mut dp, pkt("another address on port 80", syn(other), XDP_PASS, "no_match", None));
         // Same last two bytes as the VIP (203.0.113.10): the filter lets it through to the
@@ -473,6 +483,10 @@ fn the_vip_filter_follows_the_services() {
             .collect();
         dp.apply(&moved).expect("apply the moved services");
         check(&mut dp, pkt("the old VIP is no service any more", syn(VIP), XDP_PASS, "no_match", None));
+        // The flow opened before the move went with its service: the data path, which looks
+        // a known flow up before the service, must not forward its packets any more.
+        let ack = tcp(IN, c, (VIP, 80), 64, Tcp::Ack);
+        check(&mut dp, pkt("a packet of the removed service's flow", ack, XDP_PASS, "no_match", None));
         check(&mut dp, pkt("SYN to the new VIP", syn(new_vip), XDP_PASS, "fwd_kernel", Some(to_blue)));
     });
 }
