@@ -12,7 +12,7 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
     FLOW_CLOSING, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP,
     RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, Reply, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service,
-    colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, starts_flow,
+    colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk,
 };
 
 use crate::{
@@ -22,9 +22,11 @@ use crate::{
 };
 
 /// Picks the packet's backend (its flow is `scratch.key`) and forwards it there.
+/// `untracked`: the flow table is known to hold nothing for it (a SYN, or an entry the caller
+/// just looked for and did not find).
 #[inline(never)]
-pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service) -> Verdict {
-    match pick(pkt, scratch, service) {
+pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service, untracked: bool) -> Verdict {
+    match pick(pkt, scratch, service, untracked) {
         Ok(v) => v,
         Err(reason) => Verdict::pass(reason),
     }
@@ -32,12 +34,12 @@ pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service) -> Verd
 
 /// A packet of a tracked flow that records its mode (`FLOW_KNOWN`), forwarded from the flow
 /// entry alone, before any service lookup: the common case costs one hash lookup. Anything
-/// else — no entry, an expired one, a reset, an entry without `FLOW_KNOWN` — is
-/// `Verdict::UNHANDLED`, and the caller takes the full path. The daemon removes the flows of
-/// a service it removes, so an entry found here belongs to a live service.
+/// else is for the full path: `Verdict::NO_FLOW` when there is no entry, `Verdict::UNHANDLED`
+/// for an expired one, a reset or an entry without `FLOW_KNOWN`. The daemon removes the flows
+/// of a service it removes, so an entry found here belongs to a live service.
 #[inline(never)]
 pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
-    let Some(p) = FLOWS.get_ptr_mut(&s.key) else { return Verdict::UNHANDLED };
+    let Some(p) = FLOWS.get_ptr_mut(&s.key) else { return Verdict::NO_FLOW };
     // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
     let flow = unsafe { &mut *p };
     if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
@@ -83,15 +85,21 @@ fn forward_tracked(pkt: &Packet, s: &mut Scratch, refresh: bool, dsr: bool) -> V
             let _ = REPLIES.insert(&s.other, &s.reply, 0);
         }
     }
+    send(pkt, s, dsr)
+}
+
+/// Sends the packet to the backend of the flow in `s.flow`: by DSR or NAT.
+#[inline(always)]
+fn send(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
     if dsr { nat::dsr(pkt, &s.flow.backend, &mut s.fib) } else { nat::forward(pkt, &s.flow.backend, &mut s.fib) }
 }
 
 #[inline(always)]
-fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reason> {
+fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Result<Verdict, Reason> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let ending = ends_flow(pkt.proto, pkt.tcp_flags);
-    let tracked = if starts_flow(pkt.proto, pkt.tcp_flags) { None } else { FLOWS.get_ptr_mut(&s.key) };
+    let tracked = if untracked { None } else { FLOWS.get_ptr_mut(&s.key) };
     let mut have = false;
     let mut refresh = false;
     if let Some(p) = tracked {
@@ -129,11 +137,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service) -> Result<Verdict, Reas
         let _ = REPLIES.insert(&s.other, &s.reply, 0);
     }
     count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, true);
-    if dsr {
-        Ok(nat::dsr(pkt, &s.flow.backend, &mut s.fib))
-    } else {
-        Ok(nat::forward(pkt, &s.flow.backend, &mut s.fib))
-    }
+    Ok(send(pkt, s, dsr))
 }
 
 /// The key of a flow's reply direction (backend → client).

@@ -171,16 +171,18 @@ mod prog {
         if to_service {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
             // A packet of a known flow needs no service lookup; a SYN always starts afresh.
-            if !switcher_common::starts_flow(pkt.proto, pkt.tcp_flags) {
+            let mut untracked = switcher_common::starts_flow(pkt.proto, pkt.tcp_flags);
+            if !untracked {
                 let v = flow::established(&pkt, scratch);
                 if v.handled() {
                     return Ok(v);
                 }
+                untracked = v.is_no_flow();
             }
             // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
             if let Some(service) = unsafe { SERVICES.get(&service_key) } {
                 let service = *service;
-                return Ok(flow::to_backend(&pkt, scratch, service));
+                return Ok(flow::to_backend(&pkt, scratch, service, untracked));
             }
         }
         if from_backend {

@@ -40,10 +40,20 @@ impl Verdict {
 
     /// Not decided here: the caller goes on with the full path. Never leaves the program.
     pub const UNHANDLED: Verdict = Verdict(u64::MAX);
+    /// Not decided here, and the flow table has no entry for the packet: the full path need
+    /// not look. Never leaves the program.
+    pub const NO_FLOW: Verdict = Verdict(u64::MAX - 1);
 
+    /// `NO_FLOW`: the flow table has no entry for the packet.
+    #[inline(always)]
+    pub fn is_no_flow(self) -> bool {
+        self.0 == u64::MAX - 1
+    }
+
+    /// A verdict for the packet, not one of the two "go on" markers.
     #[inline(always)]
     pub fn handled(self) -> bool {
-        self.0 != u64::MAX
+        self.0 < u64::MAX - 1
     }
 
     /// Passed to the kernel untouched (or as rewritten so far), counted under `reason`.

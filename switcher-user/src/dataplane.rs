@@ -460,7 +460,7 @@ impl Dataplane {
     ///
     /// # Errors
     /// The map read failed or there is no such key.
-    pub fn service_key(&self, key: &ServiceKey) -> Result<Service> {
+    pub fn service_entry(&self, key: &ServiceKey) -> Result<Service> {
         self.services.get(key, 0).map_err(map_err(MAP_SERVICES))
     }
 
@@ -592,20 +592,21 @@ impl Dataplane {
             } else {
                 self.set_state(id, s.active, 0, None)?;
             }
-            // The port and VIP bits go in with the pools, before the keys that need them.
-            self.service_ports.insert(id, std::iter::once(s.port).chain(s.preview_port).collect());
+            // The VIP and port bits go in with the pools, before the keys that need them.
             let key = service_key(s, s.port);
             self.service_vips.insert(id, switcher_common::vip_slot(&key.vip, key.family));
+            self.write_vips()?;
+            self.service_ports.insert(id, std::iter::once(s.port).chain(s.preview_port).collect());
             for colour in Colour::ALL {
                 self.set_pool(id, colour, s.pool(colour))?;
             }
             let mut flags = if s.mode == Mode::Dsr { SERVICE_DSR } else { 0 };
-            if existing.get(&service_key(s, s.port)).is_some_and(|old| old.flags & SERVICE_DSR != flags) {
+            if existing.get(&key).is_some_and(|old| old.flags & SERVICE_DSR != flags) {
                 // NAT ↔ DSR: the open flows recorded the old mode (`FLOW_DSR`); they go.
-                changed.push(service_key(s, s.port));
+                changed.push(key);
                 changed.extend(s.preview_port.map(|p| service_key(s, p)));
             }
-            self.services.insert(&service_key(s, s.port), &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
+            self.services.insert(&key, &Service { id, flags }, 0).map_err(map_err(MAP_SERVICES))?;
             if let Some(preview) = s.preview_port {
                 flags |= SERVICE_PREVIEW;
                 self.services
@@ -641,6 +642,7 @@ impl Dataplane {
         self.service_ports.retain(|id, _| ids.contains(id));
         self.service_vips.retain(|id, _| ids.contains(id));
         self.pools.retain(|(id, _), _| ids.contains(id));
+        self.write_vips()?;
         self.write_ports()?;
         Ok(installed)
     }
@@ -725,7 +727,6 @@ impl Dataplane {
     /// key that needs them is written, and cleared when no service or backend uses the port
     /// (a bit left set only costs a hash lookup that misses).
     fn write_ports(&mut self) -> Result<()> {
-        self.write_vips()?;
         let mut want: StdHashMap<u16, u8> = StdHashMap::new();
         for ports in self.service_ports.values() {
             for p in ports {

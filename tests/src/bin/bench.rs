@@ -230,7 +230,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
             )
             .expect("load");
             let real = ServiceKey { vip: widen(VIP), port: 80u16.to_be_bytes(), proto: 6, family: FAMILY_V4 };
-            let value = dp.service_key(&real).expect("web's SERVICES entry");
+            let value = dp.service_entry(&real).expect("web's SERVICES entry");
             for i in 0..keys {
                 let other = ServiceKey { vip: widen(Ipv4Addr::from(0x0a10_0000 + i)), ..real };
                 dp.insert_service_key(&other, &value).expect("fill SERVICES");
@@ -685,12 +685,7 @@ fn socket_path(quick: bool) -> Option<Vec<(&'static str, Spread)>> {
     let t = Topology::new();
     let dir = std::env::temp_dir().join(format!("switcher-bench-tg-{}", unique_prefix()));
     std::fs::create_dir_all(&dir).ok()?;
-    let out = std::process::Command::new("ip")
-        .args(["-n", &t.lb.name, "-j", "link", "show", "dev", &t.lb_ifaces[0]])
-        .output()
-        .ok()?;
-    let link: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let mac = link[0]["address"].as_str()?.to_owned();
+    let mac = mac_of(&t.lb, &t.lb_ifaces[0])?;
     let paths = [Path3::Switcher, Path3::SwitcherKernel, Path3::Nftables, Path3::Routing];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for _ in 0..reps {
@@ -816,13 +811,12 @@ fn xdp_packets(ns: &Netns, iface: &str) -> u64 {
         .sum()
 }
 
-fn mac_of(ns: &Netns, iface: &str) -> String {
-    let out = std::process::Command::new("ip")
-        .args(["-n", &ns.name, "-j", "link", "show", "dev", iface])
-        .output()
-        .expect("ip link");
-    let link: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link");
-    link[0]["address"].as_str().expect("address").to_owned()
+/// An interface's MAC address, as `ip -j link` gives it.
+fn mac_of(ns: &Netns, iface: &str) -> Option<String> {
+    let out =
+        std::process::Command::new("ip").args(["-n", &ns.name, "-j", "link", "show", "dev", iface]).output().ok()?;
+    let link: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(link[0]["address"].as_str()?.to_owned())
 }
 
 fn mac_bytes(mac: &str) -> [u8; 6] {
@@ -841,10 +835,10 @@ fn mac_bytes(mac: &str) -> [u8; 6] {
 fn live_frames(quick: bool) -> Vec<(&'static str, Spread, f64)> {
     let (reps, repeat) = if quick { (3, 1_000_000u32) } else { (REPEATS, 4_000_000u32) };
     let t = Topology::new();
-    let lb_mac = mac_of(&t.lb, &t.lb_ifaces[0]);
-    let client_mac = mac_of(&t.client, "eth0");
+    let lb_mac = mac_of(&t.lb, &t.lb_ifaces[0]).expect("the interface's MAC");
+    let client_mac = mac_of(&t.client, "eth0").expect("the interface's MAC");
     // blue drops everything at XDP, ARP included: give the lb its neighbour entry by hand.
-    let blue_mac = mac_of(&t.blue, "eth0");
+    let blue_mac = mac_of(&t.blue, "eth0").expect("the interface's MAC");
     t.lb.ip(&["neigh", "replace", &BLUE.to_string(), "lladdr", &blue_mac, "dev", &t.lb_ifaces[1], "nud", "permanent"]);
     let _sink = attach_in(&t.blue, "eth0", "bench_drop");
     let frame = |dst: Ipv4Addr, dport: u16| {
