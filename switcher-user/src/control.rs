@@ -83,6 +83,33 @@ pub enum Request {
     Fleet,
 }
 
+impl Request {
+    /// The service a request is about, if it is about one.
+    #[must_use]
+    pub fn service(&self) -> Option<&str> {
+        match self {
+            Request::Cutover { service, .. }
+            | Request::Rollback { service, .. }
+            | Request::Weight { service, .. }
+            | Request::BackendAdd { service, .. }
+            | Request::BackendRemove { service, .. } => Some(service),
+            Request::Status { service } => service.as_deref(),
+            Request::Reload | Request::Fleet => None,
+        }
+    }
+
+    /// Where a switch applies in a fleet (`None`: not a switch).
+    #[must_use]
+    pub fn scope(&self) -> Option<&Scope> {
+        match self {
+            Request::Cutover { scope, .. } | Request::Rollback { scope, .. } | Request::Weight { scope, .. } => {
+                Some(scope)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Where a change applies when the daemon is part of a fleet.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -387,11 +387,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
             resp
         }
         (req, fleet) => {
-            if let Request::Cutover { scope, .. } | Request::Rollback { scope, .. } | Request::Weight { scope, .. } =
-                &req
-                && scope.if_revision.is_some()
-                && fleet.is_none()
-            {
+            if fleet.is_none() && req.scope().is_some_and(|s| s.if_revision.is_some()) {
                 return Response::error("--if-revision is for fleet mode; this daemon has no [fleet] section");
             }
             let status = matches!(req, Request::Status { .. });

@@ -186,8 +186,8 @@ fn seed<M: Maps>(board: &Switchboard<M>, name: &str, node: &str, share: bool) ->
     })
 }
 
-/// The next desired state for `req` from `cur`, checked against this node's view of the
-/// backends' health; `None` when nothing would change.
+/// The next desired state for `req` from `cur` (its `change` says what changed), checked
+/// against this node's view of the backends' health; `None` when nothing would change.
 ///
 /// # Errors
 /// Why the change is refused.
@@ -196,10 +196,10 @@ pub fn plan<M: Maps>(
     req: &Request,
     cur: &Desired,
     share: bool,
-) -> Result<Option<(Desired, String)>, String> {
+) -> Result<Option<Desired>, String> {
     let t = cur.target()?;
     let mut next = Desired { drain_timeout_secs: None, ..cur.clone() };
-    let (name, what) = match req {
+    let what = match req {
         Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
             let target = colour.as_deref().map(parse_colour).transpose()?.unwrap_or(t.active.other());
             if target == t.active && t.canary_bp == 0 {
@@ -212,7 +212,7 @@ pub fn plan<M: Maps>(
                 next.previous = Some(t.active.to_string());
             }
             next.drain_timeout_secs = *drain_timeout_secs;
-            (service, format!("cutover {} → {target}", t.active))
+            format!("cutover {} → {target}", t.active)
         }
         Request::Rollback { service, force, .. } => {
             let Some(previous) = t.previous.filter(|p| *p != t.active) else {
@@ -225,7 +225,7 @@ pub fn plan<M: Maps>(
             next.active = previous.to_string();
             next.canary_bp = 0;
             next.previous = Some(t.active.to_string());
-            (service, format!("rollback {} → {previous}", t.active))
+            format!("rollback {} → {previous}", t.active)
         }
         Request::Weight { service, colour, basis_points, force, .. } => {
             let c = parse_colour(colour)?;
@@ -248,7 +248,7 @@ pub fn plan<M: Maps>(
             }
             board.check_canary(service, t.active, canary, *force)?;
             next.canary_bp = canary;
-            (service, format!("weight {} {} → {}", t.active.other(), percent(t.canary_bp), percent(canary)))
+            format!("weight {} {} → {}", t.active.other(), percent(t.canary_bp), percent(canary))
         }
         Request::BackendAdd { service, colour, address, .. } | Request::BackendRemove { service, colour, address }
             if share =>
@@ -265,18 +265,16 @@ pub fn plan<M: Maps>(
             let (addr, _) = edit_pool(&config, c, pool, address, weight, live)?;
             next.blue = Some(shared(&blue));
             next.green = Some(shared(&green));
-            let what = match weight {
+            match weight {
                 Some(w) => format!("backend add {c} {addr} weight {w}"),
                 None => format!("backend remove {c} {addr}"),
-            };
-            (service, what)
+            }
         }
         _ => return Err("not a change of the fleet's desired state".into()),
     };
-    let _ = name;
-    next.change.clone_from(&what);
+    next.change = what;
     next.at_unix = now_unix();
-    Ok(Some((next, what)))
+    Ok(Some(next))
 }
 
 /// This node's part in the fleet: its view of etcd, of the desired state, and what it applied.
@@ -302,6 +300,14 @@ struct State {
     problems: HashMap<String, String>,
     /// Local services missing in etcd are to be seeded (at start and after a reload).
     reseed: bool,
+}
+
+impl State {
+    /// Why this node does not follow the desired state of `name` now: its local override,
+    /// or a desired state it could not apply.
+    fn not_following(&self, name: &str) -> Option<String> {
+        self.overrides.get(name).map(|(_, why)| why.clone()).or_else(|| self.problems.get(name).cloned())
+    }
 }
 
 type Board<M> = Arc<Mutex<Switchboard<M>>>;
@@ -397,11 +403,7 @@ impl Fleet {
                     desired: st.desired.get(name).map(|(d, _)| d.clone()),
                     revision: st.desired.get(name).map_or(0, |(_, r)| *r),
                     applied_revision: st.applied.get(name).copied().unwrap_or(0),
-                    local_override: st
-                        .overrides
-                        .get(name)
-                        .map(|(_, why)| why.clone())
-                        .or_else(|| st.problems.get(name).cloned()),
+                    local_override: st.not_following(name),
                 })
                 .collect(),
             nodes: Vec::new(),
@@ -471,14 +473,8 @@ impl Fleet {
     /// revision it read), then applied here by the watch like on every other node. With
     /// `--local`, or when etcd cannot be reached, it is applied on this node only.
     pub async fn propose<M: Maps>(&self, board: &Board<M>, req: Request, who: &str) -> (Response, Option<Change>) {
-        let local = match &req {
-            Request::Cutover { scope, .. } | Request::Rollback { scope, .. } | Request::Weight { scope, .. } => {
-                scope.local
-            }
-            _ => false,
-        };
         let backends = matches!(req, Request::BackendAdd { .. } | Request::BackendRemove { .. });
-        if local {
+        if req.scope().is_some_and(|s| s.local) {
             return self.local(board, req, "changed on this node only (--local)".into(), None);
         }
         let client = self.lock().client.clone();
@@ -509,14 +505,7 @@ impl Fleet {
         why: String,
         error: Option<String>,
     ) -> (Response, Option<Change>) {
-        let name = match &req {
-            Request::Cutover { service, .. }
-            | Request::Rollback { service, .. }
-            | Request::Weight { service, .. }
-            | Request::BackendAdd { service, .. }
-            | Request::BackendRemove { service, .. } => service.clone(),
-            _ => String::new(),
-        };
+        let name = req.service().unwrap_or_default().to_owned();
         let (mut resp, change) = match board.lock() {
             Ok(mut b) => b.handle(req),
             Err(_) => return (Response::error("daemon state is poisoned; restart the daemon"), None),
@@ -551,13 +540,10 @@ impl Fleet {
         req: &Request,
         who: &str,
     ) -> Result<(Response, Option<Change>), WriteError> {
-        let (name, if_revision) = match req {
-            Request::Cutover { service, scope, .. }
-            | Request::Rollback { service, scope, .. }
-            | Request::Weight { service, scope, .. } => (service.clone(), scope.if_revision),
-            Request::BackendAdd { service, .. } | Request::BackendRemove { service, .. } => (service.clone(), None),
-            _ => return Err(WriteError::Refused("not a change".into())),
+        let Some(name) = req.service().map(str::to_owned) else {
+            return Err(WriteError::Refused("not a change".into()));
         };
+        let if_revision = req.scope().and_then(|s| s.if_revision);
         let key = self.service_key(&name);
         let got = client.get(key.clone(), None).await?;
         let (cur, rev) = match got.kvs().first() {
@@ -582,7 +568,7 @@ impl Fleet {
             let b = board.lock().map_err(|_| WriteError::Refused("daemon state poisoned".into()))?;
             plan(&b, req, &cur, self.config.share_backends).map_err(WriteError::Refused)?
         };
-        let Some((mut next, what)) = planned else {
+        let Some(mut next) = planned else {
             return Ok((
                 Response {
                     ok: true,
@@ -597,6 +583,7 @@ impl Fleet {
             ));
         };
         next.changed_by = format!("{} ({who})", self.config.node);
+        let what = next.change.clone();
         let value = serde_json::to_string(&next).map_err(|e| WriteError::Refused(e.to_string()))?;
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
@@ -718,11 +705,7 @@ impl Fleet {
                 .into_iter()
                 .map(|o| NodeService {
                     applied_revision: st.applied.get(&o.name).copied().unwrap_or(0),
-                    local_override: st
-                        .overrides
-                        .get(&o.name)
-                        .map(|(_, why)| why.clone())
-                        .or_else(|| st.problems.get(&o.name).cloned()),
+                    local_override: st.not_following(&o.name),
                     active: o.active.to_string(),
                     canary_bp: o.canary_bp,
                     live_flows: o.live_flows,
@@ -800,13 +783,11 @@ async fn session<M: Maps>(fleet: &Fleet, board: &Board<M>, record: &impl Fn(&str
     }
 }
 
-enum Never {}
-
 async fn session_inner<M: Maps>(
     fleet: &Fleet,
     board: &Board<M>,
     record: &impl Fn(&str, &Change),
-) -> Result<Never, String> {
+) -> Result<std::convert::Infallible, String> {
     let e = |e: etcd_client::Error| etcd_error(&e);
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -814,8 +795,7 @@ async fn session_inner<M: Maps>(
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true);
     let mut client = Client::connect(&fleet.config.endpoints, Some(opts)).await.map_err(e)?;
-    seed_missing(fleet, board, &mut client).await?;
-    let all = client.get(fleet.services_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(e)?;
+    let all = read_desired(fleet, board, &mut client).await?;
     let revision = all.header().map_or(0, etcd_client::ResponseHeader::revision);
     let ttl = i64::try_from(fleet.config.lease_ttl.as_secs()).unwrap_or(10);
     let lease = client.lease_grant(ttl, None).await.map_err(e)?.id();
@@ -866,8 +846,7 @@ async fn session_inner<M: Maps>(
                     flows_counted = Instant::now();
                 }
                 if std::mem::take(&mut fleet.lock().reseed) {
-                    seed_missing(fleet, board, &mut client).await?;
-                    let all = client.get(fleet.services_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(e)?;
+                    let all = read_desired(fleet, board, &mut client).await?;
                     apply_kvs(fleet, board, record, all.kvs());
                 }
                 publish(fleet, board, &mut client, lease).await?;
@@ -875,6 +854,16 @@ async fn session_inner<M: Maps>(
             () = fleet.publish.notified() => publish(fleet, board, &mut client, lease).await?,
         }
     }
+}
+
+/// Seeds what etcd lacks, then reads every service's desired state.
+async fn read_desired<M: Maps>(
+    fleet: &Fleet,
+    board: &Board<M>,
+    client: &mut Client,
+) -> Result<etcd_client::GetResponse, String> {
+    seed_missing(fleet, board, client).await?;
+    client.get(fleet.services_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(|e| etcd_error(&e))
 }
 
 /// Writes the desired state of local services etcd does not have yet (only if still absent).
@@ -1009,12 +998,12 @@ mod tests {
         let b = crate::switchboard::tests::board();
         let blue = Desired { active: "blue".into(), ..Desired::default() };
         // A cut-over to the idle colour records where it came from and its drain timeout.
-        let (next, what) = plan(&b, &req_cutover(None), &blue, false).expect("ok").expect("a change");
+        let next = plan(&b, &req_cutover(None), &blue, false).expect("ok").expect("a change");
         assert_eq!(
             (next.active.as_str(), next.previous.as_deref(), next.drain_timeout_secs),
             ("green", Some("blue"), Some(30))
         );
-        assert_eq!(what, "cutover blue → green");
+        assert_eq!(next.change, "cutover blue → green");
         // Nothing to do is not a write.
         assert_eq!(plan(&b, &req_cutover(Some("blue")), &blue, false), Ok(None));
         // A rollback needs a previous colour in the *desired* state.
@@ -1022,7 +1011,7 @@ mod tests {
             Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
         let e = plan(&b, &rollback, &blue, false).expect_err("nothing to roll back");
         assert!(e.contains("nothing to roll back"), "{e}");
-        let (back, _) = plan(&b, &rollback, &next, false).expect("ok").expect("a change");
+        let back = plan(&b, &rollback, &next, false).expect("ok").expect("a change");
         assert_eq!(
             (back.active.as_str(), back.previous.as_deref(), back.drain_timeout_secs),
             ("blue", Some("green"), None)
@@ -1035,10 +1024,10 @@ mod tests {
             force: false,
             scope: crate::control::Scope::default(),
         };
-        let (canary, what) = plan(&b, &weight("green", 500), &blue, false).expect("ok").expect("a change");
+        let canary = plan(&b, &weight("green", 500), &blue, false).expect("ok").expect("a change");
         assert_eq!((canary.active.as_str(), canary.canary_bp), ("blue", 500));
-        assert_eq!(what, "weight green 0% → 5%");
-        let (all, _) = plan(&b, &weight("green", 10_000), &blue, false).expect("ok").expect("a change");
+        assert_eq!(canary.change, "weight green 0% → 5%");
+        let all = plan(&b, &weight("green", 10_000), &blue, false).expect("ok").expect("a change");
         assert_eq!((all.active.as_str(), all.canary_bp), ("green", 0));
         assert!(plan(&b, &weight("green", 10_001), &blue, false).is_err());
         // A colour without backends is refused; so is an unknown service.
@@ -1067,12 +1056,12 @@ mod tests {
         };
         // Without shared pools a backend change is not the fleet's business.
         assert!(plan(&b, &add, &blue, false).is_err());
-        let (next, what) = plan(&b, &add, &blue, true).expect("ok").expect("a change");
+        let next = plan(&b, &add, &blue, true).expect("ok").expect("a change");
         let green = next.green.clone().expect("green pool");
         assert_eq!(green.len(), 2, "seeded from the local pool, then added to: {green:?}");
         assert_eq!(green[1], SharedBackend { address: "198.51.100.19:8080".into(), weight: 2 });
         assert_eq!(next.blue.as_ref().map(Vec::len), Some(1));
-        assert_eq!(what, "backend add green 198.51.100.19:8080 weight 2");
+        assert_eq!(next.change, "backend add green 198.51.100.19:8080 weight 2");
         // The last backend of the live colour cannot go.
         let remove = Request::BackendRemove {
             service: "web".into(),
