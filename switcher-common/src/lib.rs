@@ -18,7 +18,7 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
@@ -38,8 +38,13 @@ pub const MAP_STATE: &str = "STATE";
 /// `FlowKey` (client → VIP) → `Flow`; written by the data path (expired entries are treated as
 /// absent and left to the LRU); the daemon rewrites flows only at a drain timeout.
 pub const MAP_FLOWS: &str = "FLOWS";
-/// `FlowKey` (backend → client) → `Reply`; written by the data path next to `FLOWS`.
-pub const MAP_REPLIES: &str = "REPLIES";
+/// `BackendKey` (a backend's address, port, protocol) → `Reverse` (the VIPs and ports it
+/// serves); written by the daemon with the pools. A backend's packet is translated back only
+/// when the flow on the reversed tuple is live and was given that backend.
+pub const MAP_REVERSE: &str = "REVERSE";
+/// `u32` 0 → `u64` the daemon's `CLOCK_MONOTONIC_COARSE` (ns), written about once a second:
+/// open TCP flows are stamped with it, so their packets read no clock.
+pub const MAP_NOW: &str = "NOW";
 /// per-CPU, `u32` `colour_slot(service, colour)` → `ColourCounters`; written by the data path.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// per-CPU, `u32` reason → `u64` packets; written by the data path on every exit.
@@ -84,7 +89,7 @@ pub const PORT_BACKEND: u8 = 2;
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 
 /// Every map name the data path uses and the daemon pins, for the object-file test.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     MAP_PORTS,
     MAP_VIPS,
     MAP_SCRATCH,
@@ -94,7 +99,8 @@ pub const MAP_NAMES: [&str; 13] = [
     MAP_RING_LIVE,
     MAP_STATE,
     MAP_FLOWS,
-    MAP_REPLIES,
+    MAP_REVERSE,
+    MAP_NOW,
     MAP_COUNTERS,
     MAP_STATS,
     MAP_META,
@@ -114,8 +120,14 @@ pub const RING_CHUNK: u32 = 32;
 pub const RING_CHUNKS: u32 = RING_SIZE.div_ceil(RING_CHUNK);
 /// A ring slot with no backend (the colour's pool is empty).
 pub const RING_EMPTY: u16 = u16::MAX;
-/// Capacity of `FLOWS` and of `REPLIES` (LRU: the least recently used flow is evicted).
+/// Capacity of `FLOWS` (LRU: the least recently used flow is evicted).
 pub const MAX_FLOWS: u32 = 262_144;
+/// Capacity of `REVERSE`: distinct backend address:port:protocol triples (every backend of
+/// every colour of every service, at most).
+pub const MAX_REVERSE: u32 = MAX_SERVICES * COLOURS * MAX_POOL;
+/// (VIP, port) pairs one backend address:port may serve in NAT mode: a service's port and its
+/// preview port, or the same backend behind a few VIPs. The daemon refuses more.
+pub const REVERSE_WAYS: usize = 4;
 
 /// Colour values.
 pub const COLOUR_BLUE: u32 = 0;
@@ -203,6 +215,23 @@ pub const fn state_previous(state: u32) -> Option<u32> {
     if state & (1 << 18) != 0 { Some((state >> 17) & 1) } else { None }
 }
 
+/// `state` with the drain flag set or cleared: while a service drains, a TCP packet that is
+/// not a SYN and finds no flow goes to the previous colour (its connection most likely began
+/// there, on this node or another) instead of the active one. Bit 19; needs a previous colour.
+#[inline(always)]
+#[must_use]
+pub const fn with_draining(state: u32, draining: bool) -> u32 {
+    if draining { state | (1 << 19) } else { state & !(1 << 19) }
+}
+
+/// The colour a TCP packet of no known flow is sent to while its service drains (see
+/// [`with_draining`]): the previous colour, if the state is draining and records one.
+#[inline(always)]
+#[must_use]
+pub const fn state_second_chance(state: u32) -> Option<u32> {
+    if state & (1 << 19) != 0 { state_previous(state) } else { None }
+}
+
 /// The active colour of a switch state.
 #[inline(always)]
 #[must_use]
@@ -280,7 +309,7 @@ pub struct RingChunk {
 }
 const _: () = assert!(size_of::<RingChunk>() == 64);
 
-/// Key of `FLOWS` and `REPLIES`: a packet's 5-tuple as seen on the wire.
+/// Key of `FLOWS`: a packet's 5-tuple as seen on the wire.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
@@ -312,18 +341,36 @@ pub struct Flow {
 }
 const _: () = assert!(size_of::<Flow>() == 40);
 
-/// Value of `REPLIES`: what a backend's reply must look like to the client.
+/// Key of `REVERSE`: where a backend's replies come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendKey {
+    pub addr: [u8; 16],
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(size_of::<BackendKey>() == 20);
+
+/// A VIP and port a backend's replies are translated back to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Reply {
+pub struct VipPort {
     pub vip: [u8; 16],
     pub port: [u8; 2],
     pub _pad: [u8; 2],
-    pub service: u32,
-    pub colour: u32,
-    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<Reply>() == 32);
+const _: () = assert!(size_of::<VipPort>() == 20);
+
+/// Value of `REVERSE`: the first `count` entries of `to` are the (VIP, port) pairs a backend
+/// serves; the data path looks the flow of the reversed tuple up for each, in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Reverse {
+    pub count: u32,
+    pub to: [VipPort; REVERSE_WAYS],
+}
+const _: () = assert!(size_of::<Reverse>() == 84);
 
 /// Value of `COUNTERS`: traffic of one colour of one service, per CPU.
 #[repr(C)]
@@ -337,8 +384,12 @@ pub struct ColourCounters {
     pub reply_bytes: u64,
     /// Flows this colour was given.
     pub flows: u64,
+    /// Of those, TCP flows found mid-connection (not a SYN, no entry) while the service
+    /// drained, and given to this, the previous, colour: connections moved here from another
+    /// node, or whose entry was evicted.
+    pub rescued: u64,
 }
-const _: () = assert!(size_of::<ColourCounters>() == 40);
+const _: () = assert!(size_of::<ColourCounters>() == 48);
 
 /// Load-time global: nanoseconds after which an idle UDP flow is forgotten.
 pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
@@ -406,12 +457,15 @@ impl Reason {
     pub const RESET: Reason = Reason(17);
     /// IPv6 extension-header chain longer than parsed: passed.
     pub const IPV6_EXT: Reason = Reason(18);
+    /// From a backend's address and port, but the flow of the reversed tuple is not live (none,
+    /// expired, closed, or given another backend): a direct connection, passed untouched.
+    pub const NOT_LIVE: Reason = Reason(19);
 
     /// Number of slots in `STATS`.
     pub const COUNT: u32 = 32;
 
     /// Stable names, indexed by the reason's value.
-    pub const NAMES: [&'static str; 19] = [
+    pub const NAMES: [&'static str; 20] = [
         "not_ip",
         "vlan",
         "malformed",
@@ -431,6 +485,7 @@ impl Reason {
         "icmp_reply",
         "reset",
         "ipv6_ext",
+        "not_live",
     ];
 }
 
@@ -463,6 +518,26 @@ pub fn ends_flow(proto: u8, tcp_flags: u8) -> bool {
 pub fn flow_expired(proto: u8, flags: u8, now_ns: u64, last_seen_ns: u64, udp_idle_ns: u64) -> bool {
     let idle = now_ns.saturating_sub(last_seen_ns);
     if proto == PROTO_UDP { idle > udp_idle_ns } else { flags & FLOW_CLOSING != 0 && idle > TCP_CLOSING_NS }
+}
+
+/// Whether a backend's packet belongs to the live flow found on its reversed tuple (whose
+/// backend it came from): not when the flow has expired, and not when it is a TCP SYN-ACK for
+/// a flow that already saw FIN or RST — that is a new connection on the same tuple (a client
+/// talking to the backend directly from a port it used for the VIP moments ago).
+#[inline(always)]
+#[must_use]
+pub fn reply_belongs(
+    proto: u8,
+    tcp_flags: u8,
+    flow_flags: u8,
+    now_ns: u64,
+    last_seen_ns: u64,
+    udp_idle_ns: u64,
+) -> bool {
+    if flow_expired(proto, flow_flags, now_ns, last_seen_ns, udp_idle_ns) {
+        return false;
+    }
+    !(proto == PROTO_TCP && flow_flags & FLOW_CLOSING != 0 && tcp_flags & TCP_SYN != 0)
 }
 
 #[inline(always)]
@@ -521,6 +596,28 @@ mod tests {
         assert!(!flow_expired(PROTO_TCP, FLOW_CLOSING, TCP_CLOSING_NS, 0, idle));
         assert!(flow_expired(PROTO_TCP, FLOW_CLOSING, TCP_CLOSING_NS + 1, 0, idle));
         assert!(!flow_expired(PROTO_UDP, 0, 5, 10, idle), "a clock behind the stamp is not expiry");
+    }
+
+    #[test]
+    fn a_reply_belongs_only_to_a_live_flow() {
+        let idle = DEFAULT_UDP_IDLE_NS;
+        assert!(reply_belongs(PROTO_TCP, TCP_SYN | TCP_ACK, 0, 5, 0, idle), "the flow's own SYN-ACK");
+        assert!(reply_belongs(PROTO_TCP, TCP_FIN | TCP_ACK, FLOW_CLOSING, 5, 0, idle), "its closing handshake");
+        assert!(!reply_belongs(PROTO_TCP, TCP_SYN | TCP_ACK, FLOW_CLOSING, 5, 0, idle), "a new connection");
+        assert!(!reply_belongs(PROTO_TCP, TCP_ACK, FLOW_CLOSING, TCP_CLOSING_NS + 1, 0, idle), "closed and gone");
+        assert!(reply_belongs(PROTO_UDP, 0, 0, idle, 0, idle));
+        assert!(!reply_belongs(PROTO_UDP, 0, 0, idle + 1, 0, idle), "idle UDP flow");
+    }
+
+    #[test]
+    fn draining_sends_unknown_tcp_to_the_previous_colour() {
+        let s = with_previous(switch_state(COLOUR_GREEN, 0), Some(COLOUR_BLUE));
+        assert_eq!(state_second_chance(s), None, "not draining");
+        let d = with_draining(s, true);
+        assert_eq!(state_second_chance(d), Some(COLOUR_BLUE));
+        assert_eq!((state_active(d), state_canary_bp(d), state_previous(d)), (COLOUR_GREEN, 0, Some(COLOUR_BLUE)));
+        assert_eq!(with_draining(d, false), s);
+        assert_eq!(state_second_chance(with_draining(switch_state(COLOUR_GREEN, 0), true)), None, "no previous");
     }
 
     #[test]
@@ -591,7 +688,7 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_name() {
-        assert_eq!(Reason::NAMES.len(), Reason::IPV6_EXT.0 as usize + 1);
+        assert_eq!(Reason::NAMES.len(), Reason::NOT_LIVE.0 as usize + 1);
         assert!(Reason::NAMES.len() <= Reason::COUNT as usize);
     }
 }

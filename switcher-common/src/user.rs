@@ -2,7 +2,10 @@
 
 use core::fmt;
 
-use crate::{Backend, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reply, RingChunk, Service, ServiceKey};
+use crate::{
+    Backend, BackendKey, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reverse, RingChunk, Service,
+    ServiceKey, VipPort,
+};
 
 macro_rules! pod {
     ($($t:ty),*) => {$(
@@ -15,7 +18,7 @@ macro_rules! pod {
         unsafe impl bytemuck::Pod for $t {}
     )*};
 }
-pod!(ServiceKey, Service, Backend, RingChunk, FlowKey, Flow, Reply, ColourCounters);
+pod!(ServiceKey, Service, Backend, RingChunk, FlowKey, Flow, BackendKey, VipPort, Reverse, ColourCounters);
 
 /// A colour as the CLI and the config spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

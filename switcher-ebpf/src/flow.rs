@@ -1,24 +1,35 @@
-//! Which backend a service packet goes to, and the flow table that keeps it there.
+//! Which backend a service packet goes to, the flow table that keeps it there, and which of a
+//! backend's packets are replies of a live flow.
 //!
 //! A packet of a tracked flow (in `FLOWS`, not expired) goes where the flow went first. A new
 //! flow — a TCP SYN, or any packet the table does not know, e.g. after eviction — takes the
 //! colour `new_flow_colour` picks (active, canary or, on a preview port, idle) and that
 //! colour's backend from its live Maglev table, slot `flow_hash % RING_SIZE`: the same
-//! 5-tuple always hashes to the same backend while the pool is unchanged.
+//! 5-tuple always hashes to the same backend while the pool is unchanged. While a service
+//! drains, a TCP packet that is not a SYN and finds no flow is a connection that began before
+//! the switch (moved here from another node, or evicted): it goes to the previous colour.
 //!
-//! Keys and values are built in the per-CPU `Scratch`, not on the stack.
+//! A packet from a backend is translated back to the VIP only when the flow on its reversed
+//! tuple — one per (VIP, port) the daemon lists for that backend in `REVERSE` — is live and
+//! was given that backend. There is no per-flow reply entry: a flow that ended takes its
+//! replies with it, and a client's direct connection to a backend is never touched.
+//!
+//! Clocks: an open TCP flow's packets read no clock; they are stamped with the daemon's `NOW`
+//! (refreshed about once a second). UDP packets and TCP FIN/RST read the coarse clock, since
+//! they decide expiry. Keys and values are built in the per-CPU `Scratch`, not on the stack.
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
     FLOW_CLOSING, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP,
-    RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, Reply, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service,
-    colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk,
+    REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW,
+    Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, reply_belongs,
+    ring_chunk, starts_flow, state_canary_bp, state_second_chance,
 };
 
 use crate::{
     nat::{self, Scratch, Verdict},
     parse::Packet,
-    prog::{BACKENDS, COUNTERS, FLOWS, REPLIES, RING, RING_LIVE, STATE, UDP_IDLE_NS},
+    prog::{BACKENDS, COUNTERS, FLOWS, NOW, REVERSE, RING, RING_LIVE, STATE, UDP_IDLE_NS},
 };
 
 /// Picks the packet's backend (its flow is `scratch.key`) and forwards it there.
@@ -45,46 +56,81 @@ pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
     if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
         return Verdict::UNHANDLED;
     }
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(refresh) = touch(flow, pkt, now) else { return Verdict::UNHANDLED };
+    if !touch(flow, pkt.proto, pkt.tcp_flags) {
+        return Verdict::UNHANDLED;
+    }
     s.flow = *flow;
-    forward_tracked(pkt, s, refresh, s.flow.flags & FLOW_DSR != 0)
+    forward_tracked(pkt, s, s.flow.flags & FLOW_DSR != 0)
 }
 
-/// Marks a live flow's packet: closing on FIN/RST, last-seen stamp at most once per
-/// `LAST_SEEN_GRANULARITY_NS`. `None`: the flow has expired (it is then a new flow);
-/// `Some(true)`: the stamp moved, time to check the flow's reply entry.
+/// `CLOCK_MONOTONIC_COARSE`, the clock of every stamp.
 #[inline(always)]
-fn touch(flow: &mut Flow, pkt: &Packet, now: u64) -> Option<bool> {
-    if flow_expired(pkt.proto, flow.flags, now, flow.last_seen_ns, UDP_IDLE_NS.load()) {
-        return None;
+fn clock() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The daemon's clock (`NOW`): the same clock, read about once a second by the daemon. 0 when
+/// no daemon ever wrote it (the data-path tests): open TCP flows do not expire by time.
+#[inline(always)]
+fn daemon_now() -> u64 {
+    NOW.get(0).copied().unwrap_or(0)
+}
+
+/// Marks a packet of a tracked flow, in either direction: closing on FIN/RST; last-seen stamp
+/// at most once per `LAST_SEEN_GRANULARITY_NS` (UDP) or when the daemon's clock moved (open
+/// TCP, which reads no clock). `false`: the flow has expired (or, for a backend's packet,
+/// `reply_belongs` says the packet is not the flow's); nothing is changed then. Not inlined:
+/// three callers, and the BPF stack is 512 bytes for the whole call chain.
+#[inline(never)]
+fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool) -> bool {
+    let ends = ends_flow(proto, tcp_flags);
+    if proto == PROTO_TCP && flow.flags & FLOW_CLOSING == 0 && !ends {
+        let now = daemon_now();
+        if now > flow.last_seen_ns {
+            flow.last_seen_ns = now;
+        }
+        return true;
     }
-    if ends_flow(pkt.proto, pkt.tcp_flags) && flow.flags & FLOW_CLOSING == 0 {
+    let now = clock();
+    let idle = UDP_IDLE_NS.load();
+    let live = if reply {
+        reply_belongs(proto, tcp_flags, flow.flags, now, flow.last_seen_ns, idle)
+    } else {
+        !flow_expired(proto, flow.flags, now, flow.last_seen_ns, idle)
+    };
+    if !live {
+        return false;
+    }
+    if ends && flow.flags & FLOW_CLOSING == 0 {
         flow.flags |= FLOW_CLOSING;
         flow.last_seen_ns = now;
-        Some(false)
     } else if now.saturating_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
         flow.last_seen_ns = now;
-        Some(true)
-    } else {
-        Some(false)
     }
+    true
 }
 
-/// Counts and forwards a packet of the tracked flow in `s.flow`; `refresh`: make sure its
-/// reply entry is still there (the two LRU maps evict independently under pressure).
+/// [`touch_as`] for a client's packet.
 #[inline(always)]
-fn forward_tracked(pkt: &Packet, s: &mut Scratch, refresh: bool, dsr: bool) -> Verdict {
-    count(s.flow.service, u32::from(s.flow.colour), pkt.ip_len, false, false);
-    if refresh && !dsr {
-        write_reply_key(&s.key, &s.flow, &mut s.other);
-        // SAFETY: only checked for presence.
-        if unsafe { REPLIES.get(&s.other) }.is_none() {
-            write_reply(&s.key, &s.flow, s.flow.service, &mut s.reply);
-            let _ = REPLIES.insert(&s.other, &s.reply, 0);
-        }
+fn touch(flow: &mut Flow, proto: u8, tcp_flags: u8) -> bool {
+    touch_as(flow, proto, tcp_flags, false)
+}
+
+/// Whether a tracked flow is live (not expired), without marking it: for ICMP errors about it.
+/// Not inlined: it keeps the ICMP path's frame within the 512-byte stack of the call chain.
+#[inline(never)]
+pub fn live(flow: &Flow, proto: u8) -> bool {
+    if proto == PROTO_TCP && flow.flags & FLOW_CLOSING == 0 {
+        return true;
     }
+    !flow_expired(proto, flow.flags, clock(), flow.last_seen_ns, UDP_IDLE_NS.load())
+}
+
+/// Counts and forwards a packet of the tracked flow in `s.flow`.
+#[inline(always)]
+fn forward_tracked(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
+    count(s.flow.service, u32::from(s.flow.colour), pkt.ip_len, false, NEW_NONE);
     send(pkt, s, dsr)
 }
 
@@ -96,17 +142,12 @@ fn send(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
 
 #[inline(always)]
 fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Result<Verdict, Reason> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let ending = ends_flow(pkt.proto, pkt.tcp_flags);
     let tracked = if untracked { None } else { FLOWS.get_ptr_mut(&s.key) };
     let mut have = false;
-    let mut refresh = false;
     if let Some(p) = tracked {
         // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
         let flow = unsafe { &mut *p };
-        if let Some(r) = touch(flow, pkt, now) {
-            refresh = r;
+        if touch(flow, pkt.proto, pkt.tcp_flags) {
             s.flow = *flow;
             have = true;
         }
@@ -114,9 +155,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     if have && s.flow.flags & FLOW_RESET != 0 {
         // The drain timed out with `reset`: a TCP client is told with an RST, a UDP flow
         // simply starts again on the active colour.
-        write_reply_key(&s.key, &s.flow, &mut s.other);
         let _ = FLOWS.remove(&s.key);
-        let _ = REPLIES.remove(&s.other);
         if pkt.proto == PROTO_TCP {
             let tcp = crate::parse::recheck(pkt, pkt.ports)?;
             return Ok(nat::reset(pkt, tcp));
@@ -125,49 +164,43 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     }
     let dsr = service.flags & SERVICE_DSR != 0;
     if have {
-        return Ok(forward_tracked(pkt, s, refresh, dsr));
+        return Ok(forward_tracked(pkt, s, dsr));
     }
-    new_flow(&s.key, service, now, ending, &mut s.flow)?;
+    let ending = ends_flow(pkt.proto, pkt.tcp_flags);
+    // An open TCP flow is stamped with the daemon's clock, like its later packets.
+    let now = if pkt.proto == PROTO_TCP && !ending { daemon_now() } else { clock() };
+    let rescued = new_flow(pkt, &s.key, service, now, ending, &mut s.flow)?;
     // An LRU insert only fails on memory pressure; the packet is still forwarded and the next
     // packet of the flow lands on the same backend through the hash.
     let _ = FLOWS.insert(&s.key, &s.flow, 0);
-    if !dsr {
-        write_reply_key(&s.key, &s.flow, &mut s.other);
-        write_reply(&s.key, &s.flow, service.id, &mut s.reply);
-        let _ = REPLIES.insert(&s.other, &s.reply, 0);
-    }
-    count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, true);
+    let new = if rescued { NEW_RESCUED } else { NEW_FLOW };
+    count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, new);
     Ok(send(pkt, s, dsr))
 }
 
-/// The key of a flow's reply direction (backend → client).
+/// The colour and backend of a flow the table does not have, written into `flow`. Returns
+/// whether it was rescued: a TCP packet in mid-connection sent to the previous colour because
+/// the service drains.
 #[inline(always)]
-fn write_reply_key(key: &FlowKey, flow: &Flow, out: &mut FlowKey) {
-    out.src = flow.backend.addr;
-    out.dst = key.src;
-    out.sport = flow.backend.port;
-    out.dport = key.sport;
-    out.proto = key.proto;
-    out.family = key.family;
-    out._pad = [0; 2];
-}
-
-/// The reply entry of a flow: answer from the VIP and port the client used.
-#[inline(always)]
-fn write_reply(key: &FlowKey, flow: &Flow, service: u32, out: &mut Reply) {
-    out.vip = key.dst;
-    out.port = key.dport;
-    out._pad = [0; 2];
-    out.service = service;
-    out.colour = u32::from(flow.colour);
-    out._pad2 = 0;
-}
-
-/// The colour and backend of a flow the table does not have, written into `flow`.
-#[inline(always)]
-fn new_flow(key: &FlowKey, service: Service, now: u64, ending: bool, flow: &mut Flow) -> Result<(), Reason> {
+fn new_flow(
+    pkt: &Packet,
+    key: &FlowKey,
+    service: Service,
+    now: u64,
+    ending: bool,
+    flow: &mut Flow,
+) -> Result<bool, Reason> {
     let state = *STATE.get(service.id).ok_or(Reason::INTERNAL)?;
-    let colour = new_flow_colour(state, service.flags & SERVICE_PREVIEW != 0, flow_hash(key, SEED_CANARY));
+    let preview = service.flags & SERVICE_PREVIEW != 0;
+    let mid_connection = pkt.proto == PROTO_TCP && !starts_flow(pkt.proto, pkt.tcp_flags);
+    let (colour, rescued) = match state_second_chance(state) {
+        Some(previous) if mid_connection && !preview => (previous, true),
+        _ => {
+            // The canary hash only matters when there is a canary share.
+            let canary = if state_canary_bp(state) != 0 { flow_hash(key, SEED_CANARY) } else { 0 };
+            (new_flow_colour(state, preview, canary), false)
+        }
+    };
     let half = *RING_LIVE.get(colour_slot(service.id, colour)).ok_or(Reason::INTERNAL)?;
     let slot = flow_hash(key, SEED_RING) % RING_SIZE;
     let chunk = RING.get(ring_chunk(service.id, colour, half, slot)).ok_or(Reason::INTERNAL)?;
@@ -187,12 +220,93 @@ fn new_flow(key: &FlowKey, service: Service, now: u64, ending: bool, flow: &mut 
     flow.backend_idx = idx;
     flow._pad = [0; 4];
     flow.last_seen_ns = now;
-    Ok(())
+    Ok(rescued)
 }
 
-/// Adds a packet to its service colour's counters.
+/// Two addresses compared as two 8-byte words (no `memcmp` in BPF).
 #[inline(always)]
-pub fn count(service: u32, colour: u32, ip_len: u16, reply: bool, new_flow: bool) {
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let w = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]])
+    };
+    w(a, 0) == w(b, 0) && w(a, 8) == w(b, 8)
+}
+
+/// The flow a backend's packet (`s.key`, backend → client) would be a reply of: for each
+/// (VIP, port) `REVERSE` lists for the backend, the flow on the reversed tuple (`s.other`,
+/// client → VIP), if it was given this backend. `s.other` is left as the found flow's key.
+/// `None`, with `s.miss` saying why: `NO_MATCH`, not a backend's address and port;
+/// `NOT_LIVE`, a backend, but no such flow. Not inlined (two callers; the 512-byte stack);
+/// it returns one pointer-sized value.
+#[inline(never)]
+pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
+    let (proto, family) = (s.key.proto, s.key.family);
+    let backend = &mut s.backend;
+    backend.addr = s.key.src;
+    backend.port = s.key.sport;
+    backend.proto = proto;
+    backend.family = family;
+    // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
+    let Some(reverse) = (unsafe { REVERSE.get(&s.backend) }) else {
+        s.miss = Reason::NO_MATCH.0;
+        return None;
+    };
+    let other = &mut s.other;
+    other.src = s.key.dst;
+    other.sport = s.key.dport;
+    other.proto = proto;
+    other.family = family;
+    other._pad = [0; 2];
+    let count = reverse.count;
+    for i in 0..REVERSE_WAYS {
+        if i as u32 >= count {
+            break;
+        }
+        let to = &reverse.to[i];
+        other.dst = to.vip;
+        other.dport = to.port;
+        if let Some(p) = FLOWS.get_ptr_mut(other) {
+            // SAFETY: a live map value; it stays valid while the program runs (RCU).
+            let flow = unsafe { &mut *p };
+            if flow.flags & FLOW_DSR == 0
+                && flow.backend.port == s.backend.port
+                && same_addr(&flow.backend.addr, &s.backend.addr)
+            {
+                return Some(flow);
+            }
+        }
+    }
+    s.miss = Reason::NOT_LIVE.0;
+    None
+}
+
+/// A packet from a backend's address and port (`s.key`): rewritten to come from the VIP when
+/// it belongs to a live flow of that backend, else passed untouched. A TCP SYN-ACK for a flow
+/// that already closed starts a new connection on the same tuple (a client's direct one): the
+/// closed flow is forgotten at once, so none of that connection's packets is touched.
+#[inline(never)]
+pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
+    let Some(flow) = reply_flow(s) else { return Verdict::pass(Reason(s.miss)) };
+    if !touch_as(flow, pkt.proto, pkt.tcp_flags, true) {
+        if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CLOSING != 0 {
+            let _ = FLOWS.remove(&s.other);
+        }
+        return Verdict::pass(Reason::NOT_LIVE);
+    }
+    count(flow.service, u32::from(flow.colour), pkt.ip_len, true, NEW_NONE);
+    let (vip, port) = (s.other.dst, s.other.dport);
+    nat::reply(pkt, &vip, port, &mut s.fib)
+}
+
+/// `count`'s `new`: a packet of a known flow, the first of a new flow, the first of a rescued one.
+pub const NEW_NONE: u8 = 0;
+pub const NEW_FLOW: u8 = 1;
+pub const NEW_RESCUED: u8 = 3;
+
+/// Adds a packet to its service colour's counters; `new` says whether it started a flow
+/// (`NEW_FLOW`) and whether that flow was rescued (`NEW_RESCUED`).
+#[inline(always)]
+pub fn count(service: u32, colour: u32, ip_len: u16, reply: bool, new: u8) {
     if let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         let c = unsafe { &mut *c };
@@ -204,8 +318,7 @@ pub fn count(service: u32, colour: u32, ip_len: u16, reply: bool, new_flow: bool
             c.packets += 1;
             c.bytes += bytes;
         }
-        if new_flow {
-            c.flows += 1;
-        }
+        c.flows += u64::from(new & 1);
+        c.rescued += u64::from(new >> 1);
     }
 }

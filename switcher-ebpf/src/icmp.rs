@@ -6,8 +6,11 @@
 //!   is rewritten to what the backend really sent (`backend:bport → client:cport`), so the
 //!   backend's stack learns the path MTU.
 //! - From a backend to a client, quoting the client's packet as the backend got it
-//!   (`client:cport → backend:bport`), e.g. "port unreachable": found in `REPLIES`, the outer
-//!   source becomes the VIP and the quoted packet is rewritten to what the client sent.
+//!   (`client:cport → backend:bport`), e.g. "port unreachable": its flow is found as a reply's
+//!   is (`flow::reply_flow`), the outer source becomes the VIP and the quoted packet is
+//!   rewritten to what the client sent.
+//!
+//! Either way only an error about a live flow is translated; others pass untouched.
 //!
 //! The ICMP checksum, the quoted IPv4 header's checksum and the outer headers are updated
 //! incrementally, and so is a quoted UDP checksum. A quoted TCP checksum is usually cut off
@@ -19,13 +22,13 @@ use switcher_common::{PROTO_UDP, Reason, csum::CsumDelta};
 use crate::{
     nat::{self, Scratch, Side, Verdict},
     parse::Packet,
-    prog::{FLOWS, REPLIES},
+    prog::FLOWS,
 };
 
-/// Translates an ICMP error about a tracked flow, or says it is none.
+/// Translates an ICMP error about a live tracked flow, or says it is none.
 #[inline(never)]
 pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
-    let (check, inner, inner_proto, inner_ports) = (pkt.check, pkt.inner, pkt.inner_proto, pkt.ports);
+    let (inner, inner_proto, inner_ports) = (pkt.inner, pkt.inner_proto, pkt.ports);
     // SAFETY: the quoted ports were bounds-checked by the parser.
     let (qsport, qdport) = unsafe { ((*inner_ports).src, (*inner_ports).dst) };
     // The quoted packet travelled the other way: its reverse is the tracked direction.
@@ -37,23 +40,32 @@ pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
     key.proto = inner_proto;
     key.family = inner.family();
     key._pad = [0; 2];
+    // Where the error goes, and what the quote must say: `scratch.flow.backend` holds the
+    // address and port the two rewrites put in (the backend's, or the VIP's).
     // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
-    if let Some(flow) = unsafe { FLOWS.get(key) } {
-        // Client → VIP about a reply: send it to the backend, quoting what the backend sent.
-        let outer = nat::set_addr(pkt.ip, Side::Dst, &flow.backend.addr);
-        let icmp = rewrite_quote(pkt, Side::Src, &flow.backend.addr, flow.backend.port, outer);
-        fix(check, icmp);
-        return nat::out(pkt, outer, Reason::ICMP_FWD, Reason::ICMP_FWD, &mut scratch.fib);
-    }
-    // SAFETY: as above.
-    if let Some(reply) = unsafe { REPLIES.get(key) } {
-        // Backend → client about the client's packet: from the VIP, quoting what the client sent.
-        let outer = nat::set_addr(pkt.ip, Side::Src, &reply.vip);
-        let icmp = rewrite_quote(pkt, Side::Dst, &reply.vip, reply.port, outer);
-        fix(check, icmp);
-        return nat::out(pkt, outer, Reason::ICMP_REPLY, Reason::ICMP_REPLY, &mut scratch.fib);
-    }
-    Verdict::pass(Reason::NO_MATCH)
+    let (outer_side, quote_side, reason) = if let Some(flow) = unsafe { FLOWS.get(key) } {
+        // Client → VIP about a reply: to the backend, quoting what the backend sent.
+        if !crate::flow::live(flow, inner_proto) {
+            return Verdict::pass(Reason::NOT_LIVE);
+        }
+        scratch.flow.backend = flow.backend;
+        (Side::Dst, Side::Src, Reason::ICMP_FWD)
+    } else {
+        // Backend → client about the client's packet: from the VIP, quoting what the client
+        // sent — if it is about a live flow of that backend.
+        let Some(flow) = crate::flow::reply_flow(scratch) else { return Verdict::pass(Reason(scratch.miss)) };
+        if !crate::flow::live(flow, inner_proto) {
+            return Verdict::pass(Reason::NOT_LIVE);
+        }
+        scratch.flow.backend.addr = scratch.other.dst;
+        scratch.flow.backend.port = scratch.other.dport;
+        (Side::Src, Side::Dst, Reason::ICMP_REPLY)
+    };
+    let (addr, port) = (&scratch.flow.backend.addr, scratch.flow.backend.port);
+    let outer = nat::set_addr(pkt.ip, outer_side, addr);
+    let icmp = rewrite_quote(pkt, quote_side, addr, port, outer);
+    fix(pkt.check, icmp);
+    nat::out(pkt, outer, reason, reason, &mut scratch.fib)
 }
 
 /// Rewrites one side of the quoted packet; returns the delta of the ICMP checksum (which for

@@ -3,7 +3,9 @@
 //!
 //! - A TCP/UDP packet to a service (VIP, port, protocol in `SERVICES`) is given a backend (see
 //!   `flow`), rewritten and forwarded (see `nat`).
-//! - A packet that matches a tracked flow's reply (`REPLIES`) is rewritten to come from the VIP.
+//! - A packet from a backend (`REVERSE` knows its address and port) is rewritten to come from
+//!   the VIP only if the flow on its reversed tuple is live and was given that backend (see
+//!   `flow::reply`); anything else from a backend — a direct connection — passes untouched.
 //! - An ICMP error about a tracked flow is translated for the other side (see `icmp`).
 //! - Everything else passes untouched (see `parse` for the policy).
 //!
@@ -32,8 +34,8 @@ mod prog {
     };
     use aya_log_ebpf::warn;
     use switcher_common::{
-        Backend, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE,
-        RING_CHUNKS, Reason, Reply, RingChunk, Service, ServiceKey, VIP_SLOTS, vip_slot,
+        Backend, BackendKey, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
+        PORT_BACKEND, PORT_SERVICE, RING_CHUNKS, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS, vip_slot,
     };
 
     use crate::{
@@ -74,13 +76,20 @@ mod prog {
     #[map(name = "STATE")]
     pub static STATE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
 
-    /// client → VIP 5-tuple → the backend the flow was given. Written here; aged by the daemon.
+    /// client → VIP 5-tuple → the backend the flow was given. Written here (the daemon only
+    /// removes the flows of a service it removes, and rewrites flows at a drain timeout).
     #[map(name = "FLOWS")]
     pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
-    /// backend → client 5-tuple → the VIP to answer from. Written here next to `FLOWS`.
-    #[map(name = "REPLIES")]
-    pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+    /// backend address, port, protocol → the (VIP, port) pairs it serves. Written by the daemon
+    /// with the pools; replies are matched to their flow through it (`flow::reply`).
+    #[map(name = "REVERSE")]
+    pub static REVERSE: HashMap<BackendKey, Reverse> = HashMap::with_max_entries(MAX_REVERSE, BPF_F_NO_PREALLOC);
+
+    /// 0 → the daemon's coarse monotonic clock (ns), written about once a second. Open TCP
+    /// flows are stamped with it: their packets read no clock.
+    #[map(name = "NOW")]
+    pub static NOW: Array<u64> = Array::with_max_entries(1, 0);
 
     /// per CPU, `colour_slot(service, colour)` → traffic counters. Written here; read by status.
     #[map(name = "COUNTERS")]
@@ -111,6 +120,10 @@ mod prog {
     /// How rewritten NAT packets leave (`FORWARD_KERNEL` or `FORWARD_REDIRECT`); set at load.
     #[unsafe(no_mangle)]
     pub static FORWARD_MODE: Global<u32> = Global::new(switcher_common::FORWARD_REDIRECT);
+
+    /// `BPF_F_NO_PREALLOC`: `REVERSE` is written by the daemon only, so its entries are
+    /// allocated on update and its memory follows the backends configured.
+    const BPF_F_NO_PREALLOC: u32 = 1;
 
     #[xdp]
     pub fn switcher(ctx: XdpContext) -> u32 {
@@ -186,11 +199,7 @@ mod prog {
             }
         }
         if from_backend {
-            // SAFETY: as above.
-            if let Some(reply) = unsafe { REPLIES.get(&scratch.key) } {
-                flow::count(reply.service, reply.colour, pkt.ip_len, true, false);
-                return Ok(crate::nat::reply(&pkt, reply, &mut scratch.fib));
-            }
+            return Ok(flow::reply(&pkt, scratch));
         }
         Err(Reason::NO_MATCH)
     }

@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams, xdp_action},
     helpers::{bpf_fib_lookup, bpf_redirect},
 };
-use switcher_common::{Backend, FORWARD_REDIRECT, Flow, FlowKey, PROTO_TCP, Reason, Reply, csum::CsumDelta};
+use switcher_common::{Backend, BackendKey, FORWARD_REDIRECT, Flow, FlowKey, PROTO_TCP, Reason, csum::CsumDelta};
 
 use network_types::tcp::TcpHdr;
 
@@ -78,10 +78,13 @@ impl Verdict {
 pub struct Scratch {
     /// The packet's 5-tuple (or, for ICMP, the tracked flow's).
     pub key: FlowKey,
-    /// The reply direction's key.
+    /// The other direction's key (a backend packet's flow, client → VIP).
     pub other: FlowKey,
     pub flow: Flow,
-    pub reply: Reply,
+    /// A backend packet's source, as `REVERSE`'s key.
+    pub backend: BackendKey,
+    /// Why `flow::reply_flow` found nothing (a `Reason`).
+    pub miss: u32,
     pub fib: FibParams,
 }
 
@@ -175,10 +178,10 @@ pub fn forward(pkt: &Packet, backend: &Backend, fib: &mut FibParams) -> Verdict 
     out(pkt, ip_delta, Reason::FWD_REDIRECT, Reason::FWD_KERNEL, fib)
 }
 
-/// Rewrites a backend's reply to come from the VIP and forwards it to the client.
+/// Rewrites a backend's reply to come from the VIP and port and forwards it to the client.
 #[inline(never)]
-pub fn reply(pkt: &Packet, reply: &Reply, fib: &mut FibParams) -> Verdict {
-    let ip_delta = rewrite(pkt, Side::Src, &reply.vip, reply.port);
+pub fn reply(pkt: &Packet, vip: &[u8; 16], port: [u8; 2], fib: &mut FibParams) -> Verdict {
+    let ip_delta = rewrite(pkt, Side::Src, vip, port);
     out(pkt, ip_delta, Reason::REPLY_REDIRECT, Reason::REPLY_KERNEL, fib)
 }
 

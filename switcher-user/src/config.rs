@@ -6,6 +6,7 @@
 //! xdp_mode = "native"              # or "skb" (generic) for drivers without native XDP
 //! forwarding = "auto"              # "redirect" (XDP fast path), "kernel" (stack routes)
 //! udp_idle_timeout_secs = 30       # an idle UDP flow is forgotten after this
+//! tcp_idle_timeout_secs = 300      # an idle open TCP flow stops holding a drain up
 //!
 //! [[service]]
 //! name = "web"
@@ -31,7 +32,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, user::Colour};
+use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, REVERSE_WAYS, user::Colour};
 
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
@@ -136,6 +137,8 @@ struct RawConfig {
     forwarding: Forwarding,
     #[serde(default)]
     udp_idle_timeout_secs: Option<toml::Spanned<u64>>,
+    #[serde(default)]
+    tcp_idle_timeout_secs: Option<toml::Spanned<u64>>,
     #[serde(default)]
     pin_path: Option<PathBuf>,
     #[serde(default)]
@@ -311,6 +314,8 @@ pub struct Config {
     pub forwarding: Forwarding,
     /// A UDP flow idle this long is forgotten: its next datagram is a new flow.
     pub udp_idle_timeout: Duration,
+    /// An open TCP flow idle this long no longer holds a drain up (it keeps its backend).
+    pub tcp_idle_timeout: Duration,
     /// Root of the pins on bpffs.
     pub pin_path: PathBuf,
     /// Group given the control socket (0660); its members may use every command.
@@ -491,6 +496,17 @@ impl Config {
                 ));
             }
         };
+        let tcp_idle_timeout = match &raw.tcp_idle_timeout_secs {
+            None => crate::dataplane::DEFAULT_TCP_IDLE,
+            Some(v) if (1..=604_800).contains(v.get_ref()) => Duration::from_secs(*v.get_ref()),
+            Some(v) => {
+                return Err(invalid(
+                    v.span(),
+                    "tcp_idle_timeout_secs",
+                    format!("{} is out of range: use 1 to 604800 seconds (a week)", v.get_ref()),
+                ));
+            }
+        };
         if raw.services.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 0..0,
@@ -641,6 +657,32 @@ impl Config {
             }
             services.push(service);
         }
+        // A NAT backend's replies are matched to their flow through the (VIP, port) pairs it
+        // serves; a few fit per backend address:port.
+        let mut fronts: HashMap<(SocketAddr, Protocol), HashSet<(IpAddr, u16)>> = HashMap::new();
+        for s in services.iter().filter(|s| s.mode == Mode::Nat) {
+            for b in s.blue.iter().chain(&s.green) {
+                let f = fronts.entry((b.addr, s.protocol)).or_default();
+                f.insert((s.vip, s.port));
+                f.extend(s.preview_port.map(|p| (s.vip, p)));
+                if f.len() > REVERSE_WAYS {
+                    let span = raw
+                        .services
+                        .iter()
+                        .find(|r| r.get_ref().name.get_ref() == &s.name)
+                        .map_or(0..0, toml::Spanned::span);
+                    return Err(invalid(
+                        span,
+                        "backend",
+                        format!(
+                            "{} serves {} VIP:port pairs in NAT mode (preview ports count); at most {REVERSE_WAYS} per backend address and port — give it another port for the others, or use mode = \"dsr\"",
+                            b.addr,
+                            f.len()
+                        ),
+                    ));
+                }
+            }
+        }
         // A backend must not be another service's address: packets would loop through the VIP.
         for s in &services {
             for b in s.blue.iter().chain(&s.green) {
@@ -676,6 +718,7 @@ impl Config {
             xdp_mode: raw.xdp_mode,
             forwarding: raw.forwarding,
             udp_idle_timeout,
+            tcp_idle_timeout,
             pin_path: raw.pin_path.unwrap_or_else(|| PathBuf::from(crate::pins::DEFAULT_PIN_PATH)),
             socket_group: raw.socket_group.map(toml::Spanned::into_inner),
             metrics,

@@ -282,6 +282,7 @@ fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -
     }
     let Ok(mut b) = board.lock() else { return Response::error("daemon state is poisoned; restart the daemon") };
     let before: Vec<String> = b.services().iter().map(|s| s.name.clone()).collect();
+    b.maps_mut().set_tcp_idle_timeout(new.tcp_idle_timeout);
     match b.maps_mut().apply(&new.services) {
         Ok(installed) => {
             b.reload(new.services.iter().cloned().zip(installed).collect());

@@ -27,12 +27,13 @@ use aya::{
     },
 };
 use switcher_common::{
-    ABI_VERSION, BASELINE_PROG, BP_ALL, Backend, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET,
-    FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
-    MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_PORTS, MAP_REPLIES, MAP_RING, MAP_RING_LIVE, MAP_SERVICES,
-    MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME, RING_CHUNK,
-    RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reply, RingChunk, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW,
-    Service, ServiceKey, colour_slot, flow_expired, flow_hash, new_flow_colour, pool_slot, ring_chunk, user::Colour,
+    ABI_VERSION, BASELINE_PROG, BP_ALL, Backend, BackendKey, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
+    FLOW_RESET, FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
+    MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE, MAP_RING, MAP_RING_LIVE,
+    MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME,
+    PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reverse, RingChunk, SEED_CANARY,
+    SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, VipPort, colour_slot, flow_expired, flow_hash,
+    new_flow_colour, pool_slot, ring_chunk, user::Colour,
 };
 
 use crate::{
@@ -74,6 +75,10 @@ pub enum DataplaneError {
     PoolFull,
     #[error("at most {MAX_SERVICES} services fit in the maps")]
     TooManyServices,
+    #[error(
+        "backend {backend} would answer for {count} VIP:port pairs in NAT mode; at most {REVERSE_WAYS} fit (a preview port counts as one)"
+    )]
+    TooManyFronts { backend: String, count: usize },
     #[error(transparent)]
     Pins(#[from] PinsError),
     #[error("the pinned maps in {} are of ABI {found}, this is ABI {ABI_VERSION}; run `switcher uninstall` with the version that made them", path.display())]
@@ -112,6 +117,10 @@ pub struct Counters {
     pub reply_packets: u64,
     pub reply_bytes: u64,
     pub flows: u64,
+    /// TCP flows found mid-connection while the service drained and sent to this colour, the
+    /// previous one (see `ColourCounters::rescued`).
+    #[serde(default)]
+    pub rescued: u64,
 }
 
 /// A service as the maps hold it after an install or adoption.
@@ -130,6 +139,10 @@ pub struct FlowCounts {
     pub live: u64,
     /// TCP flows that saw FIN or RST, kept a few seconds for the closing handshake.
     pub closing: u64,
+    /// Open TCP flows without a packet for longer than `tcp_idle_timeout`: not counted in
+    /// `live`, so they do not hold a drain up (they still keep their backend if they return).
+    #[serde(default)]
+    pub idle: u64,
 }
 
 /// Load-time settings of the program.
@@ -139,9 +152,14 @@ pub struct Options {
     pub udp_idle_timeout: Duration,
     /// Redirect rewritten packets out of their egress interface (else the kernel routes them).
     pub redirect: bool,
-    /// Size of the flow tables (default `MAX_FLOWS`).
+    /// Size of the flow table (default `MAX_FLOWS`).
     pub max_flows: Option<u32>,
+    /// An open TCP flow without a packet this long no longer counts as live (drains).
+    pub tcp_idle_timeout: Duration,
 }
+
+/// Default of [`Options::tcp_idle_timeout`].
+pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(300);
 
 impl Default for Options {
     fn default() -> Self {
@@ -149,6 +167,7 @@ impl Default for Options {
             udp_idle_timeout: Duration::from_nanos(switcher_common::DEFAULT_UDP_IDLE_NS),
             redirect: true,
             max_flows: None,
+            tcp_idle_timeout: DEFAULT_TCP_IDLE,
         }
     }
 }
@@ -198,7 +217,8 @@ pub struct Dataplane {
     ring_live: Array<MapData, u32>,
     state: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, Flow>,
-    replies: HashMap<MapData, FlowKey, Reply>,
+    reverse: HashMap<MapData, BackendKey, Reverse>,
+    now: Array<MapData, u64>,
     counters: PerCpuArray<MapData, ColourCounters>,
     stats: PerCpuArray<MapData, u64>,
     ports: Array<MapData, u8>,
@@ -212,6 +232,14 @@ pub struct Dataplane {
     service_vips: StdHashMap<u32, u32>,
     /// `VIPS` slots set by this process.
     vips_written: std::collections::HashSet<u32>,
+    /// The (VIP, port) pairs and protocol of each NAT service, by id: what `REVERSE` maps its
+    /// backends to.
+    service_fronts: StdHashMap<u32, (Vec<VipPort>, u8)>,
+    /// What `REVERSE` holds (as read on adoption, then as written by this process).
+    reverse_written: StdHashMap<BackendKey, Reverse>,
+    /// When this process started driving the maps (coarse clock): open TCP flows stamped
+    /// before it by a stale `NOW` are not judged idle until `tcp_idle_timeout` after it.
+    started_ns: u64,
     options: Options,
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
@@ -270,18 +298,11 @@ pub fn backend_value(addr: SocketAddr) -> Backend {
     Backend { addr: a, port: addr.port().to_be_bytes(), family, _pad: 0 }
 }
 
-/// The key of a flow's reply direction.
+/// The `REVERSE` key of a backend of a service with protocol `proto`.
 #[must_use]
-pub fn reply_key(key: &FlowKey, backend: &Backend) -> FlowKey {
-    FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    }
+pub fn backend_key(addr: SocketAddr, proto: u8) -> BackendKey {
+    let (a, family) = addr_bytes(addr.ip());
+    BackendKey { addr: a, port: addr.port().to_be_bytes(), proto, family }
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `bpf_ktime_get_coarse_ns`.
@@ -310,7 +331,12 @@ impl Dataplane {
         let adopt = pins.exists();
         let (redirect, why) = resolve_forwarding(config.forwarding, &config.interfaces);
         tracing::info!(redirect, "forwarding: {why}");
-        let options = Options { udp_idle_timeout: config.udp_idle_timeout, redirect, max_flows: config.max_flows };
+        let options = Options {
+            udp_idle_timeout: config.udp_idle_timeout,
+            redirect,
+            max_flows: config.max_flows,
+            tcp_idle_timeout: config.tcp_idle_timeout,
+        };
         let mut dp = Dataplane::load_object(options, Some(&pins), adopt, &[])?;
         dp.lock = Some(lock);
         let installed = dp.install_all(&config.services, adopt)?;
@@ -363,7 +389,7 @@ impl Dataplane {
             }
         }
         if let Some(n) = options.max_flows {
-            loader.map_max_entries(MAP_FLOWS, n).map_max_entries(MAP_REPLIES, n);
+            loader.map_max_entries(MAP_FLOWS, n);
         }
         for &(name, n) in sizes {
             loader.map_max_entries(name, n);
@@ -391,7 +417,8 @@ impl Dataplane {
             ring_live: take(&mut ebpf, MAP_RING_LIVE)?,
             state: take(&mut ebpf, MAP_STATE)?,
             flows: take(&mut ebpf, MAP_FLOWS)?,
-            replies: take(&mut ebpf, MAP_REPLIES)?,
+            reverse: take(&mut ebpf, MAP_REVERSE)?,
+            now: take(&mut ebpf, MAP_NOW)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
             stats: take(&mut ebpf, MAP_STATS)?,
             ports: take(&mut ebpf, MAP_PORTS)?,
@@ -401,6 +428,9 @@ impl Dataplane {
             ports_written: StdHashMap::new(),
             service_vips: StdHashMap::new(),
             vips_written: std::collections::HashSet::new(),
+            service_fronts: StdHashMap::new(),
+            reverse_written: StdHashMap::new(),
+            started_ns: now_coarse_ns(),
             options,
             links: Vec::new(),
             pins: None,
@@ -486,7 +516,8 @@ impl Dataplane {
             (MAP_RING_LIVE, self.ring_live.map()),
             (MAP_STATE, self.state.map()),
             (MAP_FLOWS, self.flows.map()),
-            (MAP_REPLIES, self.replies.map()),
+            (MAP_REVERSE, self.reverse.map()),
+            (MAP_NOW, self.now.map()),
             (MAP_COUNTERS, self.counters.map()),
             (MAP_STATS, self.stats.map()),
             (MAP_META, self._meta.map()),
@@ -570,6 +601,11 @@ impl Dataplane {
     fn install_all(&mut self, services: &[ServiceConfig], adopt: bool) -> Result<Vec<Installed>> {
         let existing: StdHashMap<ServiceKey, Service> =
             if adopt { self.services.iter().filter_map(std::result::Result::ok).collect() } else { StdHashMap::new() };
+        if adopt && self.reverse_written.is_empty() {
+            // Backends that left their pool keep their entries while flows may use them.
+            self.reverse_written = self.reverse.iter().filter_map(std::result::Result::ok).collect();
+        }
+        self.stamp_clock()?;
         let mut used: Vec<u32> = Vec::new();
         let mut changed: Vec<ServiceKey> = Vec::new();
         let mut ids = Vec::with_capacity(services.len());
@@ -597,6 +633,15 @@ impl Dataplane {
             self.service_vips.insert(id, switcher_common::vip_slot(&key.vip, key.family));
             self.write_vips()?;
             self.service_ports.insert(id, std::iter::once(s.port).chain(s.preview_port).collect());
+            if s.mode == Mode::Nat {
+                let fronts = std::iter::once(s.port)
+                    .chain(s.preview_port)
+                    .map(|p| VipPort { vip: key.vip, port: p.to_be_bytes(), _pad: [0; 2] })
+                    .collect();
+                self.service_fronts.insert(id, (fronts, key.proto));
+            } else {
+                self.service_fronts.remove(&id);
+            }
             for colour in Colour::ALL {
                 self.set_pool(id, colour, s.pool(colour))?;
             }
@@ -641,9 +686,11 @@ impl Dataplane {
         let ids: Vec<u32> = installed.iter().map(|i| i.id).collect();
         self.service_ports.retain(|id, _| ids.contains(id));
         self.service_vips.retain(|id, _| ids.contains(id));
+        self.service_fronts.retain(|id, _| ids.contains(id));
         self.pools.retain(|(id, _), _| ids.contains(id));
         self.write_vips()?;
         self.write_ports()?;
+        self.write_reverse()?;
         Ok(installed)
     }
 
@@ -709,6 +756,9 @@ impl Dataplane {
             .collect();
         let table = maglev::build(&members, RING_SIZE);
         let half = if self.pools.contains_key(&(id, colour)) { pool.half ^ 1 } else { 0 };
+        // Replies of the new backends are recognised before any flow can reach them.
+        self.pools.insert((id, colour), pool.clone());
+        self.write_reverse()?;
         for (c, chunk) in (0u32..RING_CHUNKS).zip(table.chunks(RING_CHUNK as usize)) {
             let mut value = RingChunk { slots: [RING_EMPTY; RING_CHUNK as usize] };
             value.slots[..chunk.len()].copy_from_slice(chunk);
@@ -766,6 +816,127 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Brings `REVERSE` in line with the NAT services' pools: every backend lists the (VIP,
+    /// port) pairs it serves, its service's own port first. Entries are added or changed before
+    /// the tables that send flows to them flip; a backend that left its pool keeps its entry
+    /// (its open flows still need their replies) until [`Dataplane::scan_flows`] finds no flow
+    /// of it; pairs no service serves any more are dropped at once.
+    fn write_reverse(&mut self) -> Result<()> {
+        let mut fronts_of: StdHashMap<BackendKey, Vec<VipPort>> = StdHashMap::new();
+        for (&(id, _), pool) in &self.pools {
+            let Some((fronts, proto)) = self.service_fronts.get(&id) else { continue };
+            for b in pool.slots.iter().flatten() {
+                let list = fronts_of.entry(backend_key(b.addr, *proto)).or_default();
+                for f in fronts {
+                    if !list.contains(f) {
+                        list.push(*f);
+                    }
+                }
+            }
+        }
+        if let Some((key, list)) = fronts_of.iter().find(|(_, l)| l.len() > REVERSE_WAYS) {
+            let backend = SocketAddr::new(addr_ip(key.addr, key.family), u16::from_be_bytes(key.port));
+            return Err(DataplaneError::TooManyFronts { backend: backend.to_string(), count: list.len() });
+        }
+        // Pairs still served by some NAT service, with their protocol.
+        let served: std::collections::HashSet<([u8; 16], [u8; 2], u8)> = self
+            .service_fronts
+            .values()
+            .flat_map(|(fronts, proto)| fronts.iter().map(move |f| (f.vip, f.port, *proto)))
+            .collect();
+        for (key, old) in &self.reverse_written {
+            let list = fronts_of.entry(*key).or_default();
+            for f in old.to.iter().take(old.count as usize) {
+                if served.contains(&(f.vip, f.port, key.proto)) && !list.contains(f) && list.len() < REVERSE_WAYS {
+                    list.push(*f);
+                }
+            }
+        }
+        let want: StdHashMap<BackendKey, Reverse> = fronts_of
+            .into_iter()
+            .filter(|(_, list)| !list.is_empty())
+            .map(|(key, list)| {
+                let mut r = Reverse { count: list.len() as u32, ..Reverse::default() };
+                r.to[..list.len()].copy_from_slice(&list);
+                (key, r)
+            })
+            .collect();
+        for (key, r) in &want {
+            if self.reverse_written.get(key) != Some(r) {
+                self.reverse.insert(key, r, 0).map_err(map_err(MAP_REVERSE))?;
+            }
+        }
+        for key in self.reverse_written.keys().filter(|k| !want.contains_key(k)) {
+            let _ = self.reverse.remove(key);
+        }
+        self.reverse_written = want;
+        Ok(())
+    }
+
+    /// Drops the `REVERSE` entries of backends that are in no pool and that no flow uses
+    /// (`in_use`: the backends of the flows just walked). None can gain a flow again: only
+    /// pools hand backends out.
+    fn gc_reverse(&mut self, in_use: &std::collections::HashSet<BackendKey>) {
+        let pooled: std::collections::HashSet<BackendKey> = self
+            .pools
+            .iter()
+            .filter_map(|((id, _), pool)| self.service_fronts.get(id).map(|(_, proto)| (pool, *proto)))
+            .flat_map(|(pool, proto)| pool.slots.iter().flatten().map(move |b| backend_key(b.addr, proto)))
+            .collect();
+        let gone: Vec<BackendKey> =
+            self.reverse_written.keys().filter(|k| !pooled.contains(k) && !in_use.contains(k)).copied().collect();
+        for key in gone {
+            if self.reverse.remove(&key).is_ok() {
+                self.reverse_written.remove(&key);
+            }
+        }
+    }
+
+    /// Changes how long an open TCP flow may idle before it stops counting as live (reload).
+    pub fn set_tcp_idle_timeout(&mut self, timeout: Duration) {
+        self.options.tcp_idle_timeout = timeout;
+    }
+
+    /// Sets or clears a service's drain flag in `STATE` (see `switcher_common::with_draining`),
+    /// leaving the rest of its switch state as it is.
+    ///
+    /// # Errors
+    /// A map read or write failed.
+    pub fn set_draining(&mut self, id: u32, draining: bool) -> Result<()> {
+        let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
+        let new = switcher_common::with_draining(state, draining);
+        if new != state {
+            self.state.set(id, &new, 0).map_err(map_err(MAP_STATE))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the daemon's clock into `NOW`, which open TCP flows are stamped with. The daemon
+    /// calls it about once a second.
+    ///
+    /// # Errors
+    /// The map write failed.
+    pub fn stamp_clock(&mut self) -> Result<()> {
+        self.now.set(0, &now_coarse_ns(), 0).map_err(map_err(MAP_NOW))
+    }
+
+    /// The `REVERSE` entries, for tests and diagnostics: backend → (VIP, port) pairs.
+    #[must_use]
+    pub fn reverse_entries(&self) -> Vec<(SocketAddr, Vec<SocketAddr>)> {
+        self.reverse_written
+            .iter()
+            .map(|(k, r)| {
+                let backend = SocketAddr::new(addr_ip(k.addr, k.family), u16::from_be_bytes(k.port));
+                let to =
+                    r.to.iter()
+                        .take(r.count as usize)
+                        .map(|v| SocketAddr::new(addr_ip(v.vip, k.family), u16::from_be_bytes(v.port)))
+                        .collect();
+                (backend, to)
+            })
+            .collect()
+    }
+
     /// The cut-over, rollback and canary: one 4-byte map write of the service's switch state.
     ///
     /// # Errors
@@ -775,6 +946,9 @@ impl Dataplane {
             switcher_common::switch_state(active.as_u32(), canary_bp.min(BP_ALL)),
             previous.map(Colour::as_u32),
         );
+        // The drain flag is the switchboard's to set (`set_draining`): kept as it is.
+        let draining = self.state.get(&id, 0).is_ok_and(|s| s & (1 << 19) != 0);
+        let state = switcher_common::with_draining(state, draining);
         self.state.set(id, &state, 0).map_err(map_err(MAP_STATE))
     }
 
@@ -799,6 +973,7 @@ impl Dataplane {
             t.reply_packets += c.reply_packets;
             t.reply_bytes += c.reply_bytes;
             t.flows += c.flows;
+            t.rescued += c.rescued;
             t
         }))
     }
@@ -828,15 +1003,26 @@ impl Dataplane {
     /// A map read failed.
     pub fn scan_flows(&mut self) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
         let now = now_coarse_ns();
-        let idle = u64::try_from(self.options.udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let (udp_idle, tcp_idle) = (ns(self.options.udp_idle_timeout), ns(self.options.tcp_idle_timeout));
         let mut counts: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
+        let mut in_use = std::collections::HashSet::new();
         for (key, flow) in self.flow_entries() {
-            if flow_expired(key.proto, flow.flags, now, flow.last_seen_ns, idle) {
+            if flow_expired(key.proto, flow.flags, now, flow.last_seen_ns, udp_idle) {
                 continue;
             }
+            let b = &flow.backend;
+            in_use.insert(BackendKey { addr: b.addr, port: b.port, proto: key.proto, family: b.family });
             let c = counts.entry((flow.service, Colour::from_u32(u32::from(flow.colour)))).or_default();
-            if flow.flags & FLOW_CLOSING == 0 { c.live += 1 } else { c.closing += 1 }
+            if flow.flags & FLOW_CLOSING != 0 {
+                c.closing += 1;
+            } else if key.proto == PROTO_TCP && now.saturating_sub(flow.last_seen_ns.max(self.started_ns)) > tcp_idle {
+                c.idle += 1;
+            } else {
+                c.live += 1;
+            }
         }
+        self.gc_reverse(&in_use);
         Ok(counts)
     }
 
@@ -927,18 +1113,6 @@ impl Dataplane {
                     ));
                     let Some((idx, backend)) = self.pick(id, colour, &key) else { continue };
                     let moved = Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..flow };
-                    let _ = self.replies.remove(&reply_key(&key, &flow.backend));
-                    if service.mode == Mode::Nat {
-                        let reply = Reply {
-                            vip: key.dst,
-                            port: key.dport,
-                            _pad: [0; 2],
-                            service: id,
-                            colour: colour.as_u32(),
-                            _pad2: 0,
-                        };
-                        let _ = self.replies.insert(&reply_key(&key, &backend), &reply, 0);
-                    }
                     if self.flows.insert(&key, &moved, 0).is_ok() {
                         handled += 1;
                     }
@@ -948,8 +1122,8 @@ impl Dataplane {
         Ok(handled)
     }
 
-    /// Removes the flows (and their reply entries) addressed to any of `keys`; returns how
-    /// many. A flow the data path re-created since the walk is left alone.
+    /// Removes the flows addressed to any of `keys`; returns how many. A flow the data path
+    /// re-created since the walk is left alone.
     fn purge_flows(&mut self, keys: &[ServiceKey]) -> u64 {
         let to = |k: &FlowKey| {
             keys.iter().any(|s| s.vip == k.dst && s.port == k.dport && s.proto == k.proto && s.family == k.family)
@@ -963,7 +1137,6 @@ impl Dataplane {
             if self.flows.remove(&key).is_ok() {
                 n += 1;
             }
-            let _ = self.replies.remove(&reply_key(&key, &flow.backend));
         }
         n
     }

@@ -218,7 +218,14 @@ mod tests {
                     }],
                     live_flows: 7,
                     closing_flows: 1,
-                    counters: Counters { packets: 10, bytes: 600, reply_packets: 9, reply_bytes: 500, flows: 4 },
+                    counters: Counters {
+                        packets: 10,
+                        bytes: 600,
+                        reply_packets: 9,
+                        reply_bytes: 500,
+                        flows: 4,
+                        rescued: 0,
+                    },
                 }],
                 ..ServiceStatus::default()
             }],

@@ -64,6 +64,13 @@ pub trait Maps {
         from: Colour,
         action: DrainAction,
     ) -> Result<u64, DataplaneError>;
+    /// Refreshes the clock the data path stamps open TCP flows with (once a second).
+    ///
+    /// # Errors
+    /// The map write failed.
+    fn stamp_clock(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl Maps for Dataplane {
@@ -96,6 +103,9 @@ impl Maps for Dataplane {
         action: DrainAction,
     ) -> Result<u64, DataplaneError> {
         Dataplane::end_drain(self, s, id, from, action)
+    }
+    fn stamp_clock(&mut self) -> Result<(), DataplaneError> {
+        Dataplane::stamp_clock(self)
     }
 }
 
@@ -662,6 +672,9 @@ impl<M: Maps> Switchboard<M> {
     /// Periodic work: finish drains that are empty or timed out. The flow table is walked
     /// only while a drain is in progress: a walk of a large table is not free.
     pub fn tick(&mut self) {
+        if let Err(e) = self.maps.stamp_clock() {
+            tracing::warn!("stamp the data path's clock: {}", chain(&e));
+        }
         if self.services.iter().all(|s| s.drain.is_none()) {
             return;
         }
@@ -1041,7 +1054,7 @@ pub(crate) mod tests {
     #[test]
     fn drains_complete_when_empty_and_end_at_the_timeout() {
         let mut b = board();
-        b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0 });
+        b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0, idle: 0 });
         let r = handle(
             &mut b,
             Request::Cutover {
@@ -1061,11 +1074,11 @@ pub(crate) mod tests {
         assert!(b.status(Some("web")).expect("status").services[0].drain.is_none());
 
         // Without a timeout the drain waits for the flows to end.
-        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 2, closing: 0 });
+        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 2, closing: 0, idle: 0 });
         assert!(cutover(&mut b, "web", Some("blue")).ok);
         b.tick();
         assert!(b.services[0].drain.is_some());
-        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 0, closing: 2 });
+        b.maps.flows.insert((0, Colour::Green), FlowCounts { live: 0, closing: 2, idle: 0 });
         b.tick();
         assert!(b.services[0].drain.is_none(), "closing flows do not hold a drain");
         assert_eq!(b.maps.ended.len(), 1);

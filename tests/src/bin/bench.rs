@@ -95,7 +95,12 @@ fn per_packet(quick: bool) -> (Vec<Path>, f64) {
     ns.run(move || {
         let mut dp = Dataplane::open(
             &corpus::services(),
-            Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None },
+            Options {
+                udp_idle_timeout: Duration::from_secs(30),
+                redirect: false,
+                max_flows: None,
+                ..Options::default()
+            },
         )
         .expect("load");
         // Frames: a pass-through, new flows (fresh ports), an established flow, its reply.
@@ -172,7 +177,12 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
             let max = n.next_power_of_two().max(1024) * 2;
             let mut dp = Dataplane::open(
                 &corpus::services(),
-                Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: Some(max) },
+                Options {
+                    udp_idle_timeout: Duration::from_secs(30),
+                    redirect: false,
+                    max_flows: Some(max),
+                    ..Options::default()
+                },
             )
             .expect("load");
             let backend = Backend { addr: widen(BLUE), port: 8080u16.to_be_bytes(), family: FAMILY_V4, _pad: 0 };
@@ -213,7 +223,12 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
             }
             let mut dp = Dataplane::open(
                 &svcs,
-                Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None },
+                Options {
+                    udp_idle_timeout: Duration::from_secs(30),
+                    redirect: false,
+                    max_flows: None,
+                    ..Options::default()
+                },
             )
             .expect("load");
             rows.push((format!("{count} services"), established_extra(&mut dp, 998, calls)));
@@ -225,7 +240,12 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
         for keys in [100u32, 10_000] {
             let mut dp = Dataplane::open_sized(
                 &corpus::services(),
-                Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None },
+                Options {
+                    udp_idle_timeout: Duration::from_secs(30),
+                    redirect: false,
+                    max_flows: None,
+                    ..Options::default()
+                },
                 &[(switcher_common::MAP_SERVICES, keys * 2)],
             )
             .expect("load");
@@ -756,7 +776,6 @@ struct Attached {
 fn load_small() -> aya::Ebpf {
     aya::EbpfLoader::new()
         .map_max_entries("FLOWS", 64)
-        .map_max_entries("REPLIES", 64)
         .map_max_entries("RING", 64)
         .load(switcher_user::dataplane::PROGRAM)
         .expect("load the eBPF object")

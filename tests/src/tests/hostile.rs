@@ -16,7 +16,7 @@ use crate::{
 fn open() -> Dataplane {
     Dataplane::open(
         &corpus::services(),
-        Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None },
+        Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None, ..Options::default() },
     )
     .expect("load the XDP program")
 }

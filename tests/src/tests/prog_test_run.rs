@@ -104,6 +104,8 @@ fn services() -> Vec<ServiceConfig> {
 enum Tcp {
     Syn,
     Ack,
+    SynAck,
+    Fin,
 }
 
 /// The L2 addresses a frame carries.
@@ -116,17 +118,27 @@ struct L2 {
 const IN: L2 = L2 { src: CLIENT_MAC, dst: LB_MAC };
 const OUT: L2 = L2 { src: OUT_MAC, dst: NEIGH_MAC };
 
+/// The TCP flags of `kind` (and acknowledgement number 77 where ACK is set).
+fn with_flags(
+    b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    kind: Tcp,
+) -> etherparse::PacketBuilderStep<etherparse::TcpHeader> {
+    match kind {
+        Tcp::Syn => b.syn(),
+        Tcp::Ack => b.ack(77),
+        Tcp::SynAck => b.syn().ack(77),
+        Tcp::Fin => b.fin().ack(77),
+    }
+}
+
 fn tcp(l2: L2, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ttl: u8, kind: Tcp) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(l2.src, l2.dst)
         .ipv4(src.0.octets(), dst.0.octets(), ttl)
         .tcp(src.1, dst.1, 1000, 64_000);
-    let b = match kind {
-        Tcp::Syn => b.syn(),
-        Tcp::Ack => b.ack(77),
-    };
+    let b = with_flags(b, kind);
     let payload: &[u8] = match kind {
-        Tcp::Syn => b"",
         Tcp::Ack => b"GET / HTTP/1.0\r\n\r\n",
+        _ => b"",
     };
     let mut v = Vec::new();
     b.write(&mut v, payload).expect("build tcp");
@@ -220,8 +232,11 @@ fn data_path_table() {
     }
     let ns = fib_namespace();
     ns.run(move || {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
-            .expect("load the XDP program");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load the XDP program");
         let c = (CLIENT, 40000);
         let c2 = (CLIENT2, 40001);
         let steps = vec![
@@ -268,6 +283,13 @@ fn data_path_table() {
                 "fwd_kernel",
                 Some(tcp(IN, c, (GREEN, 8081), 64, Tcp::Syn)),
             ),
+            pkt(
+                "blue's late packet on that tuple, now green's flow, passes untouched",
+                tcp(IN, (BLUE, 8080), c, 64, Tcp::Ack),
+                XDP_PASS,
+                "not_live",
+                None,
+            ),
             Step::Active(0, Colour::Blue),
             pkt(
                 "rolled back: a new flow goes to blue again",
@@ -275,6 +297,34 @@ fn data_path_table() {
                 XDP_REDIRECT,
                 "fwd_redirect",
                 Some(tcp(OUT, (CLIENT, 40002), (BLUE, 8080), 63, Tcp::Syn)),
+            ),
+            pkt(
+                "the client closes that flow (FIN)",
+                tcp(IN, (CLIENT, 40002), (VIP, 80), 64, Tcp::Fin),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(tcp(OUT, (CLIENT, 40002), (BLUE, 8080), 63, Tcp::Fin)),
+            ),
+            pkt(
+                "blue's FIN of the closing handshake still comes from the VIP",
+                tcp(IN, (BLUE, 8080), (CLIENT, 40002), 64, Tcp::Fin),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(tcp(OUT, (VIP, 80), (CLIENT, 40002), 63, Tcp::Fin)),
+            ),
+            pkt(
+                "a SYN-ACK on the closed flow's tuple is a direct connection: untouched",
+                tcp(IN, (BLUE, 8080), (CLIENT, 40002), 64, Tcp::SynAck),
+                XDP_PASS,
+                "not_live",
+                None,
+            ),
+            pkt(
+                "and the closed flow is forgotten: the connection's next packet is untouched too",
+                tcp(IN, (BLUE, 8080), (CLIENT, 40002), 64, Tcp::Ack),
+                XDP_PASS,
+                "not_live",
+                None,
             ),
             pkt(
                 "UDP to dns goes to blue",
@@ -330,7 +380,7 @@ fn data_path_table() {
                 "a backend packet of no tracked flow passes untouched",
                 tcp(IN, (BLUE, 8080), (CLIENT, 49999), 64, Tcp::Ack),
                 XDP_PASS,
-                "no_match",
+                "not_live",
                 None,
             ),
             pkt("ARP passes untouched", arp(), XDP_PASS, "not_ip", None),
@@ -397,7 +447,7 @@ fn data_path_table() {
         }
         let web = |colour| dp.counters(0, colour).expect("counters");
         let (blue, green) = (web(Colour::Blue), web(Colour::Green));
-        assert_eq!((blue.flows, blue.packets, blue.reply_packets), (4, 5, 1), "web blue counters (two VLAN flows)");
+        assert_eq!((blue.flows, blue.packets, blue.reply_packets), (4, 6, 2), "web blue counters (two VLAN flows)");
         assert_eq!((green.flows, green.packets, green.reply_packets), (2, 2, 1), "web green counters");
     });
 }
@@ -411,8 +461,11 @@ fn idle_udp_flows_expire() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
-            .expect("load the XDP program");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load the XDP program");
         let c = (CLIENT2, 40000);
         let vip = udp(IN, c, (VIP, 53), 64);
         let blue = udp(OUT, c, (BLUE, 5353), 63);
@@ -423,6 +476,16 @@ fn idle_udp_flows_expire() {
             pkt("within the idle timeout it stays on blue", vip.clone(), XDP_REDIRECT, "fwd_redirect", Some(blue)),
         );
         std::thread::sleep(IDLE + Duration::from_millis(500));
+        check(
+            &mut dp,
+            pkt(
+                "a datagram from blue after the flow expired is not translated",
+                udp(IN, (BLUE, 5353), c, 64),
+                XDP_PASS,
+                "not_live",
+                None,
+            ),
+        );
         check(
             &mut dp,
             pkt(
@@ -448,8 +511,11 @@ fn the_vip_filter_follows_the_services() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None })
-            .expect("load");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
         let c = (CLIENT, 41000);
         let syn = |to: Ipv4Addr| tcp(IN, c, (to, 80), 64, Tcp::Syn);
         let to_blue = tcp(IN, c, (BLUE, 8080), 64, Tcp::Syn);
@@ -500,8 +566,11 @@ fn kernel_forwarding_never_redirects() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None })
-            .expect("load");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
         let c = (CLIENT, 40000);
         check(
             &mut dp,
@@ -530,10 +599,7 @@ fn tcp6(l2: L2, src: (Ipv6Addr, u16), dst: (Ipv6Addr, u16), hops: u8, kind: Tcp)
     let b = PacketBuilder::ethernet2(l2.src, l2.dst)
         .ipv6(src.0.octets(), dst.0.octets(), hops)
         .tcp(src.1, dst.1, 1000, 64_000);
-    let b = match kind {
-        Tcp::Syn => b.syn(),
-        Tcp::Ack => b.ack(77),
-    };
+    let b = with_flags(b, kind);
     let mut v = Vec::new();
     b.write(&mut v, b"hello").expect("build tcp6");
     v
@@ -620,8 +686,11 @@ fn ipv6_udp_and_icmpv6() {
             green: vec![],
             ..svcs[0].clone()
         });
-        let mut dp =
-            Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None }).expect("load");
+        let mut dp = Dataplane::open(
+            &svcs,
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
         let c6 = (CLIENT6, 40010);
         let router = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0xfe);
         let steps = vec![
@@ -668,8 +737,11 @@ fn ipv6_preview_dsr_and_icmp() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
-            .expect("load");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
         let c6 = (CLIENT6, 40000);
         let c = (CLIENT, 41000);
         let frag = etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 };
@@ -796,8 +868,11 @@ fn closing_reset_and_move() {
     let ns = fib_namespace();
     ns.run(|| {
         let svcs = services();
-        let mut dp =
-            Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None }).expect("load");
+        let mut dp = Dataplane::open(
+            &svcs,
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
         let (a, b, u) = ((CLIENT, 42000), (CLIENT, 42001), (CLIENT, 42002));
         check(
             &mut dp,
@@ -899,8 +974,11 @@ fn canary_split_follows_the_hash() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None })
-            .expect("load");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: false, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
         dp.set_state(WEB, Colour::Blue, 1_000, None).expect("10% canary");
         let state = switcher_common::switch_state(0, 1_000);
         let mut green = 0;
@@ -963,8 +1041,11 @@ fn ip_options_are_handled() {
     }
     let ns = fib_namespace();
     ns.run(|| {
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None })
-            .expect("load the XDP program");
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load the XDP program");
         let with_options = |l2: L2, ttl: u8, dst: (Ipv4Addr, u16)| {
             let mut ip =
                 etherparse::Ipv4Header::new(0, ttl, etherparse::IpNumber::UDP, CLIENT.octets(), dst.0.octets())
