@@ -296,7 +296,7 @@ impl<M: Maps> Switchboard<M> {
     fn rollback(&mut self, name: &str, force: bool) -> Outcome {
         let i = self.find(name)?;
         let s = &self.services[i];
-        let Some(previous) = s.previous else {
+        let Some(previous) = s.previous.filter(|p| *p != s.active) else {
             return Err(format!(
                 "nothing to roll back: {name} has been {} since it was installed; use `switcher cutover {name} COLOUR` to switch",
                 s.active
@@ -475,7 +475,8 @@ impl<M: Maps> Switchboard<M> {
     /// Makes a service's state what the fleet wants: its pools (when shared), then its
     /// active colour and canary share, with `drain` as the old colour's drain timeout.
     /// Health checks here do not veto it: the node that wrote it checked, and a node that
-    /// disagreed would split the fleet. Returns the change made, if any.
+    /// disagreed would split the fleet. A `rollback` is applied as one: it never arms the
+    /// watch window. Returns the change made, if any.
     ///
     /// # Errors
     /// An unknown service, or a map write that failed.
@@ -486,6 +487,7 @@ impl<M: Maps> Switchboard<M> {
         canary: u32,
         drain: Option<Duration>,
         pools: Option<[Vec<BackendConfig>; 2]>,
+        rollback: bool,
     ) -> Result<Option<Change>, String> {
         let i = self.find(name)?;
         let mut changed = None;
@@ -513,7 +515,11 @@ impl<M: Maps> Switchboard<M> {
         if s.active == active && s.canary_bp == canary {
             return Ok(changed);
         }
-        let verb = if s.active == active { "weight" } else { "cut over" };
+        let verb = match (s.active == active, rollback) {
+            (true, _) => "weight",
+            (false, true) => "rolled back",
+            (false, false) => "cut over",
+        };
         let (_, change) = self.switch(i, active, canary, drain, verb, true)?;
         Ok(change.or(changed))
     }
@@ -1095,14 +1101,14 @@ pub(crate) mod tests {
         assert!(rm(&mut b, "198.51.100.9:8080").error.is_some_and(|e| e.contains("is not a blue backend")));
     }
 
-    fn checked(b: &mut Switchboard<FakeMaps>, watch: Option<Duration>, failover: bool) {
+    pub(crate) fn checked(b: &mut Switchboard<FakeMaps>, watch: Option<Duration>, failover: bool) {
         let s = &mut b.services[0];
         s.config.health.check = CheckKind::Tcp;
         s.config.watch = watch;
         s.config.failover = failover;
     }
 
-    fn probe(b: &mut Switchboard<FakeMaps>, addr: &str, ok: bool) -> Vec<Change> {
+    pub(crate) fn probe(b: &mut Switchboard<FakeMaps>, addr: &str, ok: bool) -> Vec<Change> {
         let r = if ok { Ok(()) } else { Err("connect: connection refused".to_owned()) };
         b.record_health("web", vec![(addr.parse().expect("addr"), r)])
     }
