@@ -25,7 +25,7 @@ use crate::{
     dataplane::Dataplane,
     fleet::Fleet,
     health,
-    switchboard::{Change, Switchboard, chain},
+    switchboard::{Change, Switchboard},
 };
 
 /// How the daemon was asked to run.
@@ -254,16 +254,14 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     Ok(())
 }
 
-/// Re-reads the config and applies it; an invalid file, or one that changes what needs a
-/// restart, changes nothing.
-fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
-    };
-    let needs_restart: Vec<&str> = [
+/// The keys of `new` that differ from `running` and take effect only with a restart.
+fn restart_keys(new: &Config, running: &Config) -> Vec<&'static str> {
+    [
         ("interfaces", new.interfaces != running.interfaces),
         ("socket", new.socket != running.socket),
+        ("socket_group", new.socket_group != running.socket_group),
+        ("metrics", new.metrics != running.metrics),
+        ("audit_log", new.audit_log != running.audit_log),
         ("pin_path", new.pin_path != running.pin_path),
         ("xdp_mode", new.xdp_mode != running.xdp_mode),
         ("forwarding", new.forwarding != running.forwarding),
@@ -273,7 +271,17 @@ fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))
-    .collect();
+    .collect()
+}
+
+/// Re-reads the config and applies it; an invalid file, one that changes what needs a
+/// restart, or one that would undo runtime pool changes, changes nothing.
+fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
+    };
+    let needs_restart = restart_keys(&new, running);
     if !needs_restart.is_empty() {
         return Response::error(format!(
             "reload rejected, nothing changed: {} can only change with a restart (the data path keeps running across it)",
@@ -281,27 +289,29 @@ fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -
         ));
     }
     let Ok(mut b) = board.lock() else { return Response::error("daemon state is poisoned; restart the daemon") };
-    let before: Vec<String> = b.services().iter().map(|s| s.name.clone()).collect();
-    match b.maps_mut().apply(&new.services) {
-        Ok(installed) => {
-            b.reload(new.services.iter().cloned().zip(installed).collect());
-            let after: Vec<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
-            let added: Vec<&str> = after.iter().copied().filter(|n| !before.iter().any(|b| b == n)).collect();
-            let removed: Vec<&str> = before.iter().map(String::as_str).filter(|n| !after.contains(n)).collect();
-            let msg = format!(
+    match b.reload(new.services.clone()) {
+        Ok(done) => {
+            let list = |v: &[String]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+            let mut msg = format!(
                 "reloaded {}: {} services (added: {}; removed: {})",
                 path.display(),
-                after.len(),
-                if added.is_empty() { "none".into() } else { added.join(", ") },
-                if removed.is_empty() { "none".into() } else { removed.join(", ") }
+                new.services.len(),
+                list(&done.added),
+                list(&done.removed)
             );
+            if !done.kept.is_empty() {
+                msg.push_str(&format!(
+                    "; kept the pools changed at runtime of {} (the file did not change them)",
+                    done.kept.join(", ")
+                ));
+            }
             tracing::info!("{msg}");
             if let Some(f) = fleet {
                 f.resync();
             }
             Response { ok: true, message: Some(msg), ..Response::default() }
         }
-        Err(e) => Response::error(format!("reload failed while writing the maps: {}", chain(&e))),
+        Err(e) => Response::error(e),
     }
 }
 
@@ -509,6 +519,27 @@ fn keep_dsr_neighbours(services: &[ServiceConfig]) {
             if let Ok(sock) = std::net::UdpSocket::bind(any) {
                 let _ = sock.send_to(&[], SocketAddr::new(b.addr.ip(), 9));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_refuses_every_key_it_cannot_apply_by_name() {
+        let text = "interfaces = [\"lb0\"]\nsocket = \"/tmp/s.sock\"\n";
+        let running = Config::parse(Path::new("a.toml"), text).expect("valid");
+        assert!(restart_keys(&running, &running).is_empty());
+        for (line, key) in [
+            ("socket_group = \"root\"", "socket_group"),
+            ("metrics = \"127.0.0.1:9999\"", "metrics"),
+            ("audit_log = \"/tmp/audit.log\"", "audit_log"),
+            ("max_flows = 1024", "max_flows"),
+        ] {
+            let new = Config::parse(Path::new("b.toml"), &format!("{line}\n{text}")).expect("valid");
+            assert_eq!(restart_keys(&new, &running), [key], "{line}");
         }
     }
 }

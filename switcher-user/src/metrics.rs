@@ -219,6 +219,7 @@ mod tests {
                     live_flows: 7,
                     closing_flows: 1,
                     counters: Counters { packets: 10, bytes: 600, reply_packets: 9, reply_bytes: 500, flows: 4 },
+                    edited: false,
                 }],
                 ..ServiceStatus::default()
             }],
