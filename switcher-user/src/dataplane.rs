@@ -84,6 +84,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pin {} again (it was removed while the daemon ran)", path.display())]
+    Repin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pin the XDP link at {}", path.display())]
     PinLink {
         path: PathBuf,
@@ -215,6 +221,8 @@ pub struct Dataplane {
     options: Options,
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
+    /// Each pinned link's interface and kernel id, to pin it again if its pin goes.
+    link_ids: Vec<(String, u32)>,
     pins: Option<Pins>,
     /// The `flock` on the pin root, held while this daemon drives the data path.
     lock: Option<std::fs::File>,
@@ -403,6 +411,7 @@ impl Dataplane {
             vips_written: std::collections::HashSet::new(),
             options,
             links: Vec::new(),
+            link_ids: Vec::new(),
             pins: None,
             lock: None,
             _meta: meta,
@@ -511,6 +520,7 @@ impl Dataplane {
             config::XdpMode::Skb => XdpMode::Skb,
         };
         let mut links = Vec::new();
+        let mut link_ids = Vec::new();
         for iface in interfaces {
             let path = pins.link(iface);
             let prog = self.program()?;
@@ -538,6 +548,8 @@ impl Dataplane {
             };
             let link = self.program()?.take_link(id).map_err(DataplaneError::Program)?;
             let fd_link = FdLink::try_from(link).map_err(|_| DataplaneError::NetlinkOnly { iface: iface.clone() })?;
+            let info = fd_link.info().map_err(|source| DataplaneError::Link { iface: iface.clone(), source })?;
+            link_ids.push((iface.clone(), info.id()));
             let pinned = fd_link.pin(&path).map_err(|source| DataplaneError::PinLink { path: path.clone(), source })?;
             links.push(pinned);
         }
@@ -549,7 +561,61 @@ impl Dataplane {
             }
         }
         self.links = links;
+        self.link_ids = link_ids;
         Ok(())
+    }
+
+    /// Pins again what was removed from under the running daemon (an `rm -rf` of the pin
+    /// directory, bpffs unmounted): without its pins the data path would stop when the daemon
+    /// exits. The maps are found by id from the loaded program, the links from the ids kept
+    /// at attach; this process's descriptors keep both alive meanwhile. Returns what was
+    /// pinned again (empty: nothing was missing).
+    ///
+    /// # Errors
+    /// The directories, the program's info, or a pin could not be made.
+    pub fn repin(&mut self) -> Result<Vec<String>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(pins) = self.pins.clone() else { return Ok(Vec::new()) };
+        let maps: Vec<&str> = MAP_NAMES.iter().copied().filter(|n| !pins.map(n).exists()).collect();
+        let links: Vec<(String, u32)> =
+            self.link_ids.iter().filter(|(iface, _)| !pins.link(iface).exists()).cloned().collect();
+        if maps.is_empty() && links.is_empty() {
+            return Ok(Vec::new());
+        }
+        pins.prepare()?;
+        let mut done = Vec::new();
+        if !maps.is_empty() {
+            let info = self.program()?.info().map_err(DataplaneError::Program)?;
+            for id in info.map_ids().map_err(DataplaneError::Program)?.unwrap_or_default() {
+                let Ok(map) = aya::maps::MapInfo::from_id(id) else { continue };
+                let Some(name) = map.name_as_str().filter(|n| maps.contains(n)).map(str::to_owned) else { continue };
+                let path = pins.map(&name);
+                crate::pins::pin_by_id(crate::pins::Object::Map, id, &path)
+                    .map_err(|source| DataplaneError::Repin { path, source })?;
+                done.push(format!("maps/{name}"));
+            }
+        }
+        for (iface, id) in links {
+            let path = pins.link(&iface);
+            crate::pins::pin_by_id(crate::pins::Object::Link, id, &path)
+                .map_err(|source| DataplaneError::Repin { path, source })?;
+            done.push(format!("links/{iface}"));
+        }
+        // A removed root is a new directory now: the lock must be on it.
+        let locked = self.lock.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+        let root = std::fs::metadata(pins.root()).ok().map(|m| (m.dev(), m.ino()));
+        if locked != root {
+            self.lock = Some(pins.lock()?);
+        }
+        Ok(done)
+    }
+
+    /// Whether every map and link of this daemon is pinned: the data path outlives it.
+    #[must_use]
+    pub fn pinned(&self) -> bool {
+        self.pins.as_ref().is_some_and(|pins| {
+            MAP_NAMES.iter().all(|n| pins.map(n).exists()) && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
+        })
     }
 
     /// Detaches and removes every pin: the end of `--detach-on-exit` and `uninstall`.
@@ -558,6 +624,7 @@ impl Dataplane {
     /// A pin could not be removed.
     pub fn detach(&mut self) -> std::io::Result<()> {
         self.links.clear();
+        self.link_ids.clear();
         match self.pins.take() {
             Some(pins) => pins.remove(),
             None => Ok(()),
