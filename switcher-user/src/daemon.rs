@@ -310,7 +310,9 @@ fn repin(dp: &mut Dataplane, pins: &Path) {
 fn detach(board: &Board) {
     if let Ok(mut b) = board.lock() {
         match b.maps_mut().detach() {
-            Ok(()) => tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)"),
+            Ok(()) => {
+                tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)")
+            }
             Err(e) => tracing::error!("start-up failed, and detaching failed too: {e}; run `switcher uninstall`"),
         }
     }

@@ -223,6 +223,8 @@ pub struct Dataplane {
     links: Vec<PinnedLink>,
     /// Each pinned link's interface and kernel id, to pin it again if its pin goes.
     link_ids: Vec<(String, u32)>,
+    /// Each pinned map's name and kernel id, likewise.
+    map_ids: Vec<(&'static str, u32)>,
     pins: Option<Pins>,
     /// The `flock` on the pin root, held while this daemon drives the data path.
     lock: Option<std::fs::File>,
@@ -324,6 +326,10 @@ impl Dataplane {
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
+        dp.map_ids = MAP_NAMES
+            .iter()
+            .filter_map(|name| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| (*name, info.id())))
+            .collect();
         if adopt {
             tracing::info!(pins = %pins.version_dir().display(), "adopted the pinned data path: flows and counters carry on");
         }
@@ -412,6 +418,7 @@ impl Dataplane {
             options,
             links: Vec::new(),
             link_ids: Vec::new(),
+            map_ids: Vec::new(),
             pins: None,
             lock: None,
             _meta: meta,
@@ -567,8 +574,8 @@ impl Dataplane {
 
     /// Pins again what was removed from under the running daemon (an `rm -rf` of the pin
     /// directory, bpffs unmounted): without its pins the data path would stop when the daemon
-    /// exits. The maps are found by id from the loaded program, the links from the ids kept
-    /// at attach; this process's descriptors keep both alive meanwhile. Returns what was
+    /// exits, by the ids noted when they were pinned; this process's descriptors keep both
+    /// alive meanwhile. Returns what was
     /// pinned again (empty: nothing was missing).
     ///
     /// # Errors
@@ -576,7 +583,7 @@ impl Dataplane {
     pub fn repin(&mut self) -> Result<Vec<String>> {
         use std::os::unix::fs::MetadataExt as _;
         let Some(pins) = self.pins.clone() else { return Ok(Vec::new()) };
-        let maps: Vec<&str> = MAP_NAMES.iter().copied().filter(|n| !pins.map(n).exists()).collect();
+        let maps: Vec<(&str, u32)> = self.map_ids.iter().copied().filter(|(n, _)| !pins.map(n).exists()).collect();
         let links: Vec<(String, u32)> =
             self.link_ids.iter().filter(|(iface, _)| !pins.link(iface).exists()).cloned().collect();
         if maps.is_empty() && links.is_empty() {
@@ -584,16 +591,11 @@ impl Dataplane {
         }
         pins.prepare()?;
         let mut done = Vec::new();
-        if !maps.is_empty() {
-            let info = self.program()?.info().map_err(DataplaneError::Program)?;
-            for id in info.map_ids().map_err(DataplaneError::Program)?.unwrap_or_default() {
-                let Ok(map) = aya::maps::MapInfo::from_id(id) else { continue };
-                let Some(name) = map.name_as_str().filter(|n| maps.contains(n)).map(str::to_owned) else { continue };
-                let path = pins.map(&name);
-                crate::pins::pin_by_id(crate::pins::Object::Map, id, &path)
-                    .map_err(|source| DataplaneError::Repin { path, source })?;
-                done.push(format!("maps/{name}"));
-            }
+        for (name, id) in maps {
+            let path = pins.map(name);
+            crate::pins::pin_by_id(crate::pins::Object::Map, id, &path)
+                .map_err(|source| DataplaneError::Repin { path, source })?;
+            done.push(format!("maps/{name}"));
         }
         for (iface, id) in links {
             let path = pins.link(&iface);

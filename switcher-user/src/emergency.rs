@@ -91,10 +91,7 @@ fn daemon_running(pins: &std::path::Path, pid: Option<u32>, sockets: &[PathBuf])
             s.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         ),
     };
-    format!(
-        "{who} holds the pins under {}, so the emergency path would go behind its back{listens}",
-        pins.display()
-    )
+    format!("{who} holds the pins under {}, so the emergency path would go behind its back{listens}", pins.display())
 }
 
 fn open(pins: &Pins, name: &'static str) -> Result<MapData, EmergencyError> {
@@ -111,7 +108,11 @@ fn array<V: aya::Pod>(pins: &Pins, name: &'static str) -> Result<Array<MapData, 
 ///
 /// # Errors
 /// Nothing to roll back.
-pub fn next_state(service: &str, current: u32, action: Action) -> Result<Option<(u32, Colour, Colour)>, EmergencyError> {
+pub fn next_state(
+    service: &str,
+    current: u32,
+    action: Action,
+) -> Result<Option<(u32, Colour, Colour)>, EmergencyError> {
     let active = Colour::from_u32(state_active(current));
     let previous = state_previous(current).map(Colour::from_u32);
     let target = match action {
@@ -174,7 +175,10 @@ pub fn switch(config: &Config, service: &str, action: Action, local: bool) -> Re
     let mut state: Array<MapData, u32> = array(&pins, MAP_STATE)?;
     let current = state.get(&id, 0).map_err(|source| EmergencyError::Map { name: MAP_STATE, source })?;
     let Some((new, from, target)) = next_state(service, current, action)? else {
-        return Ok((format!("{service}: already on {}, nothing changed", Colour::from_u32(state_active(current))), scope));
+        return Ok((
+            format!("{service}: already on {}, nothing changed", Colour::from_u32(state_active(current))),
+            scope,
+        ));
     };
     if !s.serves(target) {
         return Err(EmergencyError::NoBackend { service: service.to_owned(), colour: target });
@@ -183,10 +187,15 @@ pub fn switch(config: &Config, service: &str, action: Action, local: bool) -> Re
         return Err(EmergencyError::NoPinnedPool { service: service.to_owned(), colour: target });
     }
     if scope == Scope::FleetLocal {
-        pins.record_override(service).map_err(|source| EmergencyError::Override { path: pins.overrides_dir(), source })?;
+        pins.record_override(service)
+            .map_err(|source| EmergencyError::Override { path: pins.overrides_dir(), source })?;
     }
     state.set(id, &new, 0).map_err(|source| EmergencyError::Map { name: MAP_STATE, source })?;
-    let done = if from == target { format!("{service}: {target} only (canary ended)") } else { format!("{service}: {from} → {target}") };
+    let done = if from == target {
+        format!("{service}: {target} only (canary ended)")
+    } else {
+        format!("{service}: {from} → {target}")
+    };
     Ok((done, scope))
 }
 
@@ -227,9 +236,8 @@ mod tests {
     fn clearing_a_canary_keeps_the_colour_to_roll_back_to() {
         // Blue live after a rollback from green (previous green), with a 5 % canary to green.
         let canary = with_previous(switch_state(COLOUR_BLUE, 500), Some(COLOUR_GREEN));
-        let (ended, from, to) = next_state("web", canary, Action::Cutover(Some(Colour::Blue)))
-            .expect("ok")
-            .expect("the canary ends");
+        let (ended, from, to) =
+            next_state("web", canary, Action::Cutover(Some(Colour::Blue))).expect("ok").expect("the canary ends");
         assert_eq!((from, to), (Colour::Blue, Colour::Blue));
         assert_eq!((state_active(ended), state_canary_bp(ended)), (COLOUR_BLUE, 0));
         assert_eq!(state_previous(ended), Some(COLOUR_GREEN), "previous is still green, not the active blue");

@@ -1150,7 +1150,12 @@ mod tests {
         // etcd still says blue (revision 5): the first read does not undo the emergency change.
         assert_eq!(f.apply(&board, "web", desired("blue"), 5), None);
         assert_eq!(active(), Colour::Green);
-        assert!(f.local_view(&["web".into()]).services[0].local_override.as_deref().is_some_and(|w| w.contains("emergency path")));
+        assert!(
+            f.local_view(&["web".into()]).services[0]
+                .local_override
+                .as_deref()
+                .is_some_and(|w| w.contains("emergency path"))
+        );
         assert_eq!(f.apply(&board, "web", desired("blue"), 5), None, "read again after a reconnect");
         assert_eq!(active(), Colour::Green);
         // The desired state changes: the node follows it again.
@@ -1173,7 +1178,8 @@ mod tests {
         b.apply_desired("web", t.active, t.canary_bp, t.drain, t.pools, t.rollback).expect("applied");
         let watch = |b: &mut Switchboard<_>| b.status(Some("web")).expect("status").services[0].watch_secs_left;
         assert!(watch(&mut b).is_some(), "a cut-over from the fleet arms the watch window");
-        let rollback = Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
+        let rollback =
+            Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
         let back = plan(&b, &rollback, &green, false).expect("ok").expect("a change");
         assert!(back.rollback, "the desired state says it was a rollback");
         let t = back.target().expect("valid");

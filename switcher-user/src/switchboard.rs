@@ -214,7 +214,8 @@ fn effective_pool(
     health: &HashMap<SocketAddr, BackendHealth>,
     colour: Colour,
 ) -> Vec<BackendConfig> {
-    let down = |addr| config.health.check != CheckKind::None && health.get(&addr).is_some_and(|h| h.state == State::Down);
+    let down =
+        |addr| config.health.check != CheckKind::None && health.get(&addr).is_some_and(|h| h.state == State::Down);
     let pool = config.pool(colour);
     if pool.iter().filter(|b| b.weight > 0).all(|b| down(b.addr)) {
         return pool.to_vec();
@@ -737,7 +738,8 @@ impl<M: Maps> Switchboard<M> {
                 c
             })
             .collect();
-        let installed = self.maps.install(&for_maps).map_err(|e| format!("reload failed while writing the maps: {}", chain(&e)))?;
+        let installed =
+            self.maps.install(&for_maps).map_err(|e| format!("reload failed while writing the maps: {}", chain(&e)))?;
         let mut old: HashMap<String, ServiceState> =
             self.services.drain(..).map(|s| (s.config.name.clone(), s)).collect();
         let mut done = Reloaded { kept, ..Reloaded::default() };
@@ -1352,12 +1354,18 @@ pub(crate) mod tests {
         };
         assert!(handle(&mut b, add).ok);
         let file = b.services();
-        let mut file: Vec<ServiceConfig> = file.into_iter().map(|mut s| {
-            s.green.retain(|g| g.addr.to_string() != "198.51.100.19:8080");
-            s
-        }).collect();
+        let mut file: Vec<ServiceConfig> = file
+            .into_iter()
+            .map(|mut s| {
+                s.green.retain(|g| g.addr.to_string() != "198.51.100.19:8080");
+                s
+            })
+            .collect();
         let status = b.status(Some("web")).expect("status");
-        assert!(status.services[0].colours[1].edited && !status.services[0].colours[0].edited, "status says green was changed at runtime");
+        assert!(
+            status.services[0].colours[1].edited && !status.services[0].colours[0].edited,
+            "status says green was changed at runtime"
+        );
 
         // The same file again: the down backend stays out, the runtime backend stays in.
         let done = b.reload(file.clone()).expect("reloaded");
