@@ -262,6 +262,10 @@ pub struct ColourStatus {
     /// TCP flows closing (FIN/RST seen).
     pub closing_flows: u64,
     pub counters: Counters,
+    /// The pool was changed at runtime (`switcher backend`, the fleet's shared pools) and
+    /// differs from the config file; a reload keeps it unless the file changes it too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edited: bool,
 }
 
 /// One backend of a colour.

@@ -25,7 +25,7 @@ use crate::{
     dataplane::Dataplane,
     fleet::Fleet,
     health,
-    switchboard::{Change, Switchboard, chain},
+    switchboard::{Change, Switchboard},
 };
 
 /// How the daemon was asked to run.
@@ -154,7 +154,18 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     if config.services.iter().any(|s| s.vip.is_ipv6()) {
         ensure_forwarding("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6");
     }
-    let (dataplane, installed) = Dataplane::load(&config).context("start the data plane")?;
+    check_socket_path(&config.socket).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (dataplane, installed) = match Dataplane::load(&config) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            if opts.detach_on_exit {
+                detach_failed_start(&config.pin_path);
+            }
+            return Err(e).context("start the data plane");
+        }
+    };
+    // Emergency changes made `--local` in a fleet while no daemon ran (see `emergency`).
+    let emergency_overrides = crate::pins::Pins::new(&config.pin_path).take_overrides();
     for (s, i) in config.services.iter().zip(&installed) {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %i.active, "serving");
     }
@@ -166,11 +177,25 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let _ =
         tokio::time::timeout(Duration::from_secs(5), health_round(&first, &Audit { file: None }, &mut HashMap::new()))
             .await;
-    let listener = bind(&config.socket, config.socket_group.as_deref())?;
+    let listener = match bind(&config.socket, config.socket_group.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            if opts.detach_on_exit {
+                detach(&board);
+            }
+            return Err(e);
+        }
+    };
     let _socket = SocketFile(config.socket.clone());
     let audit = Arc::new(Audit { file: config.audit_log.clone() });
     let group = config.socket_group.as_deref().and_then(group_id);
     let fleet = config.fleet.clone().map(|f| Arc::new(Fleet::new(f)));
+    for name in &emergency_overrides {
+        match &fleet {
+            Some(f) => f.note_emergency_override(name),
+            None => tracing::info!(service = %name, "adopted the emergency path's change"),
+        }
+    }
     let mut tasks = JoinSet::new();
     tasks.spawn(check_health(Arc::clone(&board), Arc::clone(&audit), fleet.clone()));
     if let Some(addr) = config.metrics {
@@ -214,6 +239,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                     b.tick();
                     if ticks.is_multiple_of(5) {
                         keep_dsr_neighbours(&b.services());
+                        repin(b.maps_mut(), &config.pin_path);
                     }
                 }
                 if watchdog {
@@ -246,24 +272,115 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         board.maps_mut().detach().context("detach and remove the pins")?;
         tracing::info!("detached the XDP program and removed the pins (--detach-on-exit)");
     } else {
-        tracing::info!(
-            pins = %config.pin_path.display(),
-            "stopping; the data path keeps running (pinned). `switcher rollback`/`cutover` still work on it; `switcher uninstall` removes it"
-        );
+        repin(board.maps_mut(), &config.pin_path);
+        if board.maps_mut().pinned() {
+            tracing::info!(
+                pins = %config.pin_path.display(),
+                "stopping; the data path keeps running (pinned). `switcher rollback`/`cutover` still work on it; `switcher uninstall` removes it"
+            );
+        } else {
+            tracing::error!(
+                pins = %config.pin_path.display(),
+                interfaces = ?config.interfaces,
+                "stopping with the pins gone and not restored: XDP is detached from the interfaces as this daemon exits, and the VIPs stop answering. Start the daemon again to re-attach"
+            );
+        }
     }
     Ok(())
 }
 
-/// Re-reads the config and applies it; an invalid file, or one that changes what needs a
-/// restart, changes nothing.
-fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
-    };
-    let needs_restart: Vec<&str> = [
+/// Pins again whatever was removed from under the daemon, loudly.
+fn repin(dp: &mut Dataplane, pins: &Path) {
+    match dp.repin() {
+        Ok(done) if done.is_empty() => {}
+        Ok(done) => tracing::warn!(
+            pins = %pins.display(),
+            "the pins were removed while the daemon ran (without them the data path stops when the daemon exits): pinned again {}",
+            done.join(", ")
+        ),
+        Err(e) => tracing::error!(
+            pins = %pins.display(),
+            "the pins were removed while the daemon ran and cannot be restored ({}): the data path stops when this daemon exits",
+            crate::switchboard::chain(&e)
+        ),
+    }
+}
+
+/// `--detach-on-exit` after a start that failed once the program was attached.
+fn detach(board: &Board) {
+    if let Ok(mut b) = board.lock() {
+        match b.maps_mut().detach() {
+            Ok(()) => {
+                tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)")
+            }
+            Err(e) => tracing::error!("start-up failed, and detaching failed too: {e}; run `switcher uninstall`"),
+        }
+    }
+}
+
+/// `--detach-on-exit` after [`Dataplane::load`] failed part-way (an interface attached, the
+/// next one missing): removes what is pinned, unless another daemon holds it.
+fn detach_failed_start(root: &Path) {
+    let pins = crate::pins::Pins::new(root);
+    if !pins.exists() && pins.linked_interfaces().is_empty() {
+        return;
+    }
+    let Ok(_lock) = pins.lock() else { return };
+    match pins.remove() {
+        Ok(()) => tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)"),
+        Err(e) => tracing::error!("start-up failed, and removing the pins failed too: {e}; run `switcher uninstall`"),
+    }
+}
+
+/// Longest path a unix socket address holds (`sun_path`, 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a control socket path the daemon could not bind, before anything is attached:
+/// longer than a unix socket address holds, or taken by something that is not a socket (a
+/// directory, a symbolic link — dangling or not —, a file).
+///
+/// # Errors
+/// What is wrong and what to do.
+pub fn check_socket_path(path: &Path) -> Result<(), String> {
+    use std::os::unix::{ffi::OsStrExt as _, fs::FileTypeExt as _};
+    let len = path.as_os_str().as_bytes().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "socket {}: {len} bytes, but a unix socket path holds at most {MAX_SOCKET_PATH}; choose a shorter `socket`",
+            path.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let t = meta.file_type();
+        let what = if t.is_socket() {
+            return Ok(());
+        } else if t.is_dir() {
+            "a directory".to_owned()
+        } else if t.is_symlink() {
+            match std::fs::read_link(path) {
+                Ok(to) if path.exists() => format!("a symbolic link (to {})", to.display()),
+                Ok(to) => format!("a dangling symbolic link (to {})", to.display()),
+                Err(_) => "a symbolic link".to_owned(),
+            }
+        } else {
+            "a file that is not a socket".to_owned()
+        };
+        return Err(format!(
+            "socket {} is {what}: the daemon would not bind there; remove it, or choose another `socket`",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The keys of `new` that differ from `running` and take effect only with a restart.
+fn restart_keys(new: &Config, running: &Config) -> Vec<&'static str> {
+    [
         ("interfaces", new.interfaces != running.interfaces),
         ("socket", new.socket != running.socket),
+        ("socket_group", new.socket_group != running.socket_group),
+        ("metrics", new.metrics != running.metrics),
+        ("audit_log", new.audit_log != running.audit_log),
         ("pin_path", new.pin_path != running.pin_path),
         ("xdp_mode", new.xdp_mode != running.xdp_mode),
         ("forwarding", new.forwarding != running.forwarding),
@@ -273,7 +390,17 @@ fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -
     ]
     .into_iter()
     .filter_map(|(k, changed)| changed.then_some(k))
-    .collect();
+    .collect()
+}
+
+/// Re-reads the config and applies it; an invalid file, one that changes what needs a
+/// restart, or one that would undo runtime pool changes, changes nothing.
+fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
+    };
+    let needs_restart = restart_keys(&new, running);
     if !needs_restart.is_empty() {
         return Response::error(format!(
             "reload rejected, nothing changed: {} can only change with a restart (the data path keeps running across it)",
@@ -281,28 +408,30 @@ fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -
         ));
     }
     let Ok(mut b) = board.lock() else { return Response::error("daemon state is poisoned; restart the daemon") };
-    let before: Vec<String> = b.services().iter().map(|s| s.name.clone()).collect();
     b.maps_mut().set_tcp_idle_timeout(new.tcp_idle_timeout);
-    match b.maps_mut().apply(&new.services) {
-        Ok(installed) => {
-            b.reload(new.services.iter().cloned().zip(installed).collect());
-            let after: Vec<&str> = new.services.iter().map(|s| s.name.as_str()).collect();
-            let added: Vec<&str> = after.iter().copied().filter(|n| !before.iter().any(|b| b == n)).collect();
-            let removed: Vec<&str> = before.iter().map(String::as_str).filter(|n| !after.contains(n)).collect();
-            let msg = format!(
+    match b.reload(new.services.clone()) {
+        Ok(done) => {
+            let list = |v: &[String]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+            let mut msg = format!(
                 "reloaded {}: {} services (added: {}; removed: {})",
                 path.display(),
-                after.len(),
-                if added.is_empty() { "none".into() } else { added.join(", ") },
-                if removed.is_empty() { "none".into() } else { removed.join(", ") }
+                new.services.len(),
+                list(&done.added),
+                list(&done.removed)
             );
+            if !done.kept.is_empty() {
+                msg.push_str(&format!(
+                    "; kept the pools changed at runtime of {} (the file did not change them)",
+                    done.kept.join(", ")
+                ));
+            }
             tracing::info!("{msg}");
             if let Some(f) = fleet {
                 f.resync();
             }
             Response { ok: true, message: Some(msg), ..Response::default() }
         }
-        Err(e) => Response::error(format!("reload failed while writing the maps: {}", chain(&e))),
+        Err(e) => Response::error(e),
     }
 }
 
@@ -510,6 +639,43 @@ fn keep_dsr_neighbours(services: &[ServiceConfig]) {
             if let Ok(sock) = std::net::UdpSocket::bind(any) {
                 let _ = sock.send_to(&[], SocketAddr::new(b.addr.ip(), 9));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_the_daemon_cannot_bind_are_refused() {
+        let dir = std::env::temp_dir().join(format!("switcher-sock-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("adir")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.join("nowhere"), dir.join("dangling")).expect("symlink");
+        assert!(check_socket_path(&dir.join("fresh.sock")).is_ok());
+        let e = check_socket_path(&dir.join("adir")).expect_err("a directory");
+        assert!(e.contains("is a directory"), "{e}");
+        let e = check_socket_path(&dir.join("dangling")).expect_err("a dangling symlink");
+        assert!(e.contains("dangling symbolic link"), "{e}");
+        let long = dir.join("x".repeat(120));
+        let e = check_socket_path(&long).expect_err("too long");
+        assert!(e.contains("at most 107"), "{e}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_reload_refuses_every_key_it_cannot_apply_by_name() {
+        let text = "interfaces = [\"lb0\"]\nsocket = \"/tmp/s.sock\"\n";
+        let running = Config::parse(Path::new("a.toml"), text).expect("valid");
+        assert!(restart_keys(&running, &running).is_empty());
+        for (line, key) in [
+            ("socket_group = \"root\"", "socket_group"),
+            ("metrics = \"127.0.0.1:9999\"", "metrics"),
+            ("audit_log = \"/tmp/audit.log\"", "audit_log"),
+            ("max_flows = 1024", "max_flows"),
+        ] {
+            let new = Config::parse(Path::new("b.toml"), &format!("{line}\n{text}")).expect("valid");
+            assert_eq!(restart_keys(&new, &running), [key], "{line}");
         }
     }
 }

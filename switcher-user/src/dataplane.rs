@@ -89,6 +89,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pin {} again (it was removed while the daemon ran)", path.display())]
+    Repin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pin the XDP link at {}", path.display())]
     PinLink {
         path: PathBuf,
@@ -243,6 +249,10 @@ pub struct Dataplane {
     options: Options,
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
+    /// Each pinned link's interface and kernel id, to pin it again if its pin goes.
+    link_ids: Vec<(String, u32)>,
+    /// Each pinned map's name and kernel id, likewise.
+    map_ids: Vec<(&'static str, u32)>,
     pins: Option<Pins>,
     /// The `flock` on the pin root, held while this daemon drives the data path.
     lock: Option<std::fs::File>,
@@ -342,6 +352,10 @@ impl Dataplane {
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
+        dp.map_ids = MAP_NAMES
+            .iter()
+            .filter_map(|name| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| (*name, info.id())))
+            .collect();
         if adopt {
             tracing::info!(pins = %pins.version_dir().display(), "adopted the pinned data path: flows and counters carry on");
         }
@@ -433,6 +447,8 @@ impl Dataplane {
             started_ns: now_coarse_ns(),
             options,
             links: Vec::new(),
+            link_ids: Vec::new(),
+            map_ids: Vec::new(),
             pins: None,
             lock: None,
             _meta: meta,
@@ -542,6 +558,7 @@ impl Dataplane {
             config::XdpMode::Skb => XdpMode::Skb,
         };
         let mut links = Vec::new();
+        let mut link_ids = Vec::new();
         for iface in interfaces {
             let path = pins.link(iface);
             let prog = self.program()?;
@@ -569,6 +586,8 @@ impl Dataplane {
             };
             let link = self.program()?.take_link(id).map_err(DataplaneError::Program)?;
             let fd_link = FdLink::try_from(link).map_err(|_| DataplaneError::NetlinkOnly { iface: iface.clone() })?;
+            let info = fd_link.info().map_err(|source| DataplaneError::Link { iface: iface.clone(), source })?;
+            link_ids.push((iface.clone(), info.id()));
             let pinned = fd_link.pin(&path).map_err(|source| DataplaneError::PinLink { path: path.clone(), source })?;
             links.push(pinned);
         }
@@ -580,7 +599,56 @@ impl Dataplane {
             }
         }
         self.links = links;
+        self.link_ids = link_ids;
         Ok(())
+    }
+
+    /// Pins again what was removed from under the running daemon (an `rm -rf` of the pin
+    /// directory, bpffs unmounted): without its pins the data path would stop when the daemon
+    /// exits, by the ids noted when they were pinned; this process's descriptors keep both
+    /// alive meanwhile. Returns what was
+    /// pinned again (empty: nothing was missing).
+    ///
+    /// # Errors
+    /// The directories, the program's info, or a pin could not be made.
+    pub fn repin(&mut self) -> Result<Vec<String>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(pins) = self.pins.clone() else { return Ok(Vec::new()) };
+        let maps: Vec<(&str, u32)> = self.map_ids.iter().copied().filter(|(n, _)| !pins.map(n).exists()).collect();
+        let links: Vec<(String, u32)> =
+            self.link_ids.iter().filter(|(iface, _)| !pins.link(iface).exists()).cloned().collect();
+        if maps.is_empty() && links.is_empty() {
+            return Ok(Vec::new());
+        }
+        pins.prepare()?;
+        let mut done = Vec::new();
+        for (name, id) in maps {
+            let path = pins.map(name);
+            crate::pins::pin_by_id(crate::pins::Object::Map, id, &path)
+                .map_err(|source| DataplaneError::Repin { path, source })?;
+            done.push(format!("maps/{name}"));
+        }
+        for (iface, id) in links {
+            let path = pins.link(&iface);
+            crate::pins::pin_by_id(crate::pins::Object::Link, id, &path)
+                .map_err(|source| DataplaneError::Repin { path, source })?;
+            done.push(format!("links/{iface}"));
+        }
+        // A removed root is a new directory now: the lock must be on it.
+        let locked = self.lock.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+        let root = std::fs::metadata(pins.root()).ok().map(|m| (m.dev(), m.ino()));
+        if locked != root {
+            self.lock = Some(pins.lock()?);
+        }
+        Ok(done)
+    }
+
+    /// Whether every map and link of this daemon is pinned: the data path outlives it.
+    #[must_use]
+    pub fn pinned(&self) -> bool {
+        self.pins.as_ref().is_some_and(|pins| {
+            MAP_NAMES.iter().all(|n| pins.map(n).exists()) && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
+        })
     }
 
     /// Detaches and removes every pin: the end of `--detach-on-exit` and `uninstall`.
@@ -589,6 +657,7 @@ impl Dataplane {
     /// A pin could not be removed.
     pub fn detach(&mut self) -> std::io::Result<()> {
         self.links.clear();
+        self.link_ids.clear();
         match self.pins.take() {
             Some(pins) => pins.remove(),
             None => Ok(()),

@@ -38,6 +38,9 @@ use crate::{
 const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 /// How often the published open-flow counts are refreshed by a walk of the flow table.
 const FLOWS_EVERY: Duration = Duration::from_secs(10);
+/// The base revision of an override made before this daemon read etcd: the first revision it
+/// reads becomes the base.
+const PENDING: i64 = i64::MAX;
 /// How long a change waits for this node to apply it before answering.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
 
@@ -55,6 +58,11 @@ pub struct Desired {
     /// Drain timeout of the switch that wrote this (none: the service's own).
     #[serde(default)]
     pub drain_timeout_secs: Option<u64>,
+    /// The change that wrote this was a rollback: nodes apply it as one, which never arms the
+    /// watch window (an automatic rollback would otherwise go forward again to the colour
+    /// just rolled back).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback: bool,
     /// Shared pools (`share_backends`); absent: each node uses its own config's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blue: Option<Vec<SharedBackend>>,
@@ -117,6 +125,8 @@ pub struct Target {
     pub drain: Option<Duration>,
     /// Blue's and green's shared pools, when shared.
     pub pools: Option<[Vec<BackendConfig>; 2]>,
+    /// Written by a rollback.
+    pub rollback: bool,
 }
 
 fn parse_colour(c: &str) -> Result<Colour, String> {
@@ -158,6 +168,7 @@ impl Desired {
             previous: self.previous.as_deref().map(parse_colour).transpose()?,
             drain: self.drain_timeout_secs.map(Duration::from_secs),
             pools,
+            rollback: self.rollback,
         })
     }
 }
@@ -178,6 +189,7 @@ fn seed<M: Maps>(board: &Switchboard<M>, name: &str, node: &str, share: bool) ->
         canary_bp,
         previous: previous.map(|c| c.to_string()),
         drain_timeout_secs: None,
+        rollback: false,
         blue: share.then(|| shared(&config.blue)),
         green: share.then(|| shared(&config.green)),
         change: "seeded from the first node's state".into(),
@@ -198,7 +210,7 @@ pub fn plan<M: Maps>(
     share: bool,
 ) -> Result<Option<Desired>, String> {
     let t = cur.target()?;
-    let mut next = Desired { drain_timeout_secs: None, ..cur.clone() };
+    let mut next = Desired { drain_timeout_secs: None, rollback: false, ..cur.clone() };
     let what = match req {
         Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
             let target = colour.as_deref().map(parse_colour).transpose()?.unwrap_or(t.active.other());
@@ -225,6 +237,7 @@ pub fn plan<M: Maps>(
             next.active = previous.to_string();
             next.canary_bp = 0;
             next.previous = Some(t.active.to_string());
+            next.rollback = true;
             format!("rollback {} → {previous}", t.active)
         }
         Request::Weight { service, colour, basis_points, force, .. } => {
@@ -375,6 +388,17 @@ impl Fleet {
         self.publish.notify_one();
     }
 
+    /// A change made on this node by the emergency path (`--local`) while its daemon was down:
+    /// like [`Fleet::note_override`], it holds until the service's desired state changes, but
+    /// its base is the first desired state this daemon reads (it did not know etcd's when the
+    /// change was made).
+    pub fn note_emergency_override(&self, name: &str) {
+        let why = "changed on this node by the emergency path (--local) while its daemon was down".to_owned();
+        tracing::warn!(service = %name, "this node differs from the fleet's desired state: {why}; it holds until that desired state changes");
+        self.lock().overrides.insert(name.to_owned(), (PENDING, why));
+        self.publish.notify_one();
+    }
+
     /// A change this node made on its own (`--local`, etcd down, health failover): it holds
     /// until the service's desired state changes.
     pub fn note_override(&self, name: &str, why: String) {
@@ -430,7 +454,11 @@ impl Fleet {
     fn apply<M: Maps>(&self, board: &Board<M>, name: &str, desired: Desired, rev: i64) -> Option<Change> {
         let mut st = self.lock();
         st.desired.insert(name.to_owned(), (desired.clone(), rev));
-        if let Some((base, why)) = st.overrides.get(name) {
+        if let Some((base, why)) = st.overrides.get_mut(name) {
+            if *base == PENDING {
+                // An emergency change overrides the desired state etcd has now.
+                *base = rev;
+            }
             if rev <= *base {
                 return None;
             }
@@ -446,7 +474,7 @@ impl Fleet {
             if b.snapshot(name).is_none() {
                 return Err(format!("{name} is in the fleet's desired state but not configured on this node"));
             }
-            b.apply_desired(name, t.active, t.canary_bp, t.drain, t.pools)
+            b.apply_desired(name, t.active, t.canary_bp, t.drain, t.pools, t.rollback)
         });
         let mut st = self.lock();
         let change = match result {
@@ -1089,14 +1117,83 @@ mod tests {
                 BackendConfig { addr: "198.51.100.19:8080".parse().expect("addr"), weight: 3 },
             ],
         ];
-        let change = b.apply_desired("web", Colour::Green, 250, None, Some(pools)).expect("applied");
+        let change = b.apply_desired("web", Colour::Green, 250, None, Some(pools), false).expect("applied");
         assert!(change.is_some());
         let (active, canary, previous, config) = b.snapshot("web").expect("web");
         assert_eq!((active, canary, previous), (Colour::Green, 250, Some(Colour::Blue)));
         assert_eq!(config.green.len(), 2);
         // The same again changes nothing.
-        assert_eq!(b.apply_desired("web", Colour::Green, 250, None, None), Ok(None));
-        assert!(b.apply_desired("ghost", Colour::Green, 0, None, None).is_err());
+        assert_eq!(b.apply_desired("web", Colour::Green, 250, None, None, false), Ok(None));
+        assert!(b.apply_desired("ghost", Colour::Green, 0, None, None, false).is_err());
+    }
+
+    fn fleet() -> Fleet {
+        Fleet::new(FleetConfig {
+            endpoints: vec![],
+            prefix: "/switcher".into(),
+            node: "lb1".into(),
+            share_backends: false,
+            lease_ttl: Duration::from_secs(10),
+        })
+    }
+
+    #[test]
+    fn an_emergency_local_change_holds_until_the_desired_state_changes() {
+        let mut b = crate::switchboard::tests::board();
+        // The emergency path (`--local`) moved web to green while the daemon was down; the
+        // restarted daemon adopted green from the pinned maps.
+        assert!(b.handle(req_cutover(Some("green"))).0.ok);
+        let board = Arc::new(Mutex::new(b));
+        let f = fleet();
+        f.note_emergency_override("web");
+        let active = || board.lock().expect("board").snapshot("web").expect("web").0;
+        // etcd still says blue (revision 5): the first read does not undo the emergency change.
+        assert_eq!(f.apply(&board, "web", desired("blue"), 5), None);
+        assert_eq!(active(), Colour::Green);
+        assert!(
+            f.local_view(&["web".into()]).services[0]
+                .local_override
+                .as_deref()
+                .is_some_and(|w| w.contains("emergency path"))
+        );
+        assert_eq!(f.apply(&board, "web", desired("blue"), 5), None, "read again after a reconnect");
+        assert_eq!(active(), Colour::Green);
+        // The desired state changes: the node follows it again.
+        assert!(f.apply(&board, "web", desired("blue"), 6).is_some());
+        assert_eq!(active(), Colour::Blue);
+        assert_eq!(f.local_view(&["web".into()]).services[0].local_override, None);
+    }
+
+    #[test]
+    fn a_rollback_from_the_fleet_is_a_rollback_and_never_arms_the_watch() {
+        use crate::switchboard::tests::{checked, probe};
+        let mut b = crate::switchboard::tests::board();
+        checked(&mut b, Some(Duration::from_secs(60)), false);
+        probe(&mut b, "198.51.100.2:8080", true);
+        probe(&mut b, "198.51.100.18:8080", true);
+        let blue = desired("blue");
+        let green = plan(&b, &req_cutover(Some("green")), &blue, false).expect("ok").expect("a change");
+        assert!(!green.rollback);
+        let t = green.target().expect("valid");
+        b.apply_desired("web", t.active, t.canary_bp, t.drain, t.pools, t.rollback).expect("applied");
+        let watch = |b: &mut Switchboard<_>| b.status(Some("web")).expect("status").services[0].watch_secs_left;
+        assert!(watch(&mut b).is_some(), "a cut-over from the fleet arms the watch window");
+        let rollback =
+            Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
+        let back = plan(&b, &rollback, &green, false).expect("ok").expect("a change");
+        assert!(back.rollback, "the desired state says it was a rollback");
+        let t = back.target().expect("valid");
+        let change = b.apply_desired("web", t.active, t.canary_bp, t.drain, t.pools, t.rollback).expect("applied");
+        assert_eq!(change.map(|c| c.what), Some("rolled-back".into()));
+        assert_eq!(watch(&mut b), None, "a rollback never arms the watch window");
+        // Blue, rolled back to, fails: nothing rolls "back" forward to green.
+        for _ in 0..3 {
+            assert!(probe(&mut b, "198.51.100.2:8080", false).is_empty());
+        }
+        assert_eq!(b.snapshot("web").expect("web").0, Colour::Blue);
+        // The next change is not a rollback any more.
+        let again = plan(&b, &req_cutover(Some("green")), &back, false).expect("ok").expect("a change");
+        assert!(!again.rollback);
     }
 
     #[test]

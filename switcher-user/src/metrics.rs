@@ -226,6 +226,7 @@ mod tests {
                         flows: 4,
                         rescued: 0,
                     },
+                    edited: false,
                 }],
                 ..ServiceStatus::default()
             }],

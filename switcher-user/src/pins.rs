@@ -5,6 +5,7 @@
 //!   v<ABI_VERSION>/
 //!     maps/<MAP NAME>     every map of the program (flows, state, counters, …)
 //!     links/<ifname>      the XDP bpf_link of each interface
+//!     overrides/<service> (fleet) an emergency change made `--local` while no daemon ran
 //! ```
 //!
 //! A daemon that starts finds the maps and links of its ABI version and adopts them: the
@@ -91,6 +92,53 @@ impl Pins {
         self.links_dir().join(iface)
     }
 
+    /// `<root>/v<ABI_VERSION>/overrides`: one empty directory per service changed by the
+    /// emergency path with `--local` in a fleet (bpffs holds directories, not files).
+    #[must_use]
+    pub fn overrides_dir(&self) -> PathBuf {
+        self.version_dir().join("overrides")
+    }
+
+    /// Records that `service` was changed on this node only while no daemon ran.
+    ///
+    /// # Errors
+    /// The directory could not be created.
+    pub fn record_override(&self, service: &str) -> io::Result<()> {
+        if service.is_empty() || service.contains('/') || service.starts_with('.') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("service name {service:?}")));
+        }
+        std::fs::create_dir_all(self.overrides_dir().join(service))
+    }
+
+    /// The services changed by the emergency path with `--local`, removing the records.
+    #[must_use]
+    pub fn take_overrides(&self) -> Vec<String> {
+        let dir = self.overrides_dir();
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        for n in &names {
+            let _ = std::fs::remove_dir(dir.join(n));
+        }
+        let _ = std::fs::remove_dir(&dir);
+        names
+    }
+
+    /// The process holding the pins' `flock` (a running daemon), from `/proc/locks`.
+    #[must_use]
+    pub fn holder(&self) -> Option<u32> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&self.root).ok()?;
+        let (dev, ino) = (meta.dev(), meta.ino());
+        let (major, minor) = (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+        let wanted = format!("{major:02x}:{minor:02x}:{ino}");
+        std::fs::read_to_string("/proc/locks").ok()?.lines().find_map(|l| {
+            // `1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF`; waiters are marked `->`.
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&wanted.as_str())).then(|| f.get(4)?.parse().ok())?
+        })
+    }
+
     /// Mounts bpffs where the root needs it (on `/sys/fs/bpf` for roots under it, else on the
     /// root itself) unless it is there already, then creates the directories.
     ///
@@ -172,6 +220,7 @@ impl Pins {
                 tracing::warn!(interface = %iface, "detach the XDP link: {e}");
             }
         }
+        let _ = self.take_overrides();
         for dir in [self.links_dir(), self.maps_dir()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
@@ -191,6 +240,41 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> io::Result<libc::c_long> {
     // SAFETY: the attribute block is ours and as large as we say.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr)) };
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+}
+
+/// What [`pin_by_id`] pins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Object {
+    Map,
+    Link,
+}
+
+/// Pins the map or link with kernel id `id` at `path` (`BPF_*_GET_FD_BY_ID`, `BPF_OBJ_PIN`),
+/// through a descriptor of its own: the caller's descriptors are not touched, so a failure
+/// never drops the object.
+///
+/// # Errors
+/// The object is gone, or the pin could not be made.
+pub fn pin_by_id(object: Object, id: u32, path: &Path) -> io::Result<()> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+    let cmd = match object {
+        Object::Map => BPF_MAP_GET_FD_BY_ID,
+        Object::Link => BPF_LINK_GET_FD_BY_ID,
+    };
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id);
+    let fd = bpf(cmd, &mut attr)?;
+    // SAFETY: a new fd the kernel just gave us; OwnedFd closes it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = [0u64; 16];
+    attr[0] = c.as_ptr() as u64;
+    attr[1] = u64::try_from(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(io::Error::other)?;
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
 }
 
 /// Opens a pinned link and detaches it from its hook now.
@@ -256,5 +340,30 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("cleanup");
         assert!(Pins::new(&dir).check_versions().is_ok());
         assert!(!Pins::new(&dir).exists());
+    }
+
+    #[test]
+    fn the_lock_holder_is_found_in_proc_locks() {
+        let dir = std::env::temp_dir().join(format!("switcher-pins-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let pins = Pins::new(&dir);
+        assert_eq!(pins.holder(), None, "nobody holds it yet");
+        let lock = pins.lock().expect("lock");
+        assert_eq!(pins.holder(), Some(std::process::id()));
+        assert!(matches!(pins.lock(), Err(PinsError::Locked { .. })), "a second lock is refused");
+        drop(lock);
+        assert_eq!(pins.holder(), None);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn local_overrides_are_recorded_and_taken_once() {
+        let dir = std::env::temp_dir().join(format!("switcher-pins-over-{}", std::process::id()));
+        let pins = Pins::new(&dir);
+        pins.record_override("web").expect("record");
+        assert!(pins.record_override("../etc").is_err());
+        assert_eq!(pins.take_overrides(), ["web"]);
+        assert!(pins.take_overrides().is_empty());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -53,6 +53,12 @@ pub trait Maps {
     /// # Errors
     /// The map read failed.
     fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError>;
+    /// Installs a new service list (a reload): services that stay keep their id and switch
+    /// state, new ones start as configured, removed ones go. Pools are written as given.
+    ///
+    /// # Errors
+    /// A map write failed.
+    fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError>;
     /// Moves or resets the open flows of a draining colour; returns how many.
     ///
     /// # Errors
@@ -95,6 +101,9 @@ impl Maps for Dataplane {
     fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
         Dataplane::scan_flows(self)
     }
+    fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError> {
+        Dataplane::apply(self, services)
+    }
     fn end_drain(
         &mut self,
         s: &ServiceConfig,
@@ -130,12 +139,16 @@ struct ServiceState {
     health: HashMap<SocketAddr, BackendHealth>,
     /// Until then, a failing new colour is rolled back automatically.
     watch_until: Option<Instant>,
+    /// Blue's and green's pools as the config file had them at the last (re)load: where
+    /// `config`'s differ, they were changed at runtime (`switcher backend`, the fleet).
+    file_pools: [Vec<BackendConfig>; 2],
 }
 
 impl ServiceState {
     fn new(config: ServiceConfig, installed: Installed) -> ServiceState {
         ServiceState {
             id: installed.id,
+            file_pools: [config.blue.clone(), config.green.clone()],
             config,
             active: installed.active,
             canary_bp: installed.canary_bp,
@@ -165,13 +178,12 @@ impl ServiceState {
     /// the checks call dead is no worse than sending it nowhere, and it survives a broken
     /// check.
     fn effective_pool(&self, colour: Colour) -> Vec<BackendConfig> {
-        let pool = self.config.pool(colour);
-        if pool.iter().filter(|b| b.weight > 0).all(|b| self.state_of(b.addr) == State::Down) {
-            return pool.to_vec();
-        }
-        pool.iter()
-            .map(|b| if self.state_of(b.addr) == State::Down { BackendConfig { weight: 0, ..*b } } else { *b })
-            .collect()
+        effective_pool(&self.config, &self.health, colour)
+    }
+
+    /// Whether a colour's pool was changed at runtime: it differs from the config file's.
+    fn edited(&self, colour: Colour) -> bool {
+        self.config.pool(colour) != self.file_pools[colour.as_u32() as usize].as_slice()
     }
 
     /// Whether a colour can take traffic: a checked service needs a backend that passed its
@@ -204,6 +216,31 @@ impl ServiceState {
             .collect::<Vec<_>>()
             .join("; ")
     }
+}
+
+/// A colour's pool as the maps get it (see [`ServiceState::effective_pool`]).
+fn effective_pool(
+    config: &ServiceConfig,
+    health: &HashMap<SocketAddr, BackendHealth>,
+    colour: Colour,
+) -> Vec<BackendConfig> {
+    let down =
+        |addr| config.health.check != CheckKind::None && health.get(&addr).is_some_and(|h| h.state == State::Down);
+    let pool = config.pool(colour);
+    if pool.iter().filter(|b| b.weight > 0).all(|b| down(b.addr)) {
+        return pool.to_vec();
+    }
+    pool.iter().map(|b| if down(b.addr) { BackendConfig { weight: 0, ..*b } } else { *b }).collect()
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Pools changed at runtime that the reload kept ("web green"): the config file did not
+    /// change them.
+    pub kept: Vec<String>,
 }
 
 /// The services' switch state, in front of the maps.
@@ -306,7 +343,7 @@ impl<M: Maps> Switchboard<M> {
     fn rollback(&mut self, name: &str, force: bool) -> Outcome {
         let i = self.find(name)?;
         let s = &self.services[i];
-        let Some(previous) = s.previous else {
+        let Some(previous) = s.previous.filter(|p| *p != s.active) else {
             return Err(format!(
                 "nothing to roll back: {name} has been {} since it was installed; use `switcher cutover {name} COLOUR` to switch",
                 s.active
@@ -485,7 +522,8 @@ impl<M: Maps> Switchboard<M> {
     /// Makes a service's state what the fleet wants: its pools (when shared), then its
     /// active colour and canary share, with `drain` as the old colour's drain timeout.
     /// Health checks here do not veto it: the node that wrote it checked, and a node that
-    /// disagreed would split the fleet. Returns the change made, if any.
+    /// disagreed would split the fleet. A `rollback` is applied as one: it never arms the
+    /// watch window. Returns the change made, if any.
     ///
     /// # Errors
     /// An unknown service, or a map write that failed.
@@ -496,6 +534,7 @@ impl<M: Maps> Switchboard<M> {
         canary: u32,
         drain: Option<Duration>,
         pools: Option<[Vec<BackendConfig>; 2]>,
+        rollback: bool,
     ) -> Result<Option<Change>, String> {
         let i = self.find(name)?;
         let mut changed = None;
@@ -523,7 +562,11 @@ impl<M: Maps> Switchboard<M> {
         if s.active == active && s.canary_bp == canary {
             return Ok(changed);
         }
-        let verb = if s.active == active { "weight" } else { "cut over" };
+        let verb = match (s.active == active, rollback) {
+            (true, _) => "weight",
+            (false, true) => "rolled back",
+            (false, false) => "cut over",
+        };
         let (_, change) = self.switch(i, active, canary, drain, verb, true)?;
         Ok(change.or(changed))
     }
@@ -652,21 +695,81 @@ impl<M: Maps> Switchboard<M> {
         }
     }
 
-    /// Replaces the services after a reload: services that stay keep their switch state,
-    /// drain and health; new ones start as installed; removed ones go.
-    pub fn reload(&mut self, services: Vec<(ServiceConfig, Installed)>) {
+    /// Applies a reloaded config's services. Services that stay keep their switch state,
+    /// drain and health, and their backends that health checks took out stay out of the
+    /// tables; new ones start as installed; removed ones go. A pool changed at runtime
+    /// (`switcher backend`, the fleet's shared pools) is kept when the file did not change
+    /// it; when the file changed it too, the reload is refused, nothing changes, and the
+    /// error lists what would be lost.
+    ///
+    /// # Errors
+    /// The runtime changes a reload would undo, or a map write that failed.
+    pub fn reload(&mut self, new: Vec<ServiceConfig>) -> Result<Reloaded, String> {
+        let mut conflicts = Vec::new();
+        let mut kept = Vec::new();
+        let mut configs = Vec::with_capacity(new.len());
+        for mut config in new {
+            let file_pools = [config.blue.clone(), config.green.clone()];
+            if let Some(old) = self.services.iter().find(|s| s.config.name == config.name) {
+                for c in Colour::ALL {
+                    let (before, runtime, file) =
+                        (&old.file_pools[c.as_u32() as usize], old.config.pool(c), config.pool(c));
+                    if !old.edited(c) || runtime == file {
+                        continue;
+                    }
+                    if before.as_slice() == file {
+                        kept.push(format!("{} {c}", config.name));
+                        *config.pool_mut(c) = runtime.to_vec();
+                        continue;
+                    }
+                    let lost = runtime_changes(before, runtime, file);
+                    if !lost.is_empty() {
+                        conflicts.push(format!("{} {c}: {}", config.name, lost.join(", ")));
+                    }
+                }
+            }
+            configs.push((config, file_pools));
+        }
+        if !conflicts.is_empty() {
+            return Err(format!(
+                "reload rejected, nothing changed: the file changes pools that were also changed at runtime, and applying it would undo: {}. Put the runtime changes in the file (or undo them with `switcher backend`), then reload",
+                conflicts.join("; ")
+            ));
+        }
+        let for_maps: Vec<ServiceConfig> = configs
+            .iter()
+            .map(|(config, _)| {
+                let health = self.services.iter().find(|s| s.config.name == config.name).map(|s| &s.health);
+                let mut c = config.clone();
+                if let Some(health) = health {
+                    c.blue = effective_pool(config, health, Colour::Blue);
+                    c.green = effective_pool(config, health, Colour::Green);
+                }
+                c
+            })
+            .collect();
+        let installed =
+            self.maps.install(&for_maps).map_err(|e| format!("reload failed while writing the maps: {}", chain(&e)))?;
         let mut old: HashMap<String, ServiceState> =
             self.services.drain(..).map(|s| (s.config.name.clone(), s)).collect();
-        for (config, installed) in services {
+        let mut done = Reloaded { kept, ..Reloaded::default() };
+        for ((config, file_pools), installed) in configs.into_iter().zip(installed) {
             let state = match old.remove(&config.name) {
                 Some(mut s) if s.id == installed.id => {
                     s.config = config;
+                    s.file_pools = file_pools;
                     s
                 }
-                _ => ServiceState::new(config, installed),
+                _ => {
+                    done.added.push(config.name.clone());
+                    ServiceState { file_pools, ..ServiceState::new(config, installed) }
+                }
             };
             self.services.push(state);
         }
+        done.removed = old.into_keys().collect();
+        done.removed.sort();
+        Ok(done)
     }
 
     /// Periodic work: finish drains that are empty or timed out. The flow table is walked
@@ -758,6 +861,7 @@ impl<M: Maps> Switchboard<M> {
                         .collect(),
                     live_flows: flows(c).live,
                     closing_flows: flows(c).closing,
+                    edited: s.edited(c),
                     counters: self.maps.counters(s.id, c).map_err(|e| chain(&e))?,
                 })
             })
@@ -849,6 +953,28 @@ pub fn edit_pool(
     }
 }
 
+/// What applying `file` to a pool changed at runtime from `before` (the file's pool at the
+/// last load) to `runtime` would undo.
+fn runtime_changes(before: &[BackendConfig], runtime: &[BackendConfig], file: &[BackendConfig]) -> Vec<String> {
+    let find = |pool: &[BackendConfig], b: &BackendConfig| pool.iter().find(|x| x.addr == b.addr).copied();
+    let mut lost = Vec::new();
+    for b in runtime {
+        match (find(before, b), find(file, b)) {
+            (None, None) => lost.push(format!("{} added at runtime would be removed", b.addr)),
+            (Some(old), Some(f)) if old.weight != b.weight && f.weight != b.weight => {
+                lost.push(format!("{} weight {} set at runtime would become {}", b.addr, b.weight, f.weight));
+            }
+            _ => {}
+        }
+    }
+    for b in before {
+        if find(runtime, b).is_none() && find(file, b).is_some() {
+            lost.push(format!("{} removed at runtime would come back", b.addr));
+        }
+    }
+    lost
+}
+
 /// An error and its sources on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -876,6 +1002,8 @@ pub(crate) mod tests {
         flows: HashMap<(u32, Colour), FlowCounts>,
         ended: Vec<(u32, Colour, DrainAction)>,
         writes: usize,
+        /// Service ids by name, as installed.
+        ids: HashMap<String, u32>,
     }
 
     impl Maps for FakeMaps {
@@ -902,6 +1030,26 @@ pub(crate) mod tests {
         }
         fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
             Ok(self.flows.clone())
+        }
+        fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError> {
+            self.ids.retain(|name, _| services.iter().any(|s| &s.name == name));
+            let mut out = Vec::new();
+            for s in services {
+                let id = match self.ids.get(&s.name) {
+                    Some(id) => *id,
+                    None => {
+                        let id = (0..).find(|i| !self.ids.values().any(|v| v == i)).unwrap_or_default();
+                        self.ids.insert(s.name.clone(), id);
+                        id
+                    }
+                };
+                for c in Colour::ALL {
+                    self.pools.insert((id, c), s.pool(c).to_vec());
+                }
+                let (active, canary_bp) = self.state.get(&id).copied().unwrap_or((s.active, 0));
+                out.push(Installed { id, active, canary_bp, previous: None });
+            }
+            Ok(out)
         }
         fn end_drain(
             &mut self,
@@ -941,7 +1089,8 @@ pub(crate) mod tests {
         };
         let solo = ServiceConfig { name: "solo".into(), port: 81, green: vec![], ..web.clone() };
         let installed = |id| Installed { id, active: Colour::Blue, canary_bp: 0, previous: None };
-        Switchboard::new(FakeMaps::default(), vec![(web, installed(0)), (solo, installed(1))])
+        let maps = FakeMaps { ids: HashMap::from([("web".into(), 0), ("solo".into(), 1)]), ..FakeMaps::default() };
+        Switchboard::new(maps, vec![(web, installed(0)), (solo, installed(1))])
     }
 
     fn handle(b: &mut Switchboard<FakeMaps>, req: Request) -> Response {
@@ -1108,14 +1257,14 @@ pub(crate) mod tests {
         assert!(rm(&mut b, "198.51.100.9:8080").error.is_some_and(|e| e.contains("is not a blue backend")));
     }
 
-    fn checked(b: &mut Switchboard<FakeMaps>, watch: Option<Duration>, failover: bool) {
+    pub(crate) fn checked(b: &mut Switchboard<FakeMaps>, watch: Option<Duration>, failover: bool) {
         let s = &mut b.services[0];
         s.config.health.check = CheckKind::Tcp;
         s.config.watch = watch;
         s.config.failover = failover;
     }
 
-    fn probe(b: &mut Switchboard<FakeMaps>, addr: &str, ok: bool) -> Vec<Change> {
+    pub(crate) fn probe(b: &mut Switchboard<FakeMaps>, addr: &str, ok: bool) -> Vec<Change> {
         let r = if ok { Ok(()) } else { Err("connect: connection refused".to_owned()) };
         b.record_health("web", vec![(addr.parse().expect("addr"), r)])
     }
@@ -1196,6 +1345,60 @@ pub(crate) mod tests {
         // Green dies too: nowhere to go, nothing changes.
         b.services[0].config.health.fall = 1;
         assert!(probe(&mut b, "198.51.100.18:8080", false).is_empty());
+    }
+
+    #[test]
+    fn a_reload_keeps_health_down_backends_out_and_runtime_pool_changes() {
+        let mut b = board();
+        // web's blue pool has two backends; the second fails its checks and leaves the table.
+        b.services[0].config.blue.push(backend("198.51.100.3:8080"));
+        b.services[0].file_pools[0].push(backend("198.51.100.3:8080"));
+        checked(&mut b, None, false);
+        b.services[0].config.health.fall = 1;
+        probe(&mut b, "198.51.100.2:8080", true);
+        probe(&mut b, "198.51.100.3:8080", false);
+        assert_eq!(b.maps.pools[&(0, Colour::Blue)][1].weight, 0, "down: out of the table");
+        // An operator adds a green backend at runtime.
+        let add = Request::BackendAdd {
+            service: "web".into(),
+            colour: "green".into(),
+            address: "198.51.100.19:8080".into(),
+            weight: None,
+        };
+        assert!(handle(&mut b, add).ok);
+        let file = b.services();
+        let mut file: Vec<ServiceConfig> = file
+            .into_iter()
+            .map(|mut s| {
+                s.green.retain(|g| g.addr.to_string() != "198.51.100.19:8080");
+                s
+            })
+            .collect();
+        let status = b.status(Some("web")).expect("status");
+        assert!(
+            status.services[0].colours[1].edited && !status.services[0].colours[0].edited,
+            "status says green was changed at runtime"
+        );
+
+        // The same file again: the down backend stays out, the runtime backend stays in.
+        let done = b.reload(file.clone()).expect("reloaded");
+        assert_eq!(done.kept, ["web green"]);
+        assert_eq!(b.maps.pools[&(0, Colour::Blue)][1].weight, 0, "a reload brought a down backend back");
+        assert_eq!(b.maps.pools[&(0, Colour::Green)].len(), 2, "a reload dropped a backend added at runtime");
+        assert_eq!(b.services()[0].green.len(), 2);
+
+        // A file that changes green too would undo the runtime change: refused, nothing written.
+        let before = b.maps.pools.clone();
+        file[0].green.push(backend("198.51.100.20:8080"));
+        let e = b.reload(file.clone()).expect_err("refused");
+        assert!(e.contains("web green: 198.51.100.19:8080 added at runtime would be removed"), "{e}");
+        assert_eq!(b.maps.pools, before);
+        // With the runtime change written into the file, it applies.
+        file[0].green.push(backend("198.51.100.19:8080"));
+        let done = b.reload(file).expect("reloaded");
+        assert!(done.kept.is_empty());
+        assert_eq!(b.maps.pools[&(0, Colour::Green)].len(), 3);
+        assert!(!b.status(Some("web")).expect("status").services[0].colours[1].edited);
     }
 
     #[test]

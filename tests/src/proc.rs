@@ -122,6 +122,8 @@ impl Daemon {
     /// # Panics
     /// When it does not come up.
     pub fn restart(&mut self) {
+        // A killed daemon leaves its socket file: readiness is the new daemon's own.
+        let _ = std::fs::remove_file(&self.socket);
         self.child = spawn_daemon(&self.ns, &self.config, &self.log);
         self.wait_ready();
     }

@@ -22,6 +22,11 @@ use switcher_user::{
 /// In a fleet (a `[fleet]` section in the daemon's config) it changes the desired state in
 /// etcd, which every node applies; `--wait` then shows each node applying it and draining.
 ///
+/// When no daemon runs, it writes the pinned maps directly (the emergency path), never
+/// behind a running daemon (a wrong --socket is refused, naming the daemon), and only to a
+/// colour whose pool is pinned. In a fleet that needs --local: the restarted daemon keeps
+/// the change until the fleet's desired state of the service changes.
+///
 /// Example: switcher cutover web green --drain-timeout 30 --wait
 #[derive(Debug, clap::Args)]
 pub struct Args {

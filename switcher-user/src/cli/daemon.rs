@@ -29,6 +29,8 @@ pub struct Args {
 pub fn run(config_path: &Path, args: Args) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     if args.check {
+        switcher_user::daemon::check_socket_path(&config.socket)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
         println!("{}", super::config::summary(config_path, &config));
         return Ok(());
     }

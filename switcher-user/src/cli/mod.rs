@@ -94,8 +94,10 @@ fn ask(socket: &std::path::Path, req: &control::Request) -> anyhow::Result<contr
     }
 }
 
-/// Sends a change to the daemon; when the daemon is not running, applies it to the pinned
-/// maps instead (the emergency path) and says so. `None`: the emergency path did it.
+/// Sends a change to the daemon; when no daemon is running, applies it to the pinned maps
+/// instead (the emergency path) and says so. `None`: the emergency path did it. When nothing
+/// answers on the socket but a daemon holds the pins (a wrong `--socket`), it fails, naming
+/// both: a direct write would go behind that daemon's back.
 fn ask_or_emergency(
     socket: &std::path::Path,
     config: &std::path::Path,
@@ -103,18 +105,33 @@ fn ask_or_emergency(
     service: &str,
     action: switcher_user::emergency::Action,
 ) -> anyhow::Result<Option<control::Response>> {
+    use switcher_user::emergency::{self, EmergencyError, Scope};
     match control::request(socket, req) {
         Ok(resp) if resp.ok => Ok(Some(resp)),
         Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused without saying why".into())),
         Err(control::ClientError::NotRunning { .. }) => {
             let cfg = switcher_user::config::Config::load(config).map_err(|e| {
-                anyhow::anyhow!("the daemon is not running, and the emergency path needs its config: {e}")
+                anyhow::anyhow!(
+                    "nothing answers on {}, and the emergency path needs the daemon's config: {e}",
+                    socket.display()
+                )
             })?;
-            let done = switcher_user::emergency::switch(&cfg, service, action)
-                .map_err(|e| anyhow::anyhow!("the daemon is not running; emergency path: {e}"))?;
+            let local = req.scope().is_some_and(|s| s.local);
+            let (done, scope) = emergency::switch(&cfg, service, action, local).map_err(|e| match e {
+                EmergencyError::DaemonRunning { .. } => {
+                    anyhow::anyhow!("nothing answers on {}, but {e}; nothing changed", socket.display())
+                }
+                e => anyhow::anyhow!("the daemon is not running; emergency path: {e}"),
+            })?;
             println!("{done}");
+            let then = match scope {
+                Scope::Node => "The daemon adopts this state when it starts.".to_owned(),
+                Scope::FleetLocal => format!(
+                    "This node is in a fleet: when its daemon starts it keeps this as a local override of the fleet's desired state, until that desired state of {service} changes (`switcher fleet status` shows it)."
+                ),
+            };
             eprintln!(
-                "note: the switcher daemon is not running: this was written straight into the pinned maps (emergency path); health checks were not consulted. The daemon adopts it when it starts."
+                "note: the switcher daemon is not running: this was written straight into the pinned maps (emergency path); health checks were not consulted. {then}"
             );
             Ok(None)
         }

@@ -6,9 +6,10 @@ use switcher_user::{control::Request, emergency::Action};
 
 /// Switch a service back to the colour that was active before its last switch.
 ///
-/// Like a cut-over, it is one map write and only moves new flows. When the daemon is down it
-/// writes the pinned maps directly (the emergency path) and says so. In a fleet it rolls
-/// back the fleet's desired state (every node); when etcd is unreachable, this node only.
+/// Like a cut-over, it is one map write and only moves new flows; it never arms the watch
+/// window. When no daemon runs it writes the pinned maps directly (the emergency path) and
+/// says so; in a fleet that needs --local. In a fleet it rolls back the fleet's desired
+/// state (every node); when etcd is unreachable, this node only.
 ///
 /// Example: switcher rollback web
 #[derive(Debug, clap::Args)]

@@ -110,6 +110,9 @@ fn render(resp: &Response) -> String {
             if c.backends.is_empty() {
                 out.push_str("          (no backends)\n");
             }
+            if c.edited {
+                out.push_str("          (pool changed at runtime: differs from the config file; a reload keeps it)\n");
+            }
             for b in &c.backends {
                 let detail = b.detail.as_deref().unwrap_or(&b.health);
                 let _ = writeln!(out, "          {}  weight {}  {detail}", b.address, b.weight);
@@ -145,6 +148,7 @@ mod tests {
             live_flows: 4,
             closing_flows: 0,
             counters: Counters { flows, ..Counters::default() },
+            edited: false,
         };
         let resp = Response {
             ok: true,

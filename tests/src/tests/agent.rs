@@ -285,3 +285,193 @@ fn metrics_are_served_on_loopback() {
     }
     drop(d);
 }
+
+#[test]
+fn the_emergency_path_never_goes_behind_a_daemon_nor_to_a_colour_without_a_pool() {
+    if !crate::have_root("the_emergency_path_never_goes_behind_a_daemon_nor_to_a_colour_without_a_pool") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    // `api` has blue only when the daemon installs it.
+    let api = format!(
+        "\n[[service]]\nname = \"api\"\nvip = \"{VIP}\"\nport = 8000\nprotocol = \"tcp\"\nactive = \"blue\"\nblue = \"198.51.100.3:8080\"\n"
+    );
+    let mut d = Daemon::start(&t.lb, |s| format!("{}{api}", demo_config(&t.lb_ifaces, "redirect", s)));
+    // A mistyped --socket while the daemon runs: refused, naming the socket tried, the
+    // daemon's pid and the socket it does listen on; nothing changes.
+    let wrong = d.dir.join("wrong.sock");
+    let out = std::process::Command::new(crate::proc::switcher_bin())
+        .arg("--socket")
+        .arg(&wrong)
+        .arg("--config")
+        .arg(&d.config)
+        .args(["cutover", "web", "green"])
+        .output()
+        .expect("run switcher");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the emergency path ran behind a live daemon: {err}");
+    assert!(err.contains(&wrong.display().to_string()), "names the socket it tried: {err}");
+    assert!(err.contains(&format!("pid {}", d.pid())), "names the daemon's pid: {err}");
+    assert!(err.contains(&d.socket.display().to_string()), "names the daemon's socket: {err}");
+    assert_eq!(active(&d, "web"), "blue");
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "blue", "traffic stayed on blue");
+
+    // Green added to `api` while the daemon is down: the pinned maps have no green pool.
+    d.kill();
+    let text = std::fs::read_to_string(&d.config).expect("config");
+    std::fs::write(
+        &d.config,
+        text.replace(
+            "blue = \"198.51.100.3:8080\"\n",
+            "blue = \"198.51.100.3:8080\"\ngreen = \"198.51.100.19:8080\"\n",
+        ),
+    )
+    .expect("write");
+    let out = d.cli(&["cutover", "api", "green"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no green pool in the pinned maps"), "{err}");
+    let (answer, _) = tcp_request(&t.client, SocketAddrV4::new(VIP, 8000)).expect("api still answers");
+    assert_eq!(answer, "blue 198.51.100.3");
+    // With no daemon, the emergency path still works where the pool is there.
+    let out = d.cli(&["cutover", "web", "green"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
+}
+
+#[test]
+fn an_emergency_change_in_a_fleet_needs_local_and_holds_as_an_override() {
+    if !crate::have_root("an_emergency_change_in_a_fleet_needs_local_and_holds_as_an_override") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    // etcd on a port nothing listens on: the node runs on its own state.
+    let fleet = "[fleet]\nendpoints = [\"http://127.0.0.1:9\"]\nnode = \"lb1\"\n";
+    let mut d = Daemon::start(&t.lb, |s| format!("{}\n{fleet}", demo_config(&t.lb_ifaces, "redirect", s)));
+    d.kill();
+    let out = d.cli(&["cutover", "web", "green"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("part of a fleet") && err.contains("--local"), "{err}");
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "blue", "nothing changed");
+    let out = d.cli(&["cutover", "web", "green", "--local"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("local override"), "{out:?}");
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
+    d.restart();
+    let status = d.status();
+    assert_eq!(status.services[0].active, "green");
+    let over =
+        status.fleet.and_then(|f| f.services.into_iter().find(|s| s.name == "web")).and_then(|s| s.local_override);
+    assert!(
+        over.as_deref().is_some_and(|w| w.contains("emergency path")),
+        "the restarted daemon shows the override: {over:?}"
+    );
+}
+
+#[test]
+fn pins_removed_under_a_running_daemon_are_restored_and_traffic_outlives_it() {
+    if !crate::have_root("pins_removed_under_a_running_daemon_are_restored_and_traffic_outlives_it") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let mut d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    let version = crate::proc::pin_path(&d.socket).join(format!("v{}", switcher_common::ABI_VERSION));
+    assert!(version.join("links").join(&t.lb_ifaces[0]).exists());
+    std::fs::remove_dir_all(&version).expect("rm -rf the pins");
+    let back = wait_for(Duration::from_secs(15), || {
+        (version.join("links").join(&t.lb_ifaces[0]).exists() && version.join("maps").join("STATE").exists())
+            .then_some(())
+    });
+    assert!(back.is_some(), "the daemon did not pin its data path again:\n{}", d.log());
+    assert!(d.log().contains("pinned again"), "it said so loudly:\n{}", d.log());
+    let status = d.stop();
+    assert!(status.success(), "{status}");
+    assert!(d.log().contains("the data path keeps running"), "{}", d.log());
+    // The daemon is gone: the pinned data path still forwards.
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("the VIP answers after the daemon stopped").0), "blue");
+    // And the emergency path works on the restored pins.
+    assert!(d.cli(&["cutover", "web", "green"]).status.success());
+    assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
+}
+
+#[test]
+fn a_daemon_that_cannot_bind_its_socket_attaches_nothing() {
+    if !crate::have_root("a_daemon_that_cannot_bind_its_socket_attaches_nothing") {
+        return;
+    }
+    let t = Topology::new();
+    /// Unmounts the test's bpffs mounts and removes its directory, also on failure.
+    struct Cleanup(std::path::PathBuf, std::cell::RefCell<Vec<std::path::PathBuf>>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for m in self.1.borrow().iter() {
+                let _ = std::process::Command::new("umount").arg(m).status();
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("switcher-test-{}-nobind", t.lb.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cleanup = Cleanup(dir.clone(), std::cell::RefCell::new(Vec::new()));
+    let xdp_on = |iface: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &t.lb.name, "link", "show", "dev", iface])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout).contains("xdp")
+    };
+    let run = |socket: &std::path::Path, name: &str| {
+        let config = dir.join(format!("{name}.toml"));
+        // Pins of this run only, on a bpffs mounted here (in the root mount namespace, so
+        // that what a failed start leaves attached would outlive it, as in production).
+        let pins = dir.join(format!("{name}-bpf"));
+        std::fs::create_dir_all(&pins).expect("pin dir");
+        crate::net::sh(&["mount", "-t", "bpf", "bpf", &pins.to_string_lossy()]);
+        cleanup.1.borrow_mut().push(pins.clone());
+        let text = demo_config(&t.lb_ifaces, "redirect", socket).replace(
+            &format!("pin_path = \"{}\"", crate::proc::pin_path(socket).display()),
+            &format!("pin_path = \"{}\"", pins.display()),
+        );
+        std::fs::write(&config, text).expect("config");
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &t.lb.name])
+            .arg(crate::proc::switcher_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["daemon", "--detach-on-exit"])
+            .output()
+            .expect("run the daemon");
+        let attached: Vec<bool> = t.lb_ifaces.iter().map(|i| xdp_on(i)).collect();
+        let _ = std::process::Command::new(crate::proc::switcher_bin())
+            .arg("uninstall")
+            .arg("--pin-path")
+            .arg(&pins)
+            .output();
+        (out, config, attached)
+    };
+    let adir = dir.join("adir");
+    std::fs::create_dir_all(&adir).expect("mkdir");
+    let dangling = dir.join("dangling.sock");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &dangling).expect("symlink");
+    let long = dir.join("s".repeat(110));
+    for (socket, name, why) in [
+        (&adir, "adir", "is a directory"),
+        (&dangling, "dangling", "dangling symbolic link"),
+        (&long, "long", "at most 107"),
+    ] {
+        let (out, config, attached) = run(socket, name);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{name}: {err}");
+        assert!(!attached.contains(&true), "{name}: a failed start left XDP attached: {attached:?}");
+        let check = std::process::Command::new(crate::proc::switcher_bin())
+            .args(["config", "check"])
+            .arg(&config)
+            .output()
+            .expect("config check");
+        assert!(!check.status.success(), "{name}: config check accepted it");
+        assert!(String::from_utf8_lossy(&check.stderr).contains(why), "{name}: {check:?}");
+    }
+}
