@@ -38,7 +38,13 @@ fn spread(mut v: Vec<f64>) -> Spread {
 }
 
 /// A TCP frame of exactly [`TEMPLATE_LEN`] bytes (the harness restores that many).
-fn tcp_frame(ip: etherparse::PacketBuilderStep<etherparse::IpHeaders>, header: usize, src: u16, dst: u16, syn: bool) -> Vec<u8> {
+fn tcp_frame(
+    ip: etherparse::PacketBuilderStep<etherparse::IpHeaders>,
+    header: usize,
+    src: u16,
+    dst: u16,
+    syn: bool,
+) -> Vec<u8> {
     let b = ip.tcp(src, dst, 1, 64_000);
     let b = if syn { b.syn() } else { b.ack(1) };
     let mut v = Vec::new();
@@ -435,7 +441,7 @@ fn per_packet(quick: bool) -> PerPacket {
 fn per_packet_method(pp: &PerPacket) -> String {
     let new_fill = (ROUNDS * (pp.repeat_new as usize + pp.calls_new)) as f64 / f64::from(switcher_common::MAX_FLOWS);
     format!(
-        "`BPF_PROG_TEST_RUN` on one CPU (the bench thread is pinned to CPU {cpu}) through a harness in the benchmarks' own object (`switcher-bench`, which the daemon never loads): each iteration writes a {TEMPLATE_LEN}-byte template frame back into the packet — the program under test rewrote the previous one — and, for new flows, gives it a source no earlier iteration had (source port and the address's last byte from a counter); then it tail-calls the program under test. That is switcher's own program, loaded as the daemon loads it, with kernel forwarding (`forwarding = \"kernel\"`: no FIB lookup in these figures), or `baseline`, a trivial program that returns `XDP_PASS`. Every figure is switcher's run minus the trivial program's run through the same harness ({fixed:.0} ns per iteration with a fixed frame, {fresh:.0} ns with a fresh source), so the harness's own work cancels out.\n\n- **mean**: one run of {repeat} iterations ({repeat_new} for new flows), the kernel's time divided by the count: everything included, such as the LRU table refilling its per-CPU free list (every 128 inserts) or evicting when full.\n- **median**: the median of {calls} single runs ({calls_new} for new flows), a typical packet. The kernel times a single run with its clock's resolution, so medians move in steps.\n- {REPEATS} loads (switcher and the harness loaded afresh each time) of {ROUNDS} interleaved rounds (row by row: trivial program, then switcher); a load's figure is the median of its rounds, and the table shows the median over loads with min–max across loads, so what a reload changes shows in the spread.\n- New flows go into an empty table of {max} flows per load (filled to {fill:.0} % by the end); the full-table row first runs {over} new flows through its own table of that size, so that every measured new flow evicts another.\n- Checked on every run (the bench fails otherwise): {proofs}.\n",
+        "`BPF_PROG_TEST_RUN` on one CPU (the bench thread is pinned to CPU {cpu}) through a harness in the benchmarks' own object (`switcher-bench`, which the daemon never loads): each iteration writes a {TEMPLATE_LEN}-byte template frame back into the packet — the program under test rewrote the previous one — and, for new flows, gives it a source no earlier iteration had (source port and the address's last byte from a counter); then it tail-calls the program under test. That is switcher's own program, loaded as the daemon loads it, with kernel forwarding (`forwarding = \"kernel\"`: no FIB lookup in these figures), or `baseline`, a trivial program that returns `XDP_PASS`. Every figure is switcher's run minus the trivial program's run through the same harness ({fixed:.0} ns per iteration with a fixed frame, {fresh:.0} ns with a fresh source), so the harness's own work cancels out.\n\n- **mean**: one run of {repeat} iterations ({repeat_new} for new flows), the kernel's time divided by the count: everything included, such as the LRU table refilling its per-CPU free list (every 128 inserts) or evicting when full.\n- **median**: the median of {calls} single runs ({calls_new} for new flows), a typical packet. Each single run is a syscall of its own, which leaves the program colder caches and branch predictors than a run of many iterations does, so a path that allocates nothing can have a median above its mean; and the kernel times a single run with its clock's resolution, so medians move in steps.\n- {REPEATS} loads (switcher and the harness loaded afresh each time) of {ROUNDS} interleaved rounds (row by row: trivial program, then switcher); a load's figure is the median of its rounds, and the table shows the median over loads with min–max across loads, so what a reload changes shows in the spread.\n- New flows go into an empty table of {max} flows per load (filled to {fill:.0} % by the end); the full-table row first runs {over} new flows through its own table of that size, so that every measured new flow evicts another.\n- Checked on every run (the bench fails otherwise): {proofs}.\n",
         cpu = pp.cpu,
         fixed = pp.floor.0,
         fresh = pp.floor.1,
@@ -1473,7 +1479,10 @@ fn chart(paths: &[Path], path: &std::path::Path) -> Result<(), Box<dyn std::erro
     root.fill(&WHITE)?;
     let max = paths.iter().map(|p| p.mean.max).fold(10.0, f64::max) * 1.15;
     let mut c = ChartBuilder::on(&root)
-        .caption("switcher: extra ns per packet over a do-nothing XDP program (mean; median and min–max over reloads)", ("sans-serif", 18))
+        .caption(
+            "switcher: extra ns per packet over a do-nothing XDP program (mean; median and min–max over reloads)",
+            ("sans-serif", 18),
+        )
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(220)
@@ -1608,7 +1617,8 @@ fn main() -> std::process::ExitCode {
     );
     let _ = writeln!(
         md,
-        "\n## Scaling (established IPv4 flow)\n\n| tracked flows / services | extra ns/packet (median) | min–max |\n|---|---:|---:|"
+        "\n## Scaling (established IPv4 flow)\n\nThe per-packet harness with a fixed frame, one load per row: the mean of a run of {} iterations minus the trivial program's, {REPEATS} interleaved rounds (median, min–max).\n\n| tracked flows / services | extra ns/packet (mean) | min–max |\n|---|---:|---:|",
+        if quick { "200,000" } else { "1,000,000" }
     );
     for (name, s) in &scale {
         let _ = writeln!(md, "| {name} | {:+.1} | {:+.1} – {:+.1} |", s.median, s.min, s.max);
