@@ -22,7 +22,8 @@ pub const ABI_VERSION: u32 = 5;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
-/// A program in the same object that only returns `XDP_PASS`: the benchmarks' baseline.
+/// A program of the benchmarks' own object (`switcher-bench`, never loaded by the daemon) that
+/// only returns `XDP_PASS`: the benchmarks' baseline.
 pub const BASELINE_PROG: &str = "baseline";
 
 /// `ServiceKey` → `Service`; written by the daemon.
@@ -84,8 +85,8 @@ pub const PORT_SERVICE: u8 = 1;
 /// `PORTS` bit: a backend port (replies come from it).
 pub const PORT_BACKEND: u8 = 2;
 
-/// `u32` 0 → the live-frame benchmark's 64-byte frame; used by the `bench_*` programs only,
-/// never pinned and never written by the daemon.
+/// `u32` 0 → the live-frame benchmark's 64-byte frame; a map of the benchmarks' own object
+/// (`switcher-bench`), not of the daemon's.
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 
 /// Every map name the data path uses and the daemon pins, for the object-file test.

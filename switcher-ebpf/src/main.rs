@@ -14,8 +14,6 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod bench;
-#[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -108,11 +106,6 @@ mod prog {
     #[map(name = "SCRATCH")]
     pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-    /// The live-frame benchmark's frame (64 bytes), written by the bench; never used by
-    /// `switcher`.
-    #[map(name = "BENCH_FRAME")]
-    pub static BENCH_FRAME: Array<[u64; 8]> = Array::with_max_entries(1, 0);
-
     /// Idle timeout of UDP flows in ns; set at load (`GLOBAL_UDP_IDLE_NS`).
     #[unsafe(no_mangle)]
     pub static UDP_IDLE_NS: Global<u64> = Global::new(switcher_common::DEFAULT_UDP_IDLE_NS);
@@ -141,30 +134,6 @@ mod prog {
             unsafe { *slot += 1 };
         }
         action
-    }
-
-    /// The benchmarks' baseline: does nothing but pass. Never attached by the daemon.
-    #[xdp]
-    pub fn baseline(_ctx: XdpContext) -> u32 {
-        aya_ebpf::bindings::xdp_action::XDP_PASS
-    }
-
-    /// The live-frame benchmark's generator: every frame back out (see `bench`).
-    #[xdp]
-    pub fn bench_tx(ctx: XdpContext) -> u32 {
-        crate::bench::tx(&ctx)
-    }
-
-    /// The live-frame benchmark's contender: a plain XDP IPv4 router (see `bench`).
-    #[xdp]
-    pub fn bench_forward(ctx: XdpContext) -> u32 {
-        crate::bench::forward(&ctx)
-    }
-
-    /// The live-frame benchmark's sink (see `bench`).
-    #[xdp]
-    pub fn bench_drop(ctx: XdpContext) -> u32 {
-        crate::bench::drop(&ctx)
     }
 
     #[inline(always)]

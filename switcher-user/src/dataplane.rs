@@ -27,7 +27,7 @@ use aya::{
     },
 };
 use switcher_common::{
-    ABI_VERSION, BASELINE_PROG, BP_ALL, Backend, BackendKey, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
+    ABI_VERSION, BP_ALL, Backend, BackendKey, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
     FLOW_RESET, FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
     MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE, MAP_RING, MAP_RING_LIVE,
     MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME,
@@ -44,6 +44,11 @@ use crate::{
 
 /// The XDP object built by `build.rs` from `switcher-ebpf`.
 pub static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switcher"));
+
+/// The benchmarks' XDP object (`switcher-ebpf/src/bench.rs`): the do-nothing baseline, the
+/// per-packet harness and the live-frame programs. The daemon never loads it, and a binary
+/// that does not name it (the daemon) does not carry it: the linker drops it.
+pub static BENCH_PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switcher-bench"));
 
 /// Errors of the data plane, with the object they concern.
 #[derive(Debug, thiserror::Error)]
@@ -467,23 +472,6 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing { what: "program", name: PROG_NAME })?
             .try_into()
             .map_err(DataplaneError::Program)
-    }
-
-    /// The do-nothing baseline program of the same object, loaded (for benchmarks).
-    ///
-    /// # Errors
-    /// The object has no such program, or it does not load.
-    pub fn baseline(&mut self) -> Result<&mut Xdp> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(BASELINE_PROG)
-            .ok_or(DataplaneError::Missing { what: "program", name: BASELINE_PROG })?
-            .try_into()
-            .map_err(DataplaneError::Program)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(DataplaneError::Program)?;
-        }
-        Ok(prog)
     }
 
     /// Writes a flow entry directly (benchmarks fill the table with it).
@@ -1265,7 +1253,8 @@ mod object_tests {
     use super::PROGRAM;
 
     /// The embedded object's maps are exactly the ones `switcher-common` names (plus aya-log's
-    /// ring buffer and the benchmark's frame), and its program section is the XDP entry point.
+    /// ring buffer: nothing of the benchmarks'), and its one program section is the XDP entry
+    /// point.
     #[test]
     fn embedded_object_matches_the_abi_names() {
         if PROGRAM.is_empty() {
@@ -1283,10 +1272,15 @@ mod object_tests {
         maps.sort();
         let mut expected: Vec<String> = switcher_common::MAP_NAMES.iter().map(|s| (*s).to_owned()).collect();
         expected.push("AYA_LOGS".into());
-        expected.push(switcher_common::MAP_BENCH_FRAME.into());
         expected.sort();
         assert_eq!(maps, expected);
-        assert!(obj.section_by_name("xdp").is_some(), "an `xdp` program section");
+        let xdp = obj.section_by_name("xdp").expect("an `xdp` program section");
+        let programs: Vec<&str> = obj
+            .symbols()
+            .filter(|s| s.section_index() == Some(xdp.index()) && s.kind() == object::SymbolKind::Text)
+            .filter_map(|s| s.name().ok())
+            .collect();
+        assert_eq!(programs, [switcher_common::PROG_NAME], "the daemon's object holds its one program only");
         for global in [switcher_common::GLOBAL_FORWARD_MODE, switcher_common::GLOBAL_UDP_IDLE_NS] {
             assert!(obj.symbols().any(|s| s.name() == Ok(global)), "global {global}");
         }
