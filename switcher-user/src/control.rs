@@ -247,6 +247,14 @@ pub struct Drain {
     pub timeout_secs: Option<u64>,
     /// What happens at the timeout: "move" or "reset".
     pub on_timeout: String,
+    /// In a fleet: other nodes that still hold open flows of the draining colour, as
+    /// `(node, open flows)`. The drain ends when no node holds any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub elsewhere: Vec<(String, u64)>,
+    /// Open TCP flows of the draining colour idle past `tcp_idle_timeout_secs`: not counted
+    /// in `live_flows` (they keep their backend if they come back).
+    #[serde(default)]
+    pub idle_flows: u64,
 }
 
 /// One colour of a service.

@@ -790,6 +790,11 @@ pub async fn run<M: Maps + Send + 'static>(
     board: Board<M>,
     record: impl Fn(&str, &Change) + Send + Sync + 'static,
 ) {
+    // In a fleet, a drain ends only when no node holds flows of the draining colour: the
+    // switchboard waits for a view of the other nodes taken after each drain began.
+    if let Ok(mut b) = board.lock() {
+        b.set_remote_drains(HashMap::new());
+    }
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
@@ -873,6 +878,13 @@ async fn session_inner<M: Maps>(
                     }
                     flows_counted = Instant::now();
                 }
+                let draining = board.lock().is_ok_and(|b| b.draining());
+                if draining {
+                    let drains = remote_drains(fleet, &mut client).await?;
+                    if let Ok(mut b) = board.lock() {
+                        b.set_remote_drains(drains);
+                    }
+                }
                 if std::mem::take(&mut fleet.lock().reseed) {
                     let all = read_desired(fleet, board, &mut client).await?;
                     apply_kvs(fleet, board, record, all.kvs());
@@ -885,6 +897,45 @@ async fn session_inner<M: Maps>(
 }
 
 /// Seeds what etcd lacks, then reads every service's desired state.
+/// The other nodes that still hold open flows of a draining colour, by service: a node's
+/// drain ends only when no node holds any (connections that ECMP moves between nodes keep
+/// their colour through the data path's drain flag meanwhile).
+async fn remote_drains(fleet: &Fleet, client: &mut Client) -> Result<HashMap<String, Vec<(String, u64)>>, String> {
+    let nodes =
+        client.get(fleet.nodes_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(|e| etcd_error(&e))?;
+    let applied = fleet.lock().applied.clone();
+    Ok(drains_elsewhere(
+        nodes.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()),
+        &fleet.config.node,
+        &applied,
+    ))
+}
+
+/// From the nodes' published states: who, other than `me`, holds open flows of a draining
+/// colour, by service, as `(node, open flows)`. A node that has not applied the revision this
+/// node applied last (`applied`) may still hold flows it has not reported: it is listed with 0.
+fn drains_elsewhere(
+    nodes: impl Iterator<Item = NodeState>,
+    me: &str,
+    applied: &HashMap<String, i64>,
+) -> HashMap<String, Vec<(String, u64)>> {
+    let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+    for node in nodes.filter(|n| n.node != me) {
+        for s in node.services {
+            let behind = applied.get(&s.name).is_some_and(|&rev| s.applied_revision < rev);
+            match s.draining.filter(|(_, n)| *n > 0) {
+                Some((_, flows)) => out.entry(s.name).or_default().push((node.node.clone(), flows)),
+                None if behind => out.entry(s.name).or_default().push((node.node.clone(), 0)),
+                None => {}
+            }
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
 async fn read_desired<M: Maps>(
     fleet: &Fleet,
     board: &Board<M>,
@@ -1215,6 +1266,34 @@ mod tests {
         assert_eq!(agreement(&node("blue", 7, Some("rolled back locally")), "web", &want, 7), Agreement::Disagrees);
         assert_eq!(agreement(&node("blue", 5, Some("etcd down")), "web", &want, 7), Agreement::Disagrees);
         assert_eq!(agreement(&node("green", 7, None), "dns", &want, 7), Agreement::Missing);
+    }
+
+    #[test]
+    fn a_drain_waits_for_the_other_nodes_that_hold_flows() {
+        let node = |name: &str, draining: Option<(&str, u64)>| NodeState {
+            node: name.into(),
+            at_unix: 1,
+            services: vec![NodeService {
+                name: "web".into(),
+                draining: draining.map(|(c, n)| (c.into(), n)),
+                ..NodeService::default()
+            }],
+        };
+        let nodes = vec![
+            node("lb0", Some(("blue", 5))),
+            node("lb1", Some(("blue", 8))),
+            node("lb2", Some(("blue", 0))),
+            node("lb3", None),
+        ];
+        let none = HashMap::new();
+        let d = drains_elsewhere(nodes.clone().into_iter(), "lb0", &none);
+        assert_eq!(d.get("web"), Some(&vec![("lb1".to_owned(), 8)]), "not itself, not nodes with none left");
+        assert!(drains_elsewhere(nodes.clone().into_iter().skip(2), "lb0", &none).is_empty());
+        // Nodes that have not applied this node's revision yet may hold flows they have not
+        // reported: they are waited for.
+        let applied = HashMap::from([("web".to_owned(), 7)]);
+        let d = drains_elsewhere(nodes.into_iter().skip(2), "lb0", &applied);
+        assert_eq!(d.get("web"), Some(&vec![("lb2".to_owned(), 0), ("lb3".to_owned(), 0)]));
     }
 
     #[test]

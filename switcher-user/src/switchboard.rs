@@ -77,6 +77,12 @@ pub trait Maps {
     fn stamp_clock(&mut self) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// Sets or clears a service's drain flag in the data path: while set, a TCP packet in
+    /// mid-connection without a flow goes to the previous colour.
+    ///
+    /// # Errors
+    /// The map write failed.
+    fn set_draining(&mut self, id: u32, draining: bool) -> Result<(), DataplaneError>;
 }
 
 impl Maps for Dataplane {
@@ -116,6 +122,9 @@ impl Maps for Dataplane {
     fn stamp_clock(&mut self) -> Result<(), DataplaneError> {
         Dataplane::stamp_clock(self)
     }
+    fn set_draining(&mut self, id: u32, draining: bool) -> Result<(), DataplaneError> {
+        Dataplane::set_draining(self, id, draining)
+    }
 }
 
 /// A drain in progress: the old colour's open flows finishing after a switch.
@@ -136,6 +145,8 @@ struct ServiceState {
     switches: u64,
     switched_at: Option<Instant>,
     drain: Option<DrainState>,
+    /// What the data path's drain flag was last set to (`Maps::set_draining`).
+    draining_flag: bool,
     health: HashMap<SocketAddr, BackendHealth>,
     /// Until then, a failing new colour is rolled back automatically.
     watch_until: Option<Instant>,
@@ -156,6 +167,7 @@ impl ServiceState {
             switches: 0,
             switched_at: None,
             drain: None,
+            draining_flag: false,
             health: HashMap::new(),
             watch_until: None,
         }
@@ -249,6 +261,9 @@ pub struct Switchboard<M> {
     services: Vec<ServiceState>,
     /// Open flows per (service, colour) at the last walk of the flow table.
     last_flows: HashMap<(u32, Colour), FlowCounts>,
+    /// In a fleet: when the other nodes were last looked at, and which of them still drain,
+    /// by service (see [`Switchboard::set_remote_drains`]). `None`: not in a fleet.
+    remote_drains: Option<(Instant, HashMap<String, Vec<(String, u64)>>)>,
 }
 
 /// One service as this node sees it, for the fleet (see [`Switchboard::observed`]).
@@ -289,7 +304,7 @@ impl<M: Maps> Switchboard<M> {
     /// The services as [`Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
-        Switchboard { maps, services, last_flows: HashMap::new() }
+        Switchboard { maps, services, last_flows: HashMap::new(), remote_drains: None }
     }
 
     /// The data plane, for the daemon's own use (reload).
@@ -414,11 +429,14 @@ impl<M: Maps> Switchboard<M> {
         let took = started.elapsed();
         // The old colour's open flows, to report drain progress against: counted after the
         // switch, which must not wait for a walk of the flow table.
+        let id = s.id;
         let initial = if from == target {
             0
         } else {
-            self.maps.scan_flows().ok().and_then(|c| c.get(&(s.id, from)).map(|c| c.live)).unwrap_or(0)
+            // Kept for `observed`, so the fleet publishes the drain with its real count at once.
+            self.refresh_flows().and_then(|c| c.get(&(id, from)).map(|c| c.live)).unwrap_or(0)
         };
+        let s = &self.services[i];
         let timeout = drain_timeout.or(s.config.drain_timeout);
         let watch = s.config.watch;
         let s = &mut self.services[i];
@@ -427,6 +445,7 @@ impl<M: Maps> Switchboard<M> {
             s.switches += 1;
             s.switched_at = Some(Instant::now());
             s.drain = Some(DrainState { from, started: Instant::now(), timeout, initial });
+            s.draining_flag = false;
             s.watch_until = if verb == "cut over" { watch.map(|w| Instant::now() + w) } else { None };
         }
         s.active = target;
@@ -445,6 +464,7 @@ impl<M: Maps> Switchboard<M> {
             Some(w) if from != target && verb == "cut over" => format!("; watching {target} for {}s", w.as_secs()),
             _ => String::new(),
         };
+        self.sync_draining();
         let change = Change {
             service: name.clone(),
             what: verb.replace(' ', "-"),
@@ -779,6 +799,7 @@ impl<M: Maps> Switchboard<M> {
             tracing::warn!("stamp the data path's clock: {}", chain(&e));
         }
         if self.services.iter().all(|s| s.drain.is_none()) {
+            self.sync_draining();
             return;
         }
         let Some(counts) = self.refresh_flows() else { return };
@@ -787,7 +808,12 @@ impl<M: Maps> Switchboard<M> {
             let Some(drain) = s.drain.clone() else { continue };
             let live = counts.get(&(s.id, drain.from)).map_or(0, |c| c.live);
             let name = s.config.name.clone();
-            if live == 0 {
+            // In a fleet, only a view of the other nodes taken since the drain began counts.
+            let (seen, elsewhere) = match &self.remote_drains {
+                None => (true, false),
+                Some((at, drains)) => (*at >= drain.started, drains.get(&name).is_some_and(|v| !v.is_empty())),
+            };
+            if live == 0 && seen && !elsewhere {
                 tracing::info!(service = %name, colour = %drain.from, secs = drain.started.elapsed().as_secs(), "drain complete");
                 self.services[i].drain = None;
             } else if drain.timeout.is_some_and(|t| drain.started.elapsed() >= t) {
@@ -802,6 +828,44 @@ impl<M: Maps> Switchboard<M> {
                 self.services[i].drain = None;
             }
         }
+        self.sync_draining();
+    }
+
+    /// Brings each service's drain flag in the data path in line with its drain: set while
+    /// it drains (so connections that began on the previous colour and reach this node
+    /// without a flow go back there), cleared when the drain ends.
+    fn sync_draining(&mut self) {
+        for s in &mut self.services {
+            let want = s.drain.is_some() && s.previous.is_some();
+            if want != s.draining_flag {
+                match self.maps.set_draining(s.id, want) {
+                    Ok(()) => s.draining_flag = want,
+                    Err(e) => tracing::warn!(service = %s.config.name, "set the drain flag: {}", chain(&e)),
+                }
+            }
+        }
+    }
+
+    /// Other nodes of the fleet that still hold open flows of a draining colour, by service:
+    /// `(node, open flows)`, as just read by the fleet. Once called, this node is in a fleet:
+    /// a drain ends only when no node holds any, by a view taken after the drain began.
+    pub fn set_remote_drains(&mut self, drains: HashMap<String, Vec<(String, u64)>>) {
+        self.remote_drains = Some((Instant::now(), drains));
+    }
+
+    /// Whether some service is draining.
+    #[must_use]
+    pub fn draining(&self) -> bool {
+        self.services.iter().any(|s| s.drain.is_some())
+    }
+
+    /// Whether some drain has no open flows left on this node (so it waits on other nodes,
+    /// or is about to end).
+    #[must_use]
+    pub fn waits_on_fleet(&self) -> bool {
+        self.services
+            .iter()
+            .any(|s| s.drain.as_ref().is_some_and(|d| self.last_flows.get(&(s.id, d.from)).map_or(0, |c| c.live) == 0))
     }
 
     /// Walks the flow table and keeps the counts for [`Switchboard::observed`].
@@ -891,6 +955,12 @@ impl<M: Maps> Switchboard<M> {
                     DrainAction::Move => "move".into(),
                     DrainAction::Reset => "reset".into(),
                 },
+                elsewhere: self
+                    .remote_drains
+                    .as_ref()
+                    .and_then(|(_, d)| d.get(&s.config.name).cloned())
+                    .unwrap_or_default(),
+                idle_flows: flows(d.from).idle,
             }),
             colours,
         })
@@ -1002,6 +1072,8 @@ pub(crate) mod tests {
         flows: HashMap<(u32, Colour), FlowCounts>,
         ended: Vec<(u32, Colour, DrainAction)>,
         writes: usize,
+        /// The drain flag of each service, as the data path would hold it.
+        draining: HashMap<u32, bool>,
         /// Service ids by name, as installed.
         ids: HashMap<String, u32>,
     }
@@ -1030,6 +1102,10 @@ pub(crate) mod tests {
         }
         fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
             Ok(self.flows.clone())
+        }
+        fn set_draining(&mut self, id: u32, draining: bool) -> Result<(), DataplaneError> {
+            self.draining.insert(id, draining);
+            Ok(())
         }
         fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError> {
             self.ids.retain(|name, _| services.iter().any(|s| &s.name == name));
@@ -1198,6 +1274,29 @@ pub(crate) mod tests {
         assert_eq!(percent(1), "0.01%");
         assert_eq!(percent(1250), "12.5%");
         assert_eq!(percent(10_000), "100%");
+    }
+
+    #[test]
+    fn the_data_path_drain_flag_follows_the_drain_and_waits_on_other_nodes() {
+        let mut b = board();
+        b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 2, closing: 0, idle: 0 });
+        assert!(cutover(&mut b, "web", Some("green")).ok);
+        assert_eq!(b.maps.draining.get(&0), Some(&true), "set by the cut-over itself");
+        b.tick();
+        assert_eq!(b.maps.draining.get(&0), Some(&true), "still draining");
+        // The local flows are gone (or idle), but another node still holds some: wait for it.
+        b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 0, closing: 0, idle: 2 });
+        b.set_remote_drains(HashMap::from([("web".to_owned(), vec![("lb1".to_owned(), 8)])]));
+        b.tick();
+        assert!(b.waits_on_fleet());
+        let st = b.status(Some("web")).expect("status");
+        let drain = st.services[0].drain.clone().expect("draining while lb1 holds flows");
+        assert_eq!((drain.live_flows, drain.idle_flows, drain.elsewhere.clone()), (0, 2, vec![("lb1".to_owned(), 8)]));
+        assert_eq!(b.maps.draining.get(&0), Some(&true));
+        b.set_remote_drains(HashMap::new());
+        b.tick();
+        assert!(b.services[0].drain.is_none(), "no node holds any: the drain is over");
+        assert_eq!(b.maps.draining.get(&0), Some(&false), "and the data path is told");
     }
 
     #[test]

@@ -333,6 +333,7 @@ socket = "{socket}"
 forwarding = "redirect"
 pin_path = "{pins}"
 metrics = "off"
+tcp_idle_timeout_secs = 5
 
 [fleet]
 endpoints = ["http://{ETCD_IN_NS}"]

@@ -194,16 +194,20 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
                 lagging.join(", ")
             );
         }
-        let draining: u64 = view
+        // Which node still holds what: a drain ends on every node when none holds any.
+        let holders: Vec<(String, u64)> = view
             .nodes
             .iter()
-            .filter_map(|n| n.services.iter().find(|x| x.name == service))
-            .filter_map(|s| s.draining.as_ref().map(|(_, f)| *f))
-            .sum();
+            .filter_map(|n| n.services.iter().find(|x| x.name == service).map(|s| (n, s)))
+            .filter_map(|(n, s)| s.draining.as_ref().filter(|(_, f)| *f > 0).map(|(_, f)| (n.node.clone(), *f)))
+            .collect();
+        let draining: u64 = holders.iter().map(|(_, f)| f).sum();
+        let held: Vec<String> = holders.iter().map(|(n, f)| format!("{n} {f}")).collect();
         let line = format!(
-            "{service}: {}/{total} nodes applied, {}/{total} drained, {draining} flows draining  {now:.0}s",
+            "{service}: {}/{total} nodes applied, {}/{total} drained, {draining} flows draining{}  {now:.0}s",
             converged.len(),
-            drained.len()
+            drained.len(),
+            if held.is_empty() { String::new() } else { format!(" ({})", held.join(", ")) }
         );
         if tty && line != last_line {
             eprint!("{clear}{line}");

@@ -86,11 +86,22 @@ fn render(resp: &Response) -> String {
             let timeout = d
                 .timeout_secs
                 .map_or_else(|| "no timeout".to_owned(), |t| format!("timeout {t}s, then {}", d.on_timeout));
+            let idle = if d.idle_flows > 0 { format!(", {} idle not counted", d.idle_flows) } else { String::new() };
             let _ = writeln!(
                 out,
-                "  draining {}: {} of {} open flows left after {}s ({timeout})",
+                "  draining {}: {} of {} open flows left after {}s ({timeout}{idle})",
                 d.colour, d.live_flows, d.initial_flows, d.elapsed_secs
             );
+            if !d.elsewhere.is_empty() {
+                let nodes: Vec<String> = d
+                    .elsewhere
+                    .iter()
+                    .map(
+                        |(n, f)| if *f == 0 { format!("{n} has not applied it yet") } else { format!("{n} holds {f}") },
+                    )
+                    .collect();
+                let _ = writeln!(out, "    still draining on other nodes: {}", nodes.join(", "));
+            }
         }
         for c in &s.colours {
             let mark = if c.colour == s.active { "*" } else { " " };
@@ -172,6 +183,8 @@ mod tests {
                     elapsed_secs: 2,
                     timeout_secs: Some(30),
                     on_timeout: "move".into(),
+                    elsewhere: vec![("lb1".into(), 8)],
+                    idle_flows: 0,
                 }),
                 colours: vec![colour("blue", Some("198.51.100.2:8080"), 7), colour("green", None, 2)],
             }],
@@ -184,6 +197,7 @@ mod tests {
         );
         assert!(text.contains("  preview: port 8080 → blue\n"), "{text}");
         assert!(text.contains("  draining blue: 4 of 9 open flows left after 2s (timeout 30s, then move)\n"), "{text}");
+        assert!(text.contains("    still draining on other nodes: lb1 holds 8\n"), "{text}");
         assert!(text.contains("    blue   open flows      4"), "{text}");
         assert!(text.contains("          198.51.100.2:8080  weight 1  unknown\n"), "{text}");
         assert!(text.contains("  * green"), "{text}");

@@ -243,4 +243,54 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     eprintln!("a restarted node caught up {:.0} ms after its daemon started", started.elapsed().as_secs_f64() * 1e3);
     let seen = requests(&t, 30);
     assert!(seen.keys().all(|b| colour(b) == "blue"), "after lb2 caught up only blue answers: {seen:?}");
+
+    // 9. Connections opened on blue through lb0, a cut-over, then ECMP moves them to lb1,
+    //    which never saw them: lb1 is draining blue, so it sends them back to blue (and
+    //    records them) instead of resetting them on green. lb0's flows go idle and stop
+    //    counting; lb0's drain waits for lb1's, and both end when the connections close.
+    let logs = || nodes.iter().map(Daemon::log).collect::<Vec<_>>().join("\n----\n");
+    t.route_via(&[0]);
+    let mut conns: Vec<(Conn, String)> = (0..8)
+        .map(|i| {
+            let mut c = Conn::open(&t.client, SocketAddrV4::new(VIP, PORT)).unwrap_or_else(|e| panic!("conn {i}: {e}"));
+            let b = backend_of(&c.ask().unwrap_or_else(|e| panic!("conn {i}: {e}")));
+            assert_eq!(colour(&b), "blue", "conn {i} opened on blue");
+            (c, b)
+        })
+        .collect();
+    nodes[1].cli_ok(&["cutover", "web", "green"]);
+    wait_for(Duration::from_secs(10), || converged(&nodes[0], "green"))
+        .unwrap_or_else(|| panic!("the fleet cut over: {:?}", fleet(&nodes[0])));
+    // Still in use through lb0 after the cut-over (lb0 counts them as open, not idle)…
+    for (i, (c, b)) in conns.iter_mut().enumerate() {
+        let now = c.ask().unwrap_or_else(|e| panic!("conn {i} after the cut-over: {e}"));
+        assert_eq!(&backend_of(&now), b, "conn {i} stays on its blue backend");
+    }
+    // … then moved to lb1.
+    let rescued_before = nodes[1].status().services[0].colours[0].counters.rescued;
+    t.route_via(&[1]);
+    for (i, (c, b)) in conns.iter_mut().enumerate() {
+        let now = c.ask().unwrap_or_else(|e| panic!("conn {i} moved to lb1 after the cut-over: {e}\n{}", logs()));
+        assert_eq!(&backend_of(&now), b, "conn {i} moved to lb1 finished on its blue backend");
+    }
+    let rescued = nodes[1].status().services[0].colours[0].counters.rescued - rescued_before;
+    assert_eq!(rescued, 8, "lb1 sent the 8 connections it had never seen back to blue and counted them");
+    let seen = requests(&t, 20);
+    assert!(seen.keys().all(|b| colour(b) == "green"), "new connections through lb1 go to green: {seen:?}");
+    // lb0's copies of the 8 flows see no more packets: idle after 5 s, they stop counting,
+    // and lb0 reports that lb1 still holds blue flows.
+    let waiting = wait_for(Duration::from_secs(20), || {
+        let st = nodes[0].status();
+        let d = st.services[0].drain.clone()?;
+        (d.live_flows == 0 && d.elsewhere.iter().any(|(n, f)| n == "lb1" && *f >= 8)).then_some(d)
+    });
+    let waiting = waiting.unwrap_or_else(|| panic!("lb0 waits on lb1's drain: {:?}\n{}", nodes[0].status(), logs()));
+    eprintln!("lb0's drain while lb1 holds the moved connections: {waiting:?}");
+    eprint!("$ switcher status (lb0)\n{}", nodes[0].cli_ok(&["status"]));
+    drop(conns);
+    let ended = wait_for(Duration::from_secs(20), || {
+        nodes.iter().all(|d| d.status().services[0].drain.is_none()).then_some(())
+    });
+    assert!(ended.is_some(), "every node's drain ended once the connections closed:\n{}", logs());
+    t.route_via(&(0..NODES).collect::<Vec<_>>());
 }
