@@ -237,9 +237,10 @@ fn the_socket_refuses_other_users_and_garbage() {
     }
     let t = Topology::new();
     let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
-    // The test directory must be reachable for the other user to get as far as the socket.
-    crate::net::sh(&["chmod", "755", &d.dir.to_string_lossy()]);
-    let out = std::process::Command::new(crate::proc::switcher_bin())
+    // The test directory must be reachable for the other user to get as far as the socket,
+    // and the binary must be one it may run (the build tree may be in a 0700 directory).
+    let bin = crate::proc::switcher_bin_for_others(&d.dir);
+    let out = std::process::Command::new(bin)
         .arg("--socket")
         .arg(&d.socket)
         .args(["status"])
