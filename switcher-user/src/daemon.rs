@@ -202,12 +202,16 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         tokio::select! {
             () = &mut shutdown => break,
             _ = hangup.recv() => {
-                let r = reload(&board, &config_path, &config, fleet.as_deref());
-                match (r.ok, r.message, r.error) {
-                    (true, Some(m), _) => tracing::info!("SIGHUP: {m}"),
-                    (_, _, Some(e)) => tracing::error!("SIGHUP: {e}"),
-                    _ => {}
-                }
+                // Off the loop: reading the file must not stall status, cut-overs or SIGTERM.
+                let (board, config_path, config, fleet) = (Arc::clone(&board), config_path.clone(), config.clone(), fleet.clone());
+                tokio::spawn(async move {
+                    let r = reload(&board, &config_path, &config, fleet.as_deref(), None).await;
+                    match (r.ok, r.message, r.error) {
+                        (true, Some(m), _) => tracing::info!("SIGHUP: {m}"),
+                        (_, _, Some(e)) => tracing::error!("SIGHUP: {e}"),
+                        _ => {}
+                    }
+                });
             }
             _ = ticker.tick() => {
                 if let Ok(mut b) = board.lock() {
@@ -254,13 +258,49 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     Ok(())
 }
 
-/// Re-reads the config and applies it; an invalid file, or one that changes what needs a
-/// restart, changes nothing.
-fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
-    let new = match Config::load(path) {
+/// How long a reload waits for the configuration file to be read.
+const READ_CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One reload at a time, so that an older file read last cannot be applied over a newer one.
+static RELOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Re-reads the config off the async workers and applies it; an unreadable or invalid file,
+/// one that changes what needs a restart, or a `deadline` that passed changes nothing.
+async fn reload(
+    board: &Board,
+    path: &Path,
+    running: &Config,
+    fleet: Option<&Fleet>,
+    deadline: Option<control::Deadline>,
+) -> Response {
+    let _one = RELOADING.lock().await;
+    let new = match read_config(path).await {
         Ok(c) => c,
         Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
     };
+    if deadline.is_some_and(control::Deadline::passed) {
+        return control::too_late();
+    }
+    apply_config(board, path, new, running, fleet)
+}
+
+/// Reads and validates the config on a blocking thread, for at most [`READ_CONFIG_TIMEOUT`]
+/// (a stuck read is left behind; the agent goes on).
+async fn read_config(path: &Path) -> Result<Config, String> {
+    let p = path.to_owned();
+    match tokio::time::timeout(READ_CONFIG_TIMEOUT, tokio::task::spawn_blocking(move || Config::load(&p))).await {
+        Ok(Ok(loaded)) => loaded.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(format!("reading {} failed: {e}", path.display())),
+        Err(_) => Err(format!(
+            "reading {} took longer than {} s (a hung file system?)",
+            path.display(),
+            READ_CONFIG_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Applies a new config read by [`reload`].
+fn apply_config(board: &Board, path: &Path, new: Config, running: &Config, fleet: Option<&Fleet>) -> Response {
     let needs_restart: Vec<&str> = [
         ("interfaces", new.interfaces != running.interfaces),
         ("socket", new.socket != running.socket),
@@ -328,9 +368,10 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
         Ok(Ok(_)) if line.len() > control::MAX_REQUEST => {
             Response::error(format!("request larger than {} bytes", control::MAX_REQUEST))
         }
-        Ok(Ok(_)) => match control::parse_request(line.trim_ascii()) {
+        Ok(Ok(_)) => match control::parse_request_line(line.trim_ascii()) {
             Err(msg) => Response::error(msg),
-            Ok(req) => {
+            Ok((_, Some(deadline))) if deadline.passed() => control::too_late(),
+            Ok((req, deadline)) => {
                 let changes = !matches!(req, Request::Status { .. } | Request::Fleet);
                 let who = peer.as_ref().map_or_else(|| "unknown peer".to_owned(), Peer::describe);
                 if changes && !peer.as_ref().is_some_and(|p| p.may_change(ctx.group)) {
@@ -339,7 +380,7 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
                         "{who} may not change switcher: ask root, or a member of the socket's group"
                     ))
                 } else {
-                    answer(ctx, req, &who).await
+                    answer(ctx, req, &who, deadline).await
                 }
             }
         },
@@ -350,8 +391,9 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Answers one request of a peer allowed to make it.
-async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
+/// Answers one request of a peer allowed to make it, unless its `deadline` passes first.
+async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control::Deadline>) -> Response {
+    let late = || deadline.is_some_and(control::Deadline::passed);
     let names =
         || ctx.board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).unwrap_or_default();
     let fleet_change = match &req {
@@ -363,7 +405,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
     };
     match (req, ctx.fleet) {
         (Request::Reload, _) => {
-            let r = reload(ctx.board, ctx.config_path, ctx.config, ctx.fleet);
+            let r = reload(ctx.board, ctx.config_path, ctx.config, ctx.fleet, deadline).await;
             if r.ok {
                 let change = Change {
                     service: "*".into(),
@@ -379,6 +421,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
         (Request::Fleet, None) => Response::error(
             "this daemon is not part of a fleet: add a [fleet] section (etcd endpoints, node name) to its config",
         ),
+        (_, _) if late() => control::too_late(),
         (req, Some(f)) if fleet_change => {
             let (resp, change) = f.propose(ctx.board, req, who).await;
             if let Some(c) = change {
@@ -392,6 +435,8 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
             }
             let status = matches!(req, Request::Status { .. });
             let mut resp = match ctx.board.lock() {
+                // The lock may have been waited for.
+                Ok(_) if late() => control::too_late(),
                 Ok(mut b) => {
                     let (resp, change) = b.handle(req);
                     if let Some(c) = change {

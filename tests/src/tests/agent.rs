@@ -4,7 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4},
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -285,4 +285,54 @@ fn metrics_are_served_on_loopback() {
         assert!(body.contains(needle), "missing {needle} in:\n{body}");
     }
     drop(d);
+}
+
+/// Sends one raw request line on the control socket; returns the answer line.
+fn raw_request(d: &Daemon, line: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(format!("{line}\n").as_bytes()).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn a_fifo_config_blocks_nothing_and_a_late_request_is_not_applied() {
+    if !crate::have_root("a_fifo_config_blocks_nothing_and_a_late_request_is_not_applied") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    let good = std::fs::read_to_string(&d.config).expect("config");
+    // The config file becomes a FIFO nobody writes to: opening it to read would block.
+    std::fs::remove_file(&d.config).expect("remove config");
+    crate::net::sh(&["mkfifo", &d.config.to_string_lossy()]);
+    let reload = d.cli(&["reload"]);
+    crate::net::sh(&["kill", "-HUP", &d.pid().to_string()]);
+    let logged = wait_for(Duration::from_secs(10), || d.log().contains("SIGHUP: reload rejected").then_some(()));
+    // The agent still answers and switches.
+    let cutover = d.cli(&["cutover", "web", "green"]);
+    // Put the file back, first releasing a reader blocked on the FIFO (if the daemon is one).
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&d.config);
+    std::fs::remove_file(&d.config).expect("remove FIFO");
+    std::fs::write(&d.config, &good).expect("restore config");
+    let err = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success() && err.contains("is a FIFO, not a regular file"), "{err}\n{}", d.log());
+    assert!(logged.is_some(), "{}", d.log());
+    assert!(String::from_utf8_lossy(&cutover.stdout).contains("blue → green"), "{cutover:?}\n{}", d.log());
+
+    // A request whose client gave up (its deadline passed) is refused, not applied late.
+    let past = switcher_user::control::Deadline::after(Duration::ZERO).0;
+    let answer = raw_request(&d, &format!(r#"{{"op":"rollback","service":"web","deadline_ms":{past}}}"#));
+    assert!(answer.contains("reached its deadline") && answer.contains("\"ok\":false"), "{answer}");
+    assert_eq!(active(&d, "web"), "green", "a late rollback changed nothing");
+    let future = switcher_user::control::Deadline::after(Duration::from_secs(60)).0;
+    let answer = raw_request(&d, &format!(r#"{{"op":"rollback","service":"web","deadline_ms":{future}}}"#));
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    assert_eq!(active(&d, "web"), "blue", "a timely rollback is applied");
 }
