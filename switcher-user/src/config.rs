@@ -771,7 +771,10 @@ fn host_name() -> Option<String> {
 /// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`], opened so that
 /// a FIFO or a device does not block the open, and read no further than the cap.
 fn read_bounded(path: &Path) -> Result<String, ConfigError> {
-    use std::{io::Read as _, os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _}};
+    use std::{
+        io::Read as _,
+        os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
+    };
     let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -808,9 +811,8 @@ fn read_bounded(path: &Path) -> Result<String, ConfigError> {
     if bytes.len() as u64 > MAX_CONFIG_BYTES {
         return Err(too_large(bytes.len() as u64));
     }
-    String::from_utf8(bytes).map_err(|e| {
-        read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 text: {e}")))
-    })
+    String::from_utf8(bytes)
+        .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 text: {e}"))))
 }
 
 /// The id of a group name.

@@ -58,7 +58,10 @@ fn record_skip(file: &std::path::Path, test: &str) {
         .open(file)
         .and_then(|mut f| f.write_all(format!("{test}\n").as_bytes()));
     if let Err(e) = written {
-        eprintln!("warning: cannot record that {test} skipped in {}: {e}; it will be counted as passed", file.display());
+        eprintln!(
+            "warning: cannot record that {test} skipped in {}: {e}; it will be counted as passed",
+            file.display()
+        );
     }
 }
 

@@ -315,10 +315,7 @@ fn a_fifo_config_blocks_nothing_and_a_late_request_is_not_applied() {
     // The agent still answers and switches.
     let cutover = d.cli(&["cutover", "web", "green"]);
     // Put the file back, first releasing a reader blocked on the FIFO (if the daemon is one).
-    let _ = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&d.config);
+    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&d.config);
     std::fs::remove_file(&d.config).expect("remove FIFO");
     std::fs::write(&d.config, &good).expect("restore config");
     let err = String::from_utf8_lossy(&reload.stderr);
