@@ -815,14 +815,11 @@ fn read_bounded(path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 text: {e}"))))
 }
 
-/// The id of a group name.
+/// The id of a group name (blocking: NSS; from async code, through
+/// [`crate::accounts::off_worker`]).
 #[must_use]
 pub fn group_id(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid C string; getgrnam returns a pointer to static storage or null.
-    let g = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: checked for null just before.
-    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
+    crate::accounts::group_id(name)
 }
 
 /// The parser's message, with "line N" made explicit (toml's own message has it as a snippet).

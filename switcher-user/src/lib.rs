@@ -6,6 +6,7 @@
 //! - [`daemon`]: the agent: owns the data plane and serves the control socket;
 //! - [`fleet`]: fleet mode: the desired state in etcd, followed by every node.
 
+pub mod accounts;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -13,6 +14,7 @@ pub mod dataplane;
 pub mod emergency;
 pub mod fleet;
 pub mod health;
+pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;
