@@ -38,6 +38,8 @@ use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, REVERSE_WAYS,
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
 /// Default port of the Prometheus endpoint (on 127.0.0.1).
 pub const DEFAULT_METRICS_PORT: u16 = 9477;
+/// Largest configuration file read: 64 services with full pools take about 400 KiB.
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 /// Default path of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/switcher/switcher.toml";
 
@@ -50,6 +52,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is {kind}, not a regular file: point --config at a file")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("{path} is larger than {max} bytes ({size}): is it the right file?")]
+    TooLarge { path: PathBuf, size: u64, max: u64 },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}:{line}: {field}: {message}")]
@@ -449,9 +455,10 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError`] naming the file, and the line and field where there is one.
+    /// Only a regular file of at most [`MAX_CONFIG_BYTES`] is read: a FIFO, a device or a
+    /// directory is refused without blocking (opened with `O_NONBLOCK`, checked with `fstat`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = read_bounded(path)?;
         Config::parse(path, &text)
     }
 
@@ -804,14 +811,58 @@ fn host_name() -> Option<String> {
     Some(name.split('.').next().unwrap_or(name).to_owned())
 }
 
-/// The id of a group name.
+/// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`], opened so that
+/// a FIFO or a device does not block the open, and read no further than the cap.
+fn read_bounded(path: &Path) -> Result<String, ConfigError> {
+    use std::{
+        io::Read as _,
+        os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _},
+    };
+    let read_err = |source| ConfigError::Read { path: path.to_owned(), source };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a file")
+    };
+    if let Some(kind) = kind {
+        return Err(ConfigError::NotAFile { path: path.to_owned(), kind });
+    }
+    let too_large = |size| ConfigError::TooLarge { path: path.to_owned(), size, max: MAX_CONFIG_BYTES };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // Bounded again: the file may grow after the fstat.
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes).map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 text: {e}"))))
+}
+
+/// The id of a group name (blocking: NSS; from async code, through
+/// [`crate::accounts::off_worker`]).
 #[must_use]
 pub fn group_id(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid C string; getgrnam returns a pointer to static storage or null.
-    let g = unsafe { libc::getgrnam(c.as_ptr()) };
-    // SAFETY: checked for null just before.
-    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
+    crate::accounts::group_id(name)
 }
 
 /// The parser's message, with "line N" made explicit (toml's own message has it as a snippet).
@@ -859,6 +910,47 @@ green = "198.51.100.18:5353"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("test.toml"), text)
+    }
+
+    /// `Config::load` in a thread, so that a load that blocks fails the test instead of
+    /// hanging the suite.
+    fn load_within(path: &Path, secs: u64) -> Result<Config, ConfigError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(Config::load(&p));
+        });
+        rx.recv_timeout(Duration::from_secs(secs))
+            .unwrap_or_else(|_| panic!("Config::load({}) blocked for {secs} s", path.display()))
+    }
+
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = std::env::temp_dir().join(format!("switcher-config-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A FIFO with no writer: opening it for reading would block for ever.
+        let fifo = dir.join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.to_string_lossy().as_bytes()).expect("path");
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+        let e = load_within(&fifo, 10).expect_err("a FIFO is refused").to_string();
+        assert!(e.contains("is a FIFO, not a regular file"), "{e}");
+        // An endless device.
+        let e = load_within(Path::new("/dev/zero"), 10).expect_err("/dev/zero is refused").to_string();
+        assert!(e.contains("is a character device"), "{e}");
+        let e = load_within(&dir, 10).expect_err("a directory is refused").to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        // A huge file (sparse: no disk used) is refused before it is read.
+        let big = dir.join("big.toml");
+        std::fs::File::create(&big).and_then(|f| f.set_len(1 << 30)).expect("sparse file");
+        let e = load_within(&big, 10).expect_err("1 GiB is refused").to_string();
+        assert!(e.contains("larger than 4194304 bytes"), "{e}");
+        // A good file is still read.
+        let good = dir.join("good.toml");
+        std::fs::write(&good, GOOD).expect("write");
+        assert_eq!(load_within(&good, 10).expect("a regular file loads").services.len(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn err(text: &str) -> String {

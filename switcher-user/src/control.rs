@@ -3,9 +3,13 @@
 //! error and the connection is closed.
 //!
 //! ```text
-//! → {"op":"cutover","service":"web","colour":"green"}
+//! → {"op":"cutover","service":"web","colour":"green","deadline_ms":183204551}
 //! ← {"ok":true,"message":"web: blue → green","services":[…]}
 //! ```
+//!
+//! `deadline_ms` (optional) is the `CLOCK_MONOTONIC` time, in milliseconds, at which the client
+//! stops waiting: a request the daemon gets to only after it is refused, never applied, so a
+//! client that reported a timeout can trust that nothing changed.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -20,8 +24,44 @@ use crate::dataplane::Counters;
 
 /// Largest request line the daemon reads.
 pub const MAX_REQUEST: usize = 64 * 1024;
-/// How long either side waits for the other.
+/// How long either side waits for the other; a client's request must be applied within it.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// How much longer than [`TIMEOUT`] a client waits for the answer of a request the daemon may
+/// still apply just before the deadline.
+pub const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// A time on `CLOCK_MONOTONIC` (the same for every process of the machine), in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Deadline(pub u64);
+
+impl Deadline {
+    /// `after` from now.
+    #[must_use]
+    pub fn after(after: Duration) -> Deadline {
+        Deadline(monotonic_ms().saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)))
+    }
+
+    /// Whether the client has stopped waiting.
+    #[must_use]
+    pub fn passed(self) -> bool {
+        monotonic_ms() >= self.0
+    }
+}
+
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a valid pointer; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000 + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
+}
+
+/// The answer to a request whose deadline passed before the daemon could apply it.
+#[must_use]
+pub fn too_late() -> Response {
+    Response::error(
+        "the request reached its deadline before the daemon could apply it (the client has stopped waiting); nothing was changed: check `switcher status` and try again",
+    )
+}
 
 /// What a client asks of the daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,9 +368,9 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
         std::io::ErrorKind::PermissionDenied => ClientError::Denied { socket: socket.to_owned(), source },
         _ => ClientError::Io { socket: socket.to_owned(), source },
     })?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream.set_read_timeout(Some(TIMEOUT + ANSWER_GRACE)).map_err(io)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-    let mut line = serde_json::to_vec(req).map_err(ClientError::BadAnswer)?;
+    let mut line = request_line(req, Some(Deadline::after(TIMEOUT))).map_err(ClientError::BadAnswer)?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
@@ -338,15 +378,45 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     serde_json::from_str(&answer).map_err(ClientError::BadAnswer)
 }
 
+/// The wire form of a request with its deadline (without the newline).
+///
+/// # Errors
+/// Serialisation failed (it does not, for these types).
+pub fn request_line(req: &Request, deadline: Option<Deadline>) -> Result<Vec<u8>, serde_json::Error> {
+    let mut value = serde_json::to_value(req)?;
+    if let (Some(d), Some(map)) = (deadline, value.as_object_mut()) {
+        map.insert(DEADLINE_KEY.into(), d.0.into());
+    }
+    serde_json::to_vec(&value)
+}
+
+const DEADLINE_KEY: &str = "deadline_ms";
+
 /// Parses one request line, or says what is wrong with it.
 ///
 /// # Errors
 /// A message for the client.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    parse_request_line(line).map(|(req, _)| req)
+}
+
+/// Parses one request line and its deadline, if it has one.
+///
+/// # Errors
+/// A message for the client.
+pub fn parse_request_line(line: &[u8]) -> Result<(Request, Option<Deadline>), String> {
     if line.len() > MAX_REQUEST {
         return Err(format!("request larger than {MAX_REQUEST} bytes"));
     }
-    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+    let malformed = |e: serde_json::Error| format!("malformed request: {e}");
+    let mut value: serde_json::Value = serde_json::from_slice(line).map_err(malformed)?;
+    let deadline = match value.as_object_mut().and_then(|m| m.remove(DEADLINE_KEY)) {
+        None => None,
+        Some(d) => Some(Deadline(d.as_u64().ok_or_else(|| {
+            format!("malformed request: {DEADLINE_KEY} must be a CLOCK_MONOTONIC time in milliseconds")
+        })?)),
+    };
+    Ok((serde_json::from_value(value).map_err(malformed)?, deadline))
 }
 
 #[cfg(test)]
@@ -428,6 +498,23 @@ mod tests {
         }
         let big = vec![b' '; MAX_REQUEST + 1];
         assert!(parse_request(&big).expect_err("too big").contains("larger than"));
+    }
+
+    #[test]
+    fn a_request_carries_its_deadline() {
+        let req = Request::Rollback { service: "web".into(), force: false, scope: Scope::default() };
+        let d = Deadline::after(TIMEOUT);
+        let line = request_line(&req, Some(d)).expect("serialize");
+        assert!(String::from_utf8_lossy(&line).contains("\"deadline_ms\":"), "{}", String::from_utf8_lossy(&line));
+        assert_eq!(parse_request_line(&line), Ok((req.clone(), Some(d))));
+        assert!(!d.passed(), "a deadline {TIMEOUT:?} away has not passed");
+        assert!(Deadline::after(Duration::ZERO).passed());
+        // Without one (a request written by hand), as before.
+        assert_eq!(parse_request_line(br#"{"op":"rollback","service":"web"}"#), Ok((req, None)));
+        let e = parse_request_line(br#"{"op":"status","deadline_ms":"soon"}"#).expect_err("not a number");
+        assert!(e.contains("deadline_ms must be"), "{e}");
+        // Other unknown fields are still refused.
+        assert!(parse_request_line(br#"{"op":"status","deadline":1}"#).is_err());
     }
 
     #[test]

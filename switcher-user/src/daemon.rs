@@ -20,11 +20,12 @@ use tokio::{
 };
 
 use crate::{
+    accounts,
     config::{Config, ServiceConfig, group_id},
     control::{self, Request, Response},
     dataplane::Dataplane,
     fleet::Fleet,
-    health,
+    health, limits,
     switchboard::{Change, Switchboard},
 };
 
@@ -39,34 +40,115 @@ pub struct Options {
 
 type Board = Arc<Mutex<Switchboard<Dataplane>>>;
 
-/// Binds the control socket: creates its directory, refuses if another daemon answers on it,
-/// replaces a stale file, and makes it 0660 (root and `socket_group`).
-fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create socket directory {}", dir.display()))?;
+/// Binds the control socket: creates its directory (0755) or checks that only root or this
+/// user can write the one there, refuses if another daemon answers on the path, replaces a
+/// stale socket (never anything else), and makes the socket 0660 and of group `gid` without
+/// following a symlink.
+fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, FileTypeExt as _};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .with_context(|| format!("create socket directory {}", dir.display()))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another switcher daemon is already listening on {}; stop it first", path.display());
+    check_socket_dir(dir)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("another switcher daemon is already listening on {}; stop it first", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
         }
-        std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
+        Ok(m) => anyhow::bail!(
+            "{} exists and is not a socket ({}); it is left alone: move it away, or set `socket` to another path",
+            path.display(),
+            if m.file_type().is_symlink() {
+                "a symlink"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "a file"
+            }
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("look at {}", path.display())),
     }
     let listener = UnixListener::bind(path).with_context(|| format!("bind control socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    if let Some(name) = group {
-        let gid = group_id(name).with_context(|| format!("no group {name:?}"))?;
-        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| format!("chgrp {name} {}", path.display()))?;
-    }
+    secure_socket(path, gid)?;
     Ok(listener)
 }
 
-/// Removes the socket file when the daemon stops, however it stops.
+/// Refuses a socket directory that a user other than root and this one could write: they could
+/// move the socket aside and bind their own, which root's CLI would then talk to.
+fn check_socket_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(dir).with_context(|| format!("look at socket directory {}", dir.display()))?;
+    anyhow::ensure!(m.is_dir(), "the socket's directory {} is not a directory", dir.display());
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let others = m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && m.gid() != 0);
+    if (m.uid() != 0 && m.uid() != me) || others {
+        anyhow::bail!(
+            "the control socket's directory {} (owner uid {}, mode {:o}) can be written by other users, who could replace the socket; use a directory only root can write, such as the default {}",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777,
+            crate::config::DEFAULT_SOCKET.rsplit_once('/').map_or("/run/switcher", |(d, _)| d)
+        );
+    }
+    Ok(())
+}
+
+/// Sets the mode (0660) and group of the socket just bound, on the inode itself: opened with
+/// `O_PATH | O_NOFOLLOW`, checked to be a socket of ours, then changed through that descriptor.
+fn secure_socket(path: &Path, gid: Option<u32>) -> anyhow::Result<()> {
+    use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("open the socket {} just bound", path.display()))?;
+    let m = file.metadata().with_context(|| format!("stat {}", path.display()))?;
+    {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        anyhow::ensure!(
+            m.file_type().is_socket() && m.uid() == me,
+            "{} was replaced right after it was bound; refusing to change its mode",
+            path.display()
+        );
+    }
+    let fd = file.as_raw_fd();
+    // chmod through /proc/self/fd reaches the inode of the O_PATH descriptor, not a path.
+    std::fs::set_permissions(format!("/proc/self/fd/{fd}"), std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod 0660 {}", path.display()))?;
+    if let Some(gid) = gid {
+        // SAFETY: a valid descriptor and an empty C string with AT_EMPTY_PATH: the inode of fd.
+        let rc = unsafe { libc::fchownat(fd, c"".as_ptr(), u32::MAX, gid, libc::AT_EMPTY_PATH) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("chgrp {gid} {}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Removes the socket file when the daemon stops, however it stops (only if a socket is still
+/// what is there).
 struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::FileTypeExt as _;
+        if std::fs::symlink_metadata(&self.0).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
@@ -91,8 +173,14 @@ impl Peer {
         self.gid == g || self.pid.is_some_and(|pid| supplementary_groups(pid).contains(&g))
     }
 
-    fn describe(&self) -> String {
-        let name = user_name(self.uid).map_or_else(String::new, |n| format!("({n})"));
+    /// `uid=N(name) pid=P`; the name is looked up off the async workers, and left out when
+    /// the lookup takes too long.
+    async fn describe(&self) -> String {
+        let uid = self.uid;
+        let name = accounts::off_worker(accounts::LOOKUP_TIMEOUT, move || accounts::user_name(uid))
+            .await
+            .flatten()
+            .map_or_else(String::new, |n| format!("({n})"));
         match self.pid {
             Some(pid) => format!("uid={}{name} pid={pid}", self.uid),
             None => format!("uid={}{name}", self.uid),
@@ -112,36 +200,84 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-fn user_name(uid: u32) -> Option<String> {
-    // SAFETY: getpwuid returns static storage or null; read at once.
-    let pw = unsafe { libc::getpwuid(uid) };
-    if pw.is_null() {
-        return None;
-    }
-    // SAFETY: non-null, and pw_name is a C string.
-    Some(unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) }.to_string_lossy().into_owned())
-}
-
-/// Writes the audit trail of a change: who, what, from → to, when.
+/// Writes the audit trail of a change: who, what, from → to, when. The file is kept open, so
+/// that writing a line never needs a new descriptor, and reopened when it was rotated; a line
+/// that cannot be written is retried once on a fresh open, then logged as lost, with its text,
+/// at error level.
 pub(crate) struct Audit {
     file: Option<PathBuf>,
+    open: Mutex<Option<std::fs::File>>,
 }
 
 impl Audit {
+    /// Opens `file` (if any) at once; a failure is logged, and each line tries again.
+    pub(crate) fn new(file: Option<PathBuf>) -> Audit {
+        let open = file.as_deref().and_then(|p| match open_audit(p) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(
+                    "audit log {}: {e}; audit lines go to the journal only until it can be opened",
+                    p.display()
+                );
+                None
+            }
+        });
+        Audit { file, open: Mutex::new(open) }
+    }
+
     pub(crate) fn record(&self, who: &str, change: &Change) {
         tracing::info!(target: "audit", who, service = %change.service, what = %change.what, from = %change.from, to = %change.to, "change");
         if let Some(path) = &self.file {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let line = format!("{now} {who} {} {} {} -> {}\n", change.what, change.service, change.from, change.to);
-            let written = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .and_then(|mut f| f.write_all(line.as_bytes()));
-            if let Err(e) = written {
-                tracing::warn!("audit log {}: {e}", path.display());
+            if let Err(e) = self.append(path, &line) {
+                tracing::error!(
+                    target: "audit",
+                    line = line.trim_end(),
+                    "audit line LOST from {}: {e}; this journal entry is its only record",
+                    path.display()
+                );
             }
         }
+    }
+
+    /// Appends one line to the held file, reopening it when it was rotated or on a write
+    /// error (once).
+    fn append(&self, path: &Path, line: &str) -> std::io::Result<()> {
+        let mut held = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.as_ref().is_none_or(|f| rotated(path, f)) {
+            match open_audit(path) {
+                Ok(f) => *held = Some(f),
+                // Rotated, and the new file cannot be opened: the held one still takes it.
+                Err(_) if held.is_some() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let first = match held.as_mut() {
+            Some(f) => f.write_all(line.as_bytes()),
+            None => Err(std::io::Error::other("not open")),
+        };
+        if first.is_ok() {
+            return Ok(());
+        }
+        let mut fresh = open_audit(path)?;
+        fresh.write_all(line.as_bytes())?;
+        *held = Some(fresh);
+        Ok(())
+    }
+}
+
+fn open_audit(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+}
+
+/// Whether `path` no longer names the held file (moved or removed by log rotation).
+fn rotated(path: &Path, held: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(path), held.metadata()) {
+        (Ok(now), Ok(ours)) => now.dev() != ours.dev() || now.ino() != ours.ino(),
+        _ => true,
     }
 }
 
@@ -153,6 +289,11 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     ensure_forwarding("/proc/sys/net/ipv4/ip_forward", "IPv4");
     if config.services.iter().any(|s| s.vip.is_ipv6()) {
         ensure_forwarding("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6");
+    }
+    let probes = config.services.iter().map(|s| s.blue.len() + s.green.len()).sum();
+    match limits::ensure_fds(limits::fds_needed(probes)) {
+        Ok(n) => tracing::debug!("open files limit: {n}"),
+        Err(e) => tracing::warn!("{e}: health checks could run out of file descriptors"),
     }
     check_socket_path(&config.socket).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (dataplane, installed) = match Dataplane::load(&config) {
@@ -174,10 +315,21 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     // One round of health checks before the socket opens, so that the first cut-over is
     // judged on facts (bounded by the checks' timeouts).
     let first = Arc::clone(&board);
-    let _ =
-        tokio::time::timeout(Duration::from_secs(5), health_round(&first, &Audit { file: None }, &mut HashMap::new()))
-            .await;
-    let listener = match bind(&config.socket, config.socket_group.as_deref()) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&first, &Audit::new(None), &mut HashMap::new()))
+        .await;
+    let group = match config.socket_group.clone() {
+        None => None,
+        Some(name) => Some(
+            accounts::off_worker(accounts::LOOKUP_TIMEOUT, {
+                let name = name.clone();
+                move || group_id(&name)
+            })
+            .await
+            .flatten()
+            .with_context(|| format!("no group {name:?} (or the lookup took over {:?})", accounts::LOOKUP_TIMEOUT))?,
+        ),
+    };
+    let listener = match bind(&config.socket, group) {
         Ok(l) => l,
         Err(e) => {
             if opts.detach_on_exit {
@@ -187,8 +339,8 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         }
     };
     let _socket = SocketFile(config.socket.clone());
-    let audit = Arc::new(Audit { file: config.audit_log.clone() });
-    let group = config.socket_group.as_deref().and_then(group_id);
+    let audit = Arc::new(Audit::new(config.audit_log.clone()));
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits::CONTROL_CONNECTIONS));
     let fleet = config.fleet.clone().map(|f| Arc::new(Fleet::new(f)));
     for name in &emergency_overrides {
         match &fleet {
@@ -227,12 +379,16 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         tokio::select! {
             () = &mut shutdown => break,
             _ = hangup.recv() => {
-                let r = reload(&board, &config_path, &config, fleet.as_deref());
-                match (r.ok, r.message, r.error) {
-                    (true, Some(m), _) => tracing::info!("SIGHUP: {m}"),
-                    (_, _, Some(e)) => tracing::error!("SIGHUP: {e}"),
-                    _ => {}
-                }
+                // Off the loop: reading the file must not stall status, cut-overs or SIGTERM.
+                let (board, config_path, config, fleet) = (Arc::clone(&board), config_path.clone(), config.clone(), fleet.clone());
+                tokio::spawn(async move {
+                    let r = reload(&board, &config_path, &config, fleet.as_deref(), None).await;
+                    match (r.ok, r.message, r.error) {
+                        (true, Some(m), _) => tracing::info!("SIGHUP: {m}"),
+                        (_, _, Some(e)) => tracing::error!("SIGHUP: {e}"),
+                        _ => {}
+                    }
+                });
             }
             _ = ticker.tick() => {
                 if let Ok(mut b) = board.lock() {
@@ -249,8 +405,15 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+                        // Refused at once, so idle connections cannot take the descriptors
+                        // the health checks and the audit log need.
+                        let _ = stream.try_write(BUSY);
+                        continue;
+                    };
                     let (board, audit, config_path, config, fleet) = (Arc::clone(&board), Arc::clone(&audit), config_path.clone(), config.clone(), fleet.clone());
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let ctx = Ctx { board: &board, audit: &audit, group, config_path: &config_path, config: &config, fleet: fleet.as_deref() };
                         if let Err(e) = serve(stream, &ctx).await {
                             tracing::debug!("control connection: {e:#}");
@@ -287,6 +450,51 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         }
     }
     Ok(())
+}
+
+/// How long a reload waits for the configuration file to be read.
+const READ_CONFIG_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One reload at a time, so that an older file read last cannot be applied over a newer one.
+static RELOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The answer to a control connection beyond [`limits::CONTROL_CONNECTIONS`].
+const BUSY: &[u8] =
+    b"{\"ok\":false,\"error\":\"the daemon is serving too many control connections; try again\",\"services\":[]}\n";
+
+/// Re-reads the config off the async workers and applies it; an unreadable or invalid file,
+/// one that changes what needs a restart, or a `deadline` that passed changes nothing.
+async fn reload(
+    board: &Board,
+    path: &Path,
+    running: &Config,
+    fleet: Option<&Fleet>,
+    deadline: Option<control::Deadline>,
+) -> Response {
+    let _one = RELOADING.lock().await;
+    let new = match read_config(path).await {
+        Ok(c) => c,
+        Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
+    };
+    if deadline.is_some_and(control::Deadline::passed) {
+        return control::too_late();
+    }
+    apply_config(board, path, new, running, fleet)
+}
+
+/// Reads and validates the config on a blocking thread, for at most [`READ_CONFIG_TIMEOUT`]
+/// (a stuck read is left behind; the agent goes on).
+async fn read_config(path: &Path) -> Result<Config, String> {
+    let p = path.to_owned();
+    match tokio::time::timeout(READ_CONFIG_TIMEOUT, tokio::task::spawn_blocking(move || Config::load(&p))).await {
+        Ok(Ok(loaded)) => loaded.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(format!("reading {} failed: {e}", path.display())),
+        Err(_) => Err(format!(
+            "reading {} took longer than {} s (a hung file system?)",
+            path.display(),
+            READ_CONFIG_TIMEOUT.as_secs()
+        )),
+    }
 }
 
 /// Pins again whatever was removed from under the daemon, loudly.
@@ -393,13 +601,9 @@ fn restart_keys(new: &Config, running: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Re-reads the config and applies it; an invalid file, one that changes what needs a
-/// restart, or one that would undo runtime pool changes, changes nothing.
-fn reload(board: &Board, path: &Path, running: &Config, fleet: Option<&Fleet>) -> Response {
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => return Response::error(format!("reload rejected, nothing changed: {e}")),
-    };
+/// Applies a new config read by [`reload`]: what needs a restart, or would undo runtime pool
+/// changes, is refused and changes nothing.
+fn apply_config(board: &Board, path: &Path, new: Config, running: &Config, fleet: Option<&Fleet>) -> Response {
     let needs_restart = restart_keys(&new, running);
     if !needs_restart.is_empty() {
         return Response::error(format!(
@@ -458,18 +662,22 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
         Ok(Ok(_)) if line.len() > control::MAX_REQUEST => {
             Response::error(format!("request larger than {} bytes", control::MAX_REQUEST))
         }
-        Ok(Ok(_)) => match control::parse_request(line.trim_ascii()) {
+        Ok(Ok(_)) => match control::parse_request_line(line.trim_ascii()) {
             Err(msg) => Response::error(msg),
-            Ok(req) => {
+            Ok((_, Some(deadline))) if deadline.passed() => control::too_late(),
+            Ok((req, deadline)) => {
                 let changes = !matches!(req, Request::Status { .. } | Request::Fleet);
-                let who = peer.as_ref().map_or_else(|| "unknown peer".to_owned(), Peer::describe);
+                let who = match &peer {
+                    Some(p) => p.describe().await,
+                    None => "unknown peer".to_owned(),
+                };
                 if changes && !peer.as_ref().is_some_and(|p| p.may_change(ctx.group)) {
                     tracing::warn!(target: "audit", who, "refused a change: not root and not in the socket's group");
                     Response::error(format!(
                         "{who} may not change switcher: ask root, or a member of the socket's group"
                     ))
                 } else {
-                    answer(ctx, req, &who).await
+                    answer(ctx, req, &who, deadline).await
                 }
             }
         },
@@ -480,8 +688,9 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Answers one request of a peer allowed to make it.
-async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
+/// Answers one request of a peer allowed to make it, unless its `deadline` passes first.
+async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control::Deadline>) -> Response {
+    let late = || deadline.is_some_and(control::Deadline::passed);
     let names =
         || ctx.board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).unwrap_or_default();
     let fleet_change = match &req {
@@ -493,7 +702,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
     };
     match (req, ctx.fleet) {
         (Request::Reload, _) => {
-            let r = reload(ctx.board, ctx.config_path, ctx.config, ctx.fleet);
+            let r = reload(ctx.board, ctx.config_path, ctx.config, ctx.fleet, deadline).await;
             if r.ok {
                 let change = Change {
                     service: "*".into(),
@@ -509,6 +718,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
         (Request::Fleet, None) => Response::error(
             "this daemon is not part of a fleet: add a [fleet] section (etcd endpoints, node name) to its config",
         ),
+        (_, _) if late() => control::too_late(),
         (req, Some(f)) if fleet_change => {
             let (resp, change) = f.propose(ctx.board, req, who).await;
             if let Some(c) = change {
@@ -522,6 +732,8 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str) -> Response {
             }
             let status = matches!(req, Request::Status { .. });
             let mut resp = match ctx.board.lock() {
+                // The lock may have been waited for.
+                Ok(_) if late() => control::too_late(),
                 Ok(mut b) => {
                     let (resp, change) = b.handle(req);
                     if let Some(c) = change {
@@ -553,59 +765,88 @@ async fn check_health(board: Board, audit: Arc<Audit>, fleet: Option<Arc<Fleet>>
 }
 
 /// Probes the services that are due, concurrently, and records the results; returns the
-/// switches the results caused (automatic rollback, failover).
+/// switches the results caused (automatic rollback, failover). A probe that could not run here
+/// (see [`health::Failure::Local`]) is left out: its backend keeps its state.
 async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, Instant>) -> Vec<Change> {
     let mut switches = Vec::new();
-    {
-        let checks = board.lock().map(|b| b.checks()).unwrap_or_default();
-        let now = Instant::now();
-        let mut round = JoinSet::new();
-        for (name, check, backends) in checks {
-            if due.get(&name).is_some_and(|t| *t > now) {
-                continue;
-            }
-            due.insert(name.clone(), now + check.interval);
-            round.spawn(async move {
-                let mut results = Vec::with_capacity(backends.len());
-                let probes = backends.iter().map(|b| {
-                    let (check, b) = (check.clone(), *b);
-                    async move { health::probe(&check, b).await }
-                });
-                for (b, r) in backends.iter().zip(futures_join(probes).await) {
-                    results.push((*b, r));
-                }
-                (name, results)
-            });
+    let checks = board.lock().map(|b| b.checks()).unwrap_or_default();
+    let now = Instant::now();
+    let mut round = JoinSet::new();
+    for (name, check, backends) in checks {
+        if due.get(&name).is_some_and(|t| *t > now) {
+            continue;
         }
-        while let Some(Ok((name, results))) = round.join_next().await {
-            let changes = board.lock().map(|mut b| b.record_health(&name, results)).unwrap_or_default();
-            for c in changes {
-                audit.record("switcher (health checks)", &c);
-                if c.what == "auto-rollback" || c.what == "failover" {
-                    switches.push(c);
-                }
+        due.insert(name.clone(), now + check.interval);
+        round.spawn(async move {
+            let probes = backends.into_iter().map(|b| {
+                let check = check.clone();
+                (b, async move { health::probe(&check, b).await })
+            });
+            (name, join_keyed(probes).await)
+        });
+    }
+    while let Some(joined) = round.join_next().await {
+        let Ok((name, results)) = joined else {
+            tracing::error!("a round of health checks failed: {joined:?}");
+            continue;
+        };
+        let mut counted = Vec::with_capacity(results.len());
+        let mut local = Vec::new();
+        for (b, r) in results {
+            match r {
+                Ok(Ok(())) => counted.push((b, Ok(()))),
+                Ok(Err(health::Failure::Backend(e))) => counted.push((b, Err(e))),
+                Ok(Err(health::Failure::Local(e))) => local.push(e),
+                Err(panicked) => local.push(format!("the probe of {b} failed: {panicked}")),
+            }
+        }
+        if let Some(first) = local.first() {
+            tracing::warn!(
+                service = %name,
+                probes = local.len(),
+                "health probes could not run on this node ({first}); their backends keep their state: this is not a backend failure"
+            );
+        }
+        let changes = board.lock().map(|mut b| b.record_health(&name, counted)).unwrap_or_default();
+        for c in changes {
+            audit.record("switcher (health checks)", &c);
+            if c.what == "auto-rollback" || c.what == "failover" {
+                switches.push(c);
             }
         }
     }
     switches
 }
 
-/// Runs futures concurrently and returns their outputs in order.
-async fn futures_join<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+/// A task's output, or how it failed.
+type Joined<T> = Result<T, String>;
+
+/// Runs futures concurrently; returns each one's output paired with its key, in the order
+/// given. A future that panicked gives `Err` with the panic, against its own key: a failed
+/// task never shifts the results of the others.
+async fn join_keyed<K, F>(futures: impl IntoIterator<Item = (K, F)>) -> Vec<(K, Joined<F::Output>)>
 where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let mut set = JoinSet::new();
-    for (i, f) in futures.enumerate() {
-        set.spawn(async move { (i, f.await) });
+    let mut slots: Vec<(K, Option<Joined<F::Output>>)> = Vec::new();
+    let mut index = HashMap::new();
+    for (i, (k, f)) in futures.into_iter().enumerate() {
+        let handle = set.spawn(f);
+        index.insert(handle.id(), i);
+        slots.push((k, None));
     }
-    let mut out: Vec<(usize, F::Output)> = Vec::new();
-    while let Some(Ok(r)) = set.join_next().await {
-        out.push(r);
+    while let Some(joined) = set.join_next_with_id().await {
+        let (id, out) = match joined {
+            Ok((id, out)) => (id, Ok(out)),
+            Err(e) => (e.id(), Err(if e.is_panic() { "it panicked".to_owned() } else { e.to_string() })),
+        };
+        if let Some(slot) = index.get(&id).and_then(|&i| slots.get_mut(i)) {
+            slot.1 = Some(out);
+        }
     }
-    out.sort_by_key(|(i, _)| *i);
-    out.into_iter().map(|(_, r)| r).collect()
+    slots.into_iter().map(|(k, r)| (k, r.unwrap_or_else(|| Err("it did not finish".to_owned())))).collect()
 }
 
 /// The data path forwards between interfaces, so the node must route: turn forwarding on in
@@ -645,7 +886,104 @@ fn keep_dsr_neighbours(services: &[ServiceConfig]) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
     use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("switcher-daemon-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        dir
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_bound_only_where_no_one_else_can_write() {
+        let dir = temp_dir("bind");
+        let sock = dir.join("switcher.sock");
+        // A directory others may write is refused.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        let e = format!("{:#}", bind(&sock, None).expect_err("a world-writable directory"));
+        assert!(e.contains("can be written by other users"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // A regular file (or a symlink) at the socket path is never deleted.
+        std::fs::write(&sock, "precious").expect("write");
+        let e = format!("{:#}", bind(&sock, None).expect_err("a regular file"));
+        assert!(e.contains("is not a socket") && e.contains("left alone"), "{e}");
+        assert_eq!(std::fs::read_to_string(&sock).expect("still there"), "precious");
+        std::fs::remove_file(&sock).expect("rm");
+        let target = dir.join("target");
+        std::fs::write(&target, "target").expect("write");
+        std::os::unix::fs::symlink(&target, &sock).expect("symlink");
+        let e = format!("{:#}", bind(&sock, None).expect_err("a symlink"));
+        assert!(e.contains("a symlink"), "{e}");
+        assert_eq!(std::fs::metadata(&target).expect("target").mode() & 0o777, 0o644, "the target was not chmod-ed");
+        std::fs::remove_file(&sock).expect("rm");
+        // A good directory: the socket is 0660, with the group asked for.
+        // SAFETY: getegid has no preconditions.
+        let gid = unsafe { libc::getegid() };
+        let listener = bind(&sock, Some(gid)).expect("bind");
+        let m = std::fs::symlink_metadata(&sock).expect("socket");
+        assert_eq!((m.mode() & 0o777, m.gid()), (0o660, gid));
+        // A live daemon's socket is not taken over; a stale one is replaced.
+        let e = format!("{:#}", bind(&sock, None).expect_err("in use"));
+        assert!(e.contains("already listening"), "{e}");
+        drop(listener);
+        let _again = bind(&sock, None).expect("a stale socket is replaced");
+        // A missing directory is created 0755.
+        let sub = dir.join("sub");
+        let _l = bind(&sub.join("s.sock"), None).expect("bind in a new directory");
+        assert_eq!(std::fs::metadata(&sub).expect("created").mode() & 0o777, 0o755);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_probe_does_not_shift_the_others_results() {
+        let futures = ["a", "b", "c", "d"].into_iter().enumerate().map(|(i, k)| {
+            (k, async move {
+                tokio::task::yield_now().await;
+                assert!(k != "b", "probe of b panics");
+                i
+            })
+        });
+        let out = join_keyed(futures).await;
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0], ("a", Ok(0)));
+        assert!(matches!(&out[1], ("b", Err(e)) if e.contains("panicked")), "{:?}", out[1]);
+        assert_eq!(out[2], ("c", Ok(2)));
+        assert_eq!(out[3], ("d", Ok(3)));
+    }
+
+    fn change(what: &str) -> Change {
+        Change { service: "web".into(), what: what.into(), from: "blue".into(), to: "green".into() }
+    }
+
+    #[test]
+    fn the_audit_log_is_held_open_and_follows_rotation() {
+        let dir = temp_dir("audit");
+        let path = dir.join("audit.log");
+        let audit = Audit::new(Some(path.clone()));
+        assert!(path.exists(), "opened at start");
+        audit.record("uid=0(root)", &change("cut-over"));
+        // logrotate: move the file away; the next line goes to a new file.
+        let old = dir.join("audit.log.1");
+        std::fs::rename(&path, &old).expect("rotate");
+        audit.record("uid=0(root)", &change("rollback"));
+        let first = std::fs::read_to_string(&old).expect("rotated file");
+        let second = std::fs::read_to_string(&path).expect("new file");
+        assert!(first.contains("uid=0(root) cut-over web blue -> green") && !first.contains("rollback"), "{first}");
+        assert!(second.contains("rollback web blue -> green"), "{second}");
+        // Removed: the next line makes a new file.
+        std::fs::remove_file(&path).expect("rm");
+        audit.record("uid=0(root)", &change("weight"));
+        let third = std::fs::read_to_string(&path).expect("recreated file");
+        assert!(third.contains("weight web blue -> green"), "{third}");
+        // And a path that cannot be opened at all is an error the caller logs as lost.
+        let nowhere = Audit::new(Some(dir.join("missing-dir").join("audit.log")));
+        assert!(nowhere.append(&dir.join("missing-dir").join("audit.log"), "x\n").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn socket_paths_the_daemon_cannot_bind_are_refused() {

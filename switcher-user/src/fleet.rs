@@ -31,7 +31,7 @@ use switcher_common::{BP_ALL, user::Colour};
 use crate::{
     config::{BackendConfig, FleetConfig},
     control::{FleetService, FleetView, Request, Response},
-    switchboard::{Change, Maps, Switchboard, edit_pool, percent},
+    switchboard::{Change, Maps, RemoteDrains, Switchboard, edit_pool, percent},
 };
 
 /// How often a node republishes its state (flows, health) without a change.
@@ -900,7 +900,7 @@ async fn session_inner<M: Maps>(
 /// The other nodes that still hold open flows of a draining colour, by service: a node's
 /// drain ends only when no node holds any (connections that ECMP moves between nodes keep
 /// their colour through the data path's drain flag meanwhile).
-async fn remote_drains(fleet: &Fleet, client: &mut Client) -> Result<HashMap<String, Vec<(String, u64)>>, String> {
+async fn remote_drains(fleet: &Fleet, client: &mut Client) -> Result<RemoteDrains, String> {
     let nodes =
         client.get(fleet.nodes_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(|e| etcd_error(&e))?;
     let applied = fleet.lock().applied.clone();
@@ -914,12 +914,8 @@ async fn remote_drains(fleet: &Fleet, client: &mut Client) -> Result<HashMap<Str
 /// From the nodes' published states: who, other than `me`, holds open flows of a draining
 /// colour, by service, as `(node, open flows)`. A node that has not applied the revision this
 /// node applied last (`applied`) may still hold flows it has not reported: it is listed with 0.
-fn drains_elsewhere(
-    nodes: impl Iterator<Item = NodeState>,
-    me: &str,
-    applied: &HashMap<String, i64>,
-) -> HashMap<String, Vec<(String, u64)>> {
-    let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+fn drains_elsewhere(nodes: impl Iterator<Item = NodeState>, me: &str, applied: &HashMap<String, i64>) -> RemoteDrains {
+    let mut out = RemoteDrains::new();
     for node in nodes.filter(|n| n.node != me) {
         for s in node.services {
             let behind = applied.get(&s.name).is_some_and(|&rev| s.applied_revision < rev);

@@ -1,5 +1,10 @@
 //! Backend health checks: a TCP connect, or an HTTP/1.0 `GET` with an expected status, with
 //! rise/fall thresholds so one lost probe does not flap a backend.
+//!
+//! A probe that fails for want of the load balancer's own resources (file descriptors,
+//! socket buffers, memory, local ports) says nothing about the backend: it is a
+//! [`Failure::Local`], which leaves the backend's state as it was — it never takes a backend
+//! down, so it never causes a failover or an automatic rollback.
 
 use std::{
     net::SocketAddr,
@@ -90,14 +95,46 @@ impl BackendHealth {
     }
 }
 
+/// Why a probe did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The backend failed the check (refused, timed out, wrong answer).
+    Backend(String),
+    /// The probe could not run here (no free file descriptor, buffer, memory or local port,
+    /// or the probe task failed): the backend's health is unknown this round.
+    Local(String),
+}
+
+impl Failure {
+    /// Classifies an I/O error of a probe: the load balancer's own resource limits are local.
+    fn io(what: String, e: &std::io::Error) -> Failure {
+        let text = format!("{what}: {e}");
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
+                Failure::Local(text)
+            }
+            _ => Failure::Backend(text),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Backend(e) => f.write_str(e),
+            Failure::Local(e) => write!(f, "probe could not run on this node: {e}"),
+        }
+    }
+}
+
 /// Probes one backend once.
 ///
 /// # Errors
-/// Why the backend is not healthy, for the operator.
-pub async fn probe(check: &HealthConfig, backend: SocketAddr) -> Result<(), String> {
+/// Why the backend is not healthy, for the operator; or why the probe could not run.
+pub async fn probe(check: &HealthConfig, backend: SocketAddr) -> Result<(), Failure> {
     let addr = SocketAddr::new(backend.ip(), check.port.unwrap_or(backend.port()));
     let work = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| Failure::io(format!("connect {addr}"), &e))?;
         if check.check != CheckKind::Http {
             return Ok(());
         }
@@ -106,29 +143,33 @@ pub async fn probe(check: &HealthConfig, backend: SocketAddr) -> Result<(), Stri
             SocketAddr::V6(a) => format!("[{}]", a.ip()),
         };
         let req = format!("GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: switcher-health\r\n\r\n", check.path);
-        stream.write_all(req.as_bytes()).await.map_err(|e| format!("send to {addr}: {e}"))?;
+        stream.write_all(req.as_bytes()).await.map_err(|e| Failure::io(format!("send to {addr}"), &e))?;
         let mut buf = vec![0u8; 256];
         let mut n = 0;
         // Enough for the status line; bounded by the buffer and the timeout.
         while n < buf.len() && !buf[..n].contains(&b'\n') {
-            let got = stream.read(&mut buf[n..]).await.map_err(|e| format!("read from {addr}: {e}"))?;
+            let got = stream.read(&mut buf[n..]).await.map_err(|e| Failure::io(format!("read from {addr}"), &e))?;
             if got == 0 {
                 break;
             }
             n += got;
         }
         let line = String::from_utf8_lossy(&buf[..n]);
-        let status = status_code(&line)
-            .ok_or_else(|| format!("{addr} did not answer HTTP: {:?}", line.lines().next().unwrap_or("")))?;
+        let status = status_code(&line).ok_or_else(|| {
+            Failure::Backend(format!("{addr} did not answer HTTP: {:?}", line.lines().next().unwrap_or("")))
+        })?;
         if status == check.expect_status {
             Ok(())
         } else {
-            Err(format!("GET {} on {addr} answered {status}, expected {}", check.path, check.expect_status))
+            Err(Failure::Backend(format!(
+                "GET {} on {addr} answered {status}, expected {}",
+                check.path, check.expect_status
+            )))
         }
     };
     match tokio::time::timeout(check.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer from {addr} within {} ms", check.timeout.as_millis())),
+        Err(_) => Err(Failure::Backend(format!("no answer from {addr} within {} ms", check.timeout.as_millis()))),
     }
 }
 
@@ -201,13 +242,26 @@ mod tests {
         assert_eq!(probe(&check, ok).await, Ok(()));
         let bad = http_server("HTTP/1.0 503 Service Unavailable\r\n\r\n").await;
         let e = probe(&check, bad).await.expect_err("503");
-        assert!(e.contains("answered 503, expected 200"), "{e}");
+        assert!(matches!(&e, Failure::Backend(m) if m.contains("answered 503, expected 200")), "{e}");
         // A port nothing listens on.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
         let e = probe(&check, closed).await.expect_err("closed");
-        assert!(e.contains("connect"), "{e}");
+        assert!(matches!(&e, Failure::Backend(m) if m.contains("connect")), "{e}");
+    }
+
+    #[test]
+    fn running_out_of_local_resources_is_not_a_backend_failure() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM, libc::EADDRNOTAVAIL] {
+            let f = Failure::io("connect 198.51.100.2:8080".into(), &std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(f, Failure::Local(_)), "errno {errno}: {f:?}");
+            assert!(f.to_string().starts_with("probe could not run on this node"), "{f}");
+        }
+        for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH, libc::ECONNRESET] {
+            let f = Failure::io("connect 198.51.100.2:8080".into(), &std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(f, Failure::Backend(_)), "errno {errno}: {f:?}");
+        }
     }
 }

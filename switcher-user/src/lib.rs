@@ -4,8 +4,11 @@
 //! - [`dataplane`]: loads the XDP program, attaches it, and reads and writes its maps;
 //! - [`control`]: the JSON-lines protocol of the control socket, and a client for it;
 //! - [`daemon`]: the agent: owns the data plane and serves the control socket;
-//! - [`fleet`]: fleet mode: the desired state in etcd, followed by every node.
+//! - [`fleet`]: fleet mode: the desired state in etcd, followed by every node;
+//! - [`limits`]: the agent's connection caps and file-descriptor budget;
+//! - [`accounts`]: user and group lookups that never block an async worker.
 
+pub mod accounts;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -13,6 +16,7 @@ pub mod dataplane;
 pub mod emergency;
 pub mod fleet;
 pub mod health;
+pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;

@@ -138,7 +138,9 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-/// Serves `GET /metrics` until the task is aborted.
+/// Serves `GET /metrics` until the task is aborted: at most
+/// [`crate::limits::METRICS_CONNECTIONS`] connections at once (more are closed as soon as they
+/// are accepted), and a pause after a failed accept instead of a spin.
 pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, fleet: Option<Arc<Fleet>>) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -148,11 +150,30 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, 
         }
     };
     tracing::info!(%addr, "metrics endpoint ready (GET /metrics)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(crate::limits::METRICS_CONNECTIONS));
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => {
+                backoff.reset();
+                conn
+            }
+            Err(e) => {
+                // EMFILE and the like: the pending connection stays queued, so accepting again
+                // at once would spin.
+                tokio::time::sleep(backoff.next(&e)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            let _ =
+                conn.try_write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            continue;
+        };
         let board = Arc::clone(&board);
         let fleet = fleet.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             // The request line and headers, bounded in size and time.
@@ -190,6 +211,27 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, 
     }
 }
 
+/// The pause after a failed accept: 10 ms, doubling up to 640 ms while accepts keep failing;
+/// one warning per run of failures.
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    pub(crate) fn next(&mut self, e: &std::io::Error) -> Duration {
+        if self.failures == 0 {
+            tracing::warn!("accept on the metrics endpoint: {e}; pausing between retries");
+        }
+        self.failures = self.failures.saturating_add(1);
+        Duration::from_millis(10u64 << (self.failures - 1).min(6))
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +239,16 @@ mod tests {
         control::{BackendStatus, ColourStatus, ServiceStatus},
         dataplane::Counters,
     };
+
+    #[test]
+    fn a_failing_accept_backs_off_instead_of_spinning() {
+        let mut b = AcceptBackoff::default();
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        let pauses: Vec<u128> = (0..10).map(|_| b.next(&e).as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 640, 640, 640]);
+        b.reset();
+        assert_eq!(b.next(&e).as_millis(), 10);
+    }
 
     #[test]
     fn metrics_name_services_colours_and_reasons() {

@@ -20,6 +20,10 @@ use crate::{
     health::{BackendHealth, State},
 };
 
+/// Other nodes of a fleet still holding open flows of a draining colour, by service:
+/// `(node, open flows)` (0: the node has not applied the switch yet).
+pub type RemoteDrains = HashMap<String, Vec<(String, u64)>>;
+
 /// What the switchboard needs of the data plane; a fake implements it in unit tests.
 pub trait Maps {
     /// Writes a service's switch state (one map write).
@@ -263,7 +267,7 @@ pub struct Switchboard<M> {
     last_flows: HashMap<(u32, Colour), FlowCounts>,
     /// In a fleet: when the other nodes were last looked at, and which of them still drain,
     /// by service (see [`Switchboard::set_remote_drains`]). `None`: not in a fleet.
-    remote_drains: Option<(Instant, HashMap<String, Vec<(String, u64)>>)>,
+    remote_drains: Option<(Instant, RemoteDrains)>,
 }
 
 /// One service as this node sees it, for the fleet (see [`Switchboard::observed`]).
@@ -849,7 +853,7 @@ impl<M: Maps> Switchboard<M> {
     /// Other nodes of the fleet that still hold open flows of a draining colour, by service:
     /// `(node, open flows)`, as just read by the fleet. Once called, this node is in a fleet:
     /// a drain ends only when no node holds any, by a view taken after the drain began.
-    pub fn set_remote_drains(&mut self, drains: HashMap<String, Vec<(String, u64)>>) {
+    pub fn set_remote_drains(&mut self, drains: RemoteDrains) {
         self.remote_drains = Some((Instant::now(), drains));
     }
 

@@ -22,13 +22,59 @@ pub mod trace;
 #[cfg(test)]
 mod tests;
 
-/// Whether the tests that need root can run here; prints why not when they cannot.
+/// The environment variable naming a file where each skipped test appends its name, one a
+/// line; `./x test` sets it, counts the names and reports them as skipped, not passed (a test
+/// that returns early is "ok" to cargo).
+pub const SKIPPED_FILE_ENV: &str = "SWITCHER_SKIPPED_FILE";
+
+/// Whether the tests that need root can run here; prints why not when they cannot, and records
+/// the skip (see [`skip`]).
 #[must_use]
 pub fn have_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        eprintln!("skipping {test}: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run `./x test` as root");
+        skip(test, "needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN); run `./x test` as root");
     }
     root
+}
+
+/// Says that `test` skips and why, on stderr, and appends its name to the file named by
+/// [`SKIPPED_FILE_ENV`] so that the run counts it as skipped. The caller then returns.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("skipping {test}: {why}");
+    if let Some(file) = std::env::var_os(SKIPPED_FILE_ENV) {
+        record_skip(std::path::Path::new(&file), test);
+    }
+}
+
+/// Appends `test` to the skip list; a failure to record is said loudly (the run would count
+/// the test as passed).
+fn record_skip(file: &std::path::Path, test: &str) {
+    use std::io::Write as _;
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(format!("{test}\n").as_bytes()));
+    if let Err(e) = written {
+        eprintln!(
+            "warning: cannot record that {test} skipped in {}: {e}; it will be counted as passed",
+            file.display()
+        );
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    #[test]
+    fn a_skip_is_recorded_one_name_a_line() {
+        let file = std::env::temp_dir().join(format!("switcher-skip-test-{}", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        super::record_skip(&file, "first_test");
+        super::record_skip(&file, "second_test");
+        let text = std::fs::read_to_string(&file).expect("the skip file was written");
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(text, "first_test\nsecond_test\n");
+    }
 }

@@ -31,6 +31,22 @@ pub fn switcher_bin() -> PathBuf {
     );
 }
 
+/// A copy of the `switcher` binary that another user can run, in `dir` (which this makes
+/// 0755): the build tree may sit where other users cannot reach it — a clone in root's 0700
+/// home, or in a `mktemp -d` directory.
+///
+/// # Panics
+/// When the copy cannot be made.
+#[must_use]
+pub fn switcher_bin_for_others(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod 755 the test directory");
+    let copy = dir.join("switcher-for-others");
+    std::fs::copy(switcher_bin(), &copy).expect("copy the switcher binary");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).expect("chmod 755 the copy");
+    copy
+}
+
 /// A config for the test topology: `web` (TCP 80) and `dns` (UDP 53), both active on blue,
 /// with `forwarding` (`"auto"`, `"redirect"` or `"kernel"`).
 #[must_use]

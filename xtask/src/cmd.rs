@@ -53,10 +53,15 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         eprintln!("note: not root: the data-path and namespace tests will print why they skip");
     }
+    // A skipped test returns early, which cargo counts as passed: each one appends its name
+    // here (switcher_tests::skip), and the total counts them apart.
+    let skipped_file = target_dir().join(format!("skipped-tests-{}.txt", std::process::id()));
+    let _ = std::fs::remove_file(&skipped_file);
     let mut cmd = cargo();
     cmd.current_dir(root())
         .args(["test", "--locked", "--workspace", "--exclude", "switcher-ebpf"])
-        .env("SWITCHER_BIN", target_dir().join("debug").join("switcher"));
+        .env("SWITCHER_BIN", target_dir().join("debug").join("switcher"))
+        .env(SKIPPED_FILE_ENV, &skipped_file);
     if !args.is_empty() {
         cmd.arg("--").args(args);
     }
@@ -64,24 +69,61 @@ pub fn test(args: &[String]) -> anyhow::Result<()> {
     // with one total rather than the last binary's (often empty doc-test) count.
     let shown = format!("{cmd:?}");
     let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("run {shown}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let mut totals = Totals::default();
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines() {
             let line = line.context("read cargo test output")?;
             println!("{line}");
-            if let Some(rest) = line.strip_prefix("test result: ") {
-                passed += count(rest, " passed");
-                failed += count(rest, " failed");
-                ignored += count(rest, " ignored");
-            }
+            totals.add(&line);
         }
     }
     let status = child.wait().with_context(|| format!("wait for {shown}"))?;
-    println!("\ntests: {passed} passed, {failed} failed, {ignored} skipped");
+    let skipped = std::fs::read_to_string(&skipped_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&skipped_file);
+    println!("\n{}", totals.summary(&skipped));
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
     Ok(())
+}
+
+/// Names the file where skipped tests record themselves (as in `switcher_tests::SKIPPED_FILE_ENV`).
+const SKIPPED_FILE_ENV: &str = "SWITCHER_SKIPPED_FILE";
+
+/// The totals of cargo's per-binary "test result:" lines.
+#[derive(Debug, Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            self.passed += count(rest, " passed");
+            self.failed += count(rest, " failed");
+            self.ignored += count(rest, " ignored");
+        }
+    }
+
+    /// The last line of a run; `skipped` holds one skipped test's name a line. A skipped test
+    /// passed in cargo's count and is moved from there to "skipped", with the names.
+    fn summary(&self, skipped: &str) -> String {
+        let mut names: Vec<&str> = skipped.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let skipped = names.len() as u64;
+        let passed = self.passed.saturating_sub(skipped);
+        let mut line = format!("tests: {passed} passed, {} failed, {skipped} skipped", self.failed);
+        if self.ignored > 0 {
+            line.push_str(&format!(", {} ignored", self.ignored));
+        }
+        if !names.is_empty() {
+            line.push_str(&format!("\nskipped: {}", names.join(", ")));
+        }
+        line
+    }
 }
 
 /// The number before `what` in a "test result:" line ("ok. 7 passed; 0 failed; …").
@@ -245,5 +287,18 @@ mod tests {
         assert_eq!(super::count(line, " failed"), 2);
         assert_eq!(super::count(line, " ignored"), 1);
         assert_eq!(super::count("FAILED. 3 passed; 1 failed;", " passed"), 3);
+    }
+
+    #[test]
+    fn skipped_tests_are_counted_as_skipped_not_passed() {
+        let mut t = super::Totals::default();
+        t.add("test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add("running 3 tests");
+        t.add("test result: ok. 3 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        assert_eq!(
+            t.summary("metrics_are_served_on_loopback\nthe_hostile_packet_corpus\n"),
+            "tests: 17 passed, 1 failed, 2 skipped\nskipped: metrics_are_served_on_loopback, the_hostile_packet_corpus"
+        );
+        assert_eq!(t.summary(""), "tests: 19 passed, 1 failed, 0 skipped");
     }
 }

@@ -4,7 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4},
-    os::unix::process::CommandExt as _,
+    os::unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -237,9 +237,10 @@ fn the_socket_refuses_other_users_and_garbage() {
     }
     let t = Topology::new();
     let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
-    // The test directory must be reachable for the other user to get as far as the socket.
-    crate::net::sh(&["chmod", "755", &d.dir.to_string_lossy()]);
-    let out = std::process::Command::new(crate::proc::switcher_bin())
+    // The test directory must be reachable for the other user to get as far as the socket,
+    // and the binary must be one it may run (the build tree may be in a 0700 directory).
+    let bin = crate::proc::switcher_bin_for_others(&d.dir);
+    let out = std::process::Command::new(bin)
         .arg("--socket")
         .arg(&d.socket)
         .args(["status"])
@@ -474,4 +475,148 @@ fn a_daemon_that_cannot_bind_its_socket_attaches_nothing() {
         assert!(!check.status.success(), "{name}: config check accepted it");
         assert!(String::from_utf8_lossy(&check.stderr).contains(why), "{name}: {check:?}");
     }
+}
+
+/// Sends one raw request line on the control socket; returns the answer line.
+fn raw_request(d: &Daemon, line: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(format!("{line}\n").as_bytes()).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn a_fifo_config_blocks_nothing_and_a_late_request_is_not_applied() {
+    if !crate::have_root("a_fifo_config_blocks_nothing_and_a_late_request_is_not_applied") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
+    let good = std::fs::read_to_string(&d.config).expect("config");
+    // The config file becomes a FIFO nobody writes to: opening it to read would block.
+    std::fs::remove_file(&d.config).expect("remove config");
+    crate::net::sh(&["mkfifo", &d.config.to_string_lossy()]);
+    let reload = d.cli(&["reload"]);
+    crate::net::sh(&["kill", "-HUP", &d.pid().to_string()]);
+    let logged = wait_for(Duration::from_secs(10), || d.log().contains("SIGHUP: reload rejected").then_some(()));
+    // The agent still answers and switches.
+    let cutover = d.cli(&["cutover", "web", "green"]);
+    // Put the file back, first releasing a reader blocked on the FIFO (if the daemon is one).
+    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&d.config);
+    std::fs::remove_file(&d.config).expect("remove FIFO");
+    std::fs::write(&d.config, &good).expect("restore config");
+    let err = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success() && err.contains("is a FIFO, not a regular file"), "{err}\n{}", d.log());
+    assert!(logged.is_some(), "{}", d.log());
+    assert!(String::from_utf8_lossy(&cutover.stdout).contains("blue → green"), "{cutover:?}\n{}", d.log());
+
+    // A request whose client gave up (its deadline passed) is refused, not applied late.
+    let past = switcher_user::control::Deadline::after(Duration::ZERO).0;
+    let answer = raw_request(&d, &format!(r#"{{"op":"rollback","service":"web","deadline_ms":{past}}}"#));
+    assert!(answer.contains("reached its deadline") && answer.contains("\"ok\":false"), "{answer}");
+    assert_eq!(active(&d, "web"), "green", "a late rollback changed nothing");
+    let future = switcher_user::control::Deadline::after(Duration::from_secs(60)).0;
+    let answer = raw_request(&d, &format!(r#"{{"op":"rollback","service":"web","deadline_ms":{future}}}"#));
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    assert_eq!(active(&d, "web"), "blue", "a timely rollback is applied");
+}
+
+/// The daemon's open file descriptors.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count).unwrap_or(0)
+}
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum()
+}
+
+/// Sets a process's soft limit on open files (the hard one is kept: raising it back would
+/// need CAP_SYS_RESOURCE); returns the old limits.
+fn set_nofile(pid: u32, soft: u64) -> libc::rlimit {
+    let mut now = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let pid = i32::try_from(pid).expect("pid");
+    // SAFETY: valid pointers; the process is this one or the daemon this test started.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut now) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit { rlim_cur: soft.min(now.rlim_max), rlim_max: now.rlim_max };
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: as above.
+    let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &raw const new, &raw mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+#[test]
+fn idle_connections_or_no_free_descriptors_never_roll_back_a_healthy_cutover() {
+    if !crate::have_root("idle_connections_or_no_free_descriptors_never_roll_back_a_healthy_cutover") {
+        return;
+    }
+    let t = Topology::new();
+    let (_b, _g) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let d = Daemon::start(&t.lb, |s| {
+        let audit = s.parent().map(|p| p.join("audit.log")).unwrap_or_default();
+        config(&t, s, &format!("watch_secs = 60\n{FAST_CHECKS}"), &format!("audit_log = \"{}\"", audit.display()))
+    });
+    assert!(d.cli_ok(&["cutover", "web", "green"]).contains("watching green for 60s"));
+    let pid = d.pid();
+    let before = open_fds(pid);
+    // The common default (systemd's soft limit when the unit sets none).
+    let started_with = set_nofile(pid, 1024);
+
+    // 1. Any local user may open 2,000 idle connections to the metrics port.
+    set_nofile(std::process::id(), 4096);
+    let flood = t.lb.run(|| {
+        let addr: SocketAddr = "127.0.0.1:9477".parse().expect("addr");
+        let mut open = Vec::new();
+        let mut failed_in_a_row = 0;
+        // Bounded: 2,000 attempts, and 5 failures in a row end it.
+        for _ in 0..2000 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => {
+                    open.push(s);
+                    failed_in_a_row = 0;
+                }
+                Err(_) if failed_in_a_row >= 5 => break,
+                Err(_) => failed_in_a_row += 1,
+            }
+        }
+        open
+    });
+    // Several rounds of health checks (every 200 ms, down after 2 failures) under the flood.
+    std::thread::sleep(Duration::from_secs(2));
+    let during = open_fds(pid);
+    let status = d.cli(&["status", "--json"]);
+    let opened = flood.len();
+    drop(flood);
+    assert!(opened > 1000, "the flood opened {opened} connections");
+    assert!(status.status.success(), "the control socket answers under the flood: {status:?}");
+    assert_eq!(active(&d, "web"), "green", "a metrics flood rolled back a healthy cut-over:\n{}", d.log());
+    assert!(
+        during <= before + switcher_user::limits::METRICS_CONNECTIONS + 16,
+        "the daemon held {during} descriptors under the flood ({before} before): the metrics cap did not hold"
+    );
+
+    // 2. No descriptor left at all: health probes cannot run, which says nothing of green.
+    let held = open_fds(pid) as u64;
+    set_nofile(pid, held);
+    // A connection the daemon cannot accept (EMFILE) stays queued: accepting must not spin.
+    let pending = t.lb.run(|| std::net::TcpStream::connect("127.0.0.1:9477"));
+    let cpu_before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_ticks(pid) - cpu_before;
+    set_nofile(pid, started_with.rlim_cur);
+    drop(pending);
+    assert_eq!(active(&d, "web"), "green", "running out of descriptors rolled back a healthy cut-over:\n{}", d.log());
+    assert!(d.log().contains("health probes could not run on this node"), "{}", d.log());
+    // 2 s is 200 ticks at the usual 100 Hz; a spinning accept loop uses most of them.
+    assert!(cpu < 50, "the daemon used {cpu} CPU ticks in 2 s with no descriptor free (a spinning accept loop?)");
+    let audit = std::fs::read_to_string(d.dir.join("audit.log")).expect("audit log");
+    assert!(audit.contains("cut-over web blue -> green") && !audit.contains("auto-rollback"), "{audit}");
 }
