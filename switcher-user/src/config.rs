@@ -666,6 +666,10 @@ impl Config {
         }
         // A NAT backend's replies are matched to their flow through the (VIP, port) pairs it
         // serves; a few fit per backend address:port.
+        // Where a service is in the file, for errors found across services.
+        let span_of = |name: &str| {
+            raw.services.iter().find(|r| r.get_ref().name.get_ref() == name).map_or(0..0, toml::Spanned::span)
+        };
         let mut fronts: HashMap<(SocketAddr, Protocol), HashSet<(IpAddr, u16)>> = HashMap::new();
         for s in services.iter().filter(|s| s.mode == Mode::Nat) {
             for b in s.blue.iter().chain(&s.green) {
@@ -673,11 +677,7 @@ impl Config {
                 f.insert((s.vip, s.port));
                 f.extend(s.preview_port.map(|p| (s.vip, p)));
                 if f.len() > REVERSE_WAYS {
-                    let span = raw
-                        .services
-                        .iter()
-                        .find(|r| r.get_ref().name.get_ref() == &s.name)
-                        .map_or(0..0, toml::Spanned::span);
+                    let span = span_of(&s.name);
                     return Err(invalid(
                         span,
                         "backend",
@@ -694,11 +694,7 @@ impl Config {
         for s in &services {
             for b in s.blue.iter().chain(&s.green) {
                 if let Some(owner) = keys.get(&(b.addr.ip(), b.addr.port(), s.protocol)) {
-                    let span = raw
-                        .services
-                        .iter()
-                        .find(|r| r.get_ref().name.get_ref() == &s.name)
-                        .map_or(0..0, toml::Spanned::span);
+                    let span = span_of(&s.name);
                     return Err(invalid(
                         span,
                         "backend",

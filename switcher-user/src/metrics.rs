@@ -35,6 +35,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let packets = Family::<Labels, Counter>::default();
     let bytes = Family::<Labels, Counter>::default();
     let flows = Family::<Labels, Counter>::default();
+    let rescued = Family::<Labels, Counter>::default();
     let open = Family::<Labels, Gauge>::default();
     let draining = Family::<Labels, Gauge>::default();
     let backend_up = Family::<Labels, Gauge>::default();
@@ -60,6 +61,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             }
             let sc = labels(&[("service", name), ("colour", col)]);
             flows.get_or_create(&sc).inc_by(k.flows);
+            rescued.get_or_create(&sc).inc_by(k.rescued);
             open.get_or_create(&sc).set(i64::try_from(c.live_flows).unwrap_or(i64::MAX));
             let drain = s.drain.as_ref().filter(|d| d.colour == c.colour).map_or(0, |d| d.live_flows);
             draining.get_or_create(&sc).set(i64::try_from(drain).unwrap_or(i64::MAX));
@@ -124,6 +126,11 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     reg.register("packets", "Packets through the data path per service, colour and direction", packets);
     reg.register("bytes", "L3 bytes through the data path per service, colour and direction", bytes);
     reg.register("flows", "Flows given to each colour", flows);
+    reg.register(
+        "rescued_flows",
+        "TCP connections found without a flow while the service drained (moved from another node, or evicted), sent back to this, the previous, colour",
+        rescued,
+    );
     reg.register("open_flows", "Open (tracked, not closing) flows per colour", open);
     reg.register("draining_flows", "Open flows left on a colour that is draining", draining);
     reg.register("backend_up", "Backend health: 1 up, 0 down, -1 unknown or unchecked", backend_up);
@@ -276,7 +283,7 @@ mod tests {
                         reply_packets: 9,
                         reply_bytes: 500,
                         flows: 4,
-                        rescued: 0,
+                        rescued: 3,
                     },
                     edited: false,
                 }],
@@ -289,6 +296,7 @@ mod tests {
         for line in [
             "switcher_packets_total{service=\"web\",colour=\"green\",direction=\"request\"} 10",
             "switcher_open_flows{service=\"web\",colour=\"green\"} 7",
+            "switcher_rescued_flows_total{service=\"web\",colour=\"green\"} 3",
             "switcher_backend_up{service=\"web\",colour=\"green\",backend=\"198.51.100.18:8080\"} 1",
             "switcher_active{service=\"web\",colour=\"green\"} 1",
             "switcher_cutovers_total{service=\"web\"} 3",
