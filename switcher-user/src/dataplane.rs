@@ -787,6 +787,8 @@ impl Dataplane {
     /// # Errors
     /// More than `MAX_POOL` backends, or a map write failed.
     pub fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<()> {
+        // Refused before anything is written: a backend answering for too many VIP:ports.
+        fronts_fit(&self.pool_fronts(Some((id, colour, backends))))?;
         let mut pool = self.pools.get(&(id, colour)).cloned().unwrap_or_default();
         pool.slots.resize(MAX_POOL as usize, None);
         // Drop the ones that left; keep the others' slots.
@@ -813,9 +815,11 @@ impl Dataplane {
             .collect();
         let table = maglev::build(&members, RING_SIZE);
         let half = if self.pools.contains_key(&(id, colour)) { pool.half ^ 1 } else { 0 };
-        // Replies of the new backends are recognised before any flow can reach them.
+        // Replies of the new backends are recognised (their port bit and `REVERSE` entry)
+        // before any flow can reach them.
         self.pools.insert((id, colour), pool.clone());
         self.write_reverse()?;
+        self.write_ports()?;
         for (c, chunk) in (0u32..RING_CHUNKS).zip(table.chunks(RING_CHUNK as usize)) {
             let mut value = RingChunk { slots: [RING_EMPTY; RING_CHUNK as usize] };
             value.slots[..chunk.len()].copy_from_slice(chunk);
@@ -827,7 +831,7 @@ impl Dataplane {
         pool.half = half;
         pool.table = table;
         self.pools.insert((id, colour), pool);
-        self.write_ports()
+        Ok(())
     }
 
     /// Brings `PORTS` in line with the services' and backends' ports: bits are set before a
@@ -844,6 +848,11 @@ impl Dataplane {
             for b in pool.slots.iter().flatten() {
                 *want.entry(b.addr.port()).or_default() |= PORT_BACKEND;
             }
+        }
+        // Backends that left their pool but still have flows (and `REVERSE` entries) still
+        // send replies from their port.
+        for key in self.reverse_written.keys() {
+            *want.entry(u16::from_be_bytes(key.port)).or_default() |= PORT_BACKEND;
         }
         let stale: Vec<u16> = self.ports_written.keys().filter(|p| !want.contains_key(p)).copied().collect();
         for (port, bits) in want.iter().map(|(p, b)| (*p, *b)).chain(stale.into_iter().map(|p| (p, 0))) {
@@ -879,22 +888,8 @@ impl Dataplane {
     /// (its open flows still need their replies) until [`Dataplane::scan_flows`] finds no flow
     /// of it; pairs no service serves any more are dropped at once.
     fn write_reverse(&mut self) -> Result<()> {
-        let mut fronts_of: StdHashMap<BackendKey, Vec<VipPort>> = StdHashMap::new();
-        for (&(id, _), pool) in &self.pools {
-            let Some((fronts, proto)) = self.service_fronts.get(&id) else { continue };
-            for b in pool.slots.iter().flatten() {
-                let list = fronts_of.entry(backend_key(b.addr, *proto)).or_default();
-                for f in fronts {
-                    if !list.contains(f) {
-                        list.push(*f);
-                    }
-                }
-            }
-        }
-        if let Some((key, list)) = fronts_of.iter().find(|(_, l)| l.len() > REVERSE_WAYS) {
-            let backend = SocketAddr::new(addr_ip(key.addr, key.family), u16::from_be_bytes(key.port));
-            return Err(DataplaneError::TooManyFronts { backend: backend.to_string(), count: list.len() });
-        }
+        let mut fronts_of = self.pool_fronts(None);
+        fronts_fit(&fronts_of)?;
         // Pairs still served by some NAT service, with their protocol.
         let served: std::collections::HashSet<([u8; 16], [u8; 2], u8)> = self
             .service_fronts
@@ -930,22 +925,46 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The (VIP, port) pairs each backend of the NAT services' pools answers for, its own
+    /// service's port first; `next`, a colour's pool about to be written, counts as in place.
+    fn pool_fronts(&self, next: Option<(u32, Colour, &[BackendConfig])>) -> StdHashMap<BackendKey, Vec<VipPort>> {
+        let mut fronts_of: StdHashMap<BackendKey, Vec<VipPort>> = StdHashMap::new();
+        let replaced = next.map(|(id, colour, _)| (id, colour));
+        let pooled = self
+            .pools
+            .iter()
+            .filter(|(key, _)| Some(**key) != replaced)
+            .flat_map(|(&(id, _), pool)| pool.slots.iter().flatten().map(move |b| (id, b.addr)));
+        let upcoming = next.into_iter().flat_map(|(id, _, backends)| backends.iter().map(move |b| (id, b.addr)));
+        for (id, addr) in pooled.chain(upcoming) {
+            let Some((fronts, proto)) = self.service_fronts.get(&id) else { continue };
+            let list = fronts_of.entry(backend_key(addr, *proto)).or_default();
+            for f in fronts {
+                if !list.contains(f) {
+                    list.push(*f);
+                }
+            }
+        }
+        fronts_of
+    }
+
     /// Drops the `REVERSE` entries of backends that are in no pool and that no flow uses
     /// (`in_use`: the backends of the flows just walked). None can gain a flow again: only
     /// pools hand backends out.
     fn gc_reverse(&mut self, in_use: &std::collections::HashSet<BackendKey>) {
-        let pooled: std::collections::HashSet<BackendKey> = self
-            .pools
-            .iter()
-            .filter_map(|((id, _), pool)| self.service_fronts.get(id).map(|(_, proto)| (pool, *proto)))
-            .flat_map(|(pool, proto)| pool.slots.iter().flatten().map(move |b| backend_key(b.addr, proto)))
-            .collect();
+        let pooled = self.pool_fronts(None);
         let gone: Vec<BackendKey> =
-            self.reverse_written.keys().filter(|k| !pooled.contains(k) && !in_use.contains(k)).copied().collect();
+            self.reverse_written.keys().filter(|k| !pooled.contains_key(k) && !in_use.contains(k)).copied().collect();
+        if gone.is_empty() {
+            return;
+        }
         for key in gone {
             if self.reverse.remove(&key).is_ok() {
                 self.reverse_written.remove(&key);
             }
+        }
+        if let Err(e) = self.write_ports() {
+            tracing::warn!("clear the ports of backends no flow uses any more: {e}");
         }
     }
 
@@ -1210,6 +1229,17 @@ impl Dataplane {
     #[must_use]
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
         self.flow_entries()
+    }
+}
+
+/// Refuses a backend that would answer for more (VIP, port) pairs than `REVERSE` holds.
+fn fronts_fit(fronts_of: &StdHashMap<BackendKey, Vec<VipPort>>) -> Result<()> {
+    match fronts_of.iter().find(|(_, l)| l.len() > REVERSE_WAYS) {
+        Some((key, list)) => {
+            let backend = SocketAddr::new(addr_ip(key.addr, key.family), u16::from_be_bytes(key.port));
+            Err(DataplaneError::TooManyFronts { backend: backend.to_string(), count: list.len() })
+        }
+        None => Ok(()),
     }
 }
 

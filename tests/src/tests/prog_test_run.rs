@@ -1116,3 +1116,81 @@ fn icmp() -> Vec<u8> {
         .expect("build icmp");
     v
 }
+
+/// `REVERSE` follows the pools: every NAT backend lists the VIP:ports it answers for (DSR
+/// backends none); a backend taken out of its pool keeps its entry while a flow uses it (its
+/// replies are still translated) and loses it once none does; a pool change that would give
+/// a backend more pairs than fit is refused before anything is written.
+#[test]
+fn reverse_entries_follow_the_pools() {
+    if !crate::have_root("reverse_entries_follow_the_pools") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut svcs = services();
+        let web = svcs[0].clone();
+        let extra = |name: &str, port: u16, blue: Vec<BackendConfig>| ServiceConfig {
+            name: name.into(),
+            port,
+            preview_port: None,
+            blue,
+            green: vec![],
+            ..web.clone()
+        };
+        svcs.push(extra("x1", 82, backend(BLUE, 8080)));
+        svcs.push(extra("x2", 83, backend(BLUE, 9000)));
+        let mut dp = Dataplane::open(&svcs, Options { udp_idle_timeout: IDLE, redirect: false, ..Options::default() })
+            .expect("load");
+        let entry = |dp: &Dataplane, addr: Ipv4Addr, port: u16| {
+            let mut to: Vec<u16> = dp
+                .reverse_entries()
+                .into_iter()
+                .find(|(b, _)| *b == SocketAddr::new(IpAddr::V4(addr), port))
+                .map(|(_, to)| to.iter().map(SocketAddr::port).collect())
+                .unwrap_or_default();
+            to.sort_unstable();
+            to
+        };
+        assert_eq!(entry(&dp, BLUE, 8080), [80, 81, 82, PREVIEW], "web, its preview port, blue-only and x1");
+        assert_eq!(entry(&dp, GREEN, 8081), [80, PREVIEW]);
+        assert_eq!(entry(&dp, BLUE, 5353), [53, PREVIEW], "dns and its preview port");
+        assert!(entry(&dp, BLUE, 443).is_empty(), "a DSR backend's replies are not the LB's to translate");
+
+        // A fifth pair for BLUE:8080 is refused, and nothing changes.
+        let e = dp.set_pool(6, Colour::Blue, &backend(BLUE, 8080)).expect_err("a fifth VIP:port");
+        assert!(e.to_string().contains("at most 4"), "{e}");
+        assert_eq!(entry(&dp, BLUE, 8080), [80, 81, 82, PREVIEW]);
+        assert_eq!(entry(&dp, BLUE, 9000), [83], "x2 keeps its pool");
+
+        // A UDP flow on BLUE:5353, then BLUE:5353 leaves dns's pool: the flow keeps it.
+        let c = (CLIENT, 40500);
+        check(
+            &mut dp,
+            pkt(
+                "UDP to dns goes to blue",
+                udp(IN, c, (VIP, 53), 64),
+                XDP_PASS,
+                "fwd_kernel",
+                Some(udp(IN, c, (BLUE, 5353), 64)),
+            ),
+        );
+        dp.set_pool(1, Colour::Blue, &backend(BLUE, 5399)).expect("new blue pool");
+        assert_eq!(entry(&dp, BLUE, 5353), [53, PREVIEW], "kept while its flow lives");
+        assert_eq!(entry(&dp, BLUE, 5399), [53, PREVIEW]);
+        check(
+            &mut dp,
+            pkt(
+                "the removed backend's answer to its open flow still comes from the VIP",
+                udp(IN, (BLUE, 5353), c, 64),
+                XDP_PASS,
+                "reply_kernel",
+                Some(udp(IN, (VIP, 53), c, 64)),
+            ),
+        );
+        std::thread::sleep(IDLE + Duration::from_millis(500));
+        dp.scan_flows().expect("walk the flows");
+        assert!(entry(&dp, BLUE, 5353).is_empty(), "no flow uses it any more: gone");
+        check(&mut dp, pkt("its packets now pass untouched", udp(IN, (BLUE, 5353), c, 64), XDP_PASS, "no_match", None));
+    });
+}
