@@ -171,7 +171,9 @@ impl ServiceState {
             switches: 0,
             switched_at: None,
             drain: None,
-            draining_flag: false,
+            // Unknown until written: a flag left set by a daemon that stopped mid-drain is
+            // cleared at the first tick (a restarted daemon does not resume drains).
+            draining_flag: true,
             health: HashMap::new(),
             watch_until: None,
         }
