@@ -2,6 +2,7 @@
 //! skips with a message when not run as root.
 
 mod agent;
+mod direct;
 mod e2e;
 mod fleet;
 mod hostile;
