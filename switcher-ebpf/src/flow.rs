@@ -20,10 +20,10 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
-    FLOW_CLOSING, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL, PROTO_TCP,
-    REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW,
-    Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, reply_belongs,
-    ring_chunk, starts_flow, state_canary_bp, state_second_chance,
+    BackendKey, FLOW_CLOSING, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL,
+    PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
+    SERVICE_PREVIEW, Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot,
+    reply_belongs, ring_chunk, starts_flow, state_canary_bp, state_second_chance,
 };
 
 use crate::{
@@ -236,26 +236,29 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 /// (VIP, port) `REVERSE` lists for the backend, the flow on the reversed tuple (`s.other`,
 /// client → VIP), if it was given this backend. `s.other` is left as the found flow's key.
 /// `None`, with `s.miss` saying why: `NO_MATCH`, not a backend's address and port;
-/// `NOT_LIVE`, a backend, but no such flow. Not inlined (two callers; the 512-byte stack);
-/// it returns one pointer-sized value.
+/// `NOT_LIVE`, a backend, but no such flow. Not inlined (several callers; the 512-byte
+/// stack); it returns one pointer-sized value.
 #[inline(never)]
 pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
-    let (proto, family) = (s.key.proto, s.key.family);
-    let backend = &mut s.backend;
-    backend.addr = s.key.src;
-    backend.port = s.key.sport;
-    backend.proto = proto;
-    backend.family = family;
+    let k = &s.key;
+    s.backend = BackendKey { addr: k.src, port: k.sport, proto: k.proto, family: k.family };
+    s.other.src = k.dst;
+    s.other.sport = k.dport;
+    flow_of_backend(s)
+}
+
+/// [`reply_flow`]'s search, for a backend in `s.backend` and a client in `s.other.src` and
+/// `s.other.sport`.
+#[inline(always)]
+fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
     // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
     let Some(reverse) = (unsafe { REVERSE.get(&s.backend) }) else {
         s.miss = Reason::NO_MATCH.0;
         return None;
     };
     let other = &mut s.other;
-    other.src = s.key.dst;
-    other.sport = s.key.dport;
-    other.proto = proto;
-    other.family = family;
+    other.proto = s.backend.proto;
+    other.family = s.backend.family;
     other._pad = [0; 2];
     let count = reverse.count;
     for i in 0..REVERSE_WAYS {
@@ -278,6 +281,25 @@ pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
     }
     s.miss = Reason::NOT_LIVE.0;
     None
+}
+
+/// A client's UDP datagram straight to a backend (`s.key`, client → backend), which passes
+/// untouched. If the client has a VIP flow from the same port to that backend, the two
+/// conversations would share the backend's answers; the client has moved on to talk to the
+/// backend directly, so the VIP flow is forgotten and the answers reach it as they are. (A
+/// later datagram to the VIP from that port starts a new flow.) Not inlined: rare, and it
+/// keeps the main frame small.
+#[inline(never)]
+pub fn direct(s: &mut Scratch) -> u64 {
+    let k = &s.key;
+    s.backend = BackendKey { addr: k.dst, port: k.dport, proto: k.proto, family: k.family };
+    s.other.src = k.src;
+    s.other.sport = k.sport;
+    if flow_of_backend(s).is_some() {
+        let _ = FLOWS.remove(&s.other);
+        return 1;
+    }
+    0
 }
 
 /// A packet from a backend's address and port (`s.key`): rewritten to come from the VIP when

@@ -33,7 +33,8 @@ mod prog {
     use aya_log_ebpf::warn;
     use switcher_common::{
         Backend, BackendKey, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
-        PORT_BACKEND, PORT_SERVICE, RING_CHUNKS, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS, vip_slot,
+        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, RING_CHUNKS, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS,
+        vip_slot,
     };
 
     use crate::{
@@ -150,6 +151,7 @@ mod prog {
         let to_service = port_bits(key.dport) & PORT_SERVICE != 0
             && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
         let from_backend = port_bits(key.sport) & PORT_BACKEND != 0;
+        let to_backend_port = port_bits(key.dport) & PORT_BACKEND != 0;
         if to_service {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
             // A packet of a known flow needs no service lookup; a SYN always starts afresh.
@@ -169,6 +171,11 @@ mod prog {
         }
         if from_backend {
             return Ok(flow::reply(&pkt, scratch));
+        }
+        if pkt.proto == PROTO_UDP && to_backend_port {
+            // A client's datagram straight to a backend, from a port whose VIP flow to that
+            // backend is live: the backend's answers are the direct conversation's now.
+            flow::direct(scratch);
         }
         Err(Reason::NO_MATCH)
     }

@@ -340,6 +340,20 @@ fn data_path_table() {
                 "reply_redirect",
                 Some(udp(OUT, (VIP, 53), c, 63)),
             ),
+            pkt(
+                "the client then asks blue directly from the same port: passed untouched",
+                udp(IN, c, (BLUE, 5353), 64),
+                XDP_PASS,
+                "no_match",
+                None,
+            ),
+            pkt(
+                "and blue's answer is the direct conversation's: untouched (the VIP flow is over)",
+                udp(IN, (BLUE, 5353), c, 64),
+                XDP_PASS,
+                "not_live",
+                None,
+            ),
             Step::Active(1, Colour::Green),
             pkt(
                 "UDP without checksum keeps 0 on the way to green",
