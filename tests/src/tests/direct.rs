@@ -13,13 +13,13 @@ use std::{
     collections::{BTreeSet, HashMap},
     fmt::Write as _,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::{
-    net::{BACKEND_TCP, BLUE, BLUE6, GREEN, GREEN6, Netns, Server, Topology, VIP, VIP_TCP, VIP6},
+    net::{BACKEND_TCP, BACKEND_UDP, BLUE, BLUE6, GREEN, GREEN6, Netns, Server, Topology, VIP, VIP_TCP, VIP_UDP, VIP6},
     proc::{Daemon, config_with},
 };
 
@@ -45,11 +45,12 @@ const COLOURS: [Colour; 2] = [
     Colour { name: "green", v4: IpAddr::V4(GREEN), v6: IpAddr::V6(GREEN6) },
 ];
 
-/// What a kind of traffic is: TCP over IPv4 or IPv6.
+/// What a kind of traffic is: TCP over IPv4 or IPv6, or UDP over IPv4.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 enum Kind {
     Tcp4,
     Tcp6,
+    Udp4,
 }
 
 impl Kind {
@@ -58,6 +59,7 @@ impl Kind {
         match self {
             Kind::Tcp4 => "web",
             Kind::Tcp6 => "web6",
+            Kind::Udp4 => "dns",
         }
     }
 
@@ -65,6 +67,7 @@ impl Kind {
         match self {
             Kind::Tcp4 => SocketAddr::new(IpAddr::V4(VIP), VIP_TCP),
             Kind::Tcp6 => SocketAddr::new(IpAddr::V6(VIP6), VIP_TCP),
+            Kind::Udp4 => SocketAddr::new(IpAddr::V4(VIP), VIP_UDP),
         }
     }
 
@@ -72,6 +75,7 @@ impl Kind {
         match self {
             Kind::Tcp4 => SocketAddr::new(c.v4, BACKEND_TCP),
             Kind::Tcp6 => SocketAddr::new(c.v6, BACKEND_TCP),
+            Kind::Udp4 => SocketAddr::new(c.v4, BACKEND_UDP),
         }
     }
 
@@ -79,7 +83,21 @@ impl Kind {
         match self {
             Kind::Tcp4 => "TCP/IPv4",
             Kind::Tcp6 => "TCP/IPv6",
+            Kind::Udp4 => "UDP/IPv4",
         }
+    }
+}
+
+/// What a request must get back: `default`, or for a port in `by_port` (a UDP flow still live
+/// from the previous phase keeps its colour, with switcher as with conntrack) that answer.
+struct Expect {
+    default: String,
+    by_port: HashMap<u16, String>,
+}
+
+impl Expect {
+    fn answer(&self, port: u16) -> &str {
+        self.by_port.get(&port).unwrap_or(&self.default)
     }
 }
 
@@ -96,12 +114,13 @@ struct Batch {
 /// A failed request: its source port if it got one, and what went wrong.
 type Failure = (Option<u16>, String);
 
-/// `n` connections to `to`, each from a kernel-chosen port, each expecting `expect` as the
-/// answer. Runs on a thread inside the client namespace.
-fn requests(to: SocketAddr, n: usize, expect: &str) -> Batch {
+/// `n` requests to `to`, each on a fresh socket with a kernel-chosen port. Runs on a thread
+/// inside the client namespace.
+fn requests(to: SocketAddr, udp: bool, n: usize, expect: &Expect) -> Batch {
     let mut b = Batch::default();
     for _ in 0..n {
-        match tcp_once(to, expect) {
+        let result = if udp { udp_once(to, expect) } else { tcp_once(to, expect) };
+        match result {
             Ok(ok) => b.ok.push(ok),
             Err((port, e)) => {
                 b.failures.push(e);
@@ -120,7 +139,7 @@ fn requests(to: SocketAddr, n: usize, expect: &str) -> Batch {
 /// A connect that finds no free port yet (`EADDRNOTAVAIL`: every port's TIME_WAIT towards this
 /// destination is younger than `tcp_tw_reuse` allows) never reached the network: it waits and
 /// tries again, for at most 2 s.
-fn tcp_once(to: SocketAddr, expect: &str) -> Result<(u16, String), Failure> {
+fn tcp_once(to: SocketAddr, expect: &Expect) -> Result<(u16, String), Failure> {
     let deadline = Instant::now() + Duration::from_secs(2);
     let stream = loop {
         match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
@@ -140,10 +159,31 @@ fn tcp_once(to: SocketAddr, expect: &str) -> Result<(u16, String), Failure> {
         Ok::<_, std::io::Error>(line.trim().to_owned())
     })()
     .map_err(|e| (Some(port), format!("port {port}: {e}")))?;
-    if answer == expect {
+    let want = expect.answer(port);
+    if answer == want {
         Ok((port, answer))
     } else {
-        Err((Some(port), format!("port {port}: answer {answer:?}, not {expect:?}")))
+        Err((Some(port), format!("port {port}: answer {answer:?}, not {want:?}")))
+    }
+}
+
+/// One UDP datagram from a fresh unconnected socket, so that an answer from the wrong source
+/// is seen (and counted) at once rather than dropped.
+fn udp_once(to: SocketAddr, expect: &Expect) -> Result<(u16, String), Failure> {
+    let any: IpAddr = if to.is_ipv4() { [0, 0, 0, 0].into() } else { [0u16; 8].into() };
+    let sock = UdpSocket::bind((any, 0)).map_err(|e| (None, format!("bind: {e}")))?;
+    let port = sock.local_addr().map_err(|e| (None, format!("local address: {e}")))?.port();
+    let fail = |e: std::io::Error| (Some(port), format!("port {port}: {e}"));
+    sock.set_read_timeout(Some(Duration::from_secs(2))).map_err(fail)?;
+    sock.send_to(b"which colour?", to).map_err(fail)?;
+    let mut buf = [0u8; 256];
+    let (n, from) = sock.recv_from(&mut buf).map_err(fail)?;
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let want = expect.answer(port);
+    if from == to && answer == want {
+        Ok((port, answer))
+    } else {
+        Err((Some(port), format!("port {port}: {answer:?} from {from}, not {want:?} from {to}")))
     }
 }
 
@@ -175,7 +215,8 @@ fn dnat_rules(c: Colour) -> String {
         "table inet direct_ref\nflush table inet direct_ref\ntable inet direct_ref {{\n\
          chain prerouting {{\ntype nat hook prerouting priority dstnat; policy accept;\n\
          ip daddr {VIP} tcp dport {VIP_TCP} dnat ip to {v4}:{BACKEND_TCP}\n\
-         ip6 daddr {VIP6} tcp dport {VIP_TCP} dnat ip6 to [{v6}]:{BACKEND_TCP}\n}}\n}}\n",
+         ip6 daddr {VIP6} tcp dport {VIP_TCP} dnat ip6 to [{v6}]:{BACKEND_TCP}\n\
+         ip daddr {VIP} udp dport {VIP_UDP} dnat ip to {v4}:{BACKEND_UDP}\n}}\n}}\n",
         v4 = c.v4,
         v6 = c.v6,
     )
@@ -215,8 +256,8 @@ struct Row {
 /// What one load balancer did with the whole client traffic.
 struct Run {
     rows: Vec<Row>,
-    /// (kind, colour) → VIP connections that colour answered.
-    answered: HashMap<(Kind, &'static str), usize>,
+    /// (kind, colour) → VIP requests answered by that colour, and from how many source ports.
+    answered: HashMap<(Kind, &'static str), (usize, BTreeSet<u16>)>,
 }
 
 /// The whole client traffic of `kinds` against one load balancer: for each colour in turn, new
@@ -230,7 +271,9 @@ fn run_traffic(t: &Topology, lb: &Lb, kinds: &[Kind]) -> Run {
     // (kind, port) → the colour of the last VIP flow from it; (kind, port, colour) ever used.
     let mut last: HashMap<(Kind, u16), &'static str> = HashMap::new();
     let mut ever: BTreeSet<(Kind, u16, &'static str)> = BTreeSet::new();
-    let batch = |to: SocketAddr, n: usize, expect: String| t.client.run(move || requests(to, n, &expect));
+    let batch = |kind: Kind, to: SocketAddr, n: usize, expect: Expect| {
+        t.client.run(move || requests(to, kind == Kind::Udp4, n, &expect))
+    };
     let row = |phase: Colour, kind: Kind, to: &'static str, b: &Batch, reused: (usize, usize)| Row {
         phase: phase.name,
         kind,
@@ -247,18 +290,32 @@ fn run_traffic(t: &Topology, lb: &Lb, kinds: &[Kind]) -> Run {
             lb.send_new_flows_to(phase, kinds);
         }
         for &kind in kinds {
-            let b = batch(kind.vip(), VIP_CONNS, format!("{} {}", phase.name, kind.backend(phase).ip()));
-            for (p, _) in &b.ok {
-                last.insert((kind, *p), phase.name);
-                ever.insert((kind, *p, phase.name));
+            // A new TCP connection is a new flow; a UDP port whose flow from the previous
+            // phase is still live (30 s idle, for conntrack as for switcher) keeps its colour.
+            let by_port = if kind == Kind::Udp4 {
+                let colour = |name: &str| COLOURS.into_iter().find(|c| c.name == name).unwrap_or(phase);
+                let answer = |name: &str| format!("{name} {}", kind.backend(colour(name)).ip());
+                last.iter().filter(|((k, _), _)| *k == kind).map(|((_, p), name)| (*p, answer(name))).collect()
+            } else {
+                HashMap::new()
+            };
+            let expect = Expect { default: format!("{} {}", phase.name, kind.backend(phase).ip()), by_port };
+            let b = batch(kind, kind.vip(), VIP_CONNS, expect);
+            for (p, answer) in &b.ok {
+                let colour = COLOURS.into_iter().find(|c| answer.starts_with(c.name)).unwrap_or(phase).name;
+                last.insert((kind, *p), colour);
+                ever.insert((kind, *p, colour));
+                let entry = run.answered.entry((kind, colour)).or_default();
+                entry.0 += 1;
+                entry.1.insert(*p);
             }
-            *run.answered.entry((kind, phase.name)).or_default() += b.ok.len();
             run.rows.push(row(phase, kind, "VIP", &b, (0, 0)));
         }
         for &kind in kinds {
             for backend in COLOURS {
                 let to = kind.backend(backend);
-                let b = batch(to, DIRECT_CONNS, format!("{} {}", backend.name, to.ip()));
+                let expect = Expect { default: format!("{} {}", backend.name, to.ip()), by_port: HashMap::new() };
+                let b = batch(kind, to, DIRECT_CONNS, expect);
                 let ports = || b.ok.iter().map(|(p, _)| *p).chain(b.failed_ports.iter().copied());
                 let reused_last = ports().filter(|p| last.get(&(kind, *p)) == Some(&backend.name)).count();
                 let reused_any = ports().filter(|p| ever.contains(&(kind, *p, backend.name))).count();
@@ -281,8 +338,8 @@ fn run_switcher(forwarding: &str, kinds: &[Kind]) -> (Run, String, Vec<String>) 
     let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, forwarding, s, &web6));
     let run = run_traffic(&t, &Lb::Switcher(&d), kinds);
     // The VIP half really went through switcher: each colour of each service counted a flow per
-    // connection it answered; backends' packets that were no live flow's replies (the direct
-    // connections') were seen and passed.
+    // TCP connection, and per UDP source port, it answered; backends' packets that were no
+    // live flow's replies (the direct connections') were seen and passed.
     let status = d.status();
     let mut problems = Vec::new();
     let mut counts = Vec::new();
@@ -292,7 +349,8 @@ fn run_switcher(forwarding: &str, kinds: &[Kind]) -> (Run, String, Vec<String>) 
             continue;
         };
         for c in &s.colours {
-            let want = run.answered.get(&(kind, c.colour.as_str())).copied().unwrap_or(0);
+            let (conns, ports) = run.answered.get(&(kind, c.colour.as_str())).map_or((0, 0), |(n, p)| (*n, p.len()));
+            let want = if kind == Kind::Udp4 { ports } else { conns };
             if want == 0 || c.counters.flows < want as u64 {
                 problems.push(format!("{} {}: {} flows counted, {want} expected", s.name, c.colour, c.counters.flows));
             }
@@ -381,10 +439,13 @@ fn compare_with_nftables(test: &str, kinds: &[Kind]) {
             if r.to == "VIP" {
                 assert_eq!(r.failed, 0, "{what}: VIP requests failed: {:?}", r.first_failures);
             } else if r.to == r.phase && !r.gave_up {
-                // Right after VIP flows to this very backend, the direct connections really came
-                // from their ports: at least half of them (all, in the runs so far).
+                // Right after VIP flows to this very backend, the direct requests really came
+                // from their ports: for TCP at least half of them (all, here); for UDP, whose
+                // ports are picked at random and whose flows of the first phase still hold
+                // many ports in the second, a fifth.
+                let share = if r.kind == Kind::Udp4 { 5 } else { 2 };
                 assert!(
-                    r.reused_last * 2 >= DIRECT_CONNS,
+                    r.reused_last * share >= DIRECT_CONNS,
                     "{what}: only {} of {} direct requests came from a port whose last VIP flow went to this \
                      backend; the test proves nothing",
                     r.reused_last,
@@ -419,4 +480,11 @@ fn direct_tcp_connections_after_many_vip_flows_fail_no_more_than_with_nftables()
         "direct_tcp_connections_after_many_vip_flows_fail_no_more_than_with_nftables",
         &[Kind::Tcp4, Kind::Tcp6],
     );
+}
+
+/// The same with UDP: a direct request from a port whose VIP flow to that backend is still
+/// live (30 s idle) shares the backend-side tuple with that flow.
+#[test]
+fn direct_udp_requests_after_many_vip_flows_fail_no_more_than_with_nftables() {
+    compare_with_nftables("direct_udp_requests_after_many_vip_flows_fail_no_more_than_with_nftables", &[Kind::Udp4]);
 }
