@@ -162,6 +162,10 @@ pub const FLOW_RESET: u8 = 2;
 pub const FLOW_KNOWN: u8 = 4;
 /// `Flow` flag: the flow's service is DSR (with `FLOW_KNOWN`).
 pub const FLOW_DSR: u8 = 8;
+/// `Flow` flag (UDP): the client's last datagram from this port went straight to the flow's
+/// backend, not to the VIP, so the backend's answers are the direct conversation's and pass
+/// untouched; the client's next datagram to the VIP clears it.
+pub const FLOW_DIRECT: u8 = 16;
 
 /// Basis points in 100 %: canary weights are in steps of 0.01 %.
 pub const BP_ALL: u32 = 10_000;

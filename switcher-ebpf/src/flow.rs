@@ -20,8 +20,8 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
-    BackendKey, FLOW_CLOSING, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL,
-    PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
+    BackendKey, FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
+    MAX_POOL, PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
     SERVICE_PREVIEW, Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot,
     reply_belongs, ring_chunk, starts_flow, state_canary_bp, state_second_chance,
 };
@@ -101,6 +101,10 @@ fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool) -> bool {
     };
     if !live {
         return false;
+    }
+    if !reply {
+        // The client talks to the VIP again: the backend's answers are the flow's.
+        flow.flags &= !FLOW_DIRECT;
     }
     if ends && flow.flags & FLOW_CLOSING == 0 {
         flow.flags |= FLOW_CLOSING;
@@ -244,7 +248,12 @@ pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
     s.backend = BackendKey { addr: k.src, port: k.sport, proto: k.proto, family: k.family };
     s.other.src = k.dst;
     s.other.sport = k.dport;
-    flow_of_backend(s)
+    let flow = flow_of_backend(s)?;
+    if flow.flags & FLOW_DIRECT != 0 {
+        s.miss = Reason::NOT_LIVE.0;
+        return None;
+    }
+    Some(flow)
 }
 
 /// [`reply_flow`]'s search, for a backend in `s.backend` and a client in `s.other.src` and
@@ -285,21 +294,23 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
 
 /// A client's UDP datagram straight to a backend (`s.key`, client → backend), which passes
 /// untouched. If the client has a VIP flow from the same port to that backend, the two
-/// conversations would share the backend's answers; the client has moved on to talk to the
-/// backend directly, so the VIP flow is forgotten and the answers reach it as they are. (A
-/// later datagram to the VIP from that port starts a new flow.) Not inlined: rare, and it
-/// keeps the main frame small.
+/// conversations share the backend's answers, and the client's last datagram says whose they
+/// are: the flow is marked `FLOW_DIRECT` (its answers pass untouched) until the client's next
+/// datagram to the VIP, which keeps its backend as before. Not inlined: rare, and it keeps
+/// the main frame small.
 #[inline(never)]
 pub fn direct(s: &mut Scratch) -> u64 {
     let k = &s.key;
     s.backend = BackendKey { addr: k.dst, port: k.dport, proto: k.proto, family: k.family };
     s.other.src = k.src;
     s.other.sport = k.sport;
-    if flow_of_backend(s).is_some() {
-        let _ = FLOWS.remove(&s.other);
-        return 1;
+    match flow_of_backend(s) {
+        Some(flow) => {
+            flow.flags |= FLOW_DIRECT;
+            1
+        }
+        None => 0,
     }
-    0
 }
 
 /// A packet from a backend's address and port (`s.key`): rewritten to come from the VIP when

@@ -348,11 +348,25 @@ fn data_path_table() {
                 None,
             ),
             pkt(
-                "and blue's answer is the direct conversation's: untouched (the VIP flow is over)",
+                "and blue's answer is the direct conversation's: untouched",
                 udp(IN, (BLUE, 5353), c, 64),
                 XDP_PASS,
                 "not_live",
                 None,
+            ),
+            pkt(
+                "the client asks the VIP again from that port: same flow, same backend",
+                udp(IN, c, (VIP, 53), 64),
+                XDP_REDIRECT,
+                "fwd_redirect",
+                Some(udp(OUT, c, (BLUE, 5353), 63)),
+            ),
+            pkt(
+                "and blue's answer comes from the VIP again",
+                udp(IN, (BLUE, 5353), c, 64),
+                XDP_REDIRECT,
+                "reply_redirect",
+                Some(udp(OUT, (VIP, 53), c, 63)),
             ),
             Step::Active(1, Colour::Green),
             pkt(
