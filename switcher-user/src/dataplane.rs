@@ -31,9 +31,9 @@ use switcher_common::{
     FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
     MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE, MAP_RING, MAP_RING_LIVE,
     MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME,
-    REVERSE_WAYS, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reverse, RingChunk, SEED_CANARY,
-    SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, VipPort, colour_slot, flow_hash,
-    new_flow_colour, pool_slot, ring_chunk, user::Colour,
+    REVERSE_WAYS, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING,
+    SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, VipPort, colour_slot, flow_hash, new_flow_colour, pool_slot,
+    ring_chunk, user::Colour,
 };
 
 use crate::{

@@ -932,11 +932,7 @@ impl<M: Maps> Switchboard<M> {
         })
     }
 
-    fn service_status(
-        &self,
-        i: usize,
-        counts: Option<&FlowSnapshot>,
-    ) -> Result<ServiceStatus, String> {
+    fn service_status(&self, i: usize, counts: Option<&FlowSnapshot>) -> Result<ServiceStatus, String> {
         let s = &self.services[i];
         let flows = |c: Colour| counts.map(|m| m.of(s.id, c)).unwrap_or_default();
         let colours = Colour::ALL
@@ -1354,7 +1350,12 @@ pub(crate) mod tests {
                 scope: Default::default(),
             },
         );
-        assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (as counted") && m.contains("; timeout 0s)")), "{r:?}");
+        assert!(
+            r.message
+                .as_deref()
+                .is_some_and(|m| m.contains("3 open flows on blue drain (as counted") && m.contains("; timeout 0s)")),
+            "{r:?}"
+        );
         let st = b.status(Some("web")).expect("status");
         let drain = st.services[0].drain.clone().expect("draining");
         assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));

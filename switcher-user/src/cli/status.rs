@@ -216,9 +216,6 @@ mod tests {
         assert!(text.contains("          198.51.100.2:8080  weight 1  unknown\n"), "{text}");
         assert!(text.contains("  * green"), "{text}");
         assert!(text.contains("(no backends)"), "{text}");
-        assert!(
-            text.ends_with("open flows as counted 420 ms ago (a pass over the flow table took 35 ms)\n"),
-            "{text}"
-        );
+        assert!(text.ends_with("open flows as counted 420 ms ago (a pass over the flow table took 35 ms)\n"), "{text}");
     }
 }

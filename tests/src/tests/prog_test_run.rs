@@ -912,7 +912,11 @@ fn closing_reset_and_move() {
         }
         check(&mut dp, pkt("FIN of b still goes to blue", fin, XDP_REDIRECT, "fwd_redirect", Some(fin_out)));
         let counts = dp.count_flows().expect("count");
-        assert_eq!(counts.counts.get(&(WEB, Colour::Blue)).map(|c| (c.live, c.closing)), Some((1, 1)), "a open, b closing");
+        assert_eq!(
+            counts.counts.get(&(WEB, Colour::Blue)).map(|c| (c.live, c.closing)),
+            Some((1, 1)),
+            "a open, b closing"
+        );
 
         dp.set_state(WEB, Colour::Green, 0, None).expect("cut over");
         let n = dp.end_drain(&svcs[0], WEB, Colour::Blue, DrainAction::Reset).expect("reset");
