@@ -220,6 +220,70 @@ struct Pool {
     table: Vec<u16>,
 }
 
+/// The end of a drain, as [`Dataplane::drain_end`] prepared it: runs on its own descriptor
+/// of `FLOWS`, batch by batch.
+#[derive(Debug)]
+pub struct DrainEnd {
+    flows: std::os::fd::OwnedFd,
+    id: u32,
+    from: Colour,
+    action: config::DrainAction,
+    /// The service's switch state when the drain ended: where a new flow goes.
+    state: u32,
+    preview: Option<[u8; 2]>,
+    /// Blue's and green's live table and backends by slot.
+    pools: [(Vec<u16>, Vec<Option<Backend>>); 2],
+}
+
+impl DrainEnd {
+    /// Moves or resets the drain's flows; returns how many.
+    ///
+    /// # Errors
+    /// A read of the map failed.
+    pub fn run(&self) -> std::io::Result<u64> {
+        use crate::flowcount::{lookup, update};
+        let mut handled = 0;
+        crate::flowcount::walk(&self.flows, |keys, values| {
+            for (key, flow) in keys.iter().zip(values) {
+                if flow.service != self.id
+                    || u32::from(flow.colour) != self.from.as_u32()
+                    || flow.flags & FLOW_CLOSING != 0
+                {
+                    continue;
+                }
+                // The data path may have given the 5-tuple a new flow since the batch was
+                // read: only the flow we saw is touched.
+                if lookup(&self.flows, key).as_ref() != Some(flow) {
+                    continue;
+                }
+                let new = match self.action {
+                    config::DrainAction::Reset => Flow { flags: flow.flags | FLOW_RESET, ..*flow },
+                    config::DrainAction::Move => {
+                        let colour = Colour::from_u32(new_flow_colour(
+                            self.state,
+                            self.preview == Some(key.dport),
+                            flow_hash(key, SEED_CANARY),
+                        ));
+                        let Some((idx, backend)) = self.pick(colour, key) else { continue };
+                        Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..*flow }
+                    }
+                };
+                if update(&self.flows, key, &new).is_ok() {
+                    handled += 1;
+                }
+            }
+        })?;
+        Ok(handled)
+    }
+
+    /// The backend the live table gives a flow, as the data path would pick it.
+    fn pick(&self, colour: Colour, key: &FlowKey) -> Option<(u16, Backend)> {
+        let (table, slots) = &self.pools[usize::from(colour == Colour::Green)];
+        let idx = *table.get((flow_hash(key, SEED_RING) % RING_SIZE) as usize)?;
+        Some((idx, (*slots.get(usize::from(idx))?)?))
+    }
+}
+
 /// The loaded, attached program and its maps.
 pub struct Dataplane {
     // Holds the program and its links: dropping it detaches.
@@ -1134,46 +1198,40 @@ impl Dataplane {
         from: Colour,
         action: config::DrainAction,
     ) -> Result<u64> {
+        self.drain_end(service, id, from, action)?.run().map_err(DataplaneError::Walk)
+    }
+
+    /// The work of [`Dataplane::end_drain`], to be done anywhere (it walks every flow: the
+    /// daemon runs it on a thread of its own, without the board's lock): the switch state
+    /// and the pools as they are now, and a descriptor of `FLOWS` of its own.
+    ///
+    /// # Errors
+    /// The state could not be read or the descriptor not duplicated.
+    pub fn drain_end(
+        &self,
+        service: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: config::DrainAction,
+    ) -> Result<DrainEnd> {
         use std::os::fd::AsFd as _;
         let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
-        let preview = service.preview_port.map(u16::to_be_bytes);
-        let mut handled = 0;
         let flows = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
-        crate::flowcount::walk(&flows, |keys, values| {
-            for (key, flow) in keys.iter().zip(values) {
-                if flow.service != id || u32::from(flow.colour) != from.as_u32() || flow.flags & FLOW_CLOSING != 0 {
-                    continue;
-                }
-                // The data path may have given the 5-tuple a new flow since the batch was
-                // read: only the flow we saw is touched.
-                if self.flows.get(key, 0).ok().as_ref() != Some(flow) {
-                    continue;
-                }
-                match action {
-                    config::DrainAction::Reset => {
-                        let mut f = *flow;
-                        f.flags |= FLOW_RESET;
-                        if self.flows.insert(key, &f, 0).is_ok() {
-                            handled += 1;
-                        }
-                    }
-                    config::DrainAction::Move => {
-                        let colour = Colour::from_u32(new_flow_colour(
-                            state,
-                            preview == Some(key.dport),
-                            flow_hash(key, SEED_CANARY),
-                        ));
-                        let Some((idx, backend)) = self.pick(id, colour, key) else { continue };
-                        let moved = Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..*flow };
-                        if self.flows.insert(key, &moved, 0).is_ok() {
-                            handled += 1;
-                        }
-                    }
-                }
-            }
+        let pool = |c: Colour| {
+            self.pools.get(&(id, c)).map_or_else(
+                || (Vec::new(), Vec::new()),
+                |p| (p.table.clone(), p.slots.iter().map(|b| b.as_ref().map(|b| backend_value(b.addr))).collect()),
+            )
+        };
+        Ok(DrainEnd {
+            flows,
+            id,
+            from,
+            action,
+            state,
+            preview: service.preview_port.map(u16::to_be_bytes),
+            pools: [pool(Colour::Blue), pool(Colour::Green)],
         })
-        .map_err(DataplaneError::Walk)?;
-        Ok(handled)
     }
 
     /// Removes the flows addressed to any of `keys`; returns how many. A flow the data path
@@ -1199,14 +1257,6 @@ impl Dataplane {
             tracing::warn!("removing the flows of removed services: {e}");
         }
         n
-    }
-
-    /// The backend the live table gives a flow, as the data path would pick it.
-    fn pick(&self, id: u32, colour: Colour, key: &FlowKey) -> Option<(u16, Backend)> {
-        let pool = self.pools.get(&(id, colour))?;
-        let idx = *pool.table.get((flow_hash(key, SEED_RING) % RING_SIZE) as usize)?;
-        let b = pool.slots.get(usize::from(idx))?.as_ref()?;
-        Some((idx, backend_value(b.addr)))
     }
 
     /// The tracked flows, for tests and diagnostics: (key, flow) pairs.

@@ -268,6 +268,38 @@ pub fn walk(fd: &impl std::os::fd::AsFd, mut each: impl FnMut(&[FlowKey], &[Flow
     }
 }
 
+/// One flow of the table on `fd`, if it is there.
+#[must_use]
+pub fn lookup(fd: &impl std::os::fd::AsFd, key: &FlowKey) -> Option<Flow> {
+    let mut value = Flow::default();
+    // struct { map_fd: u32, pad; key, value: u64; flags: u64 }
+    let mut attr = [0u64; 16];
+    attr[0] = u64::try_from(fd.as_fd().as_raw_fd()).unwrap_or(0);
+    attr[1] = std::ptr::from_ref(key) as u64;
+    attr[2] = (&raw mut value) as u64;
+    // SAFETY: a FlowKey and a Flow we own, of the map's key and value sizes, alive across
+    // the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, attr.as_mut_ptr(), 128) };
+    (rc == 0).then_some(value)
+}
+
+/// Replaces a flow of the table on `fd`, only if its key is still there.
+///
+/// # Errors
+/// The key is gone (`ENOENT`), or the write failed.
+pub fn update(fd: &impl std::os::fd::AsFd, key: &FlowKey, flow: &Flow) -> std::io::Result<()> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_EXIST: u64 = 2;
+    let mut attr = [0u64; 16];
+    attr[0] = u64::try_from(fd.as_fd().as_raw_fd()).unwrap_or(0);
+    attr[1] = std::ptr::from_ref(key) as u64;
+    attr[2] = std::ptr::from_ref(flow) as u64;
+    attr[3] = BPF_EXIST;
+    // SAFETY: as in `lookup`; the kernel only reads key and value.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_ELEM, attr.as_mut_ptr(), 128) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// The walk of [`walk`] with two syscalls per entry (kernels without batch lookups). An entry
 /// evicted between the two is skipped.
 fn walk_by_key(

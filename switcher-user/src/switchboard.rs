@@ -67,7 +67,8 @@ pub trait Maps {
     /// # Errors
     /// A map write failed.
     fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError>;
-    /// Moves or resets the open flows of a draining colour; returns how many.
+    /// Moves or resets the open flows of a draining colour; returns how many, or `None` when
+    /// that is done in the background (a walk of the whole table).
     ///
     /// # Errors
     /// The map read failed.
@@ -77,7 +78,7 @@ pub trait Maps {
         id: u32,
         from: Colour,
         action: DrainAction,
-    ) -> Result<u64, DataplaneError>;
+    ) -> Result<Option<u64>, DataplaneError>;
     /// Refreshes the clock the data path stamps open TCP flows with (once a second).
     ///
     /// # Errors
@@ -130,8 +131,19 @@ impl Maps for Dataplane {
         id: u32,
         from: Colour,
         action: DrainAction,
-    ) -> Result<u64, DataplaneError> {
-        Dataplane::end_drain(self, s, id, from, action)
+    ) -> Result<Option<u64>, DataplaneError> {
+        let job = self.drain_end(s, id, from, action)?;
+        let (name, colour) = (s.name.clone(), from);
+        // A walk of every flow: on a thread of its own, so the board's lock is not held
+        // across it.
+        let spawned = std::thread::Builder::new().name("drain-end".into()).spawn(move || match job.run() {
+            Ok(n) => tracing::info!(service = %name, %colour, flows = n, ?action, "drain timeout: flows handled"),
+            Err(e) => tracing::warn!(service = %name, %colour, "drain timeout: {e}"),
+        });
+        match spawned {
+            Ok(_) => Ok(None),
+            Err(e) => Err(DataplaneError::Walk(e)),
+        }
     }
     fn stamp_clock(&mut self) -> Result<(), DataplaneError> {
         Dataplane::stamp_clock(self)
@@ -845,8 +857,11 @@ impl<M: Maps> Switchboard<M> {
                 let action = s.config.on_drain_timeout;
                 let config = s.config.clone();
                 match self.maps.end_drain(&config, s.id, drain.from, action) {
-                    Ok(n) => {
+                    Ok(Some(n)) => {
                         tracing::warn!(service = %name, colour = %drain.from, flows = n, ?action, "drain timed out")
+                    }
+                    Ok(None) => {
+                        tracing::warn!(service = %name, colour = %drain.from, ?action, "drain timed out; handling its flows")
                     }
                     Err(e) => tracing::warn!(service = %name, "end drain: {}", chain(&e)),
                 }
@@ -1170,9 +1185,9 @@ pub(crate) mod tests {
             id: u32,
             from: Colour,
             a: DrainAction,
-        ) -> Result<u64, DataplaneError> {
+        ) -> Result<Option<u64>, DataplaneError> {
             self.ended.push((id, from, a));
-            Ok(1)
+            Ok(Some(1))
         }
     }
 
