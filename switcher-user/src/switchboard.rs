@@ -1125,6 +1125,8 @@ pub(crate) mod tests {
         ids: HashMap<String, u32>,
         /// Counts handed out so far.
         passes: std::cell::Cell<u64>,
+        /// A count to hand out instead of a fresh one (the walker has not finished a pass).
+        frozen: Option<Arc<FlowSnapshot>>,
     }
 
     impl Maps for FakeMaps {
@@ -1150,6 +1152,9 @@ pub(crate) mod tests {
             Ok(vec![("no_match", 3)])
         }
         fn flow_counts(&self) -> Option<Arc<FlowSnapshot>> {
+            if let Some(f) = &self.frozen {
+                return Some(Arc::clone(f));
+            }
             // A count begun now: each call is a new pass.
             let pass = self.passes.get() + 1;
             self.passes.set(pass);
@@ -1349,6 +1354,27 @@ pub(crate) mod tests {
         b.tick();
         assert!(b.services[0].drain.is_none(), "no node holds any: the drain is over");
         assert_eq!(b.maps.draining.get(&0), Some(&false), "and the data path is told");
+    }
+
+    #[test]
+    fn only_a_count_begun_after_the_switch_ends_a_drain() {
+        let mut b = board();
+        // The last pass, from before the cut-over, saw no flow of blue: it proves nothing.
+        b.maps.frozen = Some(Arc::new(FlowSnapshot::now(HashMap::new(), 1_000)));
+        let r = cutover(&mut b, "web", Some("green"));
+        assert!(r.ok, "{r:?}");
+        b.tick();
+        b.tick();
+        assert!(b.services[0].drain.is_some(), "no pass has begun since the drain did");
+        assert!(!b.waits_on_fleet(), "nor does it say this node is empty");
+        let observed = b.observed();
+        assert_eq!(observed[0].draining, Some((Colour::Blue, 1)), "the fleet is not told 0 on an old count");
+        let st = b.status(Some("web")).expect("status");
+        assert!(st.flows_counted_ms_ago.is_some(), "status says how old its counts are");
+        // A pass begun after the switch finds blue empty: the drain is over.
+        b.maps.frozen = None;
+        b.tick();
+        assert!(b.services[0].drain.is_none(), "a new pass ends it");
     }
 
     #[test]
