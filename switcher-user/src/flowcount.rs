@@ -196,6 +196,8 @@ pub fn count(
     let mut counts: HashMap<(u32, Colour), FlowCounts> = HashMap::new();
     let mut in_use = HashSet::new();
     let mut walked = 0u64;
+    // Most flows share few backends: a set insertion only when the backend changes.
+    let mut last_backend = None;
     walk(fd, |keys, flows| {
         for (key, flow) in keys.iter().zip(flows) {
             walked += 1;
@@ -203,7 +205,11 @@ pub fn count(
                 continue;
             }
             let b = &flow.backend;
-            in_use.insert(BackendKey { addr: b.addr, port: b.port, proto: key.proto, family: b.family });
+            let backend = BackendKey { addr: b.addr, port: b.port, proto: key.proto, family: b.family };
+            if last_backend != Some(backend) {
+                in_use.insert(backend);
+                last_backend = Some(backend);
+            }
             let c = counts.entry((flow.service, Colour::from_u32(u32::from(flow.colour)))).or_default();
             if flow.flags & FLOW_CLOSING != 0 {
                 c.closing += 1;
