@@ -184,6 +184,13 @@ pub struct Response {
     /// Data-path verdicts, `(reason, packets)`, on `status`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<(String, u64)>,
+    /// On `status`: how long ago the open flows shown were counted (they are counted in
+    /// passes over the flow table, off the request path), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_counted_ms_ago: Option<u64>,
+    /// On `status`: how long that count took, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows_count_took_ms: Option<u64>,
     /// The etcd revision a fleet-wide change was written at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,

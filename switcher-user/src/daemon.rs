@@ -296,7 +296,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         Err(e) => tracing::warn!("{e}: health checks could run out of file descriptors"),
     }
     check_socket_path(&config.socket).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (dataplane, installed) = match Dataplane::load(&config) {
+    let (mut dataplane, installed) = match Dataplane::load(&config) {
         Ok(loaded) => loaded,
         Err(e) => {
             if opts.detach_on_exit {
@@ -305,6 +305,13 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             return Err(e).context("start the data plane");
         }
     };
+    // The open flows are counted by a thread of their own, in batches, without the board's
+    // lock: status, metrics, cut-overs and the fleet read its last pass.
+    let walker = dataplane.flow_walker().context("start counting the open flows")?;
+    std::thread::Builder::new()
+        .name("flow-counter".into())
+        .spawn(move || walker.run())
+        .context("start the thread that counts the open flows")?;
     // Emergency changes made `--local` in a fleet while no daemon ran (see `emergency`).
     let emergency_overrides = crate::pins::Pins::new(&config.pin_path).take_overrides();
     for (s, i) in config.services.iter().zip(&installed) {

@@ -19,7 +19,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -31,9 +31,9 @@ use switcher_common::{
     FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
     MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE, MAP_RING, MAP_RING_LIVE,
     MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME,
-    PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reverse, RingChunk, SEED_CANARY,
-    SEED_RING, SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, VipPort, colour_slot, flow_expired, flow_hash,
-    new_flow_colour, pool_slot, ring_chunk, user::Colour,
+    REVERSE_WAYS, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING,
+    SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, VipPort, colour_slot, flow_hash, new_flow_colour, pool_slot,
+    ring_chunk, user::Colour,
 };
 
 use crate::{
@@ -59,6 +59,8 @@ pub enum DataplaneError {
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {what} {name:?}")]
     Missing { what: &'static str, name: &'static str },
+    #[error("walk the flow table")]
+    Walk(#[source] std::io::Error),
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -218,6 +220,70 @@ struct Pool {
     table: Vec<u16>,
 }
 
+/// The end of a drain, as [`Dataplane::drain_end`] prepared it: runs on its own descriptor
+/// of `FLOWS`, batch by batch.
+#[derive(Debug)]
+pub struct DrainEnd {
+    flows: std::os::fd::OwnedFd,
+    id: u32,
+    from: Colour,
+    action: config::DrainAction,
+    /// The service's switch state when the drain ended: where a new flow goes.
+    state: u32,
+    preview: Option<[u8; 2]>,
+    /// Blue's and green's live table and backends by slot.
+    pools: [(Vec<u16>, Vec<Option<Backend>>); 2],
+}
+
+impl DrainEnd {
+    /// Moves or resets the drain's flows; returns how many.
+    ///
+    /// # Errors
+    /// A read of the map failed.
+    pub fn run(&self) -> std::io::Result<u64> {
+        use crate::flowcount::{lookup, update};
+        let mut handled = 0;
+        crate::flowcount::walk(&self.flows, |keys, values| {
+            for (key, flow) in keys.iter().zip(values) {
+                if flow.service != self.id
+                    || u32::from(flow.colour) != self.from.as_u32()
+                    || flow.flags & FLOW_CLOSING != 0
+                {
+                    continue;
+                }
+                // The data path may have given the 5-tuple a new flow since the batch was
+                // read: only the flow we saw is touched.
+                if lookup(&self.flows, key).as_ref() != Some(flow) {
+                    continue;
+                }
+                let new = match self.action {
+                    config::DrainAction::Reset => Flow { flags: flow.flags | FLOW_RESET, ..*flow },
+                    config::DrainAction::Move => {
+                        let colour = Colour::from_u32(new_flow_colour(
+                            self.state,
+                            self.preview == Some(key.dport),
+                            flow_hash(key, SEED_CANARY),
+                        ));
+                        let Some((idx, backend)) = self.pick(colour, key) else { continue };
+                        Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..*flow }
+                    }
+                };
+                if update(&self.flows, key, &new).is_ok() {
+                    handled += 1;
+                }
+            }
+        })?;
+        Ok(handled)
+    }
+
+    /// The backend the live table gives a flow, as the data path would pick it.
+    fn pick(&self, colour: Colour, key: &FlowKey) -> Option<(u16, Backend)> {
+        let (table, slots) = &self.pools[usize::from(colour == Colour::Green)];
+        let idx = *table.get((flow_hash(key, SEED_RING) % RING_SIZE) as usize)?;
+        Some((idx, (*slots.get(usize::from(idx))?)?))
+    }
+}
+
 /// The loaded, attached program and its maps.
 pub struct Dataplane {
     // Holds the program and its links: dropping it detaches.
@@ -251,6 +317,10 @@ pub struct Dataplane {
     /// When this process started driving the maps (coarse clock): open TCP flows stamped
     /// before it by a stale `NOW` are not judged idle until `tcp_idle_timeout` after it.
     started_ns: u64,
+    /// When `REVERSE` was last brought in line with the pools (see [`Dataplane::collect_reverse`]).
+    reverse_changed: std::time::Instant,
+    /// The readers' end of the flow walker, once there is one ([`Dataplane::flow_walker`]).
+    counter: Option<crate::flowcount::FlowCounter>,
     options: Options,
     /// Pinned XDP links (empty when unpinned: the program's own links hold the attachment).
     links: Vec<PinnedLink>,
@@ -450,6 +520,8 @@ impl Dataplane {
             service_fronts: StdHashMap::new(),
             reverse_written: StdHashMap::new(),
             started_ns: now_coarse_ns(),
+            reverse_changed: std::time::Instant::now(),
+            counter: None,
             options,
             links: Vec::new(),
             link_ids: Vec::new(),
@@ -885,7 +957,7 @@ impl Dataplane {
     /// Brings `REVERSE` in line with the NAT services' pools: every backend lists the (VIP,
     /// port) pairs it serves, its service's own port first. Entries are added or changed before
     /// the tables that send flows to them flip; a backend that left its pool keeps its entry
-    /// (its open flows still need their replies) until [`Dataplane::scan_flows`] finds no flow
+    /// (its open flows still need their replies) until a count of the flows begun after the change finds no flow
     /// of it; pairs no service serves any more are dropped at once.
     fn write_reverse(&mut self) -> Result<()> {
         let mut fronts_of = self.pool_fronts(None);
@@ -922,6 +994,7 @@ impl Dataplane {
             let _ = self.reverse.remove(key);
         }
         self.reverse_written = want;
+        self.reverse_changed = std::time::Instant::now();
         Ok(())
     }
 
@@ -949,7 +1022,7 @@ impl Dataplane {
     }
 
     /// Drops the `REVERSE` entries of backends that are in no pool and that no flow uses
-    /// (`in_use`: the backends of the flows just walked). None can gain a flow again: only
+    /// (`in_use`: the backends of the flows a pass found). None can gain a flow again: only
     /// pools hand backends out.
     fn gc_reverse(&mut self, in_use: &std::collections::HashSet<BackendKey>) {
         let pooled = self.pool_fronts(None);
@@ -971,6 +1044,9 @@ impl Dataplane {
     /// Changes how long an open TCP flow may idle before it stops counting as live (reload).
     pub fn set_tcp_idle_timeout(&mut self, timeout: Duration) {
         self.options.tcp_idle_timeout = timeout;
+        if let Some(c) = &self.counter {
+            c.set_tcp_idle_timeout(timeout);
+        }
     }
 
     /// Sets or clears a service's drain flag in `STATE` (see `switcher_common::with_draining`),
@@ -1069,81 +1145,63 @@ impl Dataplane {
             .collect()
     }
 
-    /// Counts the tracked flows per (service, colour); expired ones are not counted.
-    ///
-    /// Expired entries are left to the LRU: deleting them from here would race with the data
-    /// path, which may have just given the same 5-tuple a new flow (a new connection on a
-    /// reused port), and the deletion would take that flow's entries instead.
+    /// A walker that counts the flows on a descriptor of `FLOWS` of its own, and the
+    /// readers' end, which this data plane keeps (see [`crate::flowcount`]): the daemon runs
+    /// the walker on a thread of its own, and the switchboard reads its passes through
+    /// [`Dataplane::flow_counts`]. Without a call to this, no flows are counted.
     ///
     /// # Errors
-    /// A map read failed.
-    pub fn scan_flows(&mut self) -> Result<StdHashMap<(u32, Colour), FlowCounts>> {
-        let now = now_coarse_ns();
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let (udp_idle, tcp_idle) = (ns(self.options.udp_idle_timeout), ns(self.options.tcp_idle_timeout));
-        let mut counts: StdHashMap<(u32, Colour), FlowCounts> = StdHashMap::new();
-        let mut in_use = std::collections::HashSet::new();
-        for (key, flow) in self.flow_entries() {
-            if flow_expired(key.proto, flow.flags, now, flow.last_seen_ns, udp_idle) {
-                continue;
-            }
-            let b = &flow.backend;
-            in_use.insert(BackendKey { addr: b.addr, port: b.port, proto: key.proto, family: b.family });
-            let c = counts.entry((flow.service, Colour::from_u32(u32::from(flow.colour)))).or_default();
-            if flow.flags & FLOW_CLOSING != 0 {
-                c.closing += 1;
-            } else if key.proto == PROTO_TCP && now.saturating_sub(flow.last_seen_ns.max(self.started_ns)) > tcp_idle {
-                c.idle += 1;
-            } else {
-                c.live += 1;
-            }
-        }
-        self.gc_reverse(&in_use);
-        Ok(counts)
+    /// The map's descriptor could not be duplicated.
+    pub fn flow_walker(&mut self) -> Result<crate::flowcount::FlowWalker> {
+        use std::os::fd::AsFd as _;
+        let fd = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
+        let (counter, walker) = crate::flowcount::counter(
+            fd,
+            self.options.udp_idle_timeout,
+            self.options.tcp_idle_timeout,
+            self.started_ns,
+        );
+        self.counter = Some(counter);
+        Ok(walker)
     }
 
-    /// Every entry of `FLOWS`, read 4,096 at a time with `BPF_MAP_LOOKUP_BATCH` (a walk key
-    /// by key costs two syscalls per flow); falls back to that walk where batches are not
-    /// supported.
-    fn flow_entries(&self) -> Vec<(FlowKey, Flow)> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
+    /// Counts the flows now, on this thread (tests and diagnostics; the daemon reads the
+    /// walker's passes instead). Expired flows are not counted.
+    ///
+    /// # Errors
+    /// A read of the map failed.
+    pub fn count_flows(&self) -> Result<crate::flowcount::FlowSnapshot> {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let (udp, tcp) = (ns(self.options.udp_idle_timeout), ns(self.options.tcp_idle_timeout));
+        crate::flowcount::count(self.flows.map().fd(), udp, tcp, self.started_ns, 0).map_err(DataplaneError::Walk)
+    }
 
-        use aya::maps::IterableMap as _;
-        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-        const CHUNK: usize = 4096;
-        let fd = self.flows.map().fd().as_fd().as_raw_fd();
-        let mut keys = vec![FlowKey::default(); CHUNK];
-        let mut values = vec![Flow::default(); CHUNK];
-        let (mut in_batch, mut out_batch) = (0u32, 0u32);
-        let mut all = Vec::new();
-        let mut first = true;
-        loop {
-            // struct { in_batch, out_batch, keys, values: u64; count, map_fd: u32; elem_flags, flags: u64 }
-            let mut attr = [0u64; 16];
-            attr[0] = if first { 0 } else { (&raw const in_batch) as u64 };
-            attr[1] = (&raw mut out_batch) as u64;
-            attr[2] = keys.as_mut_ptr() as u64;
-            attr[3] = values.as_mut_ptr() as u64;
-            attr[4] = CHUNK as u64 | (u64::try_from(fd).unwrap_or(0) << 32);
-            // SAFETY: the buffers hold CHUNK keys and values of the map's sizes, and live
-            // across the call; the attribute block is ours.
-            let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, attr.as_mut_ptr(), 128) };
-            let err = std::io::Error::last_os_error();
-            let got = (attr[4] & 0xffff_ffff) as usize;
-            if rc == 0 || err.raw_os_error() == Some(libc::ENOENT) {
-                all.extend(keys[..got.min(CHUNK)].iter().copied().zip(values[..got.min(CHUNK)].iter().copied()));
-            }
-            if rc != 0 {
-                if err.raw_os_error() != Some(libc::ENOENT) {
-                    // No batch support: walk key by key (an entry evicted meanwhile is skipped).
-                    tracing::debug!("BPF_MAP_LOOKUP_BATCH on FLOWS: {err}; walking key by key");
-                    return self.flows.iter().filter_map(std::result::Result::ok).collect();
-                }
-                return all;
-            }
-            in_batch = out_batch;
-            first = false;
+    /// The last complete count of the flows (see [`Dataplane::flow_walker`]).
+    #[must_use]
+    pub fn flow_counts(&self) -> Option<std::sync::Arc<crate::flowcount::FlowSnapshot>> {
+        self.counter.as_ref().and_then(crate::flowcount::FlowCounter::last)
+    }
+
+    /// Asks the walker for a new count as soon as it may.
+    pub fn count_flows_soon(&self) {
+        if let Some(c) = &self.counter {
+            c.ask();
         }
+    }
+
+    /// Drops the `REVERSE` entries of backends that are in no pool and that no flow of a pass
+    /// begun after the pools last changed uses (a pass begun earlier may have missed the
+    /// flows a backend gained before it left its pool).
+    pub fn collect_reverse(&mut self, pass: &crate::flowcount::FlowSnapshot) {
+        if pass.started > self.reverse_changed {
+            self.gc_reverse(&pass.in_use);
+        }
+    }
+
+    /// Calls `each` with the flows, [`crate::flowcount::BATCH`] at a time (never all of
+    /// them at once).
+    fn walk_flows(&self, each: impl FnMut(&[FlowKey], &[Flow])) -> Result<()> {
+        crate::flowcount::walk(self.flows.map().fd(), each).map_err(DataplaneError::Walk)
     }
 
     /// Ends the drain of `from`: its open flows of service `id` are re-pointed to where a new
@@ -1159,76 +1217,75 @@ impl Dataplane {
         from: Colour,
         action: config::DrainAction,
     ) -> Result<u64> {
+        self.drain_end(service, id, from, action)?.run().map_err(DataplaneError::Walk)
+    }
+
+    /// The work of [`Dataplane::end_drain`], to be done anywhere (it walks every flow: the
+    /// daemon runs it on a thread of its own, without the board's lock): the switch state
+    /// and the pools as they are now, and a descriptor of `FLOWS` of its own.
+    ///
+    /// # Errors
+    /// The state could not be read or the descriptor not duplicated.
+    pub fn drain_end(
+        &self,
+        service: &ServiceConfig,
+        id: u32,
+        from: Colour,
+        action: config::DrainAction,
+    ) -> Result<DrainEnd> {
+        use std::os::fd::AsFd as _;
         let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
-        let preview = service.preview_port.map(u16::to_be_bytes);
-        let victims: Vec<(FlowKey, Flow)> = self
-            .flow_entries()
-            .into_iter()
-            .filter(|(_, f)| f.service == id && u32::from(f.colour) == from.as_u32() && f.flags & FLOW_CLOSING == 0)
-            .collect();
-        let mut handled = 0;
-        for (key, flow) in victims {
-            // The data path may have given the 5-tuple a new flow since the walk: only the
-            // flow we saw is touched.
-            if self.flows.get(&key, 0).ok() != Some(flow) {
-                continue;
-            }
-            match action {
-                config::DrainAction::Reset => {
-                    let mut f = flow;
-                    f.flags |= FLOW_RESET;
-                    if self.flows.insert(&key, &f, 0).is_ok() {
-                        handled += 1;
-                    }
-                }
-                config::DrainAction::Move => {
-                    let colour = Colour::from_u32(new_flow_colour(
-                        state,
-                        preview == Some(key.dport),
-                        flow_hash(&key, SEED_CANARY),
-                    ));
-                    let Some((idx, backend)) = self.pick(id, colour, &key) else { continue };
-                    let moved = Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..flow };
-                    if self.flows.insert(&key, &moved, 0).is_ok() {
-                        handled += 1;
-                    }
-                }
-            }
-        }
-        Ok(handled)
+        let flows = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
+        let pool = |c: Colour| {
+            self.pools.get(&(id, c)).map_or_else(
+                || (Vec::new(), Vec::new()),
+                |p| (p.table.clone(), p.slots.iter().map(|b| b.as_ref().map(|b| backend_value(b.addr))).collect()),
+            )
+        };
+        Ok(DrainEnd {
+            flows,
+            id,
+            from,
+            action,
+            state,
+            preview: service.preview_port.map(u16::to_be_bytes),
+            pools: [pool(Colour::Blue), pool(Colour::Green)],
+        })
     }
 
     /// Removes the flows addressed to any of `keys`; returns how many. A flow the data path
     /// re-created since the walk is left alone.
     fn purge_flows(&mut self, keys: &[ServiceKey]) -> u64 {
+        use std::os::fd::AsFd as _;
         let to = |k: &FlowKey| {
             keys.iter().any(|s| s.vip == k.dst && s.port == k.dport && s.proto == k.proto && s.family == k.family)
         };
-        let doomed: Vec<(FlowKey, Flow)> = self.flow_entries().into_iter().filter(|(k, _)| to(k)).collect();
         let mut n = 0;
-        for (key, flow) in doomed {
-            if self.flows.get(&key, 0).ok() != Some(flow) {
-                continue;
+        let Ok(flows) = self.flows.map().fd().as_fd().try_clone_to_owned() else { return 0 };
+        let walked = crate::flowcount::walk(&flows, |batch, values| {
+            for (key, flow) in batch.iter().zip(values).filter(|(k, _)| to(k)) {
+                if self.flows.get(key, 0).ok().as_ref() != Some(flow) {
+                    continue;
+                }
+                if self.flows.remove(key).is_ok() {
+                    n += 1;
+                }
             }
-            if self.flows.remove(&key).is_ok() {
-                n += 1;
-            }
+        });
+        if let Err(e) = walked {
+            tracing::warn!("removing the flows of removed services: {e}");
         }
         n
-    }
-
-    /// The backend the live table gives a flow, as the data path would pick it.
-    fn pick(&self, id: u32, colour: Colour, key: &FlowKey) -> Option<(u16, Backend)> {
-        let pool = self.pools.get(&(id, colour))?;
-        let idx = *pool.table.get((flow_hash(key, SEED_RING) % RING_SIZE) as usize)?;
-        let b = pool.slots.get(usize::from(idx))?.as_ref()?;
-        Some((idx, backend_value(b.addr)))
     }
 
     /// The tracked flows, for tests and diagnostics: (key, flow) pairs.
     #[must_use]
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
-        self.flow_entries()
+        let mut all = Vec::new();
+        if let Err(e) = self.walk_flows(|k, v| all.extend(k.iter().copied().zip(v.iter().copied()))) {
+            tracing::warn!("{e}");
+        }
+        all
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`control`]: the JSON-lines protocol of the control socket, and a client for it;
 //! - [`daemon`]: the agent: owns the data plane and serves the control socket;
 //! - [`fleet`]: fleet mode: the desired state in etcd, followed by every node;
+//! - [`flowcount`]: the open flows counted in batches off the request path;
 //! - [`limits`]: the agent's connection caps and file-descriptor budget;
 //! - [`accounts`]: user and group lookups that never block an async worker.
 
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod emergency;
 pub mod fleet;
+pub mod flowcount;
 pub mod health;
 pub mod limits;
 pub mod maglev;

@@ -1,10 +1,11 @@
 //! The Prometheus endpoint: `GET /metrics` on the configured address (default
 //! 127.0.0.1:9477), in the OpenMetrics text format, built with `prometheus-client` from a
-//! fresh status snapshot at every scrape (the counters themselves live in the BPF maps).
+//! fresh status snapshot at every scrape (the counters themselves live in the BPF maps; the open
+//! flows come from the last pass of the flow counter, `switcher_open_flows_age_seconds` old).
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::AtomicU64},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -119,6 +120,20 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             applied_rev,
         );
         reg.register("fleet_local_override", "1 while this node does not follow the fleet's desired state", overridden);
+    }
+    if let Some(ago) = status.flows_counted_ms_ago {
+        let age = Gauge::<f64, AtomicU64>::default();
+        age.set(Duration::from_millis(ago).as_secs_f64());
+        reg.register(
+            "open_flows_age_seconds",
+            "How old the open-flow counts are: they come from the last complete pass over the flow table",
+            age,
+        );
+    }
+    if let Some(took) = status.flows_count_took_ms {
+        let pass = Gauge::<f64, AtomicU64>::default();
+        pass.set(Duration::from_millis(took).as_secs_f64());
+        reg.register("flow_count_pass_seconds", "How long the last pass over the flow table took", pass);
     }
     for (reason, n) in &status.reasons {
         verdicts.get_or_create(&labels(&[("reason", reason.as_str())])).inc_by(*n);

@@ -8,6 +8,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,7 +17,8 @@ use switcher_common::{BP_ALL, MAX_POOL, user::Colour};
 use crate::{
     config::{BackendConfig, CheckKind, DrainAction, ServiceConfig},
     control::{BackendStatus, Canary, ColourStatus, Drain, Request, Response, ServiceStatus},
-    dataplane::{Counters, Dataplane, DataplaneError, FlowCounts, Installed},
+    dataplane::{Counters, Dataplane, DataplaneError, Installed},
+    flowcount::FlowSnapshot,
     health::{BackendHealth, State},
 };
 
@@ -52,18 +54,21 @@ pub trait Maps {
     /// # Errors
     /// The map read failed.
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError>;
-    /// Open flows per (service, colour).
-    ///
-    /// # Errors
-    /// The map read failed.
-    fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError>;
+    /// The last complete count of the open flows per (service, colour), if there is one:
+    /// read, never walked here.
+    fn flow_counts(&self) -> Option<Arc<FlowSnapshot>>;
+    /// Asks for a new count of the open flows to begin soon (after a switch).
+    fn count_flows_soon(&self) {}
+    /// Drops what only the flows a complete count did not find needed (`REVERSE` entries).
+    fn collect(&mut self, _pass: &FlowSnapshot) {}
     /// Installs a new service list (a reload): services that stay keep their id and switch
     /// state, new ones start as configured, removed ones go. Pools are written as given.
     ///
     /// # Errors
     /// A map write failed.
     fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError>;
-    /// Moves or resets the open flows of a draining colour; returns how many.
+    /// Moves or resets the open flows of a draining colour; returns how many, or `None` when
+    /// that is done in the background (a walk of the whole table).
     ///
     /// # Errors
     /// The map read failed.
@@ -73,7 +78,7 @@ pub trait Maps {
         id: u32,
         from: Colour,
         action: DrainAction,
-    ) -> Result<u64, DataplaneError>;
+    ) -> Result<Option<u64>, DataplaneError>;
     /// Refreshes the clock the data path stamps open TCP flows with (once a second).
     ///
     /// # Errors
@@ -108,8 +113,14 @@ impl Maps for Dataplane {
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
         Dataplane::reasons(self)
     }
-    fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
-        Dataplane::scan_flows(self)
+    fn flow_counts(&self) -> Option<Arc<FlowSnapshot>> {
+        Dataplane::flow_counts(self)
+    }
+    fn count_flows_soon(&self) {
+        Dataplane::count_flows_soon(self);
+    }
+    fn collect(&mut self, pass: &FlowSnapshot) {
+        Dataplane::collect_reverse(self, pass);
     }
     fn install(&mut self, services: &[ServiceConfig]) -> Result<Vec<Installed>, DataplaneError> {
         Dataplane::apply(self, services)
@@ -120,8 +131,19 @@ impl Maps for Dataplane {
         id: u32,
         from: Colour,
         action: DrainAction,
-    ) -> Result<u64, DataplaneError> {
-        Dataplane::end_drain(self, s, id, from, action)
+    ) -> Result<Option<u64>, DataplaneError> {
+        let job = self.drain_end(s, id, from, action)?;
+        let (name, colour) = (s.name.clone(), from);
+        // A walk of every flow: on a thread of its own, so the board's lock is not held
+        // across it.
+        let spawned = std::thread::Builder::new().name("drain-end".into()).spawn(move || match job.run() {
+            Ok(n) => tracing::info!(service = %name, %colour, flows = n, ?action, "drain timeout: flows handled"),
+            Err(e) => tracing::warn!(service = %name, %colour, "drain timeout: {e}"),
+        });
+        match spawned {
+            Ok(_) => Ok(None),
+            Err(e) => Err(DataplaneError::Walk(e)),
+        }
     }
     fn stamp_clock(&mut self) -> Result<(), DataplaneError> {
         Dataplane::stamp_clock(self)
@@ -265,8 +287,9 @@ pub struct Reloaded {
 pub struct Switchboard<M> {
     maps: M,
     services: Vec<ServiceState>,
-    /// Open flows per (service, colour) at the last walk of the flow table.
-    last_flows: HashMap<(u32, Colour), FlowCounts>,
+    /// The last complete count of the open flows taken from the maps (see
+    /// [`Switchboard::refresh_flows`]).
+    last_flows: Option<Arc<FlowSnapshot>>,
     /// In a fleet: when the other nodes were last looked at, and which of them still drain,
     /// by service (see [`Switchboard::set_remote_drains`]). `None`: not in a fleet.
     remote_drains: Option<(Instant, RemoteDrains)>,
@@ -310,7 +333,7 @@ impl<M: Maps> Switchboard<M> {
     /// The services as [`Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
-        Switchboard { maps, services, last_flows: HashMap::new(), remote_drains: None }
+        Switchboard { maps, services, last_flows: None, remote_drains: None }
     }
 
     /// The data plane, for the daemon's own use (reload).
@@ -433,14 +456,15 @@ impl<M: Maps> Switchboard<M> {
             .set_state(s.id, target, canary, previous)
             .map_err(|e| format!("{name}: map write failed, still on {from}: {}", chain(&e)))?;
         let took = started.elapsed();
-        // The old colour's open flows, to report drain progress against: counted after the
-        // switch, which must not wait for a walk of the flow table.
+        // The old colour's open flows, to report drain progress against: the last count, as
+        // a cut-over never waits for a walk of the flow table. A new count starts now; the
+        // drain ends only on a count begun after it.
         let id = s.id;
-        let initial = if from == target {
-            0
+        let (initial, counted) = if from == target {
+            (0, None)
         } else {
-            // Kept for `observed`, so the fleet publishes the drain with its real count at once.
-            self.refresh_flows().and_then(|c| c.get(&(id, from)).map(|c| c.live)).unwrap_or(0)
+            self.maps.count_flows_soon();
+            self.refresh_flows().map_or((0, None), |c| (c.of(id, from).live, Some(c.age())))
         };
         let s = &self.services[i];
         let timeout = drain_timeout.or(s.config.drain_timeout);
@@ -459,9 +483,10 @@ impl<M: Maps> Switchboard<M> {
         let backends: Vec<String> = s.config.pool(target).iter().map(|b| b.addr.to_string()).collect();
         tracing::info!(service = %name, %from, to = %target, took_us = took.as_micros(), draining = initial, "{verb}");
         let drain = if initial > 0 {
+            let counted = counted.map_or_else(String::new, |a| format!("as counted {} ms ago", a.as_millis()));
             match timeout {
-                Some(t) => format!("; {initial} open flows on {from} drain (timeout {}s)", t.as_secs()),
-                None => format!("; {initial} open flows on {from} drain"),
+                Some(t) => format!("; {initial} open flows on {from} drain ({counted}; timeout {}s)", t.as_secs()),
+                None => format!("; {initial} open flows on {from} drain ({counted})"),
             }
         } else {
             String::new()
@@ -605,13 +630,20 @@ impl<M: Maps> Switchboard<M> {
         self.services
             .iter()
             .map(|s| {
-                let live = |c: Colour| self.last_flows.get(&(s.id, c)).map_or(0, |f| f.live);
+                let live = |c: Colour| self.last_flows.as_ref().map_or(0, |f| f.of(s.id, c).live);
+                // Until a count begun after the switch says otherwise, the old colour holds at
+                // least the flows counted before it, and at least one: other nodes must not
+                // take an old count's zero for the end of this node's drain.
+                let draining = s.drain.as_ref().map(|d| match self.drain_live(s.id, d) {
+                    Some(n) => (d.from, n),
+                    None => (d.from, d.initial.max(live(d.from)).max(1)),
+                });
                 Observed {
                     name: s.config.name.clone(),
                     active: s.active,
                     canary_bp: s.canary_bp,
                     live_flows: live(s.active),
-                    draining: s.drain.as_ref().map(|d| (d.from, live(d.from))),
+                    draining,
                     healthy: [s.healthy(Colour::Blue), s.healthy(Colour::Green)],
                 }
             })
@@ -798,36 +830,40 @@ impl<M: Maps> Switchboard<M> {
         Ok(done)
     }
 
-    /// Periodic work: finish drains that are empty or timed out. The flow table is walked
-    /// only while a drain is in progress: a walk of a large table is not free.
+    /// Periodic work: finish drains that are empty (by a count of the flows begun after the
+    /// drain) or timed out. Reads the flow walker's last count; never walks.
     pub fn tick(&mut self) {
         if let Err(e) = self.maps.stamp_clock() {
             tracing::warn!("stamp the data path's clock: {}", chain(&e));
         }
+        self.refresh_flows();
         if self.services.iter().all(|s| s.drain.is_none()) {
             self.sync_draining();
             return;
         }
-        let Some(counts) = self.refresh_flows() else { return };
         for i in 0..self.services.len() {
             let s = &self.services[i];
             let Some(drain) = s.drain.clone() else { continue };
-            let live = counts.get(&(s.id, drain.from)).map_or(0, |c| c.live);
+            // Only a count begun after the switch can prove the old colour empty.
+            let live = self.drain_live(s.id, &drain);
             let name = s.config.name.clone();
             // In a fleet, only a view of the other nodes taken since the drain began counts.
             let (seen, elsewhere) = match &self.remote_drains {
                 None => (true, false),
                 Some((at, drains)) => (*at >= drain.started, drains.get(&name).is_some_and(|v| !v.is_empty())),
             };
-            if live == 0 && seen && !elsewhere {
+            if live == Some(0) && seen && !elsewhere {
                 tracing::info!(service = %name, colour = %drain.from, secs = drain.started.elapsed().as_secs(), "drain complete");
                 self.services[i].drain = None;
             } else if drain.timeout.is_some_and(|t| drain.started.elapsed() >= t) {
                 let action = s.config.on_drain_timeout;
                 let config = s.config.clone();
                 match self.maps.end_drain(&config, s.id, drain.from, action) {
-                    Ok(n) => {
+                    Ok(Some(n)) => {
                         tracing::warn!(service = %name, colour = %drain.from, flows = n, ?action, "drain timed out")
+                    }
+                    Ok(None) => {
+                        tracing::warn!(service = %name, colour = %drain.from, ?action, "drain timed out; handling its flows")
                     }
                     Err(e) => tracing::warn!(service = %name, "end drain: {}", chain(&e)),
                 }
@@ -869,23 +905,25 @@ impl<M: Maps> Switchboard<M> {
     /// or is about to end).
     #[must_use]
     pub fn waits_on_fleet(&self) -> bool {
-        self.services
-            .iter()
-            .any(|s| s.drain.as_ref().is_some_and(|d| self.last_flows.get(&(s.id, d.from)).map_or(0, |c| c.live) == 0))
+        self.services.iter().any(|s| s.drain.as_ref().is_some_and(|d| self.drain_live(s.id, d) == Some(0)))
     }
 
-    /// Walks the flow table and keeps the counts for [`Switchboard::observed`].
-    pub fn refresh_flows(&mut self) -> Option<HashMap<(u32, Colour), FlowCounts>> {
-        match self.maps.scan_flows() {
-            Ok(c) => {
-                self.last_flows.clone_from(&c);
-                Some(c)
-            }
-            Err(e) => {
-                tracing::warn!("scan flows: {}", chain(&e));
-                None
-            }
+    /// The open flows left of a drain by the last count, if that count began after the drain
+    /// did (an older one cannot tell).
+    fn drain_live(&self, id: u32, drain: &DrainState) -> Option<u64> {
+        self.last_flows.as_ref().filter(|c| c.started >= drain.started).map(|c| c.of(id, drain.from).live)
+    }
+
+    /// Takes the flow walker's last complete count (cheap: no walk), keeps it for
+    /// [`Switchboard::observed`] and `status`, and lets the maps drop what a new count shows
+    /// unused.
+    pub fn refresh_flows(&mut self) -> Option<Arc<FlowSnapshot>> {
+        let last = self.maps.flow_counts()?;
+        if self.last_flows.as_ref().is_none_or(|old| old.pass != last.pass) {
+            self.maps.collect(&last);
+            self.last_flows = Some(Arc::clone(&last));
         }
+        Some(last)
     }
 
     /// The status of all services, or one.
@@ -893,25 +931,27 @@ impl<M: Maps> Switchboard<M> {
     /// # Errors
     /// An unknown service, or a map read failure.
     pub fn status(&mut self, name: Option<&str>) -> Result<Response, String> {
-        let counts = self.maps.scan_flows().map_err(|e| chain(&e))?;
-        self.last_flows.clone_from(&counts);
+        let counts = self.refresh_flows();
+        let counted = counts.as_deref();
         let services = match name {
-            Some(name) => vec![self.service_status(self.find(name)?, Some(&counts))?],
-            None => {
-                (0..self.services.len()).map(|i| self.service_status(i, Some(&counts))).collect::<Result<_, _>>()?
-            }
+            Some(name) => vec![self.service_status(self.find(name)?, counted)?],
+            None => (0..self.services.len()).map(|i| self.service_status(i, counted)).collect::<Result<_, _>>()?,
         };
         let reasons = self.maps.reasons().map_err(|e| chain(&e))?.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
-        Ok(Response { ok: true, services, reasons, ..Response::default() })
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        Ok(Response {
+            ok: true,
+            services,
+            reasons,
+            flows_counted_ms_ago: counted.map(|c| ms(c.age())),
+            flows_count_took_ms: counted.map(|c| ms(c.finished - c.started)),
+            ..Response::default()
+        })
     }
 
-    fn service_status(
-        &self,
-        i: usize,
-        counts: Option<&HashMap<(u32, Colour), FlowCounts>>,
-    ) -> Result<ServiceStatus, String> {
+    fn service_status(&self, i: usize, counts: Option<&FlowSnapshot>) -> Result<ServiceStatus, String> {
         let s = &self.services[i];
-        let flows = |c: Colour| counts.and_then(|m| m.get(&(s.id, c)).copied()).unwrap_or_default();
+        let flows = |c: Colour| counts.map(|m| m.of(s.id, c)).unwrap_or_default();
         let colours = Colour::ALL
             .iter()
             .map(|&c| {
@@ -1068,7 +1108,10 @@ pub(crate) mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::config::{HealthConfig, Mode, Protocol};
+    use crate::{
+        config::{HealthConfig, Mode, Protocol},
+        dataplane::FlowCounts,
+    };
 
     /// Maps in memory, for the switchboard's and the fleet's unit tests.
     #[derive(Default)]
@@ -1082,6 +1125,10 @@ pub(crate) mod tests {
         draining: HashMap<u32, bool>,
         /// Service ids by name, as installed.
         ids: HashMap<String, u32>,
+        /// Counts handed out so far.
+        passes: std::cell::Cell<u64>,
+        /// A count to hand out instead of a fresh one (the walker has not finished a pass).
+        frozen: Option<Arc<FlowSnapshot>>,
     }
 
     impl Maps for FakeMaps {
@@ -1106,8 +1153,14 @@ pub(crate) mod tests {
         fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
             Ok(vec![("no_match", 3)])
         }
-        fn scan_flows(&mut self) -> Result<HashMap<(u32, Colour), FlowCounts>, DataplaneError> {
-            Ok(self.flows.clone())
+        fn flow_counts(&self) -> Option<Arc<FlowSnapshot>> {
+            if let Some(f) = &self.frozen {
+                return Some(Arc::clone(f));
+            }
+            // A count begun now: each call is a new pass.
+            let pass = self.passes.get() + 1;
+            self.passes.set(pass);
+            Some(Arc::new(FlowSnapshot::now(self.flows.clone(), pass)))
         }
         fn set_draining(&mut self, id: u32, draining: bool) -> Result<(), DataplaneError> {
             self.draining.insert(id, draining);
@@ -1139,9 +1192,9 @@ pub(crate) mod tests {
             id: u32,
             from: Colour,
             a: DrainAction,
-        ) -> Result<u64, DataplaneError> {
+        ) -> Result<Option<u64>, DataplaneError> {
             self.ended.push((id, from, a));
-            Ok(1)
+            Ok(Some(1))
         }
     }
 
@@ -1306,6 +1359,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_a_count_begun_after_the_switch_ends_a_drain() {
+        let mut b = board();
+        // The last pass, from before the cut-over, saw no flow of blue: it proves nothing.
+        b.maps.frozen = Some(Arc::new(FlowSnapshot::now(HashMap::new(), 1_000)));
+        let r = cutover(&mut b, "web", Some("green"));
+        assert!(r.ok, "{r:?}");
+        b.tick();
+        b.tick();
+        assert!(b.services[0].drain.is_some(), "no pass has begun since the drain did");
+        assert!(!b.waits_on_fleet(), "nor does it say this node is empty");
+        let observed = b.observed();
+        assert_eq!(observed[0].draining, Some((Colour::Blue, 1)), "the fleet is not told 0 on an old count");
+        let st = b.status(Some("web")).expect("status");
+        assert!(st.flows_counted_ms_ago.is_some(), "status says how old its counts are");
+        // A pass begun after the switch finds blue empty: the drain is over.
+        b.maps.frozen = None;
+        b.tick();
+        assert!(b.services[0].drain.is_none(), "a new pass ends it");
+    }
+
+    #[test]
     fn drains_complete_when_empty_and_end_at_the_timeout() {
         let mut b = board();
         b.maps.flows.insert((0, Colour::Blue), FlowCounts { live: 3, closing: 0, idle: 0 });
@@ -1319,7 +1393,12 @@ pub(crate) mod tests {
                 scope: Default::default(),
             },
         );
-        assert!(r.message.as_deref().is_some_and(|m| m.contains("3 open flows on blue drain (timeout 0s)")), "{r:?}");
+        assert!(
+            r.message
+                .as_deref()
+                .is_some_and(|m| m.contains("3 open flows on blue drain (as counted") && m.contains("; timeout 0s)")),
+            "{r:?}"
+        );
         let st = b.status(Some("web")).expect("status");
         let drain = st.services[0].drain.clone().expect("draining");
         assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));

@@ -15,6 +15,7 @@
 pub mod corpus;
 pub mod fleet;
 pub mod flips;
+pub mod flows;
 pub mod net;
 pub mod proc;
 pub mod trace;

@@ -212,6 +212,24 @@ impl Daemon {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not a Response ({e}): {out}"))
     }
 
+    /// `switcher status --json` once its open-flow counts come from a pass over the flow
+    /// table begun after this call (the daemon counts flows in passes, off the request path).
+    ///
+    /// # Panics
+    /// When no such pass ends within 20 s, or status fails.
+    #[must_use]
+    pub fn status_counted(&self) -> switcher_user::control::Response {
+        let asked = std::time::Instant::now();
+        net::wait_for(Duration::from_secs(20), || {
+            let s = self.status();
+            let (ago, took) = (s.flows_counted_ms_ago?, s.flows_count_took_ms?);
+            let since = u64::try_from(asked.elapsed().as_millis()).unwrap_or(u64::MAX);
+            // The pass began `ago + took` ms ago (to the millisecond: one more for rounding).
+            (ago + took + 1 < since).then_some(s)
+        })
+        .unwrap_or_else(|| panic!("no count of the open flows began after the request within 20 s:\n{}", self.log()))
+    }
+
     /// Packets the data path counted for a reason (`fwd_redirect`, `no_match`, …).
     ///
     /// # Panics

@@ -130,6 +130,18 @@ fn render(resp: &Response) -> String {
             }
         }
     }
+    match (resp.flows_counted_ms_ago, resp.flows_count_took_ms) {
+        (Some(ago), Some(took)) => {
+            let _ = writeln!(out, "open flows as counted {ago} ms ago (a pass over the flow table took {took} ms)");
+        }
+        (Some(ago), None) => {
+            let _ = writeln!(out, "open flows as counted {ago} ms ago");
+        }
+        _ if !resp.services.is_empty() => {
+            out.push_str("open flows not counted yet (the first pass over the flow table is under way)\n");
+        }
+        _ => {}
+    }
     out
 }
 
@@ -188,6 +200,8 @@ mod tests {
                 }),
                 colours: vec![colour("blue", Some("198.51.100.2:8080"), 7), colour("green", None, 2)],
             }],
+            flows_counted_ms_ago: Some(420),
+            flows_count_took_ms: Some(35),
             ..Response::default()
         };
         let text = render(&resp);
@@ -202,5 +216,6 @@ mod tests {
         assert!(text.contains("          198.51.100.2:8080  weight 1  unknown\n"), "{text}");
         assert!(text.contains("  * green"), "{text}");
         assert!(text.contains("(no backends)"), "{text}");
+        assert!(text.ends_with("open flows as counted 420 ms ago (a pass over the flow table took 35 ms)\n"), "{text}");
     }
 }

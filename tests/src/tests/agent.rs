@@ -113,7 +113,7 @@ fn a_crash_loses_nothing_and_the_restarted_daemon_adopts_the_data_path() {
     assert!(ok > 100, "the load ran: {ok} answers");
     assert_eq!(failed, 0, "requests failed across kill -9, emergency cut-over and restart: {errors:?}");
 
-    let after = d.status();
+    let after = d.status_counted();
     assert_eq!(after.services[0].active, "green", "the restarted daemon adopted the emergency cut-over");
     assert_eq!(after.services[0].previous.as_deref(), Some("blue"));
     let blue_after = after.services[0].colours[0].counters;

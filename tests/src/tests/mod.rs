@@ -9,3 +9,4 @@ mod hostile;
 mod production;
 mod prog_test_run;
 mod reliability;
+mod scale;

@@ -49,6 +49,8 @@ fn a_long_lived_connection_drains_on_the_old_colour() {
     let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, "redirect", s, ""));
     let mut long = Conn::open(&t.client, WEB).expect("connect");
     assert_eq!(colour_of(&long.ask().expect("ask")), "blue");
+    // A cut-over reports the open flows of the last count: wait for one that saw this flow.
+    assert_eq!(d.status_counted().services[0].colours[0].live_flows, 1);
 
     let out = d.cli_ok(&["cutover", "web", "green"]);
     assert!(out.contains("1 open flows on blue drain"), "{out}");
@@ -112,7 +114,7 @@ fn removing_a_backend_keeps_the_other_flows_where_they_are() {
         let (answer, _) = tcp_request(&t.client, vip).expect("new flow");
         assert_ne!(answer, format!("blue {}", BLUES[2]), "a new flow went to the removed backend");
     }
-    let status = d.status();
+    let status = d.status_counted();
     let blue = &status.services[2].colours[0];
     assert_eq!(blue.backends.len(), 2);
     assert!(blue.live_flows >= 30, "the open flows are counted: {}", blue.live_flows);

@@ -939,8 +939,12 @@ fn closing_reset_and_move() {
             set_tcp_flags(f, 0x11);
         }
         check(&mut dp, pkt("FIN of b still goes to blue", fin, XDP_REDIRECT, "fwd_redirect", Some(fin_out)));
-        let counts = dp.scan_flows().expect("scan");
-        assert_eq!(counts.get(&(WEB, Colour::Blue)).map(|c| (c.live, c.closing)), Some((1, 1)), "a open, b closing");
+        let counts = dp.count_flows().expect("count");
+        assert_eq!(
+            counts.counts.get(&(WEB, Colour::Blue)).map(|c| (c.live, c.closing)),
+            Some((1, 1)),
+            "a open, b closing"
+        );
 
         dp.set_state(WEB, Colour::Green, 0, None).expect("cut over");
         let n = dp.end_drain(&svcs[0], WEB, Colour::Blue, DrainAction::Reset).expect("reset");
