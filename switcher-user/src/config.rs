@@ -1163,7 +1163,8 @@ on_drain_timeout = "reset"
             (f.prefix.as_str(), f.node.as_str(), f.share_backends, f.lease_ttl, f.compaction_interval),
             ("/switcher", "lb1", false, Duration::from_secs(10), Some(Duration::from_secs(300)))
         );
-        let off = with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"lb1\"\ncompaction_interval_secs = 0\n");
+        let off =
+            with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"lb1\"\ncompaction_interval_secs = 0\n");
         assert_eq!(off.expect("valid").fleet.expect("fleet").compaction_interval, None);
         assert!(
             !with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\n")
@@ -1179,7 +1180,10 @@ on_drain_timeout = "reset"
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nprefix = \"switcher/\"", "fleet.prefix"),
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nnode = \"lb 1\"", "fleet.node"),
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nlease_ttl_secs = 1", "fleet.lease_ttl_secs"),
-            ("[fleet]\nendpoints = [\"http://etcd:2379\"]\ncompaction_interval_secs = 1", "fleet.compaction_interval_secs"),
+            (
+                "[fleet]\nendpoints = [\"http://etcd:2379\"]\ncompaction_interval_secs = 1",
+                "fleet.compaction_interval_secs",
+            ),
         ] {
             let e = with(bad).expect_err(bad).to_string();
             assert!(e.contains(field) && e.starts_with(&fleet_line), "{bad}: {e}");
