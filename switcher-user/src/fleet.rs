@@ -44,8 +44,11 @@ use crate::{
 };
 
 /// How often a node compares what it would publish (flows, health, drains) with what it
-/// published, and reads the other nodes' drains while one of its own runs.
-const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// published: a local look, no etcd call unless something changed.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How often a node reads the other nodes' drains while one of its own runs and they hold
+/// flows (while some have not applied its revision yet, at every check: they are about to).
+const DRAINS_EVERY: Duration = Duration::from_secs(1);
 /// The shortest time between two publications of a node for a change of its flow counts only.
 const COUNTS_GAP: Duration = Duration::from_secs(1);
 /// How often the published open-flow counts are refreshed by a walk of the flow table.
@@ -887,6 +890,8 @@ async fn session_inner<M: Maps>(
     let mut renew = tokio::time::interval(fleet.config.lease_ttl / 3);
     let mut check = tokio::time::interval(CHECK_EVERY);
     let mut flows_counted = Instant::now();
+    // When the other nodes' drains may be read next.
+    let mut drains_next = Instant::now();
     // Never fires without compaction (a day is as good as never: `interval` needs a period).
     let every = fleet.config.compaction_interval.unwrap_or(Duration::from_secs(86_400));
     let mut compact = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -927,8 +932,11 @@ async fn session_inner<M: Maps>(
                     flows_counted = Instant::now();
                 }
                 let draining = board.lock().is_ok_and(|b| b.draining());
-                if draining {
+                if draining && Instant::now() >= drains_next {
                     let drains = remote_drains(fleet, &mut client).await?;
+                    // A node listed with no flows has not applied this node's revision yet.
+                    let behind = drains.values().flatten().any(|(_, flows)| *flows == 0);
+                    drains_next = Instant::now() + if behind { CHECK_EVERY } else { DRAINS_EVERY };
                     if let Ok(mut b) = board.lock() {
                         b.set_remote_drains(drains);
                     }
