@@ -1497,6 +1497,8 @@ struct FleetRun {
     rest_marks: i64,
     db_before: u64,
     db_after: u64,
+    /// The keys written at rest, if any.
+    rest_keys: Vec<String>,
 }
 
 fn fleet_config(socket: &std::path::Path, node: usize, prefix: &str) -> String {
@@ -1574,6 +1576,10 @@ fn fleet_scale(quick: bool) -> FleetRun {
     let (rev0, marks0, db_before) = (revision(), marks(), etcd.status().1);
     std::thread::sleep(rest);
     let (rev1, marks1, db_after) = (revision(), marks(), etcd.status().1);
+    let rest_keys = etcd
+        .keys(&format!("{prefix}/"), 0)
+        .map(|(_, keys)| keys.into_iter().filter(|k| k.1 > rev0).map(|k| k.0).collect())
+        .unwrap_or_default();
     drop(daemons);
     drop(relays);
     drop(nss);
@@ -1586,6 +1592,7 @@ fn fleet_scale(quick: bool) -> FleetRun {
         rest_marks: marks1 - marks0,
         db_before,
         db_after,
+        rest_keys,
     }
 }
 
@@ -1629,6 +1636,9 @@ At rest for {:.0} s: {} etcd revisions ({} of them the fleet's compaction marks,
         f.nodes as f64 / 2.0,
         f.nodes
     );
+    if !f.rest_keys.is_empty() {
+        let _ = writeln!(md, "Written at rest: {}.\n", f.rest_keys.join(", "));
+    }
     md
 }
 
