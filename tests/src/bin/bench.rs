@@ -1600,10 +1600,7 @@ fn fleet_section(f: &FleetRun) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "## Fleet at scale
-
-{} daemons, one per network namespace, each attached to its namespace's loopback in generic mode (no traffic: the fleet's own work is measured), one etcd ({}), all on this machine's cores. The nodes came up and published themselves in {:.1} s. Each row is one `switcher cutover dns COLOUR --wait` on one node: when the last and the median node applied it (as `--wait` saw it, after the write returned), when `--wait` returned (every node applied and drained), and the etcd revisions the whole cut-over cost, counted until 3 s after it returned.
-",
+        "## Fleet at scale\n\n{} daemons, one per network namespace, each attached to its namespace's loopback in generic mode (no traffic: the fleet's own work is measured), one etcd ({}), all on this machine's cores. The nodes came up and published themselves in {:.1} s. Each row is one `switcher cutover dns COLOUR --wait` on one node: when the last and the median node applied it (as `--wait` saw it, after the write returned), when `--wait` returned (every node applied and drained), and the etcd revisions the whole cut-over cost, counted until 3 s after it returned.\n",
         f.nodes,
         std::process::Command::new("etcd")
             .arg("--version")
@@ -1615,8 +1612,7 @@ fn fleet_section(f: &FleetRun) -> String {
     );
     let _ = writeln!(
         md,
-        "| cut-over | last node applied | median node | `--wait` returned | etcd writes |
-|---|---:|---:|---:|---:|"
+        "| cut-over | last node applied | median node | `--wait` returned | etcd writes |\n|---|---:|---:|---:|---:|"
     );
     for (i, (last, median, took, writes)) in f.cutovers.iter().enumerate() {
         let _ = writeln!(md, "| {} | {last:.0} ms | {median:.0} ms | {took:.0} ms | {writes} |", i + 1);
@@ -1624,9 +1620,7 @@ fn fleet_section(f: &FleetRun) -> String {
     let per_hour = f.rest_revisions as f64 * 3600.0 / f.rest_secs;
     let _ = writeln!(
         md,
-        "
-At rest for {:.0} s: {} etcd revisions ({} of them the fleet's compaction marks, one per `compaction_interval_secs` = 300 for the whole fleet), i.e. {:.1} writes a second, {per_hour:.0} an hour; etcd's database {:.1} KiB before and {:.1} KiB after. Before, every node republished every 2 s ({:.0} writes a second for {} nodes) and nothing compacted etcd's history.
-",
+        "\nAt rest for {:.0} s: {} etcd revisions ({} of them the fleet's compaction marks), i.e. {:.2} writes a second; an hour at rest is {per_hour:.0} revisions plus the 12 compaction marks (one per `compaction_interval_secs` = 300 for the whole fleet), and etcd keeps one interval of history. etcd's database: {:.1} KiB before, {:.1} KiB after. Before, every node republished every 2 s ({:.0} writes a second for {} nodes) and nothing compacted etcd's history.\n",
         f.rest_secs,
         f.rest_revisions,
         f.rest_marks,
