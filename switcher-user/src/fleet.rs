@@ -32,7 +32,7 @@ use std::{
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    WatchFilterType, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use switcher_common::{BP_ALL, user::Colour};
@@ -883,6 +883,16 @@ async fn session_inner<M: Maps>(
         .watch(fleet.services_prefix(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
         .await
         .map_err(e)?;
+    // This node's own key: published only on change, so if it goes (deleted by hand, a lease
+    // revoked), it is written again at once rather than at the next change.
+    let own_key = format!("{}{}", fleet.nodes_prefix(), fleet.config.node);
+    let mut own = client
+        .watch(
+            own_key,
+            Some(WatchOptions::new().with_start_revision(revision + 1).with_filters([WatchFilterType::NoPut])),
+        )
+        .await
+        .map_err(e)?;
     fleet.set_connected(Some(client.clone()), None);
     apply_kvs(fleet, board, record, all.kvs());
     let mut publisher = Publisher { lease, last: None };
@@ -916,6 +926,17 @@ async fn session_inner<M: Maps>(
                 }
                 apply_kvs(fleet, board, record, &puts);
                 publisher.publish(fleet, board, &mut client, false).await?;
+            }
+            msg = own.message() => {
+                let msg = msg.map_err(e)?.ok_or("the watch on etcd ended")?;
+                if msg.canceled() {
+                    return Err(format!("the watch on etcd was cancelled: {}", msg.cancel_reason()));
+                }
+                if !msg.events().is_empty() {
+                    tracing::warn!("this node's published state was deleted from etcd; publishing it again");
+                    publisher.last = None;
+                    publisher.publish(fleet, board, &mut client, false).await?;
+                }
             }
             _ = renew.tick() => keeper.keep_alive().await.map_err(e)?,
             answer = keepalive.message() => {

@@ -193,6 +193,12 @@ impl Etcd {
     }
 }
 
+/// `bytes` in base64, as etcd's JSON gateway takes keys and values.
+#[must_use]
+pub fn base64(bytes: &[u8]) -> String {
+    base64_lite::encode(bytes)
+}
+
 /// The standard base64 alphabet, for etcd's JSON gateway (bytes fields).
 mod base64_lite {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

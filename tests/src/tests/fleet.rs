@@ -333,6 +333,18 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     // The history before the last compaction is gone: a read at revision 1 is refused.
     let old = etcd.keys(&nodes_prefix, 1);
     assert!(old.as_ref().is_err_and(|e| e.contains("compacted")), "revision 1 was compacted: {old:?}");
+    // A node's state that goes from etcd (deleted by hand here) is published again at once,
+    // not at its next change.
+    let lb2 = format!("{nodes_prefix}lb2");
+    let key = serde_json::json!({ "key": crate::fleet::base64(lb2.as_bytes()) });
+    let deleted = etcd.call("/v3/kv/deleterange", &key).unwrap_or_else(|e| panic!("delete {lb2}: {e}"));
+    assert_eq!(deleted["deleted"].as_str(), Some("1"), "{deleted}");
+    let back = wait_for(Duration::from_secs(10), || {
+        let (_, keys) = etcd.keys(&lb2, 0).ok()?;
+        (!keys.is_empty()).then_some(())
+    });
+    assert!(back.is_some(), "lb2 published itself again after its key was deleted:\n{}", nodes[2].log());
+    assert!(nodes[2].log().contains("published state was deleted"), "lb2 saw it go:\n{}", nodes[2].log());
     eprintln!(
         "at rest: {} revisions in {}s ({} compaction marks, no node wrote), etcd's database {db} bytes",
         rev1 - rev0,
