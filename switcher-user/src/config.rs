@@ -173,6 +173,8 @@ struct RawFleet {
     share_backends: bool,
     #[serde(default)]
     lease_ttl_secs: Option<u64>,
+    #[serde(default)]
+    compaction_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -354,6 +356,9 @@ pub struct FleetConfig {
     pub share_backends: bool,
     /// This node's published state disappears this long after the node stops renewing it.
     pub lease_ttl: Duration,
+    /// How often the fleet compacts etcd's history, keeping one interval of it (`None`: never;
+    /// etcd compacts itself, `--auto-compaction-retention`).
+    pub compaction_interval: Option<Duration>,
 }
 
 /// One backend of a colour.
@@ -790,7 +795,27 @@ fn fleet_config(raw: &RawFleet) -> Result<FleetConfig, (&'static str, String)> {
         Some(t) if (2..=300).contains(&t) => Duration::from_secs(t),
         Some(t) => return Err(("fleet.lease_ttl_secs", format!("{t} is out of range: 2 to 300 seconds"))),
     };
-    Ok(FleetConfig { endpoints: raw.endpoints.clone(), prefix, node, share_backends: raw.share_backends, lease_ttl })
+    let compaction_interval = match raw.compaction_interval_secs {
+        None => Some(Duration::from_secs(300)),
+        Some(0) => None,
+        Some(t) if (5..=86_400).contains(&t) => Some(Duration::from_secs(t)),
+        Some(t) => {
+            return Err((
+                "fleet.compaction_interval_secs",
+                format!(
+                    "{t} is out of range: 5 to 86400 seconds, or 0 when etcd compacts its history itself (etcd --auto-compaction-retention)"
+                ),
+            ));
+        }
+    };
+    Ok(FleetConfig {
+        endpoints: raw.endpoints.clone(),
+        prefix,
+        node,
+        share_backends: raw.share_backends,
+        lease_ttl,
+        compaction_interval,
+    })
 }
 
 /// This machine's host name.
@@ -1135,9 +1160,12 @@ on_drain_timeout = "reset"
             .fleet
             .expect("fleet");
         assert_eq!(
-            (f.prefix.as_str(), f.node.as_str(), f.share_backends, f.lease_ttl),
-            ("/switcher", "lb1", false, Duration::from_secs(10))
+            (f.prefix.as_str(), f.node.as_str(), f.share_backends, f.lease_ttl, f.compaction_interval),
+            ("/switcher", "lb1", false, Duration::from_secs(10), Some(Duration::from_secs(300)))
         );
+        let off =
+            with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\nnode = \"lb1\"\ncompaction_interval_secs = 0\n");
+        assert_eq!(off.expect("valid").fleet.expect("fleet").compaction_interval, None);
         assert!(
             !with("[fleet]\nendpoints = [\"http://127.0.0.1:2379\"]\n")
                 .expect("host name")
@@ -1152,6 +1180,10 @@ on_drain_timeout = "reset"
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nprefix = \"switcher/\"", "fleet.prefix"),
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nnode = \"lb 1\"", "fleet.node"),
             ("[fleet]\nendpoints = [\"http://etcd:2379\"]\nlease_ttl_secs = 1", "fleet.lease_ttl_secs"),
+            (
+                "[fleet]\nendpoints = [\"http://etcd:2379\"]\ncompaction_interval_secs = 1",
+                "fleet.compaction_interval_secs",
+            ),
         ] {
             let e = with(bad).expect_err(bad).to_string();
             assert!(e.contains(field) && e.starts_with(&fleet_line), "{bad}: {e}");

@@ -121,7 +121,16 @@ pub enum Request {
     BackendRemove { service: String, colour: String, address: String },
     /// The fleet: the desired state in etcd and every node's published state.
     Fleet,
+    /// The fleet as for [`Request::Fleet`], answered once something under the fleet's prefix
+    /// changed after etcd revision `after` (the `revision` of the view the client has), or
+    /// after `wait_ms` (at most [`FLEET_WAIT_MAX`]) with nothing new: followers use it instead
+    /// of polling.
+    #[serde(rename = "fleet-wait")]
+    FleetWait { after: i64, wait_ms: u64 },
 }
+
+/// The longest a [`Request::FleetWait`] waits: well within the client's answer timeout.
+pub const FLEET_WAIT_MAX: Duration = Duration::from_secs(2);
 
 impl Request {
     /// The service a request is about, if it is about one.
@@ -134,7 +143,7 @@ impl Request {
             | Request::BackendAdd { service, .. }
             | Request::BackendRemove { service, .. } => Some(service),
             Request::Status { service } => service.as_deref(),
-            Request::Reload | Request::Fleet => None,
+            Request::Reload | Request::Fleet | Request::FleetWait { .. } => None,
         }
     }
 
@@ -217,6 +226,9 @@ pub struct FleetView {
     /// Every node's published state (on `fleet` only), by name.
     #[serde(default)]
     pub nodes: Vec<crate::fleet::NodeState>,
+    /// The etcd revision the nodes were read at (on `fleet` only; 0: not read).
+    #[serde(default)]
+    pub revision: i64,
 }
 
 /// One service's desired state and this node's relation to it.

@@ -673,7 +673,7 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
             Err(msg) => Response::error(msg),
             Ok((_, Some(deadline))) if deadline.passed() => control::too_late(),
             Ok((req, deadline)) => {
-                let changes = !matches!(req, Request::Status { .. } | Request::Fleet);
+                let changes = !matches!(req, Request::Status { .. } | Request::Fleet | Request::FleetWait { .. });
                 let who = match &peer {
                     Some(p) => p.describe().await,
                     None => "unknown peer".to_owned(),
@@ -722,7 +722,11 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control
             r
         }
         (Request::Fleet, Some(f)) => f.view_all(&names()).await,
-        (Request::Fleet, None) => Response::error(
+        (Request::FleetWait { after, wait_ms }, Some(f)) => {
+            let wait = Duration::from_millis(wait_ms).min(control::FLEET_WAIT_MAX);
+            f.view_after(&names(), after, wait).await
+        }
+        (Request::Fleet | Request::FleetWait { .. }, None) => Response::error(
             "this daemon is not part of a fleet: add a [fleet] section (etcd endpoints, node name) to its config",
         ),
         (_, _) if late() => control::too_late(),

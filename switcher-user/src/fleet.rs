@@ -6,6 +6,7 @@
 //!                           that checks the revision it read
 //! {prefix}/nodes/{node}     what a node has applied (JSON `NodeState`), under the node's
 //!                           lease: a node that stops renewing it disappears
+//! {prefix}/compacted        the revision etcd's history was last compacted to, by a node
 //! ```
 //!
 //! Each agent watches `services/`, applies every change to its own maps (the same inputs give
@@ -14,6 +15,14 @@
 //! forwarding with its last applied state, says so in status and metrics, and catches up when
 //! etcd returns. A change made on one node only (`--local`, or any change while etcd is
 //! unreachable, or a health-check failover) holds until the service's desired state changes.
+//!
+//! The writes stay few, so that etcd serves a fleet of a thousand nodes: a node publishes its
+//! state when it changes, not on a timer (its lease, renewed without a write, says that it is
+//! alive); open-flow counts, which change all the time under traffic, only when they moved by
+//! a quarter or reached or left zero, and at most once a second. And etcd's history stays
+//! bounded: every `compaction_interval_secs` the nodes race for one compare-and-swap of
+//! `compacted`, and the one that wins compacts etcd to the revision of one interval before
+//! (what Kubernetes' API server does), so etcd never fills its quota with old revisions.
 
 use std::{
     collections::HashMap,
@@ -23,7 +32,7 @@ use std::{
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    WatchFilterType, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 use switcher_common::{BP_ALL, user::Colour};
@@ -34,8 +43,14 @@ use crate::{
     switchboard::{Change, Maps, RemoteDrains, Switchboard, edit_pool, percent},
 };
 
-/// How often a node republishes its state (flows, health) without a change.
-const PUBLISH_EVERY: Duration = Duration::from_secs(2);
+/// How often a node compares what it would publish (flows, health, drains) with what it
+/// published: a local look, no etcd call unless something changed.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How often a node reads the other nodes' drains while one of its own runs and they hold
+/// flows (while some have not applied its revision yet, at every check: they are about to).
+const DRAINS_EVERY: Duration = Duration::from_secs(1);
+/// The shortest time between two publications of a node for a change of its flow counts only.
+const COUNTS_GAP: Duration = Duration::from_secs(1);
 /// How often the published open-flow counts are refreshed by a walk of the flow table.
 const FLOWS_EVERY: Duration = Duration::from_secs(10);
 /// The base revision of an override made before this daemon read etcd: the first revision it
@@ -84,10 +99,11 @@ pub struct SharedBackend {
     pub weight: u32,
 }
 
-/// What a node publishes about itself.
+/// What a node publishes about itself, when it changes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     pub node: String,
+    /// When it was published.
     pub at_unix: u64,
     pub services: Vec<NodeService>,
 }
@@ -104,10 +120,11 @@ pub struct NodeService {
     /// Why it does not follow the desired state, if it does not.
     #[serde(default)]
     pub local_override: Option<String>,
-    /// Open flows on the active colour at the last count.
+    /// Open flows on the active colour at the last count (published again when it moves by a
+    /// quarter, or reaches or leaves zero).
     #[serde(default)]
     pub live_flows: u64,
-    /// The colour draining and its open flows.
+    /// The colour draining and its open flows (published again when they change).
     #[serde(default)]
     pub draining: Option<(String, u64)>,
     #[serde(default)]
@@ -431,6 +448,7 @@ impl Fleet {
                 })
                 .collect(),
             nodes: Vec::new(),
+            revision: 0,
         }
     }
 
@@ -691,6 +709,7 @@ impl Fleet {
         let desired = client.get(self.services_prefix(), Some(GetOptions::new().with_prefix())).await;
         match (nodes, desired) {
             (Ok(nodes), Ok(desired)) => {
+                view.revision = nodes.header().map_or(0, etcd_client::ResponseHeader::revision);
                 view.nodes = nodes.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
                 view.nodes.sort_by(|a: &NodeState, b| a.node.cmp(&b.node));
                 let prefix = self.services_prefix();
@@ -720,6 +739,33 @@ impl Fleet {
                 ..Response::default()
             },
         }
+    }
+
+    /// The fleet as [`Fleet::view_all`] sees it, once something under the fleet's prefix
+    /// changed after revision `after`, or after `wait` with nothing new: a follower (`--wait`)
+    /// reads the whole fleet once per change instead of polling it.
+    pub async fn view_after(&self, services: &[String], after: i64, wait: Duration) -> Response {
+        let client = self.lock().client.clone();
+        if let Some(mut client) = client.filter(|_| after > 0) {
+            let opts = WatchOptions::new().with_prefix().with_start_revision(after + 1);
+            match client.watch(format!("{}/", self.config.prefix), Some(opts)).await {
+                Ok(mut stream) => {
+                    // News: events, or a cancellation (`after` was compacted), or an error;
+                    // not the confirmation that the watch was created. Dropping the stream
+                    // ends the watch.
+                    let _ = tokio::time::timeout(wait, async {
+                        while let Ok(Some(msg)) = stream.message().await {
+                            if !msg.events().is_empty() || msg.canceled() {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                }
+                Err(e) => tracing::debug!("watch for a follower: {}", etcd_error(&e)),
+            }
+        }
+        self.view_all(services).await
     }
 
     /// What this node publishes.
@@ -837,12 +883,29 @@ async fn session_inner<M: Maps>(
         .watch(fleet.services_prefix(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
         .await
         .map_err(e)?;
+    // This node's own key: published only on change, so if it goes (deleted by hand, a lease
+    // revoked), it is written again at once rather than at the next change.
+    let own_key = format!("{}{}", fleet.nodes_prefix(), fleet.config.node);
+    let mut own = client
+        .watch(
+            own_key,
+            Some(WatchOptions::new().with_start_revision(revision + 1).with_filters([WatchFilterType::NoPut])),
+        )
+        .await
+        .map_err(e)?;
     fleet.set_connected(Some(client.clone()), None);
     apply_kvs(fleet, board, record, all.kvs());
-    publish(fleet, board, &mut client, lease).await?;
+    let mut publisher = Publisher { lease, last: None };
+    publisher.publish(fleet, board, &mut client, false).await?;
     let mut renew = tokio::time::interval(fleet.config.lease_ttl / 3);
-    let mut republish = tokio::time::interval(PUBLISH_EVERY);
+    let mut check = tokio::time::interval(CHECK_EVERY);
     let mut flows_counted = Instant::now();
+    // When the other nodes' drains may be read next.
+    let mut drains_next = Instant::now();
+    // Never fires without compaction (a day is as good as never: `interval` needs a period).
+    let every = fleet.config.compaction_interval.unwrap_or(Duration::from_secs(86_400));
+    let mut compact = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut compactor = Compactor::default();
     loop {
         tokio::select! {
             msg = watch.message() => {
@@ -862,7 +925,18 @@ async fn session_inner<M: Maps>(
                     }
                 }
                 apply_kvs(fleet, board, record, &puts);
-                publish(fleet, board, &mut client, lease).await?;
+                publisher.publish(fleet, board, &mut client, false).await?;
+            }
+            msg = own.message() => {
+                let msg = msg.map_err(e)?.ok_or("the watch on etcd ended")?;
+                if msg.canceled() {
+                    return Err(format!("the watch on etcd was cancelled: {}", msg.cancel_reason()));
+                }
+                if !msg.events().is_empty() {
+                    tracing::warn!("this node's published state was deleted from etcd; publishing it again");
+                    publisher.last = None;
+                    publisher.publish(fleet, board, &mut client, false).await?;
+                }
             }
             _ = renew.tick() => keeper.keep_alive().await.map_err(e)?,
             answer = keepalive.message() => {
@@ -871,7 +945,7 @@ async fn session_inner<M: Maps>(
                     return Err("this node's lease expired".into());
                 }
             }
-            _ = republish.tick() => {
+            _ = check.tick() => {
                 if flows_counted.elapsed() >= FLOWS_EVERY {
                     if let Ok(mut b) = board.lock() {
                         let _ = b.refresh_flows();
@@ -879,8 +953,11 @@ async fn session_inner<M: Maps>(
                     flows_counted = Instant::now();
                 }
                 let draining = board.lock().is_ok_and(|b| b.draining());
-                if draining {
+                if draining && Instant::now() >= drains_next {
                     let drains = remote_drains(fleet, &mut client).await?;
+                    // A node listed with no flows has not applied this node's revision yet.
+                    let behind = drains.values().flatten().any(|(_, flows)| *flows == 0);
+                    drains_next = Instant::now() + if behind { CHECK_EVERY } else { DRAINS_EVERY };
                     if let Ok(mut b) = board.lock() {
                         b.set_remote_drains(drains);
                     }
@@ -889,9 +966,12 @@ async fn session_inner<M: Maps>(
                     let all = read_desired(fleet, board, &mut client).await?;
                     apply_kvs(fleet, board, record, all.kvs());
                 }
-                publish(fleet, board, &mut client, lease).await?;
+                publisher.publish(fleet, board, &mut client, true).await?;
             }
-            () = fleet.publish.notified() => publish(fleet, board, &mut client, lease).await?,
+            () = fleet.publish.notified() => publisher.publish(fleet, board, &mut client, false).await?,
+            _ = compact.tick(), if fleet.config.compaction_interval.is_some() => {
+                compactor.round(fleet, &mut client).await;
+            }
         }
     }
 }
@@ -981,14 +1061,133 @@ fn apply_kvs<M: Maps>(fleet: &Fleet, board: &Board<M>, record: &impl Fn(&str, &C
     }
 }
 
-async fn publish<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Client, lease: i64) -> Result<(), String> {
-    let state = fleet.node_state(board);
-    let value = serde_json::to_string(&state).map_err(|e| e.to_string())?;
-    client
-        .put(format!("{}{}", fleet.nodes_prefix(), fleet.config.node), value, Some(PutOptions::new().with_lease(lease)))
-        .await
-        .map_err(|e| etcd_error(&e))?;
-    Ok(())
+/// Publishes this node's state under its lease when it changed (see [`news`]).
+struct Publisher {
+    lease: i64,
+    /// What it published last in this session, and when.
+    last: Option<(NodeState, Instant)>,
+}
+
+impl Publisher {
+    /// Publishes what changed; flow counts only when `counts` (the periodic check) and not
+    /// within [`COUNTS_GAP`] of the last publication.
+    async fn publish<M: Maps>(
+        &mut self,
+        fleet: &Fleet,
+        board: &Board<M>,
+        client: &mut Client,
+        counts: bool,
+    ) -> Result<(), String> {
+        let state = fleet.node_state(board);
+        let due = match (&self.last, news(self.last.as_ref().map(|(s, _)| s), &state)) {
+            (_, News::None) => false,
+            (_, News::State) | (None, _) => true,
+            (Some((_, at)), News::Counts) => counts && at.elapsed() >= COUNTS_GAP,
+        };
+        if !due {
+            return Ok(());
+        }
+        let value = serde_json::to_string(&state).map_err(|e| e.to_string())?;
+        let key = format!("{}{}", fleet.nodes_prefix(), fleet.config.node);
+        client.put(key, value, Some(PutOptions::new().with_lease(self.lease))).await.map_err(|e| etcd_error(&e))?;
+        self.last = Some((state, Instant::now()));
+        Ok(())
+    }
+}
+
+/// What is new in a node's state since it was last published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum News {
+    None,
+    /// Only open-flow counts: a drain's, or the active colour's by a quarter or to or from
+    /// zero. Published at most once per [`COUNTS_GAP`].
+    Counts,
+    /// Anything else (what it applied, overrides, health, a drain beginning or ending):
+    /// published at once.
+    State,
+}
+
+fn news(last: Option<&NodeState>, next: &NodeState) -> News {
+    let Some(last) = last else { return News::State };
+    // Everything but the time and the counts.
+    let shape = |n: &NodeState| NodeState {
+        at_unix: 0,
+        services: n
+            .services
+            .iter()
+            .map(|s| NodeService {
+                live_flows: 0,
+                draining: s.draining.as_ref().map(|(c, _)| (c.clone(), 0)),
+                ..s.clone()
+            })
+            .collect(),
+        ..n.clone()
+    };
+    if shape(last) != shape(next) {
+        return News::State;
+    }
+    // From `a` published to `b` now: by more than a quarter of `a`, or to or from zero.
+    let moved = |a: u64, b: u64| {
+        (a == 0) != (b == 0) || b.saturating_mul(4) > a.saturating_mul(5) || b.saturating_mul(4) < a.saturating_mul(3)
+    };
+    let counts = last.services.iter().zip(&next.services).any(|(a, b)| {
+        a.draining.as_ref().map(|d| d.1) != b.draining.as_ref().map(|d| d.1) || moved(a.live_flows, b.live_flows)
+    });
+    if counts { News::Counts } else { News::None }
+}
+
+/// Compacts etcd's history, one node per interval: the nodes race for a compare-and-swap of
+/// `{prefix}/compacted` on the version each saw last; the winner compacts to the revision it
+/// saw one interval ago, so that one interval of history stays for watches that lag.
+#[derive(Default)]
+struct Compactor {
+    /// The version of the `compacted` key this node saw last (0: none yet).
+    version: i64,
+    /// etcd's revision at this node's last round (0: none yet).
+    revision: i64,
+}
+
+impl Compactor {
+    async fn round(&mut self, fleet: &Fleet, client: &mut Client) {
+        match self.try_round(fleet, client).await {
+            Ok(Some(rev)) => tracing::info!(revision = rev, "compacted etcd's history"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("compacting etcd's history: {e}; trying again in an interval"),
+        }
+    }
+
+    async fn try_round(&mut self, fleet: &Fleet, client: &mut Client) -> Result<Option<i64>, String> {
+        let key = format!("{}/compacted", fleet.config.prefix);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, self.version)])
+            .and_then([TxnOp::put(key.clone(), self.revision.to_string(), None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = client.txn(txn).await.map_err(|e| etcd_error(&e))?;
+        let now = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
+        let target = std::mem::replace(&mut self.revision, now);
+        if !resp.succeeded() {
+            // Another node won this round: follow its count.
+            self.version = resp
+                .op_responses()
+                .into_iter()
+                .find_map(|op| match op {
+                    TxnOpResponse::Get(g) => g.kvs().first().map(KeyValue::version),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            return Ok(None);
+        }
+        self.version += 1;
+        if target <= 0 {
+            return Ok(None);
+        }
+        match client.compact(target, None).await {
+            Ok(_) => Ok(Some(target)),
+            // Compacted further already (by etcd itself, or an operator): nothing to do.
+            Err(e) if e.to_string().contains("compacted") => Ok(None),
+            Err(e) => Err(etcd_error(&e)),
+        }
+    }
 }
 
 /// How a node relates to the desired state of a service, for `switcher fleet status`.
@@ -1181,6 +1380,7 @@ mod tests {
             node: "lb1".into(),
             share_backends: false,
             lease_ttl: Duration::from_secs(10),
+            compaction_interval: None,
         })
     }
 
@@ -1290,6 +1490,42 @@ mod tests {
         let applied = HashMap::from([("web".to_owned(), 7)]);
         let d = drains_elsewhere(nodes.into_iter().skip(2), "lb0", &applied);
         assert_eq!(d.get("web"), Some(&vec![("lb2".to_owned(), 0), ("lb3".to_owned(), 0)]));
+    }
+
+    #[test]
+    fn a_node_publishes_what_changed_not_the_time() {
+        let state = |live: u64, draining: Option<u64>, applied: i64, at: u64| NodeState {
+            node: "lb1".into(),
+            at_unix: at,
+            services: vec![NodeService {
+                name: "web".into(),
+                active: "green".into(),
+                applied_revision: applied,
+                live_flows: live,
+                draining: draining.map(|n| ("blue".into(), n)),
+                healthy_blue: true,
+                healthy_green: true,
+                ..NodeService::default()
+            }],
+        };
+        let last = state(100, None, 7, 1);
+        assert_eq!(news(None, &last), News::State, "the first publication of a session");
+        assert_eq!(news(Some(&last), &state(100, None, 7, 99)), News::None, "time alone is no news");
+        assert_eq!(news(Some(&last), &state(120, None, 7, 2)), News::None, "within a quarter");
+        assert_eq!(news(Some(&last), &state(80, None, 7, 2)), News::None, "within a quarter");
+        assert_eq!(news(Some(&last), &state(126, None, 7, 2)), News::Counts);
+        assert_eq!(news(Some(&last), &state(74, None, 7, 2)), News::Counts);
+        assert_eq!(news(Some(&state(0, None, 7, 1)), &state(1, None, 7, 2)), News::Counts, "leaving zero");
+        assert_eq!(news(Some(&last), &state(0, None, 7, 2)), News::Counts, "reaching zero");
+        // What it applied, and a drain beginning or ending, are published at once.
+        assert_eq!(news(Some(&last), &state(100, None, 8, 2)), News::State);
+        assert_eq!(news(Some(&last), &state(100, Some(5), 7, 2)), News::State);
+        assert_eq!(news(Some(&state(100, Some(5), 7, 1)), &state(100, None, 7, 2)), News::State);
+        // Every change of a drain's count is news: other nodes' drains wait on it.
+        assert_eq!(news(Some(&state(100, Some(5), 7, 1)), &state(100, Some(4), 7, 2)), News::Counts);
+        let mut down = last.clone();
+        down.services[0].healthy_blue = false;
+        assert_eq!(news(Some(&last), &down), News::State);
     }
 
     #[test]

@@ -117,6 +117,131 @@ impl Etcd {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
     }
+
+    /// A call to etcd's JSON gateway (`/v3/...`), its answer parsed (an error is a JSON
+    /// object with an `error` field, as etcd sends it).
+    ///
+    /// # Errors
+    /// When etcd does not answer, or not with JSON.
+    pub fn call(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.client_port)).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        let body = body.to_string();
+        // HTTP/1.0: the answer ends when etcd closes, no chunks to undo.
+        let req = format!(
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).map_err(|e| format!("send: {e}"))?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).map_err(|e| format!("read: {e}"))?;
+        let json = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(json).map_err(|e| format!("{e}: {answer}"))
+    }
+
+    /// etcd's revision and the size of its database file (bytes), as
+    /// `/v3/maintenance/status` reports them.
+    ///
+    /// # Panics
+    /// When etcd does not answer.
+    #[must_use]
+    pub fn status(&self) -> (i64, u64) {
+        let s =
+            self.call("/v3/maintenance/status", &serde_json::json!({})).unwrap_or_else(|e| panic!("etcd status: {e}"));
+        // int64s are strings in etcd's JSON.
+        let num = |v: &serde_json::Value| v.as_str().and_then(|t| t.parse().ok()).or_else(|| v.as_i64());
+        let revision = num(&s["header"]["revision"]).unwrap_or_else(|| panic!("no revision: {s}"));
+        let size = num(&s["dbSize"]).and_then(|n| u64::try_from(n).ok()).unwrap_or_else(|| panic!("no dbSize: {s}"));
+        (revision, size)
+    }
+
+    /// The keys under `prefix` with their mod revision and version, read at `revision` (0: now),
+    /// and the revision they were read at; or etcd's error (e.g. "required revision has been
+    /// compacted").
+    ///
+    /// # Errors
+    /// etcd's refusal, or no answer.
+    pub fn keys(&self, prefix: &str, revision: i64) -> Result<(i64, Vec<EtcdKey>), String> {
+        use base64_lite::encode;
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let body = serde_json::json!({
+            "key": encode(prefix.as_bytes()),
+            "range_end": encode(&end),
+            "revision": revision.to_string(),
+            "keys_only": true,
+        });
+        let r = self.call("/v3/kv/range", &body)?;
+        if let Some(e) = r.get("error") {
+            return Err(e.as_str().unwrap_or_default().to_owned());
+        }
+        let num = |v: &serde_json::Value| v.as_str().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let kvs = r["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| {
+                        let key = base64_lite::decode(kv["key"].as_str().unwrap_or_default());
+                        (String::from_utf8_lossy(&key).into_owned(), num(&kv["mod_revision"]), num(&kv["version"]))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((num(&r["header"]["revision"]), kvs))
+    }
+}
+
+/// `bytes` in base64, as etcd's JSON gateway takes keys and values.
+#[must_use]
+pub fn base64(bytes: &[u8]) -> String {
+    base64_lite::encode(bytes)
+}
+
+/// The standard base64 alphabet, for etcd's JSON gateway (bytes fields).
+mod base64_lite {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn encode(bytes: &[u8]) -> String {
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ABC[(n >> (18 - 6 * i) & 63) as usize]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(text: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let (mut n, mut bits) = (0u32, 0);
+        for c in text.bytes().take_while(|&c| c != b'=') {
+            let Some(v) = ABC.iter().position(|&a| a == c) else { continue };
+            n = n << 6 | v as u32;
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((n >> bits) as u8);
+                n &= (1 << bits) - 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        for text in ["", "a", "ab", "abc", "/switcher-test/nodes/", "/switcher-test/nodes0"] {
+            assert_eq!(decode(&encode(text.as_bytes())), text.as_bytes(), "{text}");
+        }
+        assert_eq!(encode(b"/sw"), "L3N3");
+        assert_eq!(encode(b"ab"), "YWI=");
+    }
 }
 
 impl Drop for Etcd {
@@ -125,6 +250,9 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A key as etcd lists it: (key, mod revision, version).
+pub type EtcdKey = (String, i64, i64);
 
 /// Accepts on 127.0.0.1:2379 inside a namespace and forwards each connection to etcd on the
 /// root namespace's loopback.
@@ -341,6 +469,7 @@ prefix = "{prefix}"
 node = "lb{i}"
 lease_ttl_secs = 4
 share_backends = true
+compaction_interval_secs = 5
 
 [[service]]
 name = "web"

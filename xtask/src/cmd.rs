@@ -246,8 +246,14 @@ pub fn bench_smoke() -> anyhow::Result<()> {
     println!("\nCI: `bench --quick` into {} to check that the benchmarks still run (no speed checks)", dir.display());
     let result = bench(true, Some(&dir)).and_then(|()| {
         let md = std::fs::read_to_string(dir.join("BENCHMARKS.md")).context("the bench wrote no BENCHMARKS.md")?;
-        for section in ["## Per-packet cost", "## Scaling", "## Cut-over", "## Live-frame packet rate", "## Footprint"]
-        {
+        for section in [
+            "## Per-packet cost",
+            "## Scaling",
+            "## Cut-over",
+            "## Live-frame packet rate",
+            "## Fleet at scale",
+            "## Footprint",
+        ] {
             if !md.contains(section) {
                 bail!("BENCHMARKS.md from the smoke run has no {section:?} section");
             }

@@ -145,7 +145,8 @@ pub fn render(view: &FleetView) -> String {
 }
 
 /// After a fleet-wide change written at `revision`: shows each node applying it, then each
-/// node's drain ending.
+/// node's drain ending. It follows the daemon's watch on etcd: each answer comes when a node
+/// published something new (or after a second without news, to redraw the progress line).
 pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut converged: BTreeMap<String, f64> = BTreeMap::new();
@@ -154,8 +155,10 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
     // On a terminal a progress line is redrawn in place; in a log, only the events.
     let tty = std::io::stderr().is_terminal();
     let clear = if tty { "\r\x1b[2K" } else { "" };
+    let mut seen = 0;
     loop {
-        let resp: Response = switcher_user::control::request(socket, &Request::Fleet)?;
+        let req = if seen > 0 { Request::FleetWait { after: seen, wait_ms: 1000 } } else { Request::Fleet };
+        let resp: Response = switcher_user::control::request(socket, &req)?;
         let Some(view) = resp.fleet.filter(|_| resp.ok) else {
             anyhow::bail!(
                 "cannot follow the fleet: {}",
@@ -165,6 +168,7 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
         let Some(desired) = view.services.iter().find(|s| s.name == service).and_then(|s| s.desired.clone()) else {
             anyhow::bail!("{service} has no desired state in etcd");
         };
+        seen = view.revision;
         let now = started.elapsed().as_secs_f64();
         let mut lagging = Vec::new();
         for n in &view.nodes {
@@ -214,9 +218,10 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             let _ = std::io::stderr().flush();
             last_line = line;
         }
-        // Fine-grained at first, where convergence happens, then gentler while drains run.
-        let pause = if started.elapsed() < Duration::from_secs(2) { 10 } else { 100 };
-        std::thread::sleep(Duration::from_millis(pause));
+        if seen == 0 {
+            // A daemon that did not say which revision it read (an older one): poll.
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -267,6 +272,7 @@ mod tests {
                 node("lb2", "blue", 8, None),
                 node("lb3", "blue", 9, Some("rolled back locally")),
             ],
+            revision: 12,
         };
         let text = render(&view);
         assert!(text.contains("web: desired GREEN  revision 9  (cutover blue → green; by lb1 (uid=0))"), "{text}");

@@ -1480,6 +1480,162 @@ fn alternatives(quick: bool) -> Vec<AltRow> {
     rows
 }
 
+/// A fleet of `nodes` daemons, one per namespace (attached to its loopback: no traffic, the
+/// fleet's own work is what is measured), one etcd.
+struct FleetRun {
+    nodes: usize,
+    /// Seconds until every node had published itself.
+    up_secs: f64,
+    /// Per cut-over: the last node's apply (ms after the write returned), the median node's,
+    /// how long `--wait` took to return (applied and drained everywhere), and etcd revisions
+    /// the cut-over cost (all of it: the desired state, each node's publications).
+    cutovers: Vec<(f64, f64, f64, i64)>,
+    /// At rest: seconds watched, revisions in them, of which compaction marks; etcd's
+    /// database size before and after (bytes).
+    rest_secs: f64,
+    rest_revisions: i64,
+    rest_marks: i64,
+    db_before: u64,
+    db_after: u64,
+    /// The keys written at rest, if any.
+    rest_keys: Vec<String>,
+}
+
+fn fleet_config(socket: &std::path::Path, node: usize, prefix: &str) -> String {
+    format!(
+        r#"interfaces = ["lo"]
+xdp_mode = "skb"
+socket = "{socket}"
+pin_path = "{pins}"
+metrics = "off"
+
+[fleet]
+endpoints = ["http://{etcd}"]
+prefix = "{prefix}"
+node = "lb{node}"
+lease_ttl_secs = 10
+
+[[service]]
+name = "dns"
+vip = "203.0.113.53"
+port = 53
+protocol = "udp"
+active = "blue"
+blue = "198.51.100.2:53"
+green = "198.51.100.18:53"
+"#,
+        socket = socket.display(),
+        pins = switcher_tests::proc::pin_path(socket).display(),
+        etcd = switcher_tests::fleet::ETCD_IN_NS,
+    )
+}
+
+fn fleet_scale(quick: bool) -> FleetRun {
+    use switcher_tests::fleet::{Etcd, Relay};
+    let (n, flips, rest) = if quick { (20, 2, Duration::from_secs(10)) } else { (100, 5, Duration::from_secs(60)) };
+    let etcd = Etcd::start();
+    let base = unique_prefix();
+    let prefix = format!("/switcher-bench-{base}");
+    let started = Instant::now();
+    let mut nss = Vec::new();
+    let mut relays = Vec::new();
+    let mut daemons = Vec::new();
+    for i in 0..n {
+        let ns = Netns::new(format!("{base}f{i}"));
+        relays.push(Relay::start(&ns, etcd.client_port));
+        daemons.push(Daemon::start(&ns, |s| fleet_config(s, i, &prefix)));
+        nss.push(ns);
+    }
+    let nodes_prefix = format!("{prefix}/nodes/");
+    let count = || etcd.keys(&nodes_prefix, 0).map_or(0, |(_, k)| k.len());
+    let up = switcher_tests::net::wait_for(Duration::from_secs(60), || (count() == n).then_some(()));
+    assert!(up.is_some(), "{} of {n} nodes published themselves in 60 s", count());
+    let up_secs = started.elapsed().as_secs_f64();
+    let revision = || etcd.keys(&format!("{prefix}/"), 0).map_or(0, |(r, _)| r);
+    let mut cutovers = Vec::new();
+    for k in 0..flips {
+        let colour = if k % 2 == 0 { "green" } else { "blue" };
+        let before = revision();
+        let t = Instant::now();
+        let out = daemons[k % n].cli(&["cutover", "dns", colour, "--wait"]);
+        let took = t.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cut-over {k} of the fleet: {stderr}");
+        let mut applied: Vec<f64> = stderr
+            .lines()
+            .filter(|l| l.contains("applied revision") && l.ends_with(" ms"))
+            .filter_map(|l| l.trim_end_matches(" ms").rsplit(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(applied.len(), n, "--wait saw every node apply: {stderr}");
+        applied.sort_by(f64::total_cmp);
+        // What the nodes publish after --wait returned (none expected) counts too.
+        std::thread::sleep(Duration::from_secs(3));
+        cutovers.push((applied[n - 1], applied[n / 2], took * 1e3, revision() - before));
+    }
+    let marks = || etcd.keys(&format!("{prefix}/compacted"), 0).map_or(0, |(_, k)| k.first().map_or(0, |x| x.2));
+    let (rev0, marks0, db_before) = (revision(), marks(), etcd.status().1);
+    std::thread::sleep(rest);
+    let (rev1, marks1, db_after) = (revision(), marks(), etcd.status().1);
+    let rest_keys = etcd
+        .keys(&format!("{prefix}/"), 0)
+        .map(|(_, keys)| keys.into_iter().filter(|k| k.1 > rev0).map(|k| k.0).collect())
+        .unwrap_or_default();
+    drop(daemons);
+    drop(relays);
+    drop(nss);
+    FleetRun {
+        nodes: n,
+        up_secs,
+        cutovers,
+        rest_secs: rest.as_secs_f64(),
+        rest_revisions: rev1 - rev0,
+        rest_marks: marks1 - marks0,
+        db_before,
+        db_after,
+        rest_keys,
+    }
+}
+
+fn fleet_section(f: &FleetRun) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Fleet at scale\n\n{} daemons, one per network namespace, each attached to its namespace's loopback in generic mode (no traffic: the fleet's own work is measured), one etcd ({}), all on this machine's cores. The nodes came up and published themselves in {:.1} s. Each row is one `switcher cutover dns COLOUR --wait` on one node: when the last and the median node applied it (as `--wait` saw it, after the write returned), when `--wait` returned (every node applied and drained), and the etcd revisions the whole cut-over cost, counted until 3 s after it returned.\n",
+        f.nodes,
+        std::process::Command::new("etcd")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
+            .unwrap_or_default(),
+        f.up_secs
+    );
+    let _ = writeln!(
+        md,
+        "| cut-over | last node applied | median node | `--wait` returned | etcd writes |\n|---|---:|---:|---:|---:|"
+    );
+    for (i, (last, median, took, writes)) in f.cutovers.iter().enumerate() {
+        let _ = writeln!(md, "| {} | {last:.0} ms | {median:.0} ms | {took:.0} ms | {writes} |", i + 1);
+    }
+    let per_hour = f.rest_revisions as f64 * 3600.0 / f.rest_secs;
+    let _ = writeln!(
+        md,
+        "\nAt rest for {:.0} s: {} etcd revisions ({} of them the fleet's compaction marks), i.e. {:.2} writes a second; an hour at rest is {per_hour:.0} revisions plus the 12 compaction marks (one per `compaction_interval_secs` = 300 for the whole fleet), and etcd keeps one interval of history. etcd's database: {:.1} KiB before, {:.1} KiB after. Before, every node republished every 2 s ({:.0} writes a second for {} nodes) and nothing compacted etcd's history.\n",
+        f.rest_secs,
+        f.rest_revisions,
+        f.rest_marks,
+        f.rest_revisions as f64 / f.rest_secs,
+        f.db_before as f64 / 1024.0,
+        f.db_after as f64 / 1024.0,
+        f.nodes as f64 / 2.0,
+        f.nodes
+    );
+    if !f.rest_keys.is_empty() {
+        let _ = writeln!(md, "Written at rest: {}.\n", f.rest_keys.join(", "));
+    }
+    md
+}
+
 fn footprint() -> Vec<(String, u64)> {
     let ns = Netns::new(format!("{}-mem", unique_prefix()));
     ns.run(|| {
@@ -1629,6 +1785,10 @@ fn main() -> std::process::ExitCode {
             }
             return std::process::ExitCode::SUCCESS;
         }
+        Some("fleet") => {
+            print!("{}", fleet_section(&fleet_scale(quick)));
+            return std::process::ExitCode::SUCCESS;
+        }
         Some("scaling") => {
             let rows = scaling(quick);
             for (name, s) in &rows {
@@ -1642,7 +1802,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::SUCCESS;
         }
         Some(other) => {
-            eprintln!("--only takes per-packet, live-frames, scaling or control-plane, not {other:?}");
+            eprintln!("--only takes per-packet, live-frames, scaling, fleet or control-plane, not {other:?}");
             return std::process::ExitCode::FAILURE;
         }
         None => {}
@@ -1664,6 +1824,8 @@ fn main() -> std::process::ExitCode {
     let web = http(quick);
     eprintln!("bench: how fast each way of switching takes effect …");
     let alts = alternatives(quick);
+    eprintln!("bench: a fleet of daemons on one etcd …");
+    let fleet = fleet_scale(quick);
     // `--out DIR`: BENCHMARKS.md and bench.svg go there (a smoke run in CI), not into the repo.
     let args: Vec<String> = std::env::args().collect();
     let out_dir = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
@@ -1871,6 +2033,7 @@ fn main() -> std::process::ExitCode {
             ng.latency_ms.median / sw.latency_ms.median.max(0.001)
         );
     }
+    let _ = writeln!(md, "{}", fleet_section(&fleet));
     let _ = writeln!(md, "## Footprint\n\n| map | locked memory |\n|---|---:|");
     let mut total = 0;
     for (name, bytes) in &maps {

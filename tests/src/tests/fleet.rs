@@ -293,4 +293,62 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     });
     assert!(ended.is_some(), "every node's drain ended once the connections closed:\n{}", logs());
     t.route_via(&(0..NODES).collect::<Vec<_>>());
+
+    // 10. At rest the fleet does not write to etcd: a node publishes when its state changes
+    //     (its lease, renewed without a write, says it is alive), and the only revisions are
+    //     the compaction marks (one per compaction_interval_secs = 5 for the whole fleet),
+    //     which keep etcd's history bounded. The fleet settles first (the last flows go idle
+    //     and their counts are published): a window with no node's write must come.
+    let nodes_prefix = format!("{prefix}/nodes/");
+    let compacted = format!("{prefix}/compacted");
+    // One read of the whole prefix: the revision, the nodes' keys and the compaction marks
+    // (the version of `compacted`) as of one moment.
+    let read = || {
+        let (revision, keys) = etcd.keys(&format!("{prefix}/"), 0).unwrap_or_else(|e| panic!("read the fleet: {e}"));
+        let marks = keys.iter().find(|(k, _, _)| *k == compacted).map_or(0, |(_, _, v)| *v);
+        let nodes: Vec<_> = keys.into_iter().filter(|(k, _, _)| k.starts_with(&nodes_prefix)).collect();
+        (revision, etcd.status().1, nodes, marks)
+    };
+    let window = Duration::from_secs(8);
+    let mut rest = None;
+    for _ in 0..6 {
+        let (rev0, _, nodes0, marks0) = read();
+        std::thread::sleep(window);
+        let (rev1, db1, nodes1, marks1) = read();
+        eprintln!(
+            "etcd over {}s: revision {rev0} → {rev1}, compaction marks {marks0} → {marks1}, node writes: {}",
+            window.as_secs(),
+            nodes0.iter().zip(&nodes1).filter(|(a, b)| a != b).count()
+        );
+        assert_eq!(nodes1.len(), NODES, "every node's state is there: {nodes1:?}");
+        if nodes0 == nodes1 {
+            rest = Some((rev0, rev1, marks0, marks1, db1));
+            break;
+        }
+    }
+    let (rev0, rev1, marks0, marks1, db) =
+        rest.unwrap_or_else(|| panic!("the nodes kept writing to etcd at rest:\n{}", logs()));
+    assert_eq!(rev1 - rev0, marks1 - marks0, "at rest, the only revisions are compaction marks");
+    assert!(marks1 > 0, "the fleet compacts etcd's history");
+    // The history before the last compaction is gone: a read at revision 1 is refused.
+    let old = etcd.keys(&nodes_prefix, 1);
+    assert!(old.as_ref().is_err_and(|e| e.contains("compacted")), "revision 1 was compacted: {old:?}");
+    // A node's state that goes from etcd (deleted by hand here) is published again at once,
+    // not at its next change.
+    let lb2 = format!("{nodes_prefix}lb2");
+    let key = serde_json::json!({ "key": crate::fleet::base64(lb2.as_bytes()) });
+    let deleted = etcd.call("/v3/kv/deleterange", &key).unwrap_or_else(|e| panic!("delete {lb2}: {e}"));
+    assert_eq!(deleted["deleted"].as_str(), Some("1"), "{deleted}");
+    let back = wait_for(Duration::from_secs(10), || {
+        let (_, keys) = etcd.keys(&lb2, 0).ok()?;
+        (!keys.is_empty()).then_some(())
+    });
+    assert!(back.is_some(), "lb2 published itself again after its key was deleted:\n{}", nodes[2].log());
+    assert!(nodes[2].log().contains("published state was deleted"), "lb2 saw it go:\n{}", nodes[2].log());
+    eprintln!(
+        "at rest: {} revisions in {}s ({} compaction marks, no node wrote), etcd's database {db} bytes",
+        rev1 - rev0,
+        window.as_secs(),
+        marks1 - marks0
+    );
 }

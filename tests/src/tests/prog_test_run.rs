@@ -1221,7 +1221,8 @@ fn reverse_entries_follow_the_pools() {
             ),
         );
         std::thread::sleep(IDLE + Duration::from_millis(500));
-        dp.scan_flows().expect("walk the flows");
+        let pass = dp.count_flows().expect("count the flows");
+        dp.collect_reverse(&pass);
         assert!(entry(&dp, BLUE, 5353).is_empty(), "no flow uses it any more: gone");
         check(&mut dp, pkt("its packets now pass untouched", udp(IN, (BLUE, 5353), c, 64), XDP_PASS, "no_match", None));
     });
