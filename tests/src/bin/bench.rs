@@ -532,9 +532,22 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
             let base = svcs[0].clone();
             svcs.truncate(1);
             for i in 1..count {
+                // Each its own backend ports: in NAT mode one backend address:port answers
+                // for at most 4 VIP:ports.
+                let port = |pool: &[switcher_user::config::BackendConfig]| -> Vec<switcher_user::config::BackendConfig> {
+                    pool.iter()
+                        .map(|b| switcher_user::config::BackendConfig {
+                            addr: std::net::SocketAddr::new(b.addr.ip(), 20_000 + i as u16),
+                            weight: b.weight,
+                        })
+                        .collect()
+                };
                 svcs.push(switcher_user::config::ServiceConfig {
                     name: format!("s{i}"),
                     port: 1000 + i as u16,
+                    preview_port: None,
+                    blue: port(&base.blue),
+                    green: port(&base.green),
                     ..base.clone()
                 });
             }
