@@ -497,28 +497,22 @@ impl Config {
                 return Err(invalid(iface.span(), "interfaces", format!("{name:?} is listed twice")));
             }
         }
-        let udp_idle_timeout = match &raw.udp_idle_timeout_secs {
-            None => Duration::from_nanos(DEFAULT_UDP_IDLE_NS),
-            Some(v) if (1..=86_400).contains(v.get_ref()) => Duration::from_secs(*v.get_ref()),
+        // A number of seconds in 1..=max, or the default when absent.
+        let seconds = |v: &Option<toml::Spanned<u64>>, field: &str, max: u64, default: Duration| match v {
+            None => Ok(default),
+            Some(v) if (1..=max).contains(v.get_ref()) => Ok(Duration::from_secs(*v.get_ref())),
             Some(v) => {
-                return Err(invalid(
-                    v.span(),
-                    "udp_idle_timeout_secs",
-                    format!("{} is out of range: use 1 to 86400 seconds", v.get_ref()),
-                ));
+                Err(invalid(v.span(), field, format!("{} is out of range: use 1 to {max} seconds", v.get_ref())))
             }
         };
-        let tcp_idle_timeout = match &raw.tcp_idle_timeout_secs {
-            None => crate::dataplane::DEFAULT_TCP_IDLE,
-            Some(v) if (1..=604_800).contains(v.get_ref()) => Duration::from_secs(*v.get_ref()),
-            Some(v) => {
-                return Err(invalid(
-                    v.span(),
-                    "tcp_idle_timeout_secs",
-                    format!("{} is out of range: use 1 to 604800 seconds (a week)", v.get_ref()),
-                ));
-            }
-        };
+        let udp_idle_timeout = seconds(
+            &raw.udp_idle_timeout_secs,
+            "udp_idle_timeout_secs",
+            86_400,
+            Duration::from_nanos(DEFAULT_UDP_IDLE_NS),
+        )?;
+        let tcp_idle_timeout =
+            seconds(&raw.tcp_idle_timeout_secs, "tcp_idle_timeout_secs", 604_800, crate::dataplane::DEFAULT_TCP_IDLE)?;
         if raw.services.len() > MAX_SERVICES as usize {
             return Err(invalid(
                 0..0,
@@ -1005,6 +999,11 @@ green = "198.51.100.18:5353"
         assert_eq!(c.udp_idle_timeout, Duration::from_secs(5));
         let e = err("interfaces = [\"eth0\"]\nudp_idle_timeout_secs = 0\n");
         assert_eq!(e, "test.toml:2: udp_idle_timeout_secs: 0 is out of range: use 1 to 86400 seconds");
+        assert_eq!(parse("interfaces = [\"eth0\"]\n").expect("valid").tcp_idle_timeout, Duration::from_secs(300));
+        let c = parse("interfaces = [\"eth0\"]\ntcp_idle_timeout_secs = 5\n").expect("valid");
+        assert_eq!(c.tcp_idle_timeout, Duration::from_secs(5));
+        let e = err("interfaces = [\"eth0\"]\ntcp_idle_timeout_secs = 604801\n");
+        assert_eq!(e, "test.toml:2: tcp_idle_timeout_secs: 604801 is out of range: use 1 to 604800 seconds");
     }
 
     #[test]

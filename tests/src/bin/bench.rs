@@ -534,14 +534,15 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
             for i in 1..count {
                 // Each its own backend ports: in NAT mode one backend address:port answers
                 // for at most 4 VIP:ports.
-                let port = |pool: &[switcher_user::config::BackendConfig]| -> Vec<switcher_user::config::BackendConfig> {
-                    pool.iter()
-                        .map(|b| switcher_user::config::BackendConfig {
-                            addr: std::net::SocketAddr::new(b.addr.ip(), 20_000 + i as u16),
-                            weight: b.weight,
-                        })
-                        .collect()
-                };
+                let port =
+                    |pool: &[switcher_user::config::BackendConfig]| -> Vec<switcher_user::config::BackendConfig> {
+                        pool.iter()
+                            .map(|b| switcher_user::config::BackendConfig {
+                                addr: std::net::SocketAddr::new(b.addr.ip(), 20_000 + i as u16),
+                                weight: b.weight,
+                            })
+                            .collect()
+                    };
                 svcs.push(switcher_user::config::ServiceConfig {
                     name: format!("s{i}"),
                     port: 1000 + i as u16,
