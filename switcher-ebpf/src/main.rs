@@ -148,10 +148,11 @@ mod prog {
         pkt.write_flow_key(&mut scratch.key);
         let key = &scratch.key;
         let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
-        let to_service = port_bits(key.dport) & PORT_SERVICE != 0
+        let dport_bits = port_bits(key.dport);
+        let to_service = dport_bits & PORT_SERVICE != 0
             && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
         let from_backend = port_bits(key.sport) & PORT_BACKEND != 0;
-        let to_backend_port = port_bits(key.dport) & PORT_BACKEND != 0;
+        let to_backend_port = dport_bits & PORT_BACKEND != 0;
         if to_service {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
             // A packet of a known flow needs no service lookup; a SYN always starts afresh.
