@@ -149,8 +149,8 @@ mod prog {
         let key = &scratch.key;
         let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
         let dport_bits = port_bits(key.dport);
-        let to_service = dport_bits & PORT_SERVICE != 0
-            && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
+        let to_service =
+            dport_bits & PORT_SERVICE != 0 && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
         let from_backend = port_bits(key.sport) & PORT_BACKEND != 0;
         let to_backend_port = dport_bits & PORT_BACKEND != 0;
         if to_service {
