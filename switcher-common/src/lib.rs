@@ -18,7 +18,7 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
@@ -30,9 +30,12 @@ pub const BASELINE_PROG: &str = "baseline";
 pub const MAP_SERVICES: &str = "SERVICES";
 /// `u32` slot `pool_slot(service, colour, i)` → `Backend`; written by the daemon.
 pub const MAP_BACKENDS: &str = "BACKENDS";
-/// `u32` chunk of a Maglev table → `RingChunk` of backend indices; written by the daemon.
+/// The Maglev slab: `u32` element → `RingChunk` of backend indices. Each (service, colour)
+/// table takes a run of elements sized to its pool; written by the daemon, which sizes the
+/// slab to its config at start.
 pub const MAP_RING: &str = "RING";
-/// `u32` `colour_slot(service, colour)` → `u32` live half (0/1) of that colour's Maglev table.
+/// `u32` `colour_slot(service, colour)` → `u32` the live table of that colour
+/// (`ring_live`: where in `RING` it starts and its size), or `RING_NONE`.
 pub const MAP_RING_LIVE: &str = "RING_LIVE";
 /// `u32` service id → `u32` switch state (`switch_state`); the one map a cut-over writes.
 pub const MAP_STATE: &str = "STATE";
@@ -107,18 +110,23 @@ pub const MAP_NAMES: [&str; 14] = [
     MAP_META,
 ];
 
-/// Services (VIP, port, protocol) the maps hold; ids are `0..MAX_SERVICES`. A service with a
+/// Services (VIP, port, protocol) the maps hold by default; ids are `0..max_services` (the
+/// daemon sizes the per-service maps from its config's `max_services`). A service with a
 /// preview port takes two `SERVICES` keys but one id.
-pub const MAX_SERVICES: u32 = 64;
+pub const MAX_SERVICES: u32 = 4_096;
 /// Backends per colour of a service.
 pub const MAX_POOL: u32 = 64;
-/// Slots of a Maglev table (prime). Each (service, colour) has two tables: the live one and
-/// the one user space rebuilds before flipping `RING_LIVE`.
-pub const RING_SIZE: u32 = 65_537;
-/// Backend indices per `RING` element.
-pub const RING_CHUNK: u32 = 32;
-/// `RING` elements per table: `ceil(RING_SIZE / RING_CHUNK)`.
-pub const RING_CHUNKS: u32 = RING_SIZE.div_ceil(RING_CHUNK);
+/// Maglev slots per `RING` element.
+pub const RING_CHUNK: u32 = 256;
+/// Table sizes (primes): class `c` has `RING_SIZES[c]` slots, just below `256 << c`, so it
+/// takes `1 << c` elements of `RING`. A colour's table is sized to its pool
+/// (`ring_class`); the largest, 65,521 slots, is the size Katran uses for every VIP.
+pub const RING_SIZES: [u32; 9] = [251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521];
+/// A table has at least this many slots per backend: with equal weights each backend gets
+/// `⌊M/N⌋` or `⌈M/N⌉` slots, so the load imbalance is at most `N/M` ≤ 0.5 %.
+pub const RING_SLOTS_PER_BACKEND: u32 = 200;
+/// `RING_LIVE` value of a colour with no table (no backends).
+pub const RING_NONE: u32 = u32::MAX;
 /// A ring slot with no backend (the colour's pool is empty).
 pub const RING_EMPTY: u16 = u16::MAX;
 /// Capacity of `FLOWS` (LRU: the least recently used flow is evicted).
@@ -184,11 +192,41 @@ pub const fn pool_slot(service: u32, colour: u32, i: u32) -> u32 {
     colour_slot(service, colour) * MAX_POOL + i
 }
 
-/// Index into `RING` of the chunk holding ring slot `slot` of a table half.
+/// The size class of a table for `backends` pool members: the smallest with
+/// `RING_SLOTS_PER_BACKEND` slots per member (the largest for big pools).
+#[must_use]
+pub const fn ring_class(backends: u32) -> u32 {
+    let mut c = 0;
+    while c + 1 < RING_SIZES.len() && RING_SIZES[c] < backends.saturating_mul(RING_SLOTS_PER_BACKEND) {
+        c += 1;
+    }
+    c as u32
+}
+
+/// `RING_LIVE` value of a table of class `class` (`0..=8`) starting at element `offset`
+/// (`< 1 << 23`): the class in bits 28–31, `(256 << class) - size` in bits 23–27, the offset
+/// below, so the data path finds the size with a shift and a subtraction.
+#[must_use]
+pub const fn ring_live(class: u32, offset: u32) -> u32 {
+    let class = if class as usize >= RING_SIZES.len() { RING_SIZES.len() as u32 - 1 } else { class };
+    let delta = (RING_CHUNK << class) - RING_SIZES[class as usize];
+    (class << 28) | (delta << 23) | (offset & RING_OFFSET_MASK)
+}
+
+/// Largest element offset a `RING_LIVE` value holds, plus one.
+pub const RING_OFFSET_MASK: u32 = (1 << 23) - 1;
+
+/// The live table a `RING_LIVE` value names: `(first element, slots)`, or `None` for
+/// `RING_NONE` or a value no daemon writes.
 #[inline(always)]
 #[must_use]
-pub const fn ring_chunk(service: u32, colour: u32, half: u32, slot: u32) -> u32 {
-    (colour_slot(service, colour) * 2 + (half & 1)) * RING_CHUNKS + slot / RING_CHUNK
+pub const fn ring_table(live: u32) -> Option<(u32, u32)> {
+    let class = live >> 28;
+    if class as usize >= RING_SIZES.len() {
+        return None;
+    }
+    let size = (RING_CHUNK << class) - ((live >> 23) & 31);
+    Some((live & RING_OFFSET_MASK, size))
 }
 
 /// The switch state of a service, one `u32` so that a cut-over or a weight change is one
@@ -312,7 +350,7 @@ impl Backend {
 pub struct RingChunk {
     pub slots: [u16; RING_CHUNK as usize],
 }
-const _: () = assert!(size_of::<RingChunk>() == 64);
+const _: () = assert!(size_of::<RingChunk>() == 512);
 
 /// Key of `FLOWS`: a packet's 5-tuple as seen on the wire.
 #[repr(C)]
@@ -687,8 +725,37 @@ mod tests {
         assert_eq!(colour_slot(0, COLOUR_GREEN), 1);
         assert_eq!(pool_slot(0, COLOUR_GREEN, 0), MAX_POOL);
         assert_eq!(pool_slot(MAX_SERVICES - 1, COLOUR_GREEN, MAX_POOL - 1), MAX_SERVICES * COLOURS * MAX_POOL - 1);
-        assert_eq!(ring_chunk(0, 0, 1, 0), RING_CHUNKS);
-        assert_eq!(ring_chunk(MAX_SERVICES - 1, 1, 1, RING_SIZE - 1), MAX_SERVICES * COLOURS * 2 * RING_CHUNKS - 1);
+    }
+
+    #[test]
+    fn ring_sizes_are_primes_that_fill_their_elements() {
+        for (c, &m) in RING_SIZES.iter().enumerate() {
+            assert!((2..m).take_while(|d| d * d <= m).all(|d| m % d != 0), "{m} is prime");
+            assert!(m <= RING_CHUNK << c && m > RING_CHUNK << c >> 1, "{m} fits {} elements", 1 << c);
+            assert!(m < u32::from(u16::MAX), "slot indices fit a u16");
+        }
+    }
+
+    #[test]
+    fn ring_classes_give_every_backend_its_slots() {
+        assert_eq!(ring_class(0), 0);
+        assert_eq!(ring_class(1), 0);
+        assert_eq!(ring_class(2), 1);
+        assert_eq!(ring_class(MAX_POOL), 6);
+        assert_eq!(ring_class(10_000), 8, "big pools get the largest table");
+        for n in 1..=MAX_POOL {
+            assert!(RING_SIZES[ring_class(n) as usize] >= n * RING_SLOTS_PER_BACKEND, "{n} backends");
+        }
+    }
+
+    #[test]
+    fn ring_live_values_round_trip() {
+        for c in 0..RING_SIZES.len() as u32 {
+            for offset in [0, 1, 4_096, RING_OFFSET_MASK] {
+                assert_eq!(ring_table(ring_live(c, offset)), Some((offset, RING_SIZES[c as usize])));
+            }
+        }
+        assert_eq!(ring_table(RING_NONE), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! A packet of a tracked flow (in `FLOWS`, not expired) goes where the flow went first. A new
 //! flow — a TCP SYN, or any packet the table does not know, e.g. after eviction — takes the
 //! colour `new_flow_colour` picks (active, canary or, on a preview port, idle) and that
-//! colour's backend from its live Maglev table, slot `flow_hash % RING_SIZE`: the same
+//! colour's backend from its live Maglev table (sized to the pool), slot `flow_hash % size`: the same
 //! 5-tuple always hashes to the same backend while the pool is unchanged. While a service
 //! drains, a TCP packet that is not a SYN and finds no flow is a connection that began before
 //! the switch (moved here from another node, or evicted): it goes to the previous colour.
@@ -21,9 +21,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
     BackendKey, FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
-    MAX_POOL, PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_SIZE, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
+    MAX_POOL, PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
     SERVICE_PREVIEW, Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot,
-    reply_belongs, ring_chunk, starts_flow, state_canary_bp, state_second_chance,
+    reply_belongs, ring_table, starts_flow, state_canary_bp, state_second_chance,
 };
 
 use crate::{
@@ -205,9 +205,10 @@ fn new_flow(
             (new_flow_colour(state, preview, canary), false)
         }
     };
-    let half = *RING_LIVE.get(colour_slot(service.id, colour)).ok_or(Reason::INTERNAL)?;
-    let slot = flow_hash(key, SEED_RING) % RING_SIZE;
-    let chunk = RING.get(ring_chunk(service.id, colour, half, slot)).ok_or(Reason::INTERNAL)?;
+    let live = *RING_LIVE.get(colour_slot(service.id, colour)).ok_or(Reason::INTERNAL)?;
+    let (first, size) = ring_table(live).ok_or(Reason::NO_BACKEND)?;
+    let slot = flow_hash(key, SEED_RING) % size;
+    let chunk = RING.get(first + slot / RING_CHUNK).ok_or(Reason::INTERNAL)?;
     let idx = chunk.slots[(slot % RING_CHUNK) as usize];
     if idx == RING_EMPTY || u32::from(idx) >= MAX_POOL {
         return Err(Reason::NO_BACKEND);

@@ -33,7 +33,7 @@ mod prog {
     use aya_log_ebpf::warn;
     use switcher_common::{
         Backend, BackendKey, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
-        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, RING_CHUNKS, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS,
+        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS,
         vip_slot,
     };
 
@@ -61,12 +61,13 @@ mod prog {
     #[map(name = "BACKENDS")]
     pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_SERVICES * COLOURS * MAX_POOL, 0);
 
-    /// `ring_chunk(service, colour, half, slot)` → 32 Maglev slots. Written by the daemon into
-    /// the half that is not live, then `RING_LIVE` is flipped.
+    /// The Maglev slab: element → 256 Maglev slots. Each colour's table is a run of elements
+    /// sized to its pool; the daemon writes a new table into free elements, then points
+    /// `RING_LIVE` at it. Sized by the daemon to its config at start.
     #[map(name = "RING")]
-    pub static RING: Array<RingChunk> = Array::with_max_entries(MAX_SERVICES * COLOURS * 2 * RING_CHUNKS, 0);
+    pub static RING: Array<RingChunk> = Array::with_max_entries(1_024, 0);
 
-    /// `colour_slot(service, colour)` → live half of that colour's Maglev table. Daemon.
+    /// `colour_slot(service, colour)` → where the colour's live table is (`ring_live`). Daemon.
     #[map(name = "RING_LIVE")]
     pub static RING_LIVE: Array<u32> = Array::with_max_entries(MAX_SERVICES * COLOURS, 0);
 

@@ -34,6 +34,9 @@ use std::{
 use serde::Deserialize;
 use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, REVERSE_WAYS, user::Colour};
 
+/// The largest `max_services`: the per-service maps then take ~45 MB (`BACKENDS` most).
+pub const MAX_SERVICES_LIMIT: u32 = 16_384;
+
 /// Default path of the control socket.
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
 /// Default port of the Prometheus endpoint (on 127.0.0.1).
@@ -155,6 +158,7 @@ struct RawConfig {
     audit_log: Option<PathBuf>,
     #[serde(default)]
     max_flows: Option<toml::Spanned<u32>>,
+    max_services: Option<toml::Spanned<u32>>,
     #[serde(default)]
     fleet: Option<toml::Spanned<RawFleet>>,
     #[serde(default, rename = "service")]
@@ -334,6 +338,9 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// Size of the flow tables (per direction); default 262,144.
     pub max_flows: Option<u32>,
+    /// Services the maps hold (default `MAX_SERVICES`, 4,096): the per-service maps are sized
+    /// from it when they are made.
+    pub max_services: Option<u32>,
     /// Fleet mode: the desired state lives in etcd (`None`: this node alone).
     pub fleet: Option<FleetConfig>,
     pub services: Vec<ServiceConfig>,
@@ -513,11 +520,26 @@ impl Config {
         )?;
         let tcp_idle_timeout =
             seconds(&raw.tcp_idle_timeout_secs, "tcp_idle_timeout_secs", 604_800, crate::dataplane::DEFAULT_TCP_IDLE)?;
-        if raw.services.len() > MAX_SERVICES as usize {
+        let max_services = match &raw.max_services {
+            Some(m) if !(1..=MAX_SERVICES_LIMIT).contains(m.get_ref()) => {
+                return Err(invalid(
+                    m.span(),
+                    "max_services",
+                    format!("{} is out of range: 1 to {MAX_SERVICES_LIMIT}", m.get_ref()),
+                ));
+            }
+            m => m.as_ref().map(|m| *m.get_ref()),
+        };
+        let room = max_services.unwrap_or(MAX_SERVICES);
+        if raw.services.len() > room as usize {
+            let (span, how) = match &raw.max_services {
+                Some(m) => (m.span(), format!("raise max_services (up to {MAX_SERVICES_LIMIT})")),
+                None => (0..0, format!("set max_services (up to {MAX_SERVICES_LIMIT})")),
+            };
             return Err(invalid(
-                0..0,
-                "service",
-                format!("{} services configured; at most {MAX_SERVICES} fit in the maps", raw.services.len()),
+                span,
+                "max_services",
+                format!("{} services configured; the maps hold {room}: {how}", raw.services.len()),
             ));
         }
         let mut names = HashSet::new();
@@ -735,6 +757,7 @@ impl Config {
                 }
                 m => m.map(toml::Spanned::into_inner),
             },
+            max_services,
             fleet: match &raw.fleet {
                 None => None,
                 Some(f) => Some(fleet_config(f.get_ref()).map_err(|(field, m)| invalid(f.span(), field, m))?),

@@ -601,6 +601,7 @@ fn restart_keys(new: &Config, running: &Config) -> Vec<&'static str> {
         ("forwarding", new.forwarding != running.forwarding),
         ("udp_idle_timeout_secs", new.udp_idle_timeout != running.udp_idle_timeout),
         ("max_flows", new.max_flows != running.max_flows),
+        ("max_services", new.max_services != running.max_services),
         ("[fleet]", new.fleet != running.fleet),
     ]
     .into_iter()
@@ -1022,6 +1023,7 @@ mod tests {
             ("metrics = \"127.0.0.1:9999\"", "metrics"),
             ("audit_log = \"/tmp/audit.log\"", "audit_log"),
             ("max_flows = 1024", "max_flows"),
+            ("max_services = 100", "max_services"),
         ] {
             let new = Config::parse(Path::new("b.toml"), &format!("{line}\n{text}")).expect("valid");
             assert_eq!(restart_keys(&new, &running), [key], "{line}");

@@ -6,8 +6,10 @@
 //!
 //! Pools: each (service, colour) has up to `MAX_POOL` backend slots in `BACKENDS`. A backend
 //! keeps its slot while it stays in the pool; a change writes the new backends' slots, builds
-//! the Maglev table into the half of `RING` that is not live, and flips `RING_LIVE` — the live
-//! table is never edited in place.
+//! the Maglev table (sized to the pool) into free elements of the `RING` slab (`slab.rs`), and
+//! points `RING_LIVE` at it — the live table is never edited in place. `RING` and `RING_LIVE`
+//! are made afresh at each start, sized to the config, and take over from the previous
+//! daemon's with the program: they hold nothing the pools do not give again.
 
 use std::{
     collections::HashMap as StdHashMap,
@@ -31,15 +33,16 @@ use switcher_common::{
     FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
     MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE, MAP_RING, MAP_RING_LIVE,
     MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PORT_BACKEND, PORT_SERVICE, PROG_NAME,
-    REVERSE_WAYS, RING_CHUNK, RING_CHUNKS, RING_EMPTY, RING_SIZE, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING,
+    REVERSE_WAYS, RING_CHUNK, RING_EMPTY, RING_NONE, RING_SIZES, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING,
     SERVICE_DSR, SERVICE_PREVIEW, Service, ServiceKey, VipPort, colour_slot, flow_hash, new_flow_colour, pool_slot,
-    ring_chunk, user::Colour,
+    ring_class, user::Colour,
 };
 
 use crate::{
     config::{self, BackendConfig, Mode, ServiceConfig},
     maglev,
     pins::{Pins, PinsError},
+    slab::{self, Slab, SlabFull},
 };
 
 /// The XDP object built by `build.rs` from `switcher-ebpf`.
@@ -80,8 +83,14 @@ pub enum DataplaneError {
     BadName(String),
     #[error("a colour holds at most {MAX_POOL} backends")]
     PoolFull,
-    #[error("at most {MAX_SERVICES} services fit in the maps")]
-    TooManyServices,
+    #[error("at most {0} services fit in the maps (max_services)")]
+    TooManyServices(u32),
+    #[error(transparent)]
+    Slab(#[from] SlabFull),
+    #[error(
+        "the config sets {key} = {configured}, but the pinned maps were made with {pinned}: keep {pinned}, or run `switcher uninstall` (it drops the open flows and counters) and start again"
+    )]
+    Resized { key: &'static str, configured: u32, pinned: u32 },
     #[error(
         "backend {backend} would answer for {count} VIP:port pairs in NAT mode; at most {REVERSE_WAYS} fit (a preview port counts as one)"
     )]
@@ -169,6 +178,8 @@ pub struct Options {
     pub max_flows: Option<u32>,
     /// An open TCP flow without a packet this long no longer counts as live (drains).
     pub tcp_idle_timeout: Duration,
+    /// Services the per-service maps hold (default `MAX_SERVICES`).
+    pub max_services: Option<u32>,
 }
 
 /// Default of [`Options::tcp_idle_timeout`].
@@ -181,6 +192,7 @@ impl Default for Options {
             redirect: true,
             max_flows: None,
             tcp_idle_timeout: DEFAULT_TCP_IDLE,
+            max_services: None,
         }
     }
 }
@@ -212,12 +224,13 @@ fn is_physical(iface: &str) -> bool {
         .is_ok_and(|p| !p.to_string_lossy().contains("/devices/virtual/"))
 }
 
-/// One colour's pool: which backend sits in which `BACKENDS` slot, and its live table.
+/// One colour's pool: which backend sits in which `BACKENDS` slot, and its live table (its
+/// slots, and where in `RING` it is: first element and length).
 #[derive(Clone, Debug, Default)]
 struct Pool {
     slots: Vec<Option<BackendConfig>>,
-    half: u32,
     table: Vec<u16>,
+    live: Option<(u32, u32)>,
 }
 
 /// The end of a drain, as [`Dataplane::drain_end`] prepared it: runs on its own descriptor
@@ -279,7 +292,8 @@ impl DrainEnd {
     /// The backend the live table gives a flow, as the data path would pick it.
     fn pick(&self, colour: Colour, key: &FlowKey) -> Option<(u16, Backend)> {
         let (table, slots) = &self.pools[usize::from(colour == Colour::Green)];
-        let idx = *table.get((flow_hash(key, SEED_RING) % RING_SIZE) as usize)?;
+        let size = u32::try_from(table.len()).ok().filter(|n| *n > 0)?;
+        let idx = *table.get((flow_hash(key, SEED_RING) % size) as usize)?;
         Some((idx, (*slots.get(usize::from(idx))?)?))
     }
 }
@@ -301,6 +315,8 @@ pub struct Dataplane {
     ports: Array<MapData, u8>,
     vips: Array<MapData, u8>,
     pools: StdHashMap<(u32, Colour), Pool>,
+    /// Free and used elements of `RING`.
+    slab: Slab,
     /// Ports each service listens on (main and preview), by id.
     service_ports: StdHashMap<u32, Vec<u16>>,
     /// What `PORTS` holds, as written by this process.
@@ -421,11 +437,27 @@ impl Dataplane {
             redirect,
             max_flows: config.max_flows,
             tcp_idle_timeout: config.tcp_idle_timeout,
+            max_services: config.max_services,
         };
-        let mut dp = Dataplane::load_object(options, Some(&pins), adopt, &[])?;
+        if adopt {
+            check_sizes(&pins, &options)?;
+        }
+        let mut dp = Dataplane::load_object(options, Some(&pins), adopt, &[], ring_elements(&config.services))?;
         dp.lock = Some(lock);
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
+        // The new tables take over from the previous daemon's with the program (its program
+        // keeps its own `RING` until the links are updated).
+        for (name, map) in [(MAP_RING, dp.ring.map()), (MAP_RING_LIVE, dp.ring_live.map())] {
+            let path = pins.map(name);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(DataplaneError::Pin { path, source: e });
+                }
+                _ => {}
+            }
+            map.pin(&path).map_err(|e| DataplaneError::Pin { path, source: std::io::Error::other(e) })?;
+        }
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
         dp.map_ids = MAP_NAMES
             .iter()
@@ -453,14 +485,20 @@ impl Dataplane {
     /// # Errors
     /// As [`Dataplane::open`].
     pub fn open_sized(services: &[ServiceConfig], options: Options, sizes: &[(&str, u32)]) -> Result<Dataplane> {
-        let mut dp = Dataplane::load_object(options, None, false, sizes)?;
+        let mut dp = Dataplane::load_object(options, None, false, sizes, ring_elements(services))?;
         dp.install_all(services, false)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
         Ok(dp)
     }
 
     /// Loads the object (maps created, or reused from `pins`); the program is not loaded yet.
-    fn load_object(options: Options, pins: Option<&Pins>, adopt: bool, sizes: &[(&str, u32)]) -> Result<Dataplane> {
+    fn load_object(
+        options: Options,
+        pins: Option<&Pins>,
+        adopt: bool,
+        sizes: &[(&str, u32)],
+        ring: u32,
+    ) -> Result<Dataplane> {
         if PROGRAM.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
@@ -473,13 +511,19 @@ impl Dataplane {
             true,
         );
         if let Some(pins) = pins {
-            for name in MAP_NAMES {
+            // `RING` and `RING_LIVE` are made afresh (see `Dataplane::load`).
+            for name in MAP_NAMES.into_iter().filter(|n| ![MAP_RING, MAP_RING_LIVE].contains(n)) {
                 loader.map_pin_path(name, pins.map(name));
             }
         }
         if let Some(n) = options.max_flows {
             loader.map_max_entries(MAP_FLOWS, n);
         }
+        for (name, n) in service_map_sizes(options.max_services.unwrap_or(MAX_SERVICES)) {
+            loader.map_max_entries(name, n);
+        }
+        let ring = sizes.iter().find(|(n, _)| *n == MAP_RING).map_or(ring, |(_, n)| *n);
+        loader.map_max_entries(MAP_RING, ring);
         for &(name, n) in sizes {
             loader.map_max_entries(name, n);
         }
@@ -513,6 +557,7 @@ impl Dataplane {
             ports: take(&mut ebpf, MAP_PORTS)?,
             vips: take(&mut ebpf, MAP_VIPS)?,
             pools: StdHashMap::new(),
+            slab: Slab::new(ring),
             service_ports: StdHashMap::new(),
             ports_written: StdHashMap::new(),
             service_vips: StdHashMap::new(),
@@ -727,6 +772,10 @@ impl Dataplane {
     /// Installs `services`: with `adopt`, services already in the maps keep their id, switch
     /// state and backend slots, removed ones are deleted; new ones start as configured.
     /// Returns the services as installed, in order.
+    ///
+    /// In three passes, so that thousands of services cost no more than thousands of map
+    /// writes: every pool's `BACKENDS` slots; then `VIPS`, `PORTS` and `REVERSE` once; then
+    /// every table and the `SERVICES` keys, which need all of those.
     fn install_all(&mut self, services: &[ServiceConfig], adopt: bool) -> Result<Vec<Installed>> {
         let existing: StdHashMap<ServiceKey, Service> =
             if adopt { self.services.iter().filter_map(std::result::Result::ok).collect() } else { StdHashMap::new() };
@@ -735,32 +784,28 @@ impl Dataplane {
             self.reverse_written = self.reverse.iter().filter_map(std::result::Result::ok).collect();
         }
         self.stamp_clock()?;
-        let mut used: Vec<u32> = Vec::new();
+        let room = self.options.max_services.unwrap_or(MAX_SERVICES);
+        let ids: Vec<Option<u32>> =
+            services.iter().map(|s| existing.get(&service_key(s, s.port)).map(|svc| svc.id)).collect();
+        let mut used: std::collections::HashSet<u32> = ids.iter().flatten().copied().collect();
+        let mut next_free = 0..room;
         let mut changed: Vec<ServiceKey> = Vec::new();
-        let mut ids = Vec::with_capacity(services.len());
-        for s in services {
-            ids.push(existing.get(&service_key(s, s.port)).map(|svc| svc.id));
-        }
-        used.extend(ids.iter().flatten());
-        let mut installed = Vec::with_capacity(services.len());
+        let mut placed = Vec::with_capacity(services.len());
         for (s, id) in services.iter().zip(ids) {
-            let (id, keep) = match id {
-                Some(id) => (id, true),
+            let id = match id {
+                Some(id) => {
+                    self.seed_pools(id, s)?;
+                    id
+                }
                 None => {
-                    let id = (0..MAX_SERVICES).find(|i| !used.contains(i)).ok_or(DataplaneError::TooManyServices)?;
-                    used.push(id);
-                    (id, false)
+                    let id = next_free.find(|i| !used.contains(i)).ok_or(DataplaneError::TooManyServices(room))?;
+                    used.insert(id);
+                    self.set_state(id, s.active, 0, None)?;
+                    id
                 }
             };
-            if keep {
-                self.seed_pools(id, s)?;
-            } else {
-                self.set_state(id, s.active, 0, None)?;
-            }
-            // The VIP and port bits go in with the pools, before the keys that need them.
             let key = service_key(s, s.port);
             self.service_vips.insert(id, switcher_common::vip_slot(&key.vip, key.family));
-            self.write_vips()?;
             self.service_ports.insert(id, std::iter::once(s.port).chain(s.preview_port).collect());
             if s.mode == Mode::Nat {
                 let fronts = std::iter::once(s.port)
@@ -771,9 +816,27 @@ impl Dataplane {
             } else {
                 self.service_fronts.remove(&id);
             }
+            placed.push(id);
+        }
+        // Refused before any pool is written: a backend answering for too many VIP:ports.
+        fronts_fit(&self.fronts_of(services.iter().zip(&placed).flat_map(|(s, &id)| {
+            Colour::ALL.into_iter().flat_map(move |c| s.pool(c).iter().map(move |b| (id, b.addr)))
+        })))?;
+        for (s, &id) in services.iter().zip(&placed) {
             for colour in Colour::ALL {
-                self.set_pool(id, colour, s.pool(colour))?;
+                self.stage_pool(id, colour, s.pool(colour))?;
             }
+        }
+        // The VIP, port and reply bits go in before the tables and keys that need them.
+        self.write_vips()?;
+        self.write_ports()?;
+        self.write_reverse()?;
+        let mut installed = Vec::with_capacity(services.len());
+        for (s, &id) in services.iter().zip(&placed) {
+            for colour in Colour::ALL {
+                self.publish_table(id, colour)?;
+            }
+            let key = service_key(s, s.port);
             let mut flags = if s.mode == Mode::Dsr { SERVICE_DSR } else { 0 };
             if existing.get(&key).is_some_and(|old| old.flags & SERVICE_DSR != flags) {
                 // NAT ↔ DSR: the open flows recorded the old mode (`FLOW_DSR`); they go.
@@ -796,7 +859,7 @@ impl Dataplane {
             });
         }
         // Keys of services that are gone (or moved to another port) are removed.
-        let wanted: Vec<ServiceKey> = services
+        let wanted: std::collections::HashSet<ServiceKey> = services
             .iter()
             .flat_map(|s| std::iter::once(service_key(s, s.port)).chain(s.preview_port.map(|p| service_key(s, p))))
             .collect();
@@ -812,19 +875,24 @@ impl Dataplane {
                 tracing::info!(flows = n, "removed the open flows of services that were removed or changed mode");
             }
         }
-        let ids: Vec<u32> = installed.iter().map(|i| i.id).collect();
+        let ids: std::collections::HashSet<u32> = placed.iter().copied().collect();
         self.service_ports.retain(|id, _| ids.contains(id));
         self.service_vips.retain(|id, _| ids.contains(id));
         self.service_fronts.retain(|id, _| ids.contains(id));
-        self.pools.retain(|(id, _), _| ids.contains(id));
+        let gone: Vec<(u32, Colour)> = self.pools.keys().filter(|(id, _)| !ids.contains(id)).copied().collect();
+        for key in gone {
+            if let Some((at, len)) = self.pools.remove(&key).and_then(|p| p.live) {
+                let _ = self.ring_live.set(colour_slot(key.0, key.1.as_u32()), &RING_NONE, 0);
+                self.slab.release(at, len);
+            }
+        }
         self.write_vips()?;
         self.write_ports()?;
         self.write_reverse()?;
         Ok(installed)
     }
 
-    /// Re-reads an adopted service's pools from the maps, so its backends keep their slots
-    /// and the next table goes into the half that is not live.
+    /// Re-reads an adopted service's pools from the maps, so its backends keep their slots.
     fn seed_pools(&mut self, id: u32, s: &ServiceConfig) -> Result<()> {
         if self.pools.contains_key(&(id, Colour::Blue)) {
             return Ok(());
@@ -839,7 +907,6 @@ impl Dataplane {
                 let addr = SocketAddr::new(addr_ip(b.addr, b.family), u16::from_be_bytes(b.port));
                 pool.slots[i as usize] = s.pool(colour).iter().find(|c| c.addr == addr).copied();
             }
-            pool.half = self.ring_live.get(&colour_slot(id, colour.as_u32()), 0).map_err(map_err(MAP_RING_LIVE))?;
             self.pools.insert((id, colour), pool);
         }
         Ok(())
@@ -854,14 +921,26 @@ impl Dataplane {
     }
 
     /// Sets a colour's pool: new backends get free slots, kept ones keep theirs, the Maglev
-    /// table is rebuilt into the idle half and then made live with one write.
+    /// table is rebuilt into free elements of `RING` and then made live with one write.
     ///
     /// # Errors
-    /// More than `MAX_POOL` backends, or a map write failed.
+    /// More than `MAX_POOL` backends, a full slab, or a map write failed.
     pub fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<()> {
         // Refused before anything is written: a backend answering for too many VIP:ports.
         fronts_fit(&self.pool_fronts(Some((id, colour, backends))))?;
-        let mut pool = self.pools.get(&(id, colour)).cloned().unwrap_or_default();
+        self.stage_pool(id, colour, backends)?;
+        // Replies of the new backends are recognised (their port bit and `REVERSE` entry)
+        // before any flow can reach them.
+        self.write_reverse()?;
+        self.write_ports()?;
+        self.publish_table(id, colour)
+    }
+
+    /// Puts a colour's backends in their `BACKENDS` slots (new ones in free slots, kept ones
+    /// in theirs) and builds its next table; nothing routes to it before
+    /// [`Dataplane::publish_table`].
+    fn stage_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<()> {
+        let mut pool = self.pools.remove(&(id, colour)).unwrap_or_default();
         pool.slots.resize(MAX_POOL as usize, None);
         // Drop the ones that left; keep the others' slots.
         for slot in &mut pool.slots {
@@ -869,15 +948,23 @@ impl Dataplane {
                 *slot = None;
             }
         }
+        let mut result = Ok(());
         for b in backends {
             let i = match pool.slots.iter().position(|s| s.is_some_and(|k| k.addr == b.addr)) {
                 Some(i) => i,
-                None => pool.slots.iter().position(Option::is_none).ok_or(DataplaneError::PoolFull)?,
+                None => match pool.slots.iter().position(Option::is_none) {
+                    Some(i) => i,
+                    None => {
+                        result = Err(DataplaneError::PoolFull);
+                        break;
+                    }
+                },
             };
             pool.slots[i] = Some(*b);
-            self.backends
-                .set(pool_slot(id, colour.as_u32(), i as u32), &backend_value(b.addr), 0)
-                .map_err(map_err(MAP_BACKENDS))?;
+            if let Err(e) = self.backends.set(pool_slot(id, colour.as_u32(), i as u32), &backend_value(b.addr), 0) {
+                result = Err(map_err(MAP_BACKENDS)(e));
+                break;
+            }
         }
         let members: Vec<maglev::Member> = pool
             .slots
@@ -885,25 +972,57 @@ impl Dataplane {
             .zip(0u16..)
             .filter_map(|(s, i)| s.map(|b| maglev::Member { name: b.addr.to_string(), weight: b.weight, index: i }))
             .collect();
-        let table = maglev::build(&members, RING_SIZE);
-        let half = if self.pools.contains_key(&(id, colour)) { pool.half ^ 1 } else { 0 };
-        // Replies of the new backends are recognised (their port bit and `REVERSE` entry)
-        // before any flow can reach them.
-        self.pools.insert((id, colour), pool.clone());
-        self.write_reverse()?;
-        self.write_ports()?;
-        for (c, chunk) in (0u32..RING_CHUNKS).zip(table.chunks(RING_CHUNK as usize)) {
-            let mut value = RingChunk { slots: [RING_EMPTY; RING_CHUNK as usize] };
-            value.slots[..chunk.len()].copy_from_slice(chunk);
-            self.ring
-                .set(ring_chunk(id, colour.as_u32(), half, c * RING_CHUNK), &value, 0)
-                .map_err(map_err(MAP_RING))?;
-        }
-        self.ring_live.set(colour_slot(id, colour.as_u32()), &half, 0).map_err(map_err(MAP_RING_LIVE))?;
-        pool.half = half;
-        pool.table = table;
+        pool.table = if members.is_empty() {
+            Vec::new()
+        } else {
+            maglev::build(&members, RING_SIZES[ring_class(members.len() as u32) as usize])
+        };
         self.pools.insert((id, colour), pool);
+        result
+    }
+
+    /// Writes a colour's staged table into free elements of `RING`, points `RING_LIVE` at it
+    /// (one write: the next packet uses it) and lets the old table's elements rest.
+    fn publish_table(&mut self, id: u32, colour: Colour) -> Result<()> {
+        let Some(pool) = self.pools.get(&(id, colour)) else { return Ok(()) };
+        let len = u32::try_from(pool.table.len().div_ceil(RING_CHUNK as usize)).unwrap_or(u32::MAX);
+        let (live, value) = if len == 0 {
+            (None, RING_NONE)
+        } else {
+            let at = self.slab.alloc(len)?;
+            let mut written = Ok(());
+            for (c, chunk) in (0u32..).zip(pool.table.chunks(RING_CHUNK as usize)) {
+                let mut value = RingChunk { slots: [RING_EMPTY; RING_CHUNK as usize] };
+                value.slots[..chunk.len()].copy_from_slice(chunk);
+                written = self.ring.set(at + c, &value, 0).map_err(map_err(MAP_RING));
+                if written.is_err() {
+                    break;
+                }
+            }
+            if let Err(e) = written {
+                self.slab.release(at, len);
+                return Err(e);
+            }
+            let class = RING_SIZES.iter().position(|&m| m as usize == pool.table.len()).unwrap_or(0);
+            (Some((at, len)), switcher_common::ring_live(class as u32, at))
+        };
+        if let Err(e) = self.ring_live.set(colour_slot(id, colour.as_u32()), &value, 0) {
+            if let Some((at, len)) = live {
+                self.slab.release(at, len);
+            }
+            return Err(map_err(MAP_RING_LIVE)(e));
+        }
+        let old = self.pools.get_mut(&(id, colour)).and_then(|pool| std::mem::replace(&mut pool.live, live));
+        if let Some((at, len)) = old {
+            self.slab.release(at, len);
+        }
         Ok(())
+    }
+
+    /// Elements of `RING` in use and in all, and the bytes of one.
+    #[must_use]
+    pub fn ring_usage(&self) -> (u32, u32, u64) {
+        (self.slab.used(), self.slab.capacity(), slab::ELEMENT_BYTES)
     }
 
     /// Brings `PORTS` in line with the services' and backends' ports: bits are set before a
@@ -1001,7 +1120,6 @@ impl Dataplane {
     /// The (VIP, port) pairs each backend of the NAT services' pools answers for, its own
     /// service's port first; `next`, a colour's pool about to be written, counts as in place.
     fn pool_fronts(&self, next: Option<(u32, Colour, &[BackendConfig])>) -> StdHashMap<BackendKey, Vec<VipPort>> {
-        let mut fronts_of: StdHashMap<BackendKey, Vec<VipPort>> = StdHashMap::new();
         let replaced = next.map(|(id, colour, _)| (id, colour));
         let pooled = self
             .pools
@@ -1009,7 +1127,13 @@ impl Dataplane {
             .filter(|(key, _)| Some(**key) != replaced)
             .flat_map(|(&(id, _), pool)| pool.slots.iter().flatten().map(move |b| (id, b.addr)));
         let upcoming = next.into_iter().flat_map(|(id, _, backends)| backends.iter().map(move |b| (id, b.addr)));
-        for (id, addr) in pooled.chain(upcoming) {
+        self.fronts_of(pooled.chain(upcoming))
+    }
+
+    /// The (VIP, port) pairs each backend of `members` (service id, backend) answers for.
+    fn fronts_of(&self, members: impl Iterator<Item = (u32, SocketAddr)>) -> StdHashMap<BackendKey, Vec<VipPort>> {
+        let mut fronts_of: StdHashMap<BackendKey, Vec<VipPort>> = StdHashMap::new();
+        for (id, addr) in members {
             let Some((fronts, proto)) = self.service_fronts.get(&id) else { continue };
             let list = fronts_of.entry(backend_key(addr, *proto)).or_default();
             for f in fronts {
@@ -1063,12 +1187,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Writes the daemon's clock into `NOW`, which open TCP flows are stamped with. The daemon
-    /// calls it about once a second.
+    /// The once-a-second upkeep: writes the daemon's clock into `NOW`, which open TCP flows
+    /// are stamped with, and frees the `RING` elements of tables replaced since the last call.
     ///
     /// # Errors
     /// The map write failed.
     pub fn stamp_clock(&mut self) -> Result<()> {
+        self.slab.settle();
         self.now.set(0, &now_coarse_ns(), 0).map_err(map_err(MAP_NOW))
     }
 
@@ -1287,6 +1412,49 @@ impl Dataplane {
         }
         all
     }
+}
+
+/// Elements of `RING` for `services`: room for their tables and to grow
+/// ([`slab::capacity_for`]).
+#[must_use]
+pub fn ring_elements(services: &[ServiceConfig]) -> u32 {
+    let need: u64 = services
+        .iter()
+        .flat_map(|s| Colour::ALL.map(|c| u64::from(slab::table_elements(s.pool(c).len()))))
+        .sum();
+    slab::capacity_for(need)
+}
+
+/// Sizes of the maps indexed by service id for `max_services` services.
+fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 6] {
+    let colours = max_services * switcher_common::COLOURS;
+    [
+        (MAP_SERVICES, max_services * 2),
+        (MAP_STATE, max_services),
+        (MAP_RING_LIVE, colours),
+        (MAP_COUNTERS, colours),
+        (MAP_BACKENDS, colours * MAX_POOL),
+        (MAP_REVERSE, colours * MAX_POOL),
+    ]
+}
+
+/// Refuses to start on pinned maps made with another `max_flows` or `max_services`, saying
+/// which key and what to do (instead of the loader's "incompatible pinned map").
+fn check_sizes(pins: &Pins, options: &Options) -> Result<()> {
+    let pinned = |name: &str| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|i| i.max_entries());
+    let services = options.max_services.unwrap_or(MAX_SERVICES);
+    let checks = [
+        ("max_flows", MAP_FLOWS, options.max_flows.unwrap_or(switcher_common::MAX_FLOWS)),
+        ("max_services", MAP_STATE, services),
+    ];
+    for (key, map, configured) in checks {
+        if let Some(found) = pinned(map)
+            && found != configured
+        {
+            return Err(DataplaneError::Resized { key, configured, pinned: found });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a backend that would answer for more (VIP, port) pairs than `REVERSE` holds.

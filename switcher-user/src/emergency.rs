@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use aya::maps::{Array, HashMap, Map, MapData};
 use switcher_common::{
     Backend, MAP_BACKENDS, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, RING_EMPTY, RingChunk, Service,
-    ServiceKey, colour_slot, pool_slot, ring_chunk, state_active, state_canary_bp, state_previous, switch_state,
+    ServiceKey, colour_slot, pool_slot, ring_table, state_active, state_canary_bp, state_previous, switch_state,
     user::Colour, with_previous,
 };
 
@@ -137,8 +137,9 @@ fn has_pinned_pool(pins: &Pins, id: u32, colour: Colour) -> Result<bool, Emergen
     let backends: Array<MapData, Backend> = array(pins, MAP_BACKENDS)?;
     let c = colour.as_u32();
     let err = |name| move |source| EmergencyError::Map { name, source };
-    let half = live.get(&colour_slot(id, c), 0).map_err(err(MAP_RING_LIVE))?;
-    let chunk = ring.get(&ring_chunk(id, c, half, 0), 0).map_err(err(MAP_RING))?;
+    let live = live.get(&colour_slot(id, c), 0).map_err(err(MAP_RING_LIVE))?;
+    let Some((first, _)) = ring_table(live) else { return Ok(false) };
+    let chunk = ring.get(&first, 0).map_err(err(MAP_RING))?;
     let Some(&slot) = chunk.slots.iter().find(|s| **s != RING_EMPTY) else { return Ok(false) };
     Ok(backends.get(&pool_slot(id, c, u32::from(slot)), 0).map_err(err(MAP_BACKENDS))?.is_set())
 }

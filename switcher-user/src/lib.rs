@@ -22,4 +22,5 @@ pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;
+pub mod slab;
 pub mod switchboard;

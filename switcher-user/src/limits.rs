@@ -54,7 +54,7 @@ mod tests {
 
     #[test]
     fn the_unit_file_gives_the_largest_configuration_its_descriptors() {
-        // Every backend of every service checked: 64 services, two colours of 64.
+        // Every backend of every service checked: 4,096 services, two colours of 64.
         let most = fds_needed((switcher_common::MAX_SERVICES * 2 * switcher_common::MAX_POOL) as usize);
         let unit = include_str!("../../dist/switcher.service");
         let limit: u64 = unit
