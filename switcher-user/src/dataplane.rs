@@ -926,6 +926,16 @@ impl Dataplane {
     /// # Errors
     /// More than `MAX_POOL` backends, a full slab, or a map write failed.
     pub fn set_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<()> {
+        // Only weights changed (health checks take a backend out with weight 0): the ports and
+        // `REVERSE`, which depend on addresses alone, stay as they are; only the table changes.
+        let same_members = self.pools.get(&(id, colour)).is_some_and(|pool| {
+            let mut members = pool.slots.iter().flatten().map(|b| b.addr);
+            members.clone().count() == backends.len() && members.all(|a| backends.iter().any(|b| b.addr == a))
+        });
+        if same_members {
+            self.stage_pool(id, colour, backends)?;
+            return self.publish_table(id, colour);
+        }
         // Refused before anything is written: a backend answering for too many VIP:ports.
         fronts_fit(&self.pool_fronts(Some((id, colour, backends))))?;
         self.stage_pool(id, colour, backends)?;

@@ -240,14 +240,23 @@ impl Server {
     /// When the ports cannot be bound.
     #[must_use]
     pub fn on(ns: &Netns, name: &'static str, addrs: &[IpAddr]) -> Server {
+        Server::on_ports(ns, name, addrs, BACKEND_TCP, BACKEND_UDP)
+    }
+
+    /// Serves on the given addresses of `ns`, on TCP port `tcp` and UDP port `udp`.
+    ///
+    /// # Panics
+    /// When the ports cannot be bound.
+    #[must_use]
+    pub fn on_ports(ns: &Netns, name: &'static str, addrs: &[IpAddr], tcp: u16, udp: u16) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let addrs = addrs.to_vec();
         let sockets = ns.run(move || {
             addrs
                 .iter()
                 .map(|a| {
-                    let tcp = TcpListener::bind((*a, BACKEND_TCP)).unwrap_or_else(|e| panic!("bind tcp {a}: {e}"));
-                    let udp = UdpSocket::bind((*a, BACKEND_UDP)).unwrap_or_else(|e| panic!("bind udp {a}: {e}"));
+                    let tcp = TcpListener::bind((*a, tcp)).unwrap_or_else(|e| panic!("bind tcp {a}:{tcp}: {e}"));
+                    let udp = UdpSocket::bind((*a, udp)).unwrap_or_else(|e| panic!("bind udp {a}:{udp}: {e}"));
                     (*a, tcp, udp)
                 })
                 .collect::<Vec<_>>()

@@ -3,15 +3,19 @@
 //! frames (`BPF_PROG_TEST_RUN` in the load balancer's namespace). It cuts over, reports status
 //! and metrics, ends a drain over all of them, and its memory stays small: the flows are
 //! counted in batches by a walker thread, never listed. Times are printed, not asserted (the
-//! bench has the figures).
+//! bench has the figures). And thousands of services on one node: 4,096 of them serve, and the
+//! last one cuts over.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use switcher_user::{control::Response, pins::Pins};
 
 use crate::{
     flows::{fill, map_size, rss_kib, scrape},
-    net::{Topology, wait_for},
+    net::{BACKEND_UDP, BLUE, GREEN, Server, Topology, VIP, colour_of, tcp_request, wait_for},
     proc::{Daemon, config_with, pin_path},
 };
 
@@ -112,4 +116,72 @@ fn a_million_open_flows_cut_over_and_report_status_in_bounded_memory() {
         memlock >> 20
     );
     assert!(rss < RSS_LIMIT_KIB, "the daemon holds no list of the flows: {} MiB resident", rss / 1024);
+}
+
+/// Services the many-services test configures (`web` and `dns` among them).
+const SERVICES: u16 = 4_096;
+
+/// `[[service]]` tables for services `s0 ..`: TCP on the test VIP, ports 10,000 and up, each
+/// with a backend port of its own on blue and green (in NAT mode one backend address:port
+/// answers for at most 4 VIP:ports).
+fn many_services(n: u16) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let _ = std::fmt::Write::write_fmt(
+            &mut out,
+            format_args!(
+                "\n[[service]]\nname = \"s{i}\"\nvip = \"{VIP}\"\nport = {}\nprotocol = \"tcp\"\nactive = \"blue\"\nblue = \"{BLUE}:{}\"\ngreen = \"{GREEN}:{}\"\n",
+                10_000 + i,
+                20_000 + i,
+                20_000 + i
+            ),
+        );
+    }
+    out
+}
+
+#[test]
+fn four_thousand_services_serve_and_the_last_cuts_over() {
+    if !crate::have_root("four_thousand_services_serve_and_the_last_cuts_over") {
+        return;
+    }
+    let t = Topology::new();
+    let generated = SERVICES - 2;
+    let last = generated - 1;
+    let started = Instant::now();
+    let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, "redirect", s, &many_services(generated)));
+    eprintln!("daemon with {SERVICES} services ready in {} ms", started.elapsed().as_millis());
+    let (first_port, last_port) = (20_000, 20_000 + last);
+    let _blue = [first_port, last_port]
+        .map(|p| Server::on_ports(&t.blue, "blue", &[IpAddr::V4(BLUE)], p, BACKEND_UDP + 1 + p - first_port));
+    let _green = Server::on_ports(&t.green, "green", &[IpAddr::V4(GREEN)], last_port, BACKEND_UDP + 1);
+
+    let status = d.status();
+    assert_eq!(status.services.len(), usize::from(SERVICES), "status lists every service");
+    let ask = |port: u16| -> String {
+        wait_for(Duration::from_secs(10), || tcp_request(&t.client, (VIP, port)).ok().map(|(a, _)| a))
+            .unwrap_or_else(|| panic!("VIP port {port} answers"))
+    };
+    assert_eq!(colour_of(&ask(10_000)), "blue", "the first generated service serves");
+    assert_eq!(colour_of(&ask(10_000 + last)), "blue", "the last service serves");
+    let out = d.cli_ok(&["cutover", &format!("s{last}"), "green"]);
+    assert!(out.contains("blue → green"), "{out}");
+    assert_eq!(colour_of(&ask(10_000 + last)), "green", "the last service cut over");
+    assert_eq!(colour_of(&ask(10_000)), "blue", "the first did not move");
+    let metrics = scrape(&t.lb);
+    assert!(metrics.contains(&format!("service=\"s{last}\"")), "metrics cover the last service");
+
+    // The ring is sized to the pools: one element (251 slots) per colour of a one-backend pool.
+    let pins = Pins::new(pin_path(&d.socket));
+    let (elements, ring_bytes) = map_size(&pins.map(switcher_common::MAP_RING));
+    let (_, backends_bytes) = map_size(&pins.map(switcher_common::MAP_BACKENDS));
+    eprintln!(
+        "RING: {elements} elements, {} KiB ({} B per service); BACKENDS {} KiB; daemon RSS {} MiB",
+        ring_bytes >> 10,
+        ring_bytes / u64::from(SERVICES),
+        backends_bytes >> 10,
+        rss_kib(d.pid()) >> 10
+    );
+    assert!(elements >= u64::from(SERVICES) * 2, "room for every table: {elements}");
+    assert!(ring_bytes < 134_000_000, "no more ring memory than Katran's 512 VIPs: {ring_bytes} B");
 }
