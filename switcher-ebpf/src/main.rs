@@ -33,8 +33,7 @@ mod prog {
     use aya_log_ebpf::warn;
     use switcher_common::{
         Backend, BackendKey, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
-        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS,
-        vip_slot,
+        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS, vip_slot,
     };
 
     use crate::{

@@ -34,6 +34,22 @@ use std::{
 use serde::Deserialize;
 use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, REVERSE_WAYS, user::Colour};
 
+/// Names for a one-line message: all of them when there are few, else the first ten and how
+/// many more ("none" for an empty list).
+#[must_use]
+pub fn short_list<S: AsRef<str>>(names: &[S]) -> String {
+    const SHOWN: usize = 10;
+    match names.len() {
+        0 => "none".to_owned(),
+        n if n <= SHOWN + 2 => names.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", "),
+        n => format!(
+            "{}, … and {} more",
+            names[..SHOWN].iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", "),
+            n - SHOWN
+        ),
+    }
+}
+
 /// The largest `max_services`: the per-service maps then take ~45 MB (`BACKENDS` most).
 pub const MAX_SERVICES_LIMIT: u32 = 16_384;
 
@@ -1078,6 +1094,14 @@ green = "198.51.100.18:5353"
     fn a_backend_may_not_be_a_service_address() {
         let e = err(&GOOD.replace("198.51.100.18:5353", "203.0.113.10:80").replace("\"udp\"", "\"tcp\""));
         assert!(e.contains("is itself the address of service \"web\""), "{e}");
+    }
+
+    #[test]
+    fn long_lists_of_names_are_cut_short() {
+        assert_eq!(short_list::<&str>(&[]), "none");
+        assert_eq!(short_list(&["a", "b"]), "a, b");
+        let many: Vec<String> = (0..4_096).map(|i| format!("s{i}")).collect();
+        assert_eq!(short_list(&many), "s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, … and 4086 more");
     }
 
     #[test]

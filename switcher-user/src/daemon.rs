@@ -623,7 +623,7 @@ fn apply_config(board: &Board, path: &Path, new: Config, running: &Config, fleet
     b.maps_mut().set_tcp_idle_timeout(new.tcp_idle_timeout);
     match b.reload(new.services.clone()) {
         Ok(done) => {
-            let list = |v: &[String]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
+            let list = |v: &[String]| crate::config::short_list(v);
             let mut msg = format!(
                 "reloaded {}: {} services (added: {}; removed: {})",
                 path.display(),

@@ -1428,10 +1428,8 @@ impl Dataplane {
 /// ([`slab::capacity_for`]).
 #[must_use]
 pub fn ring_elements(services: &[ServiceConfig]) -> u32 {
-    let need: u64 = services
-        .iter()
-        .flat_map(|s| Colour::ALL.map(|c| u64::from(slab::table_elements(s.pool(c).len()))))
-        .sum();
+    let need: u64 =
+        services.iter().flat_map(|s| Colour::ALL.map(|c| u64::from(slab::table_elements(s.pool(c).len())))).sum();
     slab::capacity_for(need)
 }
 

@@ -113,6 +113,46 @@ mod tests {
         assert!(build(&m, M).iter().all(|&s| s == 1), "weight 0 takes no slots");
     }
 
+    /// Slots of the busiest backend over the mean, minus one, for `n` backends of weight 1 in
+    /// the table the daemon sizes for them.
+    fn imbalance(n: u32) -> f64 {
+        let names: Vec<String> = (0..n).map(|i| format!("198.51.100.{}:{}", i % 250, 8000 + i)).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let size = switcher_common::RING_SIZES[switcher_common::ring_class(n) as usize];
+        let t = build(&members(&refs), size);
+        let most = (0..n as u16).map(|i| t.iter().filter(|&&s| s == i).count()).max().unwrap_or(0);
+        most as f64 / (f64::from(size) / f64::from(n)) - 1.0
+    }
+
+    #[test]
+    fn tables_sized_to_their_pools_stay_within_half_a_percent() {
+        let worst = (1..=switcher_common::MAX_POOL)
+            .map(|n| (imbalance(n), n))
+            .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
+        eprintln!("worst imbalance: {:.3} % with {} backends", worst.0 * 100.0, worst.1);
+        assert!(
+            worst.0 <= 0.005,
+            "{} backends: the busiest has {:.3} % more slots than the mean",
+            worst.1,
+            worst.0 * 100.0
+        );
+    }
+
+    #[test]
+    fn small_tables_move_little_more_than_the_removed_share() {
+        // 4 backends: a 1,021-slot table. Removing one moves its quarter and little else.
+        let names = ["198.51.100.2:80", "198.51.100.3:80", "198.51.100.4:80", "198.51.100.5:80"];
+        let size = switcher_common::RING_SIZES[switcher_common::ring_class(4) as usize];
+        let before = build(&members(&names), size);
+        let mut rest = members(&names);
+        rest.remove(2);
+        let after = build(&rest, size);
+        let kept = before.iter().zip(&after).filter(|(b, a)| **b != 2 && b == a).count();
+        let others = before.iter().filter(|&&b| b != 2).count();
+        eprintln!("{size} slots: {kept} of {others} slots of the remaining backends kept");
+        assert!(kept as f64 / others as f64 > 0.9, "slots of the remaining backends kept: {kept}/{others}");
+    }
+
     #[test]
     fn empty_and_deterministic() {
         assert!(build(&[], 7).iter().all(|&s| s == RING_EMPTY));

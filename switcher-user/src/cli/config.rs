@@ -31,7 +31,7 @@ pub fn summary(path: &Path, c: &Config) -> String {
         path.display(),
         c.services.len(),
         if c.services.len() == 1 { "" } else { "s" },
-        if names.is_empty() { "none".into() } else { names.join(", ") },
+        switcher_user::config::short_list(&names),
         c.interfaces.join(", "),
         c.pin_path.display()
     )
