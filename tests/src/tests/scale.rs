@@ -148,13 +148,13 @@ fn four_thousand_services_serve_and_the_last_cuts_over() {
     let t = Topology::new();
     let generated = SERVICES - 2;
     let last = generated - 1;
-    let started = Instant::now();
-    let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, "redirect", s, &many_services(generated)));
-    eprintln!("daemon with {SERVICES} services ready in {} ms", started.elapsed().as_millis());
     let (first_port, last_port) = (20_000, 20_000 + last);
     let _blue = [first_port, last_port]
         .map(|p| Server::on_ports(&t.blue, "blue", &[IpAddr::V4(BLUE)], p, BACKEND_UDP + 1 + p - first_port));
     let _green = Server::on_ports(&t.green, "green", &[IpAddr::V4(GREEN)], last_port, BACKEND_UDP + 1);
+    let started = Instant::now();
+    let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, "redirect", s, &many_services(generated)));
+    eprintln!("daemon with {SERVICES} services ready in {} ms", started.elapsed().as_millis());
 
     let status = d.status();
     assert_eq!(status.services.len(), usize::from(SERVICES), "status lists every service");
@@ -164,7 +164,13 @@ fn four_thousand_services_serve_and_the_last_cuts_over() {
     };
     assert_eq!(colour_of(&ask(10_000)), "blue", "the first generated service serves");
     assert_eq!(colour_of(&ask(10_000 + last)), "blue", "the last service serves");
-    let out = d.cli_ok(&["cutover", &format!("s{last}"), "green"]);
+    // Green's one backend must pass its health checks first (the daemon checks 8,192).
+    let name = format!("s{last}");
+    let out = wait_for(Duration::from_secs(30), || {
+        let o = d.cli(&["cutover", &name, "green"]);
+        o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    })
+    .unwrap_or_else(|| panic!("{name} cuts over once green is healthy: {}", d.log()));
     assert!(out.contains("blue → green"), "{out}");
     assert_eq!(colour_of(&ask(10_000 + last)), "green", "the last service cut over");
     assert_eq!(colour_of(&ask(10_000)), "blue", "the first did not move");
