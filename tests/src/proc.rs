@@ -54,16 +54,23 @@ pub fn demo_config(ifaces: &[String], forwarding: &str, socket: &Path) -> String
     config_with(ifaces, forwarding, socket, "")
 }
 
+/// The top of a test config: interfaces, socket, forwarding and the pins next to the socket.
+#[must_use]
+pub fn config_header(ifaces: &[String], forwarding: &str, socket: &Path) -> String {
+    let ifaces: Vec<String> = ifaces.iter().map(|i| format!("{i:?}")).collect();
+    format!(
+        "interfaces = [{ifaces}]\nsocket = \"{socket}\"\nforwarding = \"{forwarding}\"\npin_path = \"{pins}\"\n",
+        ifaces = ifaces.join(", "),
+        socket = socket.display(),
+        pins = pin_path(socket).display(),
+    )
+}
+
 /// [`demo_config`] plus more `[[service]]` tables.
 #[must_use]
 pub fn config_with(ifaces: &[String], forwarding: &str, socket: &Path, extra: &str) -> String {
-    let ifaces: Vec<String> = ifaces.iter().map(|i| format!("{i:?}")).collect();
     format!(
-        r#"interfaces = [{ifaces}]
-socket = "{socket}"
-forwarding = "{forwarding}"
-pin_path = "{pins}"
-
+        r#"{header}
 [[service]]
 name = "web"
 vip = "{VIP}"
@@ -82,11 +89,30 @@ active = "blue"
 blue = "{BLUE}:{BACKEND_UDP}"
 green = "{GREEN}:{BACKEND_UDP}"
 {extra}"#,
-        ifaces = ifaces.join(", "),
-        socket = socket.display(),
-        pins = pin_path(socket).display(),
+        header = config_header(ifaces, forwarding, socket),
     )
 }
+
+/// `n` `[[service]]` tables `s0, s1, …`: TCP on the test VIP, ports 10,000 and up, each with a
+/// backend port of its own on blue and green, 20,000 and up (in NAT mode one backend
+/// address:port answers for at most 4 VIP:ports); `extra` goes into each table.
+#[must_use]
+pub fn generated_services(n: u16, extra: &str) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let _ = std::fmt::Write::write_fmt(
+            &mut out,
+            format_args!(
+                "\n[[service]]\nname = \"s{i}\"\nvip = \"{VIP}\"\nport = {}\nprotocol = \"tcp\"\nactive = \"blue\"\nblue = \"{BLUE}:{}\"\ngreen = \"{GREEN}:{}\"\n{extra}",
+                10_000 + i,
+                20_000 + i,
+                20_000 + i
+            ),
+        );
+    }
+    out
+}
+
 
 /// The pin root of the daemon whose socket is `socket`: `bpf/` next to it, where
 /// [`Daemon::start`] mounts a bpffs of the test's own.

@@ -567,7 +567,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
         // … and the service lookup with a SERVICES table of 100 and 10,000 keys: the one part
         // of the data path whose work could grow with the number of services (every other
         // table is indexed by service id). The extra keys are other VIPs on port 80 that point
-        // at service 0's id; the daemon itself installs at most MAX_SERVICES services.
+        // at service 0's id; the daemon installs MAX_SERVICES services by default.
         for keys in [100u32, 10_000] {
             let mut dp = Dataplane::open_sized(
                 &corpus::services(),
@@ -1701,9 +1701,9 @@ fn chart(paths: &[Path], path: &std::path::Path) -> Result<(), Box<dyn std::erro
 /// UDP flows through its own program; at each, the median of 5 cut-overs (the `STATE` write
 /// the daemon reports, and the CLI round trip), `switcher status`, a metrics scrape, the
 /// daemon's RSS and a pass of the flow counter. Returns a Markdown table.
-fn control_plane() -> String {
+fn control_plane(quick: bool) -> String {
     use switcher_tests::flows::{fill, map_size, rss_kib, scrape};
-    const STEPS: [u32; 4] = [0, 100_000, 1_000_000, 4_000_000];
+    let steps: &[u32] = if quick { &[0, 100_000, 1_000_000] } else { &[0, 100_000, 1_000_000, 4_000_000] };
     let t = Topology::new();
     let d = Daemon::start(&t.lb, |s| {
         format!("max_flows = 16777216\nudp_idle_timeout_secs = 3600\n{}", demo_config(&t.lb_ifaces, "redirect", s))
@@ -1718,7 +1718,7 @@ fn control_plane() -> String {
     };
     let mut rows: Vec<[f64; 6]> = Vec::new();
     let mut made = 0;
-    for &n in &STEPS {
+    for &n in steps {
         let l = link.clone();
         let from = made;
         let filled = t.lb.run(move || fill(&l, from, n));
@@ -1748,7 +1748,7 @@ fn control_plane() -> String {
     }
     let mut out = "| open flows | cut-over commit (ms) | cut-over CLI (ms) | status (ms) | scrape (ms) | daemon RSS (MiB) | counter pass (ms) |\n|---|---|---|---|---|---|---|\n".to_owned();
     let base = rows[0];
-    for (n, r) in STEPS.iter().zip(&rows) {
+    for (n, r) in steps.iter().zip(&rows) {
         let cell = |i: usize, digits: usize| {
             let ratio = if base[i] > 0.0 { format!(" (×{:.2})", r[i] / base[i]) } else { String::new() };
             format!("{:.*}{ratio}", digits, r[i])
@@ -1768,6 +1768,95 @@ fn control_plane() -> String {
         out,
         "\nMedians of {REPEATS}; ratios to no flows open. The flow table (16,777,216 entries) holds {} MiB of kernel memory whatever is open; the counts come from a walker thread's last pass (the pass time above), never from a walk on the request path.",
         memlock >> 20
+    );
+    out
+}
+
+/// One row of the services section: a daemon started with that many services.
+struct ServicesRow {
+    services: u16,
+    startup_ms: f64,
+    rss_mib: f64,
+    ring_kib: f64,
+    maps_mib: f64,
+    commit_ms: f64,
+    cli_ms: f64,
+    status_ms: f64,
+}
+
+/// Daemons with 1, 64, 1,000 and 4,096 services (`s0, s1, …`, one backend per colour, no
+/// health checks): start-up time (spawn → control socket), RSS, `RING` and all maps' kernel
+/// memory, and the median of the cut-overs of the last service and of `status`. Returns a
+/// Markdown section.
+fn services_section() -> String {
+    use switcher_tests::{
+        flows::{map_size, rss_kib},
+        proc::{config_header, generated_services},
+    };
+    let mut rows = Vec::new();
+    for n in [1u16, 64, 1_000, 4_096] {
+        let t = Topology::new();
+        let started = Instant::now();
+        let d = Daemon::start(&t.lb, |s| {
+            format!(
+                "{}{}",
+                config_header(&t.lb_ifaces, "redirect", s),
+                generated_services(n, "health = { check = \"none\" }\n")
+            )
+        });
+        let startup_ms = started.elapsed().as_secs_f64() * 1e3;
+        let pins = switcher_user::pins::Pins::new(switcher_tests::proc::pin_path(&d.socket));
+        let memlock = |name: &str| map_size(&pins.map(name)).1 as f64;
+        let maps: f64 = switcher_common::MAP_NAMES.iter().map(|n| memlock(n)).sum();
+        let last = format!("s{}", n - 1);
+        let (mut commit, mut cli, mut status) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..REPEATS {
+            let to = if i % 2 == 0 { "green" } else { "blue" };
+            let begun = Instant::now();
+            let out = d.cli_ok(&["cutover", &last, to, "--force"]);
+            cli.push(begun.elapsed().as_secs_f64() * 1e3);
+            let us = out.split(" in ").nth(1).and_then(|r| r.split(' ').next()).and_then(|v| v.parse::<f64>().ok());
+            commit.push(us.unwrap_or(f64::NAN) / 1e3);
+            let begun = Instant::now();
+            let _ = d.cli_ok(&["status"]);
+            status.push(begun.elapsed().as_secs_f64() * 1e3);
+        }
+        let m = |v: Vec<f64>| spread(v).median;
+        let row = ServicesRow {
+            services: n,
+            startup_ms,
+            rss_mib: rss_kib(d.pid()) as f64 / 1024.0,
+            ring_kib: memlock(switcher_common::MAP_RING) / 1024.0,
+            maps_mib: maps / 1_048_576.0,
+            commit_ms: m(commit),
+            cli_ms: m(cli),
+            status_ms: m(status),
+        };
+        eprintln!("services: {n}: start {startup_ms:.0} ms, RING {:.0} KiB", row.ring_kib);
+        rows.push(row);
+    }
+    let mut out = "| services | start-up (ms) | daemon RSS (MiB) | `RING` (KiB) | all maps (MiB) | cut-over commit (ms) | cut-over CLI (ms) | status (ms) |\n|---:|---|---|---|---|---|---|---|\n".to_owned();
+    let base = &rows[0];
+    let cell = |v: f64, b: f64, digits: usize| {
+        if b > 0.0 { format!("{v:.digits$} (×{:.2})", v / b) } else { format!("{v:.digits$}") }
+    };
+    for r in &rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.services,
+            cell(r.startup_ms, base.startup_ms, 0),
+            cell(r.rss_mib, base.rss_mib, 1),
+            cell(r.ring_kib, base.ring_kib, 0),
+            cell(r.maps_mib, base.maps_mib, 1),
+            cell(r.commit_ms, base.commit_ms, 3),
+            cell(r.cli_ms, base.cli_ms, 1),
+            cell(r.status_ms, base.status_ms, 1),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nMedians of {REPEATS}; ratios to one service, in the same run. Start-up is from spawning the daemon to its control socket: loading and verifying the program, making the maps, writing every pool and table, attaching. Each colour here has one backend, so its Maglev table is one 512-byte element of 251 slots: `RING` grows with what is configured (twice the tables' need plus room for one largest table, 128 KiB, so any pool can be rebuilt), where a fixed 65,537-slot table per VIP (Katran's way) would take 128 KiB per colour. The other maps are sized by `max_services` (4,096 by default; `BACKENDS`, 2 × 64 slots per service, is most of them) and `max_flows` (262,144: `FLOWS` is most of \"all maps\"), whatever is configured."
     );
     out
 }
@@ -1811,12 +1900,16 @@ fn main() -> std::process::ExitCode {
             println!("{}", flatness(&rows));
             return std::process::ExitCode::SUCCESS;
         }
+        Some("services") => {
+            println!("{}", services_section());
+            return std::process::ExitCode::SUCCESS;
+        }
         Some("control-plane") => {
-            println!("{}", control_plane());
+            println!("{}", control_plane(quick));
             return std::process::ExitCode::SUCCESS;
         }
         Some(other) => {
-            eprintln!("--only takes per-packet, live-frames, scaling, fleet or control-plane, not {other:?}");
+            eprintln!("--only takes per-packet, live-frames, scaling, fleet, services or control-plane, not {other:?}");
             return std::process::ExitCode::FAILURE;
         }
         None => {}
@@ -1840,6 +1933,10 @@ fn main() -> std::process::ExitCode {
     let alts = alternatives(quick);
     eprintln!("bench: a fleet of daemons on one etcd …");
     let fleet = fleet_scale(quick);
+    eprintln!("bench: the control plane with open flows …");
+    let control = control_plane(quick);
+    eprintln!("bench: daemons with 1 to 4,096 services …");
+    let services = services_section();
     // `--out DIR`: BENCHMARKS.md and bench.svg go there (a smoke run in CI), not into the repo.
     let args: Vec<String> = std::env::args().collect();
     let out_dir = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
@@ -1896,7 +1993,7 @@ fn main() -> std::process::ExitCode {
     }
     let _ = writeln!(
         md,
-        "\nThe goal is flat within 10 % from 1 to 1,000,000 flows and 1 to 10,000 services. The daemon installs at most {} services (each has two 65,537-slot Maglev tables per colour, 512 KiB, so 10,000 would need 5 GiB of ring); every per-service table but `SERVICES` is indexed by service id, so the service lookup is the only per-packet work that could grow with their number. The \"service keys\" rows fill `SERVICES` with 100 and 10,000 VIPs to measure it. Flatness here: {}.\n",
+        "\nThe goal is flat within 10 % from 1 to 1,000,000 flows and 1 to 10,000 services. The daemon installs {} services by default (`max_services`; each colour's Maglev table is sized to its pool, so the ring grows with what is configured); every per-service table but `SERVICES` is indexed by service id, so the service lookup is the only per-packet work that could grow with their number. The \"service keys\" rows fill `SERVICES` with 100 and 10,000 VIPs to measure it. Flatness here: {}.\n",
         switcher_common::MAX_SERVICES,
         flatness(&scale)
     );
@@ -2048,6 +2145,11 @@ fn main() -> std::process::ExitCode {
         );
     }
     let _ = writeln!(md, "{}", fleet_section(&fleet));
+    let _ = writeln!(
+        md,
+        "## Control plane with open flows\n\nOne daemon (`max_flows = 16,777,216`) whose own attached program is given open UDP flows by real frames (`BPF_PROG_TEST_RUN` of distinct queries on its pinned link), counted at each step: the cut-over's `STATE` write as the daemon reports it, the CLI round trip, `switcher status`, a metrics scrape, the daemon's RSS and the flow counter's last pass. Goals: the commit ≤ 1 ms and status and scrape ≤ 200 ms whatever is open.\n\n{control}\n"
+    );
+    let _ = writeln!(md, "## Services on one node\n\n{services}\n");
     let _ = writeln!(md, "## Footprint\n\n| map | locked memory |\n|---|---:|");
     let mut total = 0;
     for (name, bytes) in &maps {

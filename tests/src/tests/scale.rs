@@ -16,7 +16,7 @@ use switcher_user::{control::Response, pins::Pins};
 use crate::{
     flows::{fill, map_size, rss_kib, scrape},
     net::{BACKEND_UDP, BLUE, GREEN, Server, Topology, VIP, colour_of, tcp_request, wait_for},
-    proc::{Daemon, config_with, pin_path},
+    proc::{Daemon, config_with, generated_services, pin_path},
 };
 
 /// Open flows the test makes.
@@ -121,25 +121,6 @@ fn a_million_open_flows_cut_over_and_report_status_in_bounded_memory() {
 /// Services the many-services test configures (`web` and `dns` among them).
 const SERVICES: u16 = 4_096;
 
-/// `[[service]]` tables for services `s0 ..`: TCP on the test VIP, ports 10,000 and up, each
-/// with a backend port of its own on blue and green (in NAT mode one backend address:port
-/// answers for at most 4 VIP:ports).
-fn many_services(n: u16) -> String {
-    let mut out = String::new();
-    for i in 0..n {
-        let _ = std::fmt::Write::write_fmt(
-            &mut out,
-            format_args!(
-                "\n[[service]]\nname = \"s{i}\"\nvip = \"{VIP}\"\nport = {}\nprotocol = \"tcp\"\nactive = \"blue\"\nblue = \"{BLUE}:{}\"\ngreen = \"{GREEN}:{}\"\n",
-                10_000 + i,
-                20_000 + i,
-                20_000 + i
-            ),
-        );
-    }
-    out
-}
-
 #[test]
 fn four_thousand_services_serve_and_the_last_cuts_over() {
     if !crate::have_root("four_thousand_services_serve_and_the_last_cuts_over") {
@@ -153,7 +134,7 @@ fn four_thousand_services_serve_and_the_last_cuts_over() {
         .map(|p| Server::on_ports(&t.blue, "blue", &[IpAddr::V4(BLUE)], p, BACKEND_UDP + 1 + p - first_port));
     let _green = Server::on_ports(&t.green, "green", &[IpAddr::V4(GREEN)], last_port, BACKEND_UDP + 1);
     let started = Instant::now();
-    let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, "redirect", s, &many_services(generated)));
+    let d = Daemon::start(&t.lb, |s| config_with(&t.lb_ifaces, "redirect", s, &generated_services(generated, "")));
     eprintln!("daemon with {SERVICES} services ready in {} ms", started.elapsed().as_millis());
 
     let status = d.status();
