@@ -907,6 +907,9 @@ impl Dataplane {
                 let addr = SocketAddr::new(addr_ip(b.addr, b.family), u16::from_be_bytes(b.port));
                 pool.slots[i as usize] = s.pool(colour).iter().find(|c| c.addr == addr).copied();
             }
+            while pool.slots.last().is_some_and(Option::is_none) {
+                pool.slots.pop();
+            }
             self.pools.insert((id, colour), pool);
         }
         Ok(())
@@ -951,7 +954,8 @@ impl Dataplane {
     /// [`Dataplane::publish_table`].
     fn stage_pool(&mut self, id: u32, colour: Colour, backends: &[BackendConfig]) -> Result<()> {
         let mut pool = self.pools.remove(&(id, colour)).unwrap_or_default();
-        pool.slots.resize(MAX_POOL as usize, None);
+        // Slots up to the highest one in use (thousands of services hold small pools).
+        pool.slots.truncate(MAX_POOL as usize);
         // Drop the ones that left; keep the others' slots.
         for slot in &mut pool.slots {
             if slot.is_some_and(|b| !backends.iter().any(|n| n.addr == b.addr)) {
@@ -964,6 +968,10 @@ impl Dataplane {
                 Some(i) => i,
                 None => match pool.slots.iter().position(Option::is_none) {
                     Some(i) => i,
+                    None if pool.slots.len() < MAX_POOL as usize => {
+                        pool.slots.push(None);
+                        pool.slots.len() - 1
+                    }
                     None => {
                         result = Err(DataplaneError::PoolFull);
                         break;
