@@ -279,7 +279,7 @@ fn metrics_are_served_on_loopback() {
         "switcher_packets_total{service=\"web\",colour=\"blue\",direction=\"request\"}",
         "switcher_backend_up{service=\"web\",colour=\"blue\",backend=\"198.51.100.2:8080\"} 1",
         "switcher_active{service=\"web\",colour=\"blue\"} 1",
-        "switcher_datapath_verdicts_total{reason=\"fwd_redirect\"}",
+        "switcher_datapath_verdicts_total{reason=\"fwd_redirect\",kind=\"forwarded\"}",
         "# EOF",
     ] {
         assert!(body.contains(needle), "missing {needle} in:\n{body}");
