@@ -173,7 +173,11 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     reg.register("backend_up", "Backend health: 1 up, 0 down, -1 unknown or unchecked", backend_up);
     reg.register("colour_healthy", "Whether a colour can take traffic", colour_healthy);
     reg.register("active", "1 for the active colour of each service", active);
-    reg.register("share_ratio", "Share of new flows per colour, 0 to 1 (a canary sends a share to the other colour)", share);
+    reg.register(
+        "share_ratio",
+        "Share of new flows per colour, 0 to 1 (a canary sends a share to the other colour)",
+        share,
+    );
     reg.register(
         "cutovers",
         "Switches of the active colour since the daemon started, by kind: cutover, rollback, auto_rollback (the watch window saw the new colour fail), failover",
@@ -362,7 +366,13 @@ mod tests {
                 ..ServiceStatus::default()
             }],
             reasons: vec![("no_match".into(), 12), ("dsr_no_neigh".into(), 2)],
-            flow_table: Some(crate::control::FlowTable { live: 7, closing: 1, idle: 0, expired: 4, capacity: Some(1024) }),
+            flow_table: Some(crate::control::FlowTable {
+                live: 7,
+                closing: 1,
+                idle: 0,
+                expired: 4,
+                capacity: Some(1024),
+            }),
             ..Response::default()
         };
         let text = render(&status).expect("render");
@@ -392,21 +402,14 @@ mod tests {
     #[test]
     fn every_verdict_reason_has_a_kind() {
         use switcher_common::Reason;
-        let passed = [
-            "not_ip",
-            "vlan",
-            "malformed",
-            "fragment",
-            "other_l4",
-            "no_match",
-            "ttl",
-            "ipv6_ext",
-            "not_live",
-        ];
+        let passed = ["not_ip", "vlan", "malformed", "fragment", "other_l4", "no_match", "ttl", "ipv6_ext", "not_live"];
         for name in Reason::NAMES {
             let kind = verdict_kind(name);
             // "passed" is also the fallback: a reason there must be listed as one.
-            assert!(kind != "passed" || passed.contains(&name), "reason {name} falls through to \"passed\": classify it");
+            assert!(
+                kind != "passed" || passed.contains(&name),
+                "reason {name} falls through to \"passed\": classify it"
+            );
         }
         assert_eq!(verdict_kind("dsr_no_neigh"), "dropped");
         assert_eq!(verdict_kind("no_backend"), "failed");

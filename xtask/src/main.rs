@@ -98,10 +98,11 @@ fn main() -> std::process::ExitCode {
         Command::Lint => cmd::lint(),
         Command::Install { prefix, destdir } => cmd::install(&prefix, &destdir),
         Command::Package { binary, out, maintainer, compression } => {
-            let maintainer = maintainer.unwrap_or_else(|| match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
-                (Ok(name), Ok(mail)) if !name.is_empty() && !mail.is_empty() => format!("{name} <{mail}>"),
-                _ => "switcher developers <switcher@packages.invalid>".to_owned(),
-            });
+            let maintainer =
+                maintainer.unwrap_or_else(|| match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
+                    (Ok(name), Ok(mail)) if !name.is_empty() && !mail.is_empty() => format!("{name} <{mail}>"),
+                    _ => "switcher developers <switcher@packages.invalid>".to_owned(),
+                });
             package::package(&package::Options { binary, out, maintainer, compression }).map(|_| ())
         }
     };

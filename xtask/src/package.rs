@@ -112,11 +112,19 @@ pub fn package(opts: &Options) -> anyhow::Result<PathBuf> {
             mode: 0o644,
             contents: Contents::Bytes(unit(Path::new("/usr/bin"))?.into_bytes()),
         },
-        Entry { path: "usr/lib/sysctl.d/60-switcher.conf", mode: 0o644, contents: Contents::Repo("dist/60-switcher.conf") },
+        Entry {
+            path: "usr/lib/sysctl.d/60-switcher.conf",
+            mode: 0o644,
+            contents: Contents::Repo("dist/60-switcher.conf"),
+        },
         // 0644 as lintian expects: the config holds no secrets.
         Entry { path: "etc/switcher/switcher.toml", mode: 0o644, contents: Contents::Repo("dist/switcher.toml") },
         Entry { path: "etc/logrotate.d/switcher", mode: 0o644, contents: Contents::Repo("dist/switcher.logrotate") },
-        Entry { path: "usr/share/man/man1/switcher.1.gz", mode: 0o644, contents: Contents::Bytes(gzip(&gen_(&["man"])?)?) },
+        Entry {
+            path: "usr/share/man/man1/switcher.1.gz",
+            mode: 0o644,
+            contents: Contents::Bytes(gzip(&gen_(&["man"])?)?),
+        },
         Entry {
             path: "usr/share/bash-completion/completions/switcher",
             mode: 0o644,
@@ -147,7 +155,11 @@ pub fn package(opts: &Options) -> anyhow::Result<PathBuf> {
             mode: 0o644,
             contents: Contents::Repo("dist/prometheus/switcher-alerts.test.yml"),
         },
-        Entry { path: "usr/share/doc/switcher/copyright", mode: 0o644, contents: Contents::Repo("dist/debian/copyright") },
+        Entry {
+            path: "usr/share/doc/switcher/copyright",
+            mode: 0o644,
+            contents: Contents::Repo("dist/debian/copyright"),
+        },
         Entry {
             path: "usr/share/doc/switcher/changelog.gz",
             mode: 0o644,
@@ -258,7 +270,8 @@ fn shlibs(binary: &Path) -> anyhow::Result<String> {
     let dir = target_dir().join("debian").join("shlibdeps");
     std::fs::create_dir_all(dir.join("debian"))?;
     std::fs::write(dir.join("debian/control"), format!("Source: {NAME}\n\nPackage: {NAME}\nArchitecture: any\n"))?;
-    let text = output(Command::new("dpkg-shlibdeps").current_dir(&dir).arg("-O").arg(format!("-e{}", binary.display())))?;
+    let text =
+        output(Command::new("dpkg-shlibdeps").current_dir(&dir).arg("-O").arg(format!("-e{}", binary.display())))?;
     text.lines()
         .find_map(|l| l.strip_prefix("shlibs:Depends="))
         .map(str::to_owned)
@@ -310,8 +323,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(tool)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(tool)).find(|p| p.is_file()))
 }
 
 #[cfg(test)]

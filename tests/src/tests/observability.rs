@@ -96,7 +96,8 @@ fn the_alert_rules_pass_promtool_and_every_alert_has_a_unit_test() {
     let tests = std::fs::read_to_string(dir.join("switcher-alerts.test.yml")).expect("the rule tests");
     for alert in &names {
         let firing = tests.split("alertname: ").skip(1).any(|case| {
-            case.starts_with(&format!("{alert}\n")) && case.lines().nth(1).is_some_and(|l| !l.contains("exp_alerts: []"))
+            case.starts_with(&format!("{alert}\n"))
+                && case.lines().nth(1).is_some_and(|l| !l.contains("exp_alerts: []"))
         });
         assert!(firing, "no test in switcher-alerts.test.yml shows {alert} firing");
     }
@@ -138,24 +139,30 @@ fn every_metric_the_dashboard_and_alerts_use_is_served() {
         fleet: Some(FleetView {
             node: "lb1".into(),
             connected: true,
-            services: vec![FleetService { name: "web".into(), revision: 2, applied_revision: 2, ..FleetService::default() }],
+            services: vec![FleetService {
+                name: "web".into(),
+                revision: 2,
+                applied_revision: 2,
+                ..FleetService::default()
+            }],
             ..FleetView::default()
         }),
         ..Response::default()
     };
     let served = switcher_user::metrics::render(&status).expect("render");
-    let served: Vec<&str> = served
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
-    let mut used = metric_names(&std::fs::read_to_string(dist().join("prometheus/switcher-alerts.yml")).expect("rules"));
+    let served: Vec<&str> =
+        served.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let mut used =
+        metric_names(&std::fs::read_to_string(dist().join("prometheus/switcher-alerts.yml")).expect("rules"));
     used.extend(dashboard_queries().iter().flat_map(|q| metric_names(q)));
     used.sort();
     used.dedup();
     assert!(used.len() >= 15, "{used:?}");
     for name in &used {
-        assert!(served.contains(&name.as_str()), "{name} is used by the dashboard or alerts but not served:\n{served:?}");
+        assert!(
+            served.contains(&name.as_str()),
+            "{name} is used by the dashboard or alerts but not served:\n{served:?}"
+        );
     }
 }
 
@@ -300,7 +307,8 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() {
         tcp_request(&t.client, WEB).expect("web on blue");
         udp_request(&t.client, DNS).expect("dns on blue");
     }
-    let switched = wait_for(Duration::from_secs(20), || d.cli(&["cutover", "web", "green"]).status.success().then_some(()));
+    let switched =
+        wait_for(Duration::from_secs(20), || d.cli(&["cutover", "web", "green"]).status.success().then_some(()));
     assert!(switched.is_some(), "cutover web green was refused:\n{}", d.log());
     for _ in 0..10 {
         tcp_request(&t.client, WEB).expect("web on green");
@@ -341,8 +349,12 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() {
     }
     // Prometheus loaded the shipped alert rules and evaluates them without error.
     let rules = prom.api("/api/v1/rules").expect("rules");
-    let loaded: Vec<&serde_json::Value> =
-        rules["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().into_iter().flatten()).collect();
+    let loaded: Vec<&serde_json::Value> = rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
     assert_eq!(loaded.len(), 7, "alert rules loaded: {rules}");
     let broken: Vec<&serde_json::Value> = loaded.iter().copied().filter(|r| r["health"] == "err").collect();
     assert!(broken.is_empty(), "rules that fail to evaluate: {broken:?}");

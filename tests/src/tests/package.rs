@@ -65,7 +65,18 @@ fn build_package(out: &Path) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace root").to_path_buf();
     ok(Command::new(cargo)
         .current_dir(&root)
-        .args(["run", "--locked", "--quiet", "--package", "xtask", "--", "package", "--compression", "fast", "--binary"])
+        .args([
+            "run",
+            "--locked",
+            "--quiet",
+            "--package",
+            "xtask",
+            "--",
+            "package",
+            "--compression",
+            "fast",
+            "--binary",
+        ])
         .arg(crate::proc::switcher_bin())
         .arg("--out")
         .arg(out));
@@ -117,10 +128,14 @@ fn the_debian_package_installs_runs_and_purges_in_a_throwaway_root() {
     if !crate::have_root(NAME) {
         return;
     }
-    for (tool, pkg) in [("dpkg-deb", "dpkg"), ("dpkg-shlibdeps", "dpkg-dev"), ("lintian", "lintian"), ("strip", "binutils")]
+    for (tool, pkg) in
+        [("dpkg-deb", "dpkg"), ("dpkg-shlibdeps", "dpkg-dev"), ("lintian", "lintian"), ("strip", "binutils")]
     {
         if !have(tool) {
-            crate::skip(NAME, &format!("{tool} is not installed (apt install {pkg}; ./x installs it when run as root)"));
+            crate::skip(
+                NAME,
+                &format!("{tool} is not installed (apt install {pkg}; ./x installs it when run as root)"),
+            );
             return;
         }
     }
@@ -189,7 +204,9 @@ fn the_debian_package_installs_runs_and_purges_in_a_throwaway_root() {
         let complaints: Vec<String> = text(&out)
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .filter(|l| !l.contains("Unit sysinit.target not found") && !l.contains("Command /bin/kill is not executable"))
+            .filter(|l| {
+                !l.contains("Unit sysinit.target not found") && !l.contains("Command /bin/kill is not executable")
+            })
             .map(str::to_owned)
             .collect();
         assert!(complaints.is_empty(), "systemd-analyze verify:\n{}", complaints.join("\n"));
