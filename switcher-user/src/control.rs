@@ -200,12 +200,32 @@ pub struct Response {
     /// On `status`: how long that count took, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flows_count_took_ms: Option<u64>,
+    /// On `status`: the flow table as the last complete pass over it found it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_table: Option<FlowTable>,
     /// The etcd revision a fleet-wide change was written at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
     /// Fleet mode: this node's view (on `status`), and every node's (on `fleet`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetView>,
+}
+
+/// The entries of the flow table (an LRU: when it is full, a new flow evicts the least
+/// recently used entry, expired or not), by state, from the last complete pass over it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTable {
+    /// Open flows, every service and colour.
+    pub live: u64,
+    /// TCP flows that saw FIN or RST.
+    pub closing: u64,
+    /// Open TCP flows idle past `tcp_idle_timeout_secs`.
+    pub idle: u64,
+    /// Entries of flows that are over, left for the LRU to reuse.
+    pub expired: u64,
+    /// Entries the table holds at most (`max_flows`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
 }
 
 /// The fleet as one node sees it.
@@ -273,6 +293,9 @@ pub struct ServiceStatus {
     /// Cut-overs and rollbacks since the daemon started.
     #[serde(default)]
     pub switches: u64,
+    /// `switches` by kind.
+    #[serde(default)]
+    pub switch_kinds: SwitchKinds,
     /// Seconds since the last switch, if there was one.
     #[serde(default)]
     pub since_switch_secs: Option<u64>,
@@ -283,6 +306,32 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub drain: Option<Drain>,
     pub colours: Vec<ColourStatus>,
+}
+
+/// Switches of a service since the daemon started, by what made them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchKinds {
+    /// Cut-overs asked for (`cutover`, `weight` to 100 %, the fleet's desired state).
+    pub cutover: u64,
+    /// Rollbacks asked for (`rollback`, or the fleet's).
+    pub rollback: u64,
+    /// Rollbacks the daemon made by itself: the new colour failed within `watch_secs`.
+    pub auto_rollback: u64,
+    /// Failovers the daemon made by itself: every backend of the live colour was down.
+    pub failover: u64,
+}
+
+impl SwitchKinds {
+    /// The kinds with their metric label values.
+    #[must_use]
+    pub fn labelled(&self) -> [(&'static str, u64); 4] {
+        [
+            ("cutover", self.cutover),
+            ("rollback", self.rollback),
+            ("auto_rollback", self.auto_rollback),
+            ("failover", self.failover),
+        ]
+    }
 }
 
 /// A canary split.

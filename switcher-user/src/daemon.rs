@@ -358,7 +358,8 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let mut tasks = JoinSet::new();
     tasks.spawn(check_health(Arc::clone(&board), Arc::clone(&audit), fleet.clone()));
     if let Some(addr) = config.metrics {
-        tasks.spawn(crate::metrics::serve(addr, Arc::clone(&board), fleet.clone()));
+        let capacity = u64::from(config.max_flows.unwrap_or(switcher_common::MAX_FLOWS));
+        tasks.spawn(crate::metrics::serve(addr, Arc::clone(&board), fleet.clone(), capacity));
     }
     if let Some(f) = &fleet {
         tracing::info!(node = %f.config.node, endpoints = ?f.config.endpoints, prefix = %f.config.prefix, "fleet mode: following the desired state in etcd");

@@ -56,12 +56,12 @@ mod tests {
     fn the_unit_file_gives_the_largest_configuration_its_descriptors() {
         // Every backend of every service checked: 4,096 services, two colours of 64.
         let most = fds_needed((switcher_common::MAX_SERVICES * 2 * switcher_common::MAX_POOL) as usize);
-        let unit = include_str!("../../dist/switcher.service");
+        let unit = include_str!("../../dist/switcher.service.in");
         let limit: u64 = unit
             .lines()
             .find_map(|l| l.strip_prefix("LimitNOFILE="))
             .and_then(|v| v.trim().parse().ok())
-            .expect("dist/switcher.service sets LimitNOFILE=N");
+            .expect("dist/switcher.service.in sets LimitNOFILE=N");
         assert!(limit >= most, "LimitNOFILE={limit} is below the {most} descriptors the largest configuration needs");
     }
 

@@ -19,6 +19,8 @@ use tokio::{
     net::TcpListener,
 };
 
+use switcher_common::BP_ALL;
+
 use crate::{control::Response, dataplane::Dataplane, fleet::Fleet, switchboard::Switchboard};
 
 type Labels = Vec<(String, String)>;
@@ -38,18 +40,21 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let flows = Family::<Labels, Counter>::default();
     let rescued = Family::<Labels, Counter>::default();
     let open = Family::<Labels, Gauge>::default();
+    let closing = Family::<Labels, Gauge>::default();
     let draining = Family::<Labels, Gauge>::default();
     let backend_up = Family::<Labels, Gauge>::default();
     let colour_healthy = Family::<Labels, Gauge>::default();
     let active = Family::<Labels, Gauge>::default();
-    let canary = Family::<Labels, Gauge>::default();
+    let share = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let cutovers = Family::<Labels, Counter>::default();
     let last_cutover = Family::<Labels, Gauge>::default();
     let verdicts = Family::<Labels, Counter>::default();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
     for s in &status.services {
         let name = s.name.as_str();
-        cutovers.get_or_create(&labels(&[("service", name)])).inc_by(s.switches);
+        for (kind, n) in s.switch_kinds.labelled() {
+            cutovers.get_or_create(&labels(&[("service", name), ("kind", kind)])).inc_by(n);
+        }
         if let Some(ago) = s.since_switch_secs {
             last_cutover.get_or_create(&labels(&[("service", name)])).set(i64::try_from(now - ago).unwrap_or(0));
         }
@@ -64,22 +69,18 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             flows.get_or_create(&sc).inc_by(k.flows);
             rescued.get_or_create(&sc).inc_by(k.rescued);
             open.get_or_create(&sc).set(i64::try_from(c.live_flows).unwrap_or(i64::MAX));
+            closing.get_or_create(&sc).set(i64::try_from(c.closing_flows).unwrap_or(i64::MAX));
             let drain = s.drain.as_ref().filter(|d| d.colour == c.colour).map_or(0, |d| d.live_flows);
             draining.get_or_create(&sc).set(i64::try_from(drain).unwrap_or(i64::MAX));
             colour_healthy.get_or_create(&sc).set(i64::from(c.healthy));
             active.get_or_create(&sc).set(i64::from(s.active == c.colour));
-            let share = match &s.canary {
-                Some(cn) if cn.colour == c.colour => i64::from(cn.basis_points),
-                Some(cn) => 10_000 - i64::from(cn.basis_points),
-                None => {
-                    if s.active == c.colour {
-                        10_000
-                    } else {
-                        0
-                    }
-                }
+            let basis_points = match &s.canary {
+                Some(cn) if cn.colour == c.colour => cn.basis_points,
+                Some(cn) => BP_ALL.saturating_sub(cn.basis_points),
+                None if s.active == c.colour => BP_ALL,
+                None => 0,
             };
-            canary.get_or_create(&sc).set(share);
+            share.get_or_create(&sc).set(f64::from(basis_points) / f64::from(BP_ALL));
             for b in &c.backends {
                 let state = match b.health.as_str() {
                     "up" => 1,
@@ -136,7 +137,27 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
         reg.register("flow_count_pass_seconds", "How long the last pass over the flow table took", pass);
     }
     for (reason, n) in &status.reasons {
-        verdicts.get_or_create(&labels(&[("reason", reason.as_str())])).inc_by(*n);
+        verdicts.get_or_create(&labels(&[("reason", reason.as_str()), ("kind", verdict_kind(reason))])).inc_by(*n);
+    }
+    if let Some(t) = &status.flow_table {
+        let entries = Family::<Labels, Gauge>::default();
+        for (state, n) in [("live", t.live), ("closing", t.closing), ("idle", t.idle), ("expired", t.expired)] {
+            entries.get_or_create(&labels(&[("state", state)])).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        reg.register(
+            "flow_table_entries",
+            "Entries of the flow table by state, from the last pass over it (expired ones wait for the LRU to reuse them)",
+            entries,
+        );
+        if let Some(cap) = t.capacity {
+            let capacity = Gauge::<i64>::default();
+            capacity.set(i64::try_from(cap).unwrap_or(i64::MAX));
+            reg.register(
+                "flow_table_capacity",
+                "Entries the flow table holds (max_flows); when live ones fill it, new flows evict open ones",
+                capacity,
+            );
+        }
     }
     reg.register("packets", "Packets through the data path per service, colour and direction", packets);
     reg.register("bytes", "L3 bytes through the data path per service, colour and direction", bytes);
@@ -147,23 +168,59 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
         rescued,
     );
     reg.register("open_flows", "Open (tracked, not closing) flows per colour", open);
+    reg.register("closing_flows", "TCP flows per colour that saw FIN or RST, kept a few seconds", closing);
     reg.register("draining_flows", "Open flows left on a colour that is draining", draining);
     reg.register("backend_up", "Backend health: 1 up, 0 down, -1 unknown or unchecked", backend_up);
     reg.register("colour_healthy", "Whether a colour can take traffic", colour_healthy);
     reg.register("active", "1 for the active colour of each service", active);
-    reg.register("share_basis_points", "Share of new flows per colour, in 0.01 %", canary);
-    reg.register("cutovers", "Cut-overs, rollbacks and failovers since the daemon started", cutovers);
+    reg.register(
+        "share_ratio",
+        "Share of new flows per colour, 0 to 1 (a canary sends a share to the other colour)",
+        share,
+    );
+    reg.register(
+        "cutovers",
+        "Switches of the active colour since the daemon started, by kind: cutover, rollback, auto_rollback (the watch window saw the new colour fail), failover",
+        cutovers,
+    );
     reg.register("last_cutover_timestamp_seconds", "Unix time of the last switch", last_cutover);
-    reg.register("datapath_verdicts", "Packets per data-path verdict reason (passes, drops, rewrites)", verdicts);
+    reg.register(
+        "datapath_verdicts",
+        "Packets per data-path verdict reason; kind: forwarded (rewritten), passed (not a service's, untouched), dropped, reset (a drain timeout's RST), failed (a service's packet that could not be switched)",
+        verdicts,
+    );
     let mut out = String::new();
     encode(&mut out, &reg)?;
     Ok(out)
 }
 
+/// What a data-path verdict reason means for the packet, as the `kind` label of
+/// `switcher_datapath_verdicts_total` (a function of the reason: it adds no series).
+#[must_use]
+pub fn verdict_kind(reason: &str) -> &'static str {
+    match reason {
+        "fwd_redirect" | "fwd_kernel" | "reply_redirect" | "reply_kernel" | "dsr" | "icmp_fwd" | "icmp_reply" => {
+            "forwarded"
+        }
+        "dsr_no_neigh" => "dropped",
+        "reset" => "reset",
+        "no_backend" | "internal" => "failed",
+        // not_ip, vlan, malformed, fragment, other_l4, no_match, ttl, ipv6_ext, not_live: the
+        // program passes what it does not switch, byte-identical; a reason added later counts
+        // here until it is named above (the unit test lists every known reason).
+        _ => "passed",
+    }
+}
+
 /// Serves `GET /metrics` until the task is aborted: at most
 /// [`crate::limits::METRICS_CONNECTIONS`] connections at once (more are closed as soon as they
 /// are accepted), and a pause after a failed accept instead of a spin.
-pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, fleet: Option<Arc<Fleet>>) {
+pub async fn serve(
+    addr: SocketAddr,
+    board: Arc<Mutex<Switchboard<Dataplane>>>,
+    fleet: Option<Arc<Fleet>>,
+    flow_capacity: u64,
+) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -212,6 +269,9 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, 
                 read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
             let (status, body) = if wanted {
                 let mut snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
+                if let Some(t) = snapshot.as_mut().and_then(|s| s.flow_table.as_mut()) {
+                    t.capacity = Some(flow_capacity);
+                }
                 if let (Some(s), Some(f)) = (&mut snapshot, &fleet) {
                     let names: Vec<String> = s.services.iter().map(|x| x.name.clone()).collect();
                     s.fleet = Some(f.local_view(&names));
@@ -280,6 +340,7 @@ mod tests {
                 name: "web".into(),
                 active: "green".into(),
                 switches: 3,
+                switch_kinds: crate::control::SwitchKinds { cutover: 2, rollback: 0, auto_rollback: 1, failover: 0 },
                 since_switch_secs: Some(5),
                 colours: vec![ColourStatus {
                     colour: "green".into(),
@@ -304,7 +365,14 @@ mod tests {
                 }],
                 ..ServiceStatus::default()
             }],
-            reasons: vec![("no_match".into(), 12)],
+            reasons: vec![("no_match".into(), 12), ("dsr_no_neigh".into(), 2)],
+            flow_table: Some(crate::control::FlowTable {
+                live: 7,
+                closing: 1,
+                idle: 0,
+                expired: 4,
+                capacity: Some(1024),
+            }),
             ..Response::default()
         };
         let text = render(&status).expect("render");
@@ -314,13 +382,38 @@ mod tests {
             "switcher_rescued_flows_total{service=\"web\",colour=\"green\"} 3",
             "switcher_backend_up{service=\"web\",colour=\"green\",backend=\"198.51.100.18:8080\"} 1",
             "switcher_active{service=\"web\",colour=\"green\"} 1",
-            "switcher_cutovers_total{service=\"web\"} 3",
-            "switcher_datapath_verdicts_total{reason=\"no_match\"} 12",
+            "switcher_closing_flows{service=\"web\",colour=\"green\"} 1",
+            "switcher_share_ratio{service=\"web\",colour=\"green\"} 1.0",
+            "switcher_cutovers_total{service=\"web\",kind=\"cutover\"} 2",
+            "switcher_cutovers_total{service=\"web\",kind=\"auto_rollback\"} 1",
+            "switcher_cutovers_total{service=\"web\",kind=\"failover\"} 0",
+            "switcher_datapath_verdicts_total{reason=\"no_match\",kind=\"passed\"} 12",
+            "switcher_datapath_verdicts_total{reason=\"dsr_no_neigh\",kind=\"dropped\"} 2",
+            "switcher_flow_table_entries{state=\"live\"} 7",
+            "switcher_flow_table_entries{state=\"expired\"} 4",
+            "switcher_flow_table_capacity 1024",
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
         assert!(!text.contains("fleet"), "no fleet metrics without a fleet");
+    }
+
+    #[test]
+    fn every_verdict_reason_has_a_kind() {
+        use switcher_common::Reason;
+        let passed = ["not_ip", "vlan", "malformed", "fragment", "other_l4", "no_match", "ttl", "ipv6_ext", "not_live"];
+        for name in Reason::NAMES {
+            let kind = verdict_kind(name);
+            // "passed" is also the fallback: a reason there must be listed as one.
+            assert!(
+                kind != "passed" || passed.contains(&name),
+                "reason {name} falls through to \"passed\": classify it"
+            );
+        }
+        assert_eq!(verdict_kind("dsr_no_neigh"), "dropped");
+        assert_eq!(verdict_kind("no_backend"), "failed");
+        assert_eq!(verdict_kind("fwd_redirect"), "forwarded");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use switcher_common::{BP_ALL, MAX_POOL, user::Colour};
 
 use crate::{
     config::{BackendConfig, CheckKind, DrainAction, ServiceConfig},
-    control::{BackendStatus, Canary, ColourStatus, Drain, Request, Response, ServiceStatus},
+    control::{BackendStatus, Canary, ColourStatus, Drain, FlowTable, Request, Response, ServiceStatus, SwitchKinds},
     dataplane::{Counters, Dataplane, DataplaneError, Installed},
     flowcount::FlowSnapshot,
     health::{BackendHealth, State},
@@ -169,6 +169,7 @@ struct ServiceState {
     canary_bp: u32,
     previous: Option<Colour>,
     switches: u64,
+    switch_kinds: SwitchKinds,
     switched_at: Option<Instant>,
     drain: Option<DrainState>,
     /// What the data path's drain flag was last set to (`Maps::set_draining`).
@@ -191,6 +192,7 @@ impl ServiceState {
             canary_bp: installed.canary_bp,
             previous: installed.previous,
             switches: 0,
+            switch_kinds: SwitchKinds::default(),
             switched_at: None,
             drain: None,
             // Unknown until written: a flag left set by a daemon that stopped mid-drain is
@@ -320,6 +322,9 @@ pub fn percent(bp: u32) -> String {
     format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
+/// The verb of a rollback the daemon made by itself (the watch window saw the new colour fail).
+const AUTO_ROLLBACK: &str = "rolled back automatically";
+
 /// A change the switchboard made, for the audit log: `what` happened to `service`, `from` → `to`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
@@ -447,7 +452,7 @@ impl<M: Maps> Switchboard<M> {
         if s.active == target && s.canary_bp == canary {
             return self.answer(i, format!("{name}: already on {target}, nothing changed"), None);
         }
-        self.may_switch(i, target, verb == "rolled back", force)?;
+        self.may_switch(i, target, verb.starts_with("rolled back"), force)?;
         let s = &self.services[i];
         let from = s.active;
         let previous = if from == target { s.previous } else { Some(from) };
@@ -473,6 +478,13 @@ impl<M: Maps> Switchboard<M> {
         if from != target {
             s.previous = previous;
             s.switches += 1;
+            let kinds = &mut s.switch_kinds;
+            *match verb {
+                "rolled back" => &mut kinds.rollback,
+                AUTO_ROLLBACK => &mut kinds.auto_rollback,
+                "failed over" => &mut kinds.failover,
+                _ => &mut kinds.cutover,
+            } += 1;
             s.switched_at = Some(Instant::now());
             s.drain = Some(DrainState { from, started: Instant::now(), timeout, initial });
             s.draining_flag = false;
@@ -743,7 +755,7 @@ impl<M: Maps> Switchboard<M> {
         };
         let why = s.why_unhealthy(active);
         tracing::warn!(service = %name, from = %active, to = %target, "{verb}: every {active} backend failed its health checks ({why})");
-        match self.switch(i, target, 0, None, if verb == "auto-rollback" { "rolled back" } else { "failed over" }, true)
+        match self.switch(i, target, 0, None, if verb == "auto-rollback" { AUTO_ROLLBACK } else { "failed over" }, true)
         {
             Ok((_, change)) => change.map(|c| Change { what: verb.into(), ..c }).into_iter().collect(),
             Err(e) => {
@@ -945,6 +957,16 @@ impl<M: Maps> Switchboard<M> {
             reasons,
             flows_counted_ms_ago: counted.map(|c| ms(c.age())),
             flows_count_took_ms: counted.map(|c| ms(c.finished - c.started)),
+            flow_table: counted.map(|c| {
+                let mut t = c.counts.values().fold(FlowTable::default(), |mut t, n| {
+                    t.live += n.live;
+                    t.closing += n.closing;
+                    t.idle += n.idle;
+                    t
+                });
+                t.expired = c.walked.saturating_sub(t.live + t.closing + t.idle);
+                t
+            }),
             ..Response::default()
         })
     }
@@ -988,6 +1010,7 @@ impl<M: Maps> Switchboard<M> {
                 .then(|| Canary { colour: s.active.other().to_string(), basis_points: s.canary_bp }),
             previous: s.previous.map(|c| c.to_string()),
             switches: s.switches,
+            switch_kinds: s.switch_kinds,
             since_switch_secs: s.switched_at.map(|t| t.elapsed().as_secs()),
             watch_secs_left: s.watch_until.and_then(|t| t.checked_duration_since(Instant::now())).map(|d| d.as_secs()),
             drain: s.drain.as_ref().map(|d| Drain {
@@ -1268,6 +1291,8 @@ pub(crate) mod tests {
         assert!(r.ok, "{r:?}");
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
         assert_eq!(r.services[0].switches, 2);
+        let kinds = r.services[0].switch_kinds;
+        assert_eq!((kinds.cutover, kinds.rollback, kinds.auto_rollback, kinds.failover), (1, 1, 0, 0));
     }
 
     #[test]
@@ -1356,6 +1381,20 @@ pub(crate) mod tests {
         b.tick();
         assert!(b.services[0].drain.is_none(), "no node holds any: the drain is over");
         assert_eq!(b.maps.draining.get(&0), Some(&false), "and the data path is told");
+    }
+
+    #[test]
+    fn status_counts_the_flow_table_by_state() {
+        let mut b = board();
+        let counts = HashMap::from([
+            ((0, Colour::Blue), FlowCounts { live: 3, closing: 1, idle: 2 }),
+            ((0, Colour::Green), FlowCounts { live: 4, closing: 0, idle: 0 }),
+        ]);
+        let mut pass = FlowSnapshot::now(counts, 7);
+        pass.walked = 15;
+        b.maps.frozen = Some(Arc::new(pass));
+        let t = b.status(None).expect("status").flow_table.expect("a pass was made");
+        assert_eq!((t.live, t.closing, t.idle, t.expired), (7, 1, 2, 5));
     }
 
     #[test]
@@ -1511,6 +1550,8 @@ pub(crate) mod tests {
             ("auto-rollback", "green", "blue")
         );
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
+        let kinds = b.status(Some("web")).expect("status").services[0].switch_kinds;
+        assert_eq!((kinds.cutover, kinds.rollback, kinds.auto_rollback, kinds.failover), (1, 0, 1, 0));
     }
 
     #[test]
@@ -1526,6 +1567,8 @@ pub(crate) mod tests {
         let changes = probe(&mut b, "198.51.100.2:8080", false);
         assert_eq!(changes.first().map(|c| c.what.as_str()), Some("failover"));
         assert_eq!(b.services[0].active, Colour::Green);
+        let kinds = b.status(Some("web")).expect("status").services[0].switch_kinds;
+        assert_eq!((kinds.cutover, kinds.rollback, kinds.auto_rollback, kinds.failover), (0, 0, 0, 1));
         // Green dies too: nowhere to go, nothing changes.
         b.services[0].config.health.fall = 1;
         assert!(probe(&mut b, "198.51.100.18:8080", false).is_empty());

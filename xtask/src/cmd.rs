@@ -12,7 +12,7 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-fn run(mut cmd: Command) -> anyhow::Result<()> {
+pub(crate) fn run(mut cmd: Command) -> anyhow::Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("run {shown}"))?;
     if !status.success() {
@@ -22,12 +22,12 @@ fn run(mut cmd: Command) -> anyhow::Result<()> {
 }
 
 /// The workspace root (xtask lives one level below it).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map_or(manifest.clone(), std::path::Path::to_path_buf)
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
@@ -152,6 +152,7 @@ pub fn install(prefix: &std::path::Path, destdir: &std::path::Path) -> anyhow::R
     build(true)?;
     let bin = target_dir().join("release").join("switcher");
     let under = |p: &std::path::Path| destdir.join(p.strip_prefix("/").unwrap_or(p));
+    let prefix_arg = prefix;
     let prefix = under(prefix);
     let place = |from: &std::path::Path, to: &std::path::Path, mode: u32, replace: bool| -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
@@ -169,12 +170,15 @@ pub fn install(prefix: &std::path::Path, destdir: &std::path::Path) -> anyhow::R
     };
     let dist = root().join("dist");
     place(&bin, &prefix.join("bin/switcher"), 0o755, true)?;
-    place(
-        &dist.join("switcher.service"),
-        &under(std::path::Path::new("/etc/systemd/system/switcher.service")),
-        0o644,
-        true,
-    )?;
+    // The unit runs the binary from where it was installed (`prefix`/bin, as seen from the
+    // installed system, not from `destdir`).
+    let bindir = std::path::Path::new("/").join(prefix_arg).join("bin");
+    let unit = under(std::path::Path::new("/etc/systemd/system/switcher.service"));
+    if let Some(dir) = unit.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    std::fs::write(&unit, crate::package::unit(&bindir)?).with_context(|| format!("write {}", unit.display()))?;
+    println!("installed {} (runs {}/switcher)", unit.display(), bindir.display());
     place(&dist.join("60-switcher.conf"), &under(std::path::Path::new("/etc/sysctl.d/60-switcher.conf")), 0o644, true)?;
     // An operator's config is never overwritten.
     place(&dist.join("switcher.toml"), &under(std::path::Path::new("/etc/switcher/switcher.toml")), 0o640, false)?;
@@ -194,6 +198,12 @@ pub fn install(prefix: &std::path::Path, destdir: &std::path::Path) -> anyhow::R
     generated(&["completions", "bash"], prefix.join("share/bash-completion/completions/switcher"))?;
     generated(&["completions", "zsh"], prefix.join("share/zsh/site-functions/_switcher"))?;
     generated(&["completions", "fish"], prefix.join("share/fish/vendor_completions.d/switcher.fish"))?;
+    for (from, to) in [
+        ("grafana/switcher.json", "share/switcher/grafana/switcher.json"),
+        ("prometheus/switcher-alerts.yml", "share/switcher/prometheus/switcher-alerts.yml"),
+    ] {
+        place(&dist.join(from), &prefix.join(to), 0o644, true)?;
+    }
     if destdir == std::path::Path::new("/") {
         let booted = std::path::Path::new("/run/systemd/system").exists();
         if booted {

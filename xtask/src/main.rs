@@ -2,6 +2,7 @@
 //! this, so `./x test` and `./x demo` work on a fresh machine.
 
 mod cmd;
+mod package;
 
 use clap::{Parser, Subcommand};
 
@@ -54,6 +55,25 @@ enum Command {
     Lint,
     /// Build a release binary and install it with its systemd unit, example config, sysctl
     /// settings, shell completions and man page.
+    /// Build a Debian package (.deb) with dpkg-deb: the binary in /usr/bin, the systemd unit,
+    /// sysctl settings, the example config (a conffile), completions, man page, logrotate
+    /// stanza, Grafana dashboard and Prometheus alerts. README: "Installing the package".
+    ///
+    /// Example: ./x package && sudo apt install ./target/debian/switcher_*.deb
+    Package {
+        /// Package this binary instead of building the release binary (CI reuses one it built).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+        /// Write the .deb into this directory (default: target/debian).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+        /// The package's Maintainer field (default: $DEBFULLNAME <$DEBEMAIL>, else the project).
+        #[arg(long)]
+        maintainer: Option<String>,
+        /// How the package's files are compressed.
+        #[arg(long, value_enum, default_value = "xz")]
+        compression: package::Compression,
+    },
     Install {
         /// Where binaries and docs go.
         #[arg(long, default_value = "/usr/local")]
@@ -77,6 +97,14 @@ fn main() -> std::process::ExitCode {
         Command::Bench { quick, out } => cmd::bench(quick, out.as_deref()),
         Command::Lint => cmd::lint(),
         Command::Install { prefix, destdir } => cmd::install(&prefix, &destdir),
+        Command::Package { binary, out, maintainer, compression } => {
+            let maintainer =
+                maintainer.unwrap_or_else(|| match (std::env::var("DEBFULLNAME"), std::env::var("DEBEMAIL")) {
+                    (Ok(name), Ok(mail)) if !name.is_empty() && !mail.is_empty() => format!("{name} <{mail}>"),
+                    _ => "switcher developers <switcher@packages.invalid>".to_owned(),
+                });
+            package::package(&package::Options { binary, out, maintainer, compression }).map(|_| ())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

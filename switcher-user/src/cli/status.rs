@@ -186,6 +186,7 @@ mod tests {
                 canary: None,
                 previous: Some("blue".into()),
                 switches: 1,
+                switch_kinds: switcher_user::control::SwitchKinds { cutover: 1, ..Default::default() },
                 since_switch_secs: Some(3),
                 watch_secs_left: None,
                 drain: Some(Drain {

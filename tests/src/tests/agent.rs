@@ -175,6 +175,15 @@ fn a_failing_new_colour_is_rolled_back_automatically() {
     let audit = std::fs::read_to_string(d.dir.join("audit.log")).expect("audit log");
     assert!(audit.contains("cut-over web blue -> green") && audit.contains("uid=0(root)"), "{audit}");
     assert!(audit.contains("auto-rollback web green -> blue"), "{audit}");
+    // The metric tells it from the operator's cut-over (the SwitcherAutomaticSwitch alert).
+    let metrics = crate::flows::scrape(&t.lb);
+    for line in [
+        "switcher_cutovers_total{service=\"web\",kind=\"cutover\"} 1",
+        "switcher_cutovers_total{service=\"web\",kind=\"auto_rollback\"} 1",
+        "switcher_cutovers_total{service=\"web\",kind=\"rollback\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in:\n{metrics}");
+    }
 }
 
 #[test]
@@ -191,6 +200,8 @@ fn a_dead_live_colour_fails_over() {
     let over = wait_for(Duration::from_secs(10), || (active(&d, "web") == "green").then_some(()));
     assert!(over.is_some(), "blue died but web did not fail over:\n{}", d.log());
     assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request after failover").0), "green");
+    let metrics = crate::flows::scrape(&t.lb);
+    assert!(metrics.contains("switcher_cutovers_total{service=\"web\",kind=\"failover\"} 1"), "{metrics}");
 }
 
 #[test]
@@ -279,7 +290,7 @@ fn metrics_are_served_on_loopback() {
         "switcher_packets_total{service=\"web\",colour=\"blue\",direction=\"request\"}",
         "switcher_backend_up{service=\"web\",colour=\"blue\",backend=\"198.51.100.2:8080\"} 1",
         "switcher_active{service=\"web\",colour=\"blue\"} 1",
-        "switcher_datapath_verdicts_total{reason=\"fwd_redirect\"}",
+        "switcher_datapath_verdicts_total{reason=\"fwd_redirect\",kind=\"forwarded\"}",
         "# EOF",
     ] {
         assert!(body.contains(needle), "missing {needle} in:\n{body}");

@@ -6,6 +6,8 @@ mod direct;
 mod e2e;
 mod fleet;
 mod hostile;
+mod observability;
+mod package;
 mod production;
 mod prog_test_run;
 mod reliability;
