@@ -20,13 +20,14 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use switcher_common::{
-    BackendKey, FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
-    MAX_POOL, PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
-    SERVICE_PREVIEW, Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot,
-    reply_belongs, ring_table, starts_flow, state_canary_bp, state_second_chance,
+    FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL,
+    PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW,
+    Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, reply_belongs,
+    ring_table, starts_flow, state_canary_bp, state_second_chance,
 };
 
 use crate::{
+    mem,
     nat::{self, Scratch, Verdict},
     parse::Packet,
     prog::{BACKENDS, COUNTERS, FLOWS, NOW, REVERSE, RING, RING_LIVE, STATE, UDP_IDLE_NS},
@@ -59,7 +60,7 @@ pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
     if !touch(flow, pkt.proto, pkt.tcp_flags) {
         return Verdict::UNHANDLED;
     }
-    s.flow = *flow;
+    mem::copy(&mut s.flow, flow);
     forward_tracked(pkt, s, s.flow.flags & FLOW_DSR != 0)
 }
 
@@ -152,7 +153,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
         // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
         let flow = unsafe { &mut *p };
         if touch(flow, pkt.proto, pkt.tcp_flags) {
-            s.flow = *flow;
+            mem::copy(&mut s.flow, flow);
             have = true;
         }
     }
@@ -217,7 +218,7 @@ fn new_flow(
     if !backend.is_set() {
         return Err(Reason::NO_BACKEND);
     }
-    flow.backend = *backend;
+    mem::copy(&mut flow.backend, backend);
     flow.service = service.id;
     flow.colour = colour as u8;
     let mode = if service.flags & SERVICE_DSR != 0 { FLOW_KNOWN | FLOW_DSR } else { FLOW_KNOWN };
@@ -245,10 +246,12 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 /// stack); it returns one pointer-sized value.
 #[inline(never)]
 pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
-    let k = &s.key;
-    s.backend = BackendKey { addr: k.src, port: k.sport, proto: k.proto, family: k.family };
-    s.other.src = k.dst;
-    s.other.sport = k.dport;
+    mem::copy(&mut s.backend.addr, &s.key.src);
+    s.backend.port = s.key.sport;
+    s.backend.proto = s.key.proto;
+    s.backend.family = s.key.family;
+    mem::copy(&mut s.other.src, &s.key.dst);
+    s.other.sport = s.key.dport;
     let flow = flow_of_backend(s)?;
     if flow.flags & FLOW_DIRECT != 0 {
         s.miss = Reason::NOT_LIVE.0;
@@ -276,7 +279,7 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
             break;
         }
         let to = &reverse.to[i];
-        other.dst = to.vip;
+        mem::copy(&mut other.dst, &to.vip);
         other.dport = to.port;
         if let Some(p) = FLOWS.get_ptr_mut(other) {
             // SAFETY: a live map value; it stays valid while the program runs (RCU).
@@ -301,10 +304,12 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
 /// the main frame small.
 #[inline(never)]
 pub fn direct(s: &mut Scratch) -> u64 {
-    let k = &s.key;
-    s.backend = BackendKey { addr: k.dst, port: k.dport, proto: k.proto, family: k.family };
-    s.other.src = k.src;
-    s.other.sport = k.sport;
+    mem::copy(&mut s.backend.addr, &s.key.dst);
+    s.backend.port = s.key.dport;
+    s.backend.proto = s.key.proto;
+    s.backend.family = s.key.family;
+    mem::copy(&mut s.other.src, &s.key.src);
+    s.other.sport = s.key.sport;
     match flow_of_backend(s) {
         Some(flow) => {
             flow.flags |= FLOW_DIRECT;

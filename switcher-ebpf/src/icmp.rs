@@ -48,7 +48,7 @@ pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
         if !crate::flow::live(flow, inner_proto) {
             return Verdict::pass(Reason::NOT_LIVE);
         }
-        scratch.flow.backend = flow.backend;
+        crate::mem::copy(&mut scratch.flow.backend, &flow.backend);
         (Side::Dst, Side::Src, Reason::ICMP_FWD)
     } else {
         // Backend → client about the client's packet: from the VIP, quoting what the client
@@ -57,7 +57,7 @@ pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
         if !crate::flow::live(flow, inner_proto) {
             return Verdict::pass(Reason::NOT_LIVE);
         }
-        scratch.flow.backend.addr = scratch.other.dst;
+        crate::mem::copy(&mut scratch.flow.backend.addr, &scratch.other.dst);
         scratch.flow.backend.port = scratch.other.dport;
         (Side::Src, Side::Dst, Reason::ICMP_REPLY)
     };

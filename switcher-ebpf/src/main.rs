@@ -18,6 +18,8 @@ mod flow;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
+mod mem;
+#[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -145,13 +147,20 @@ mod prog {
         if pkt.icmp != 0 {
             return Ok(icmp::translate(&pkt, scratch));
         }
+        // Traffic of no service and no backend leaves on its ports alone, before any key is
+        // built: two array lookups.
+        // SAFETY: bounds-checked by the parser.
+        let (sport, dport) = unsafe { ((*pkt.ports).src, (*pkt.ports).dst) };
+        let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
+        let dport_bits = port_bits(dport);
+        let from_backend = port_bits(sport) & PORT_BACKEND != 0;
+        if dport_bits == 0 && !from_backend {
+            return Err(Reason::NO_MATCH);
+        }
         pkt.write_flow_key(&mut scratch.key);
         let key = &scratch.key;
-        let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
-        let dport_bits = port_bits(key.dport);
         let to_service =
             dport_bits & PORT_SERVICE != 0 && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
-        let from_backend = port_bits(key.sport) & PORT_BACKEND != 0;
         let to_backend_port = dport_bits & PORT_BACKEND != 0;
         if to_service {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };

@@ -188,8 +188,8 @@ pub fn reply(pkt: &Packet, vip: &[u8; 16], port: [u8; 2], fib: &mut FibParams) -
 /// Fills the FIB parameters for `dst` from the packet's header.
 #[inline(always)]
 fn fib_params(pkt: &Packet, dst: &[u8; 16], fib: &mut FibParams) {
-    // SAFETY: the params are plain integers; zero is a valid start.
-    unsafe { core::ptr::write_bytes(fib as *mut FibParams, 0, 1) };
+    // The params are plain integers: zero is a valid start.
+    crate::mem::zero(fib);
     fib.ifindex = pkt.ifindex;
     fib.__bindgen_anon_1.tot_len = pkt.ip_len;
     let src = pkt.ip.src();
@@ -231,9 +231,9 @@ fn transmit(pkt: &Packet, fib: &FibParams) -> u32 {
     // SAFETY: the Ethernet header was bounds-checked by the parser; the union was filled by
     // the helper.
     unsafe {
-        let macs = fib.__bindgen_anon_6.__bindgen_anon_2;
-        (*pkt.eth).dst_addr = macs.dmac;
-        (*pkt.eth).src_addr = macs.smac;
+        let macs = &fib.__bindgen_anon_6.__bindgen_anon_2;
+        crate::mem::copy(&mut (*pkt.eth).dst_addr, &macs.dmac);
+        crate::mem::copy(&mut (*pkt.eth).src_addr, &macs.smac);
     }
     if fib.ifindex == pkt.ifindex {
         return xdp_action::XDP_TX;

@@ -113,7 +113,6 @@ pub fn generated_services(n: u16, extra: &str) -> String {
     out
 }
 
-
 /// The pin root of the daemon whose socket is `socket`: `bpf/` next to it, where
 /// [`Daemon::start`] mounts a bpffs of the test's own.
 #[must_use]
