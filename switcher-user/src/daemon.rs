@@ -22,10 +22,10 @@ use tokio::{
 use crate::{
     accounts,
     config::{Config, ServiceConfig, group_id},
-    control::{self, Request, Response},
     dataplane::Dataplane,
     fleet::Fleet,
     health, limits,
+    protocol::{self as control, Request, Response},
     switchboard::{Change, Switchboard},
 };
 

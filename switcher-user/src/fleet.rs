@@ -34,12 +34,11 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
     WatchFilterType, WatchOptions,
 };
-use serde::{Deserialize, Serialize};
 use switcher_common::{BP_ALL, user::Colour};
 
 use crate::{
     config::{BackendConfig, FleetConfig},
-    control::{FleetService, FleetView, Request, Response},
+    protocol::{Desired, FleetService, FleetView, NodeService, NodeState, Request, Response, Scope, SharedBackend},
     switchboard::{Change, Maps, RemoteDrains, Switchboard, edit_pool, percent},
 };
 
@@ -59,80 +58,6 @@ const PENDING: i64 = i64::MAX;
 /// How long a change waits for this node to apply it before answering.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
 
-/// What the fleet wants of one service.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Desired {
-    /// "blue" or "green".
-    pub active: String,
-    /// Share of new flows for the other colour, in 0.01 %.
-    #[serde(default)]
-    pub canary_bp: u32,
-    /// The colour a rollback goes back to.
-    #[serde(default)]
-    pub previous: Option<String>,
-    /// Drain timeout of the switch that wrote this (none: the service's own).
-    #[serde(default)]
-    pub drain_timeout_secs: Option<u64>,
-    /// The change that wrote this was a rollback: nodes apply it as one, which never arms the
-    /// watch window (an automatic rollback would otherwise go forward again to the colour
-    /// just rolled back).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub rollback: bool,
-    /// Shared pools (`share_backends`); absent: each node uses its own config's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blue: Option<Vec<SharedBackend>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub green: Option<Vec<SharedBackend>>,
-    /// What the last change was ("cutover blue → green"), who made it and when.
-    #[serde(default)]
-    pub change: String,
-    #[serde(default)]
-    pub changed_by: String,
-    #[serde(default)]
-    pub at_unix: u64,
-}
-
-/// A backend in a shared pool.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SharedBackend {
-    pub address: String,
-    pub weight: u32,
-}
-
-/// What a node publishes about itself, when it changes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeState {
-    pub node: String,
-    /// When it was published.
-    pub at_unix: u64,
-    pub services: Vec<NodeService>,
-}
-
-/// One service on one node.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeService {
-    pub name: String,
-    pub active: String,
-    #[serde(default)]
-    pub canary_bp: u32,
-    /// The revision of the desired state it applied last (0: none yet).
-    pub applied_revision: i64,
-    /// Why it does not follow the desired state, if it does not.
-    #[serde(default)]
-    pub local_override: Option<String>,
-    /// Open flows on the active colour at the last count (published again when it moves by a
-    /// quarter, or reaches or leaves zero).
-    #[serde(default)]
-    pub live_flows: u64,
-    /// The colour draining and its open flows (published again when they change).
-    #[serde(default)]
-    pub draining: Option<(String, u64)>,
-    #[serde(default)]
-    pub healthy_blue: bool,
-    #[serde(default)]
-    pub healthy_green: bool,
-}
-
 /// The switch state a desired state asks for, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -146,48 +71,43 @@ pub struct Target {
     pub rollback: bool,
 }
 
-fn parse_colour(c: &str) -> Result<Colour, String> {
-    c.parse::<Colour>().map_err(|e| format!("{c:?}: {e}"))
-}
-
-impl Desired {
-    /// The state it asks for; a document no switcher wrote is an error, not a panic.
-    ///
-    /// # Errors
-    /// What is wrong with it.
-    pub fn target(&self) -> Result<Target, String> {
-        if self.canary_bp > BP_ALL {
-            return Err(format!("canary_bp {} is above {BP_ALL}", self.canary_bp));
-        }
-        let pool = |p: &Option<Vec<SharedBackend>>| -> Result<Option<Vec<BackendConfig>>, String> {
-            p.as_ref()
-                .map(|list| {
-                    list.iter()
-                        .map(|b| {
-                            let addr = b.address.parse().map_err(|_| format!("{:?} is not ADDRESS:PORT", b.address))?;
-                            if b.weight > 1000 {
-                                return Err(format!("{}: weight {} is above 1000", b.address, b.weight));
-                            }
-                            Ok(BackendConfig { addr, weight: b.weight })
-                        })
-                        .collect()
-                })
-                .transpose()
-        };
-        let pools = match (pool(&self.blue)?, pool(&self.green)?) {
-            (Some(b), Some(g)) => Some([b, g]),
-            (None, None) => None,
-            _ => return Err("a shared state has both pools or neither".into()),
-        };
-        Ok(Target {
-            active: parse_colour(&self.active)?,
-            canary_bp: self.canary_bp,
-            previous: self.previous.as_deref().map(parse_colour).transpose()?,
-            drain: self.drain_timeout_secs.map(Duration::from_secs),
-            pools,
-            rollback: self.rollback,
-        })
+/// The state a desired state asks for; a document no switcher wrote is an error, not a panic
+/// (its colours were checked when it was parsed).
+///
+/// # Errors
+/// What is wrong with it.
+pub fn target(d: &Desired) -> Result<Target, String> {
+    if d.canary_bp > BP_ALL {
+        return Err(format!("canary_bp {} is above {BP_ALL}", d.canary_bp));
     }
+    let pool = |p: &Option<Vec<SharedBackend>>| -> Result<Option<Vec<BackendConfig>>, String> {
+        p.as_ref()
+            .map(|list| {
+                list.iter()
+                    .map(|b| {
+                        let addr = b.address.parse().map_err(|_| format!("{:?} is not ADDRESS:PORT", b.address))?;
+                        if b.weight > 1000 {
+                            return Err(format!("{}: weight {} is above 1000", b.address, b.weight));
+                        }
+                        Ok(BackendConfig { addr, weight: b.weight })
+                    })
+                    .collect()
+            })
+            .transpose()
+    };
+    let pools = match (pool(&d.blue)?, pool(&d.green)?) {
+        (Some(b), Some(g)) => Some([b, g]),
+        (None, None) => None,
+        _ => return Err("a shared state has both pools or neither".into()),
+    };
+    Ok(Target {
+        active: d.active,
+        canary_bp: d.canary_bp,
+        previous: d.previous,
+        drain: d.drain_timeout_secs.map(Duration::from_secs),
+        pools,
+        rollback: d.rollback,
+    })
 }
 
 fn shared(pool: &[BackendConfig]) -> Vec<SharedBackend> {
@@ -202,9 +122,9 @@ fn now_unix() -> u64 {
 fn seed<M: Maps>(board: &Switchboard<M>, name: &str, node: &str, share: bool) -> Option<Desired> {
     let (active, canary_bp, previous, config) = board.snapshot(name)?;
     Some(Desired {
-        active: active.to_string(),
+        active,
         canary_bp,
-        previous: previous.map(|c| c.to_string()),
+        previous,
         drain_timeout_secs: None,
         rollback: false,
         blue: share.then(|| shared(&config.blue)),
@@ -226,19 +146,19 @@ pub fn plan<M: Maps>(
     cur: &Desired,
     share: bool,
 ) -> Result<Option<Desired>, String> {
-    let t = cur.target()?;
+    let t = target(cur)?;
     let mut next = Desired { drain_timeout_secs: None, rollback: false, ..cur.clone() };
     let what = match req {
         Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
-            let target = colour.as_deref().map(parse_colour).transpose()?.unwrap_or(t.active.other());
+            let target = colour.unwrap_or(t.active.other());
             if target == t.active && t.canary_bp == 0 {
                 return Ok(None);
             }
             board.check_switch(service, target, false, *force)?;
-            next.active = target.to_string();
+            next.active = target;
             next.canary_bp = 0;
             if target != t.active {
-                next.previous = Some(t.active.to_string());
+                next.previous = Some(t.active);
             }
             next.drain_timeout_secs = *drain_timeout_secs;
             format!("cutover {} → {target}", t.active)
@@ -251,14 +171,14 @@ pub fn plan<M: Maps>(
                 ));
             };
             board.check_switch(service, previous, true, *force)?;
-            next.active = previous.to_string();
+            next.active = previous;
             next.canary_bp = 0;
-            next.previous = Some(t.active.to_string());
+            next.previous = Some(t.active);
             next.rollback = true;
             format!("rollback {} → {previous}", t.active)
         }
         Request::Weight { service, colour, basis_points, force, .. } => {
-            let c = parse_colour(colour)?;
+            let c = *colour;
             if *basis_points > BP_ALL {
                 return Err(format!("{} is more than 100%", percent(*basis_points)));
             }
@@ -266,10 +186,10 @@ pub fn plan<M: Maps>(
             if canary == BP_ALL {
                 let cut = Request::Cutover {
                     service: service.clone(),
-                    colour: Some(t.active.other().to_string()),
+                    colour: Some(t.active.other()),
                     drain_timeout_secs: None,
                     force: *force,
-                    scope: crate::control::Scope::default(),
+                    scope: Scope::default(),
                 };
                 return plan(board, &cut, cur, share);
             }
@@ -287,7 +207,7 @@ pub fn plan<M: Maps>(
                 Request::BackendAdd { weight, .. } => Some(weight.unwrap_or(1)),
                 _ => None,
             };
-            let c = parse_colour(colour)?;
+            let c = *colour;
             let (_, _, _, config) = board.snapshot(service).ok_or_else(|| format!("unknown service {service:?}"))?;
             let [mut blue, mut green] = t.pools.unwrap_or([config.blue.clone(), config.green.clone()]);
             let pool = if c == Colour::Blue { &mut blue } else { &mut green };
@@ -487,7 +407,7 @@ impl Fleet {
             return None;
         }
         drop(st);
-        let result = desired.target().and_then(|t| {
+        let result = target(&desired).and_then(|t| {
             let mut b = board.lock().map_err(|_| "daemon state poisoned".to_owned())?;
             if b.snapshot(name).is_none() {
                 return Err(format!("{name} is in the fleet's desired state but not configured on this node"));
@@ -558,7 +478,7 @@ impl Fleet {
         };
         if resp.ok && change.is_some() {
             self.note_override(&name, why.clone());
-            let desired = self.lock().desired.get(&name).map(|(d, r)| (d.active.clone(), *r));
+            let desired = self.lock().desired.get(&name).map(|(d, r)| (d.active, *r));
             let note = match (error, desired) {
                 (Some(e), Some((active, rev))) => format!(
                     "\nnote: etcd is unreachable ({e}): applied on node {} only. The fleet's desired state still says {active} (revision {rev}); this node keeps its own until that changes.",
@@ -780,10 +700,10 @@ impl Fleet {
                 .map(|o| NodeService {
                     applied_revision: st.applied.get(&o.name).copied().unwrap_or(0),
                     local_override: st.not_following(&o.name),
-                    active: o.active.to_string(),
+                    active: o.active,
                     canary_bp: o.canary_bp,
                     live_flows: o.live_flows,
-                    draining: o.draining.map(|(c, n)| (c.to_string(), n)),
+                    draining: o.draining,
                     healthy_blue: o.healthy[0],
                     healthy_green: o.healthy[1],
                     name: o.name,
@@ -1115,11 +1035,7 @@ fn news(last: Option<&NodeState>, next: &NodeState) -> News {
         services: n
             .services
             .iter()
-            .map(|s| NodeService {
-                live_flows: 0,
-                draining: s.draining.as_ref().map(|(c, _)| (c.clone(), 0)),
-                ..s.clone()
-            })
+            .map(|s| NodeService { live_flows: 0, draining: s.draining.map(|(c, _)| (c, 0)), ..s.clone() })
             .collect(),
         ..n.clone()
     };
@@ -1221,34 +1137,35 @@ mod tests {
     use super::*;
 
     fn desired(active: &str) -> Desired {
-        Desired { active: active.into(), ..Desired::default() }
+        Desired::of(active.parse().expect("a colour"))
     }
 
     #[test]
     fn desired_states_are_checked_not_trusted() {
-        let t = desired("green").target().expect("valid");
+        let t = target(&desired("green")).expect("valid");
         assert_eq!((t.active, t.canary_bp, t.previous, t.pools), (Colour::Green, 0, None, None));
-        assert!(desired("red").target().is_err());
-        assert!(Desired { canary_bp: 10_001, ..desired("blue") }.target().is_err());
+        let red = serde_json::from_str::<Desired>(r#"{"active":"red"}"#).expect_err("not a colour");
+        assert!(red.to_string().contains("\"red\": unknown colour"), "{red}");
+        assert!(target(&Desired { canary_bp: 10_001, ..desired("blue") }).is_err());
         let half = Desired {
             blue: Some(vec![SharedBackend { address: "198.51.100.2:80".into(), weight: 1 }]),
             ..desired("blue")
         };
-        assert!(half.target().expect_err("one pool only").contains("both pools"));
+        assert!(target(&half).expect_err("one pool only").contains("both pools"));
         let bad = Desired {
             blue: Some(vec![SharedBackend { address: "nowhere".into(), weight: 1 }]),
             green: Some(vec![]),
             ..desired("blue")
         };
-        assert!(bad.target().is_err());
+        assert!(target(&bad).is_err());
         let ok = Desired {
             blue: Some(vec![SharedBackend { address: "198.51.100.2:80".into(), weight: 3 }]),
             green: Some(vec![]),
-            previous: Some("green".into()),
+            previous: Some(Colour::Green),
             drain_timeout_secs: Some(5),
             ..desired("blue")
         };
-        let t = ok.target().expect("valid");
+        let t = target(&ok).expect("valid");
         assert_eq!(t.pools.map(|[b, g]| (b.len(), b[0].weight, g.len())), Some((1, 3, 0)));
         assert_eq!((t.previous, t.drain), (Some(Colour::Green), Some(Duration::from_secs(5))));
         // Unknown JSON is an error, never a panic.
@@ -1257,74 +1174,69 @@ mod tests {
         }
     }
 
-    fn req_cutover(colour: Option<&str>) -> Request {
+    fn req_cutover(colour: Option<Colour>) -> Request {
         Request::Cutover {
             service: "web".into(),
-            colour: colour.map(Into::into),
+            colour,
             drain_timeout_secs: Some(30),
             force: false,
-            scope: crate::control::Scope::default(),
+            scope: Scope::default(),
         }
     }
 
     #[test]
     fn changes_are_planned_from_the_desired_state_not_the_local_one() {
         let b = crate::switchboard::tests::board();
-        let blue = Desired { active: "blue".into(), ..Desired::default() };
+        let blue = desired("blue");
         // A cut-over to the idle colour records where it came from and its drain timeout.
         let next = plan(&b, &req_cutover(None), &blue, false).expect("ok").expect("a change");
         assert_eq!(
-            (next.active.as_str(), next.previous.as_deref(), next.drain_timeout_secs),
-            ("green", Some("blue"), Some(30))
+            (next.active, next.previous, next.drain_timeout_secs),
+            (Colour::Green, Some(Colour::Blue), Some(30))
         );
         assert_eq!(next.change, "cutover blue → green");
         // Nothing to do is not a write.
-        assert_eq!(plan(&b, &req_cutover(Some("blue")), &blue, false), Ok(None));
+        assert_eq!(plan(&b, &req_cutover(Some(Colour::Blue)), &blue, false), Ok(None));
         // A rollback needs a previous colour in the *desired* state.
-        let rollback =
-            Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
+        let rollback = Request::Rollback { service: "web".into(), force: false, scope: Scope::default() };
         let e = plan(&b, &rollback, &blue, false).expect_err("nothing to roll back");
         assert!(e.contains("nothing to roll back"), "{e}");
         let back = plan(&b, &rollback, &next, false).expect("ok").expect("a change");
-        assert_eq!(
-            (back.active.as_str(), back.previous.as_deref(), back.drain_timeout_secs),
-            ("blue", Some("green"), None)
-        );
+        assert_eq!((back.active, back.previous, back.drain_timeout_secs), (Colour::Blue, Some(Colour::Green), None));
         // Weights: a share for the idle colour is a canary; 100 % of it is a cut-over.
-        let weight = |c: &str, bp| Request::Weight {
+        let weight = |c: Colour, bp| Request::Weight {
             service: "web".into(),
-            colour: c.into(),
+            colour: c,
             basis_points: bp,
             force: false,
-            scope: crate::control::Scope::default(),
+            scope: Scope::default(),
         };
-        let canary = plan(&b, &weight("green", 500), &blue, false).expect("ok").expect("a change");
-        assert_eq!((canary.active.as_str(), canary.canary_bp), ("blue", 500));
+        let canary = plan(&b, &weight(Colour::Green, 500), &blue, false).expect("ok").expect("a change");
+        assert_eq!((canary.active, canary.canary_bp), (Colour::Blue, 500));
         assert_eq!(canary.change, "weight green 0% → 5%");
-        let all = plan(&b, &weight("green", 10_000), &blue, false).expect("ok").expect("a change");
-        assert_eq!((all.active.as_str(), all.canary_bp), ("green", 0));
-        assert!(plan(&b, &weight("green", 10_001), &blue, false).is_err());
+        let all = plan(&b, &weight(Colour::Green, 10_000), &blue, false).expect("ok").expect("a change");
+        assert_eq!((all.active, all.canary_bp), (Colour::Green, 0));
+        assert!(plan(&b, &weight(Colour::Green, 10_001), &blue, false).is_err());
         // A colour without backends is refused; so is an unknown service.
         let solo = Request::Cutover {
             service: "solo".into(),
             colour: None,
             drain_timeout_secs: None,
             force: true,
-            scope: crate::control::Scope::default(),
+            scope: Scope::default(),
         };
         assert!(plan(&b, &solo, &blue, false).expect_err("no green").contains("no green backend"));
-        let ghost =
-            Request::Rollback { service: "ghost".into(), force: false, scope: crate::control::Scope::default() };
+        let ghost = Request::Rollback { service: "ghost".into(), force: false, scope: Scope::default() };
         assert!(plan(&b, &ghost, &next, false).expect_err("unknown").contains("unknown service"));
     }
 
     #[test]
     fn shared_pools_are_edited_with_the_local_checks() {
         let b = crate::switchboard::tests::board();
-        let blue = Desired { active: "blue".into(), ..Desired::default() };
+        let blue = desired("blue");
         let add = Request::BackendAdd {
             service: "web".into(),
-            colour: "green".into(),
+            colour: Colour::Green,
             address: "198.51.100.19:8080".into(),
             weight: Some(2),
         };
@@ -1337,16 +1249,13 @@ mod tests {
         assert_eq!(next.blue.as_ref().map(Vec::len), Some(1));
         assert_eq!(next.change, "backend add green 198.51.100.19:8080 weight 2");
         // The last backend of the live colour cannot go.
-        let remove = Request::BackendRemove {
-            service: "web".into(),
-            colour: "blue".into(),
-            address: "198.51.100.2:8080".into(),
-        };
+        let remove =
+            Request::BackendRemove { service: "web".into(), colour: Colour::Blue, address: "198.51.100.2:8080".into() };
         assert!(plan(&b, &remove, &next, true).expect_err("last live backend").contains("last blue backend"));
         // A wrong family is refused like locally.
         let v6 = Request::BackendAdd {
             service: "web".into(),
-            colour: "green".into(),
+            colour: Colour::Green,
             address: "[2001:db8::1]:8080".into(),
             weight: None,
         };
@@ -1389,7 +1298,7 @@ mod tests {
         let mut b = crate::switchboard::tests::board();
         // The emergency path (`--local`) moved web to green while the daemon was down; the
         // restarted daemon adopted green from the pinned maps.
-        assert!(b.handle(req_cutover(Some("green"))).0.ok);
+        assert!(b.handle(req_cutover(Some(Colour::Green))).0.ok);
         let board = Arc::new(Mutex::new(b));
         let f = fleet();
         f.note_emergency_override("web");
@@ -1419,17 +1328,16 @@ mod tests {
         probe(&mut b, "198.51.100.2:8080", true);
         probe(&mut b, "198.51.100.18:8080", true);
         let blue = desired("blue");
-        let green = plan(&b, &req_cutover(Some("green")), &blue, false).expect("ok").expect("a change");
+        let green = plan(&b, &req_cutover(Some(Colour::Green)), &blue, false).expect("ok").expect("a change");
         assert!(!green.rollback);
-        let t = green.target().expect("valid");
+        let t = target(&green).expect("valid");
         b.apply_desired("web", t.active, t.canary_bp, t.drain, t.pools, t.rollback).expect("applied");
         let watch = |b: &mut Switchboard<_>| b.status(Some("web")).expect("status").services[0].watch_secs_left;
         assert!(watch(&mut b).is_some(), "a cut-over from the fleet arms the watch window");
-        let rollback =
-            Request::Rollback { service: "web".into(), force: false, scope: crate::control::Scope::default() };
+        let rollback = Request::Rollback { service: "web".into(), force: false, scope: Scope::default() };
         let back = plan(&b, &rollback, &green, false).expect("ok").expect("a change");
         assert!(back.rollback, "the desired state says it was a rollback");
-        let t = back.target().expect("valid");
+        let t = target(&back).expect("valid");
         let change = b.apply_desired("web", t.active, t.canary_bp, t.drain, t.pools, t.rollback).expect("applied");
         assert_eq!(change.map(|c| c.what), Some("rolled-back".into()));
         assert_eq!(watch(&mut b), None, "a rollback never arms the watch window");
@@ -1439,7 +1347,7 @@ mod tests {
         }
         assert_eq!(b.snapshot("web").expect("web").0, Colour::Blue);
         // The next change is not a rollback any more.
-        let again = plan(&b, &req_cutover(Some("green")), &back, false).expect("ok").expect("a change");
+        let again = plan(&b, &req_cutover(Some(Colour::Green)), &back, false).expect("ok").expect("a change");
         assert!(!again.rollback);
     }
 
@@ -1449,11 +1357,9 @@ mod tests {
             node: "lb1".into(),
             at_unix: 0,
             services: vec![NodeService {
-                name: "web".into(),
-                active: active.into(),
                 applied_revision: applied,
                 local_override: over.map(Into::into),
-                ..NodeService::default()
+                ..NodeService::of("web", active.parse().expect("a colour"))
             }],
         };
         let want = desired("green");
@@ -1470,9 +1376,8 @@ mod tests {
             node: name.into(),
             at_unix: 1,
             services: vec![NodeService {
-                name: "web".into(),
-                draining: draining.map(|(c, n)| (c.into(), n)),
-                ..NodeService::default()
+                draining: draining.map(|(c, n)| (c.parse().expect("a colour"), n)),
+                ..NodeService::of("web", Colour::Green)
             }],
         };
         let nodes = vec![
@@ -1498,14 +1403,12 @@ mod tests {
             node: "lb1".into(),
             at_unix: at,
             services: vec![NodeService {
-                name: "web".into(),
-                active: "green".into(),
                 applied_revision: applied,
                 live_flows: live,
-                draining: draining.map(|n| ("blue".into(), n)),
+                draining: draining.map(|n| (Colour::Blue, n)),
                 healthy_blue: true,
                 healthy_green: true,
-                ..NodeService::default()
+                ..NodeService::of("web", Colour::Green)
             }],
         };
         let last = state(100, None, 7, 1);
@@ -1531,11 +1434,10 @@ mod tests {
     #[test]
     fn the_documents_round_trip() {
         let d = Desired {
-            active: "green".into(),
             canary_bp: 500,
-            previous: Some("blue".into()),
+            previous: Some(Colour::Blue),
             change: "weight".into(),
-            ..Desired::default()
+            ..Desired::of(Colour::Green)
         };
         let text = serde_json::to_string(&d).expect("json");
         assert!(!text.contains("\"blue\":"), "unshared pools are left out: {text}");
@@ -1543,11 +1445,7 @@ mod tests {
         let n = NodeState {
             node: "lb2".into(),
             at_unix: 1,
-            services: vec![NodeService {
-                name: "web".into(),
-                draining: Some(("blue".into(), 3)),
-                ..NodeService::default()
-            }],
+            services: vec![NodeService { draining: Some((Colour::Blue, 3)), ..NodeService::of("web", Colour::Green) }],
         };
         let text = serde_json::to_string(&n).expect("json");
         assert_eq!(serde_json::from_str::<NodeState>(&text).expect("parse"), n);

@@ -11,7 +11,6 @@
 
 pub mod accounts;
 pub mod config;
-pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod emergency;
@@ -22,4 +21,5 @@ pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod pins;
+pub mod protocol;
 pub mod switchboard;

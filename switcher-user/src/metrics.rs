@@ -19,7 +19,12 @@ use tokio::{
     net::TcpListener,
 };
 
-use crate::{control::Response, dataplane::Dataplane, fleet::Fleet, switchboard::Switchboard};
+use crate::{
+    dataplane::Dataplane,
+    fleet::Fleet,
+    protocol::{Health, Response},
+    switchboard::Switchboard,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -81,10 +86,10 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             };
             canary.get_or_create(&sc).set(share);
             for b in &c.backends {
-                let state = match b.health.as_str() {
-                    "up" => 1,
-                    "down" => 0,
-                    _ => -1,
+                let state = match b.health {
+                    Health::Up => 1,
+                    Health::Down => 0,
+                    Health::Unknown => -1,
                 };
                 backend_up
                     .get_or_create(&labels(&[("service", name), ("colour", col), ("backend", b.address.as_str())]))
@@ -257,9 +262,8 @@ impl AcceptBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        control::{BackendStatus, ColourStatus, ServiceStatus},
-        dataplane::Counters,
+    use crate::protocol::{
+        BackendStatus, Colour, ColourStatus, Counters, FleetService, FleetView, Mode, Protocol, ServiceStatus,
     };
 
     #[test]
@@ -278,16 +282,25 @@ mod tests {
             ok: true,
             services: vec![ServiceStatus {
                 name: "web".into(),
-                active: "green".into(),
+                vip: "203.0.113.10".into(),
+                port: 80,
+                preview_port: None,
+                protocol: Protocol::Tcp,
+                mode: Mode::Nat,
+                active: Colour::Green,
+                canary: None,
+                previous: None,
                 switches: 3,
                 since_switch_secs: Some(5),
+                watch_secs_left: None,
+                drain: None,
                 colours: vec![ColourStatus {
-                    colour: "green".into(),
+                    colour: Colour::Green,
                     healthy: true,
                     backends: vec![BackendStatus {
                         address: "198.51.100.18:8080".into(),
                         weight: 1,
-                        health: "up".into(),
+                        health: Health::Up,
                         detail: None,
                     }],
                     live_flows: 7,
@@ -302,7 +315,6 @@ mod tests {
                     },
                     edited: false,
                 }],
-                ..ServiceStatus::default()
             }],
             reasons: vec![("no_match".into(), 12)],
             ..Response::default()
@@ -327,17 +339,17 @@ mod tests {
     fn fleet_metrics_say_whether_etcd_answers() {
         let status = Response {
             ok: true,
-            fleet: Some(crate::control::FleetView {
+            fleet: Some(FleetView {
                 node: "lb1".into(),
                 connected: false,
-                services: vec![crate::control::FleetService {
+                services: vec![FleetService {
                     name: "web".into(),
                     revision: 9,
                     applied_revision: 7,
                     local_override: Some("etcd down".into()),
-                    ..crate::control::FleetService::default()
+                    ..FleetService::default()
                 }],
-                ..crate::control::FleetView::default()
+                ..FleetView::default()
             }),
             ..Response::default()
         };

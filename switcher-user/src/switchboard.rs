@@ -15,11 +15,11 @@ use std::{
 use switcher_common::{BP_ALL, MAX_POOL, user::Colour};
 
 use crate::{
-    config::{BackendConfig, CheckKind, DrainAction, ServiceConfig},
-    control::{BackendStatus, Canary, ColourStatus, Drain, Request, Response, ServiceStatus},
+    config::{self, BackendConfig, CheckKind, DrainAction, ServiceConfig},
     dataplane::{Counters, Dataplane, DataplaneError, Installed},
     flowcount::FlowSnapshot,
-    health::{BackendHealth, State},
+    health::BackendHealth,
+    protocol::{self, BackendStatus, Canary, ColourStatus, Drain, Health, Request, Response, ServiceStatus},
 };
 
 /// Other nodes of a fleet still holding open flows of a draining colour, by service:
@@ -205,11 +205,11 @@ impl ServiceState {
         self.config.health.check != CheckKind::None
     }
 
-    fn state_of(&self, addr: SocketAddr) -> State {
+    fn state_of(&self, addr: SocketAddr) -> Health {
         if !self.checked() {
-            return State::Unknown;
+            return Health::Unknown;
         }
-        self.health.get(&addr).map_or(State::Unknown, |h| h.state)
+        self.health.get(&addr).map_or(Health::Unknown, |h| h.state)
     }
 
     /// The pool as the maps get it: down backends keep their slot with weight 0, so they
@@ -233,13 +233,13 @@ impl ServiceState {
         if !self.checked() {
             return pool.iter().any(|b| b.weight > 0);
         }
-        pool.iter().any(|b| b.weight > 0 && self.state_of(b.addr) == State::Up)
+        pool.iter().any(|b| b.weight > 0 && self.state_of(b.addr) == Health::Up)
     }
 
     /// Every backend of a checked colour is known to be down.
     fn dead(&self, colour: Colour) -> bool {
         let pool = self.config.pool(colour);
-        self.checked() && !pool.is_empty() && pool.iter().all(|b| self.state_of(b.addr) == State::Down)
+        self.checked() && !pool.is_empty() && pool.iter().all(|b| self.state_of(b.addr) == Health::Down)
     }
 
     /// Why a colour is not healthy, backend by backend.
@@ -265,7 +265,7 @@ fn effective_pool(
     colour: Colour,
 ) -> Vec<BackendConfig> {
     let down =
-        |addr| config.health.check != CheckKind::None && health.get(&addr).is_some_and(|h| h.state == State::Down);
+        |addr| config.health.check != CheckKind::None && health.get(&addr).is_some_and(|h| h.state == Health::Down);
     let pool = config.pool(colour);
     if pool.iter().filter(|b| b.weight > 0).all(|b| down(b.addr)) {
         return pool.to_vec();
@@ -308,11 +308,6 @@ pub struct Observed {
     pub healthy: [bool; 2],
 }
 
-/// A colour named in a request.
-fn colour(c: &str) -> Result<Colour, String> {
-    c.parse::<Colour>().map_err(|e| format!("{c:?}: {e}"))
-}
-
 /// `12.5%` for 1250 basis points.
 #[must_use]
 pub fn percent(bp: u32) -> String {
@@ -346,16 +341,16 @@ impl<M: Maps> Switchboard<M> {
         let result = match req {
             Request::Status { service } => self.status(service.as_deref()).map(|r| (r, None)),
             Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
-                self.cutover(&service, colour.as_deref(), drain_timeout_secs.map(Duration::from_secs), force)
+                self.cutover(&service, colour, drain_timeout_secs.map(Duration::from_secs), force)
             }
             Request::Rollback { service, force, .. } => self.rollback(&service, force),
             Request::Weight { service, colour, basis_points, force, .. } => {
-                self.weight(&service, &colour, basis_points, force)
+                self.weight(&service, colour, basis_points, force)
             }
             Request::BackendAdd { service, colour, address, weight } => {
-                self.backend(&service, &colour, &address, Some(weight.unwrap_or(1)))
+                self.backend(&service, colour, &address, Some(weight.unwrap_or(1)))
             }
-            Request::BackendRemove { service, colour, address } => self.backend(&service, &colour, &address, None),
+            Request::BackendRemove { service, colour, address } => self.backend(&service, colour, &address, None),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } => Err("handled by the daemon".into()),
         };
         match result {
@@ -375,12 +370,9 @@ impl<M: Maps> Switchboard<M> {
         })
     }
 
-    fn cutover(&mut self, name: &str, target: Option<&str>, drain: Option<Duration>, force: bool) -> Outcome {
+    fn cutover(&mut self, name: &str, target: Option<Colour>, drain: Option<Duration>, force: bool) -> Outcome {
         let i = self.find(name)?;
-        let target = match target {
-            None => self.services[i].active.other(),
-            Some(c) => colour(c)?,
-        };
+        let target = target.unwrap_or(self.services[i].active.other());
         self.switch(i, target, 0, drain, "cut over", force)
     }
 
@@ -396,9 +388,8 @@ impl<M: Maps> Switchboard<M> {
         self.switch(i, previous, 0, None, "rolled back", force)
     }
 
-    fn weight(&mut self, name: &str, c: &str, bp: u32, force: bool) -> Outcome {
+    fn weight(&mut self, name: &str, c: Colour, bp: u32, force: bool) -> Outcome {
         let i = self.find(name)?;
-        let c = colour(c)?;
         if bp > BP_ALL {
             return Err(format!("{} is more than 100%", percent(bp)));
         }
@@ -650,9 +641,8 @@ impl<M: Maps> Switchboard<M> {
             .collect()
     }
 
-    fn backend(&mut self, name: &str, c: &str, address: &str, weight: Option<u32>) -> Outcome {
+    fn backend(&mut self, name: &str, c: Colour, address: &str, weight: Option<u32>) -> Outcome {
         let i = self.find(name)?;
-        let c = colour(c)?;
         let s = &self.services[i];
         let mut pool = s.config.pool(c).to_vec();
         let live = c == s.active || (s.canary_bp > 0 && c == s.active.other());
@@ -956,7 +946,7 @@ impl<M: Maps> Switchboard<M> {
             .iter()
             .map(|&c| {
                 Ok(ColourStatus {
-                    colour: c.to_string(),
+                    colour: c,
                     healthy: s.healthy(c),
                     backends: s
                         .config
@@ -965,14 +955,14 @@ impl<M: Maps> Switchboard<M> {
                         .map(|b| BackendStatus {
                             address: b.addr.to_string(),
                             weight: b.weight,
-                            health: s.state_of(b.addr).as_str().to_owned(),
+                            health: s.state_of(b.addr),
                             detail: s.health.get(&b.addr).filter(|_| s.checked()).map(BackendHealth::describe),
                         })
                         .collect(),
                     live_flows: flows(c).live,
                     closing_flows: flows(c).closing,
                     edited: s.edited(c),
-                    counters: self.maps.counters(s.id, c).map_err(|e| chain(&e))?,
+                    counters: wire_counters(self.maps.counters(s.id, c).map_err(|e| chain(&e))?),
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -981,25 +971,30 @@ impl<M: Maps> Switchboard<M> {
             vip: s.config.vip.to_string(),
             port: s.config.port,
             preview_port: s.config.preview_port,
-            protocol: s.config.protocol.as_str().to_owned(),
-            mode: s.config.mode.as_str().to_owned(),
-            active: s.active.to_string(),
-            canary: (s.canary_bp > 0)
-                .then(|| Canary { colour: s.active.other().to_string(), basis_points: s.canary_bp }),
-            previous: s.previous.map(|c| c.to_string()),
+            protocol: match s.config.protocol {
+                config::Protocol::Tcp => protocol::Protocol::Tcp,
+                config::Protocol::Udp => protocol::Protocol::Udp,
+            },
+            mode: match s.config.mode {
+                config::Mode::Nat => protocol::Mode::Nat,
+                config::Mode::Dsr => protocol::Mode::Dsr,
+            },
+            active: s.active,
+            canary: (s.canary_bp > 0).then(|| Canary { colour: s.active.other(), basis_points: s.canary_bp }),
+            previous: s.previous,
             switches: s.switches,
             since_switch_secs: s.switched_at.map(|t| t.elapsed().as_secs()),
             watch_secs_left: s.watch_until.and_then(|t| t.checked_duration_since(Instant::now())).map(|d| d.as_secs()),
             drain: s.drain.as_ref().map(|d| Drain {
-                colour: d.from.to_string(),
+                colour: d.from,
                 live_flows: flows(d.from).live,
                 // Flows that were mid-handshake at the switch may join the count afterwards.
                 initial_flows: d.initial.max(flows(d.from).live),
                 elapsed_secs: d.started.elapsed().as_secs(),
                 timeout_secs: d.timeout.map(|t| t.as_secs()),
                 on_timeout: match s.config.on_drain_timeout {
-                    DrainAction::Move => "move".into(),
-                    DrainAction::Reset => "reset".into(),
+                    DrainAction::Move => protocol::OnTimeout::Move,
+                    DrainAction::Reset => protocol::OnTimeout::Reset,
                 },
                 elsewhere: self
                     .remote_drains
@@ -1014,6 +1009,12 @@ impl<M: Maps> Switchboard<M> {
 }
 
 type Outcome = Result<(Response, Option<Change>), String>;
+
+/// A colour's counters as the maps sum them, in the protocol's form.
+fn wire_counters(c: Counters) -> protocol::Counters {
+    let Counters { packets, bytes, reply_packets, reply_bytes, flows, rescued } = c;
+    protocol::Counters { packets, bytes, reply_packets, reply_bytes, flows, rescued }
+}
 
 /// Adds (`weight: Some`) or removes (`None`) a backend of `service`'s `colour` in `pool`, with
 /// the checks of `switcher backend`: address family, weight, pool size, and not the last
@@ -1237,7 +1238,7 @@ pub(crate) mod tests {
             b,
             Request::Cutover {
                 service: s.into(),
-                colour: c.map(Into::into),
+                colour: c.map(|c| c.parse().expect("a colour")),
                 drain_timeout_secs: None,
                 force: false,
                 scope: Default::default(),
@@ -1252,8 +1253,8 @@ pub(crate) mod tests {
         assert!(r.ok, "{r:?}");
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Green, 0)));
         assert_eq!(b.maps.writes, 1);
-        assert_eq!(r.services[0].active, "green");
-        assert_eq!(r.services[0].previous.as_deref(), Some("blue"));
+        assert_eq!(r.services[0].active, Colour::Green);
+        assert_eq!(r.services[0].previous, Some(Colour::Blue));
         assert!(r.message.as_deref().is_some_and(|m| m.contains("blue → green")), "{r:?}");
     }
 
@@ -1284,15 +1285,16 @@ pub(crate) mod tests {
         let mut b = board();
         let r = cutover(&mut b, "api", None);
         assert_eq!(r.error.as_deref(), Some("unknown service \"api\"; configured: web, solo"));
-        let r = cutover(&mut b, "web", Some("red"));
-        assert!(r.error.as_deref().is_some_and(|e| e.contains("unknown colour")), "{r:?}");
+        // A colour is checked where the request is read.
+        let e = crate::protocol::parse_request(br#"{"op":"cutover","service":"web","colour":"red"}"#).expect_err("red");
+        assert!(e.contains("\"red\": unknown colour"), "{e}");
         let r = cutover(&mut b, "solo", None);
         assert!(r.error.as_deref().is_some_and(|e| e.contains("no green backend configured")), "{r:?}");
         let r = handle(
             &mut b,
             Request::Weight {
                 service: "solo".into(),
-                colour: "green".into(),
+                colour: Colour::Green,
                 basis_points: 100,
                 force: false,
                 scope: Default::default(),
@@ -1305,31 +1307,31 @@ pub(crate) mod tests {
     #[test]
     fn weights_set_a_canary_and_100_percent_is_a_cutover() {
         let mut b = board();
-        let w = |b: &mut Switchboard<FakeMaps>, c: &str, bp| {
+        let w = |b: &mut Switchboard<FakeMaps>, c: Colour, bp| {
             handle(
                 b,
                 Request::Weight {
                     service: "web".into(),
-                    colour: c.into(),
+                    colour: c,
                     basis_points: bp,
                     force: false,
                     scope: Default::default(),
                 },
             )
         };
-        let r = w(&mut b, "green", 500);
+        let r = w(&mut b, Colour::Green, 500);
         assert!(r.ok, "{r:?}");
         assert_eq!(r.message.as_deref(), Some("web: new flows blue 95%, green 5%"));
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 500)));
-        assert_eq!(r.services[0].canary, Some(Canary { colour: "green".into(), basis_points: 500 }));
-        assert!(w(&mut b, "blue", 9_999).ok);
+        assert_eq!(r.services[0].canary, Some(Canary { colour: Colour::Green, basis_points: 500 }));
+        assert!(w(&mut b, Colour::Blue, 9_999).ok);
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 1)));
-        assert!(w(&mut b, "green", 0).ok);
+        assert!(w(&mut b, Colour::Green, 0).ok);
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
-        let r = w(&mut b, "green", 10_000);
-        assert_eq!(r.services[0].active, "green", "{r:?}");
+        let r = w(&mut b, Colour::Green, 10_000);
+        assert_eq!(r.services[0].active, Colour::Green, "{r:?}");
         assert_eq!(b.maps.state.get(&0), Some(&(Colour::Green, 0)));
-        assert!(!w(&mut b, "green", 10_001).ok);
+        assert!(!w(&mut b, Colour::Green, 10_001).ok);
         assert_eq!(percent(1), "0.01%");
         assert_eq!(percent(1250), "12.5%");
         assert_eq!(percent(10_000), "100%");
@@ -1401,7 +1403,7 @@ pub(crate) mod tests {
         );
         let st = b.status(Some("web")).expect("status");
         let drain = st.services[0].drain.clone().expect("draining");
-        assert_eq!((drain.colour.as_str(), drain.live_flows, drain.initial_flows), ("blue", 3, 3));
+        assert_eq!((drain.colour, drain.live_flows, drain.initial_flows), (Colour::Blue, 3, 3));
         b.tick();
         assert_eq!(b.maps.ended, [(0, Colour::Blue, DrainAction::Move)], "timeout 0: ended at the first tick");
         assert!(b.status(Some("web")).expect("status").services[0].drain.is_none());
@@ -1421,10 +1423,7 @@ pub(crate) mod tests {
     fn pools_change_at_runtime() {
         let mut b = board();
         let add = |b: &mut Switchboard<FakeMaps>, a: &str, w| {
-            handle(
-                b,
-                Request::BackendAdd { service: "web".into(), colour: "blue".into(), address: a.into(), weight: w },
-            )
+            handle(b, Request::BackendAdd { service: "web".into(), colour: Colour::Blue, address: a.into(), weight: w })
         };
         assert!(add(&mut b, "198.51.100.3:8080", Some(2)).ok);
         assert_eq!(b.maps.pools[&(0, Colour::Blue)].len(), 2);
@@ -1433,7 +1432,7 @@ pub(crate) mod tests {
         assert!(add(&mut b, "[2001:db8::1]:80", None).error.is_some_and(|e| e.contains("address family")));
         assert!(add(&mut b, "nonsense", None).error.is_some_and(|e| e.contains("is not ADDRESS:PORT")));
         let rm = |b: &mut Switchboard<FakeMaps>, a: &str| {
-            handle(b, Request::BackendRemove { service: "web".into(), colour: "blue".into(), address: a.into() })
+            handle(b, Request::BackendRemove { service: "web".into(), colour: Colour::Blue, address: a.into() })
         };
         assert!(rm(&mut b, "198.51.100.2:8080").ok);
         let r = rm(&mut b, "198.51.100.3:8080");
@@ -1479,7 +1478,7 @@ pub(crate) mod tests {
         // With a healthy sibling, a down backend leaves the table: weight 0 in the pool.
         let add = Request::BackendAdd {
             service: "web".into(),
-            colour: "green".into(),
+            colour: Colour::Green,
             address: "198.51.100.19:8080".into(),
             weight: None,
         };
@@ -1488,7 +1487,7 @@ pub(crate) mod tests {
         assert_eq!(b.maps.pools[&(0, Colour::Green)][0].weight, 0);
         assert_eq!(b.maps.pools[&(0, Colour::Green)][1].weight, 1);
         let s = b.status(Some("web")).expect("status");
-        assert_eq!(s.services[0].colours[1].backends[0].health, "down");
+        assert_eq!(s.services[0].colours[1].backends[0].health, Health::Down);
         assert!(s.services[0].colours[1].healthy, "one healthy backend makes the colour healthy");
     }
 
@@ -1545,7 +1544,7 @@ pub(crate) mod tests {
         // An operator adds a green backend at runtime.
         let add = Request::BackendAdd {
             service: "web".into(),
-            colour: "green".into(),
+            colour: Colour::Green,
             address: "198.51.100.19:8080".into(),
             weight: None,
         };
