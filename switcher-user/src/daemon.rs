@@ -23,10 +23,10 @@ use crate::{
     accounts,
     config::{Config, ServiceConfig, group_id},
     dataplane::Dataplane,
+    engine::{Change, Switchboard},
     fleet::Fleet,
     health, limits,
     protocol::{self as control, Request, Response},
-    switchboard::{Change, Switchboard},
 };
 
 /// How the daemon was asked to run.
@@ -516,7 +516,7 @@ fn repin(dp: &mut Dataplane, pins: &Path) {
         Err(e) => tracing::error!(
             pins = %pins.display(),
             "the pins were removed while the daemon ran and cannot be restored ({}): the data path stops when this daemon exits",
-            crate::switchboard::chain(&e)
+            crate::engine::chain(&e)
         ),
     }
 }

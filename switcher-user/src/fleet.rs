@@ -38,8 +38,11 @@ use switcher_common::{BP_ALL, user::Colour};
 
 use crate::{
     config::{BackendConfig, FleetConfig},
-    protocol::{Desired, FleetService, FleetView, NodeService, NodeState, Request, Response, Scope, SharedBackend},
-    switchboard::{Change, Maps, RemoteDrains, Switchboard, edit_pool, percent},
+    engine::{
+        Change, Maps, RemoteDrains, Switchboard, edit_pool,
+        rules::{self, Ask, Decision, Refused, SwitchState},
+    },
+    protocol::{Desired, FleetService, FleetView, NodeService, NodeState, Request, Response, SharedBackend, percent},
 };
 
 /// How often a node compares what it would publish (flows, health, drains) with what it
@@ -148,58 +151,58 @@ pub fn plan<M: Maps>(
 ) -> Result<Option<Desired>, String> {
     let t = target(cur)?;
     let mut next = Desired { drain_timeout_secs: None, rollback: false, ..cur.clone() };
-    let what = match req {
+    let now = SwitchState { active: t.active, canary_bp: t.canary_bp, previous: t.previous };
+    let (service, ask, force, drain) = match req {
         Request::Cutover { service, colour, drain_timeout_secs, force, .. } => {
-            let target = colour.unwrap_or(t.active.other());
-            if target == t.active && t.canary_bp == 0 {
-                return Ok(None);
-            }
-            board.check_switch(service, target, false, *force)?;
-            next.active = target;
-            next.canary_bp = 0;
-            if target != t.active {
-                next.previous = Some(t.active);
-            }
-            next.drain_timeout_secs = *drain_timeout_secs;
-            format!("cutover {} → {target}", t.active)
+            (service, Ask::Cutover(*colour), *force, *drain_timeout_secs)
         }
-        Request::Rollback { service, force, .. } => {
-            let Some(previous) = t.previous.filter(|p| *p != t.active) else {
-                return Err(format!(
-                    "nothing to roll back: the fleet's {service} has been {} since its desired state was written; use `switcher cutover {service} COLOUR`",
-                    t.active
-                ));
-            };
-            board.check_switch(service, previous, true, *force)?;
-            next.active = previous;
-            next.canary_bp = 0;
-            next.previous = Some(t.active);
-            next.rollback = true;
-            format!("rollback {} → {previous}", t.active)
-        }
+        Request::Rollback { service, force, .. } => (service, Ask::Rollback, *force, None),
         Request::Weight { service, colour, basis_points, force, .. } => {
-            let c = *colour;
-            if *basis_points > BP_ALL {
-                return Err(format!("{} is more than 100%", percent(*basis_points)));
+            (service, Ask::Weight(*colour, *basis_points), *force, None)
+        }
+        _ => return plan_pools(board, req, t, next, share),
+    };
+    let decision = rules::decide(now, ask).map_err(|e| match e {
+        Refused::NothingToRollBack { active } => format!(
+            "nothing to roll back: the fleet's {service} has been {active} since its desired state was written; use `switcher cutover {service} COLOUR`"
+        ),
+        Refused::MoreThanAll(_) => e.to_string(),
+    })?;
+    let what = match decision {
+        Decision::Unchanged => return Ok(None),
+        Decision::Switch { to, rollback } => {
+            board.check_switch(service, to, rollback, force)?;
+            let after = now.then(to, 0);
+            (next.active, next.canary_bp, next.previous) = (after.active, after.canary_bp, after.previous);
+            next.rollback = rollback;
+            if rollback {
+                format!("rollback {} → {to}", t.active)
+            } else {
+                next.drain_timeout_secs = drain;
+                format!("cutover {} → {to}", t.active)
             }
-            let canary = if c == t.active { BP_ALL - basis_points } else { *basis_points };
-            if canary == BP_ALL {
-                let cut = Request::Cutover {
-                    service: service.clone(),
-                    colour: Some(t.active.other()),
-                    drain_timeout_secs: None,
-                    force: *force,
-                    scope: Scope::default(),
-                };
-                return plan(board, &cut, cur, share);
-            }
-            if canary == t.canary_bp {
-                return Ok(None);
-            }
-            board.check_canary(service, t.active, canary, *force)?;
+        }
+        Decision::Canary(canary) if canary == t.canary_bp => return Ok(None),
+        Decision::Canary(canary) => {
+            board.check_canary(service, t.active, canary, force)?;
             next.canary_bp = canary;
             format!("weight {} {} → {}", t.active.other(), percent(t.canary_bp), percent(canary))
         }
+    };
+    next.change = what;
+    next.at_unix = now_unix();
+    Ok(Some(next))
+}
+
+/// [`plan`] for a backend added or removed from a shared pool (`share_backends`).
+fn plan_pools<M: Maps>(
+    board: &Switchboard<M>,
+    req: &Request,
+    t: Target,
+    mut next: Desired,
+    share: bool,
+) -> Result<Option<Desired>, String> {
+    let what = match req {
         Request::BackendAdd { service, colour, address, .. } | Request::BackendRemove { service, colour, address }
             if share =>
         {
@@ -1135,6 +1138,7 @@ pub fn agreement(node: &NodeState, name: &str, desired: &Desired, revision: i64)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Scope;
 
     fn desired(active: &str) -> Desired {
         Desired::of(active.parse().expect("a colour"))
@@ -1186,7 +1190,7 @@ mod tests {
 
     #[test]
     fn changes_are_planned_from_the_desired_state_not_the_local_one() {
-        let b = crate::switchboard::tests::board();
+        let b = crate::engine::tests::board();
         let blue = desired("blue");
         // A cut-over to the idle colour records where it came from and its drain timeout.
         let next = plan(&b, &req_cutover(None), &blue, false).expect("ok").expect("a change");
@@ -1232,7 +1236,7 @@ mod tests {
 
     #[test]
     fn shared_pools_are_edited_with_the_local_checks() {
-        let b = crate::switchboard::tests::board();
+        let b = crate::engine::tests::board();
         let blue = desired("blue");
         let add = Request::BackendAdd {
             service: "web".into(),
@@ -1264,7 +1268,7 @@ mod tests {
 
     #[test]
     fn a_desired_state_is_applied_with_its_pools_and_canary() {
-        let mut b = crate::switchboard::tests::board();
+        let mut b = crate::engine::tests::board();
         let pools = [
             vec![BackendConfig { addr: "198.51.100.2:8080".parse().expect("addr"), weight: 1 }],
             vec![
@@ -1295,7 +1299,7 @@ mod tests {
 
     #[test]
     fn an_emergency_local_change_holds_until_the_desired_state_changes() {
-        let mut b = crate::switchboard::tests::board();
+        let mut b = crate::engine::tests::board();
         // The emergency path (`--local`) moved web to green while the daemon was down; the
         // restarted daemon adopted green from the pinned maps.
         assert!(b.handle(req_cutover(Some(Colour::Green))).0.ok);
@@ -1322,8 +1326,8 @@ mod tests {
 
     #[test]
     fn a_rollback_from_the_fleet_is_a_rollback_and_never_arms_the_watch() {
-        use crate::switchboard::tests::{checked, probe};
-        let mut b = crate::switchboard::tests::board();
+        use crate::engine::tests::{checked, probe};
+        let mut b = crate::engine::tests::board();
         checked(&mut b, Some(Duration::from_secs(60)), false);
         probe(&mut b, "198.51.100.2:8080", true);
         probe(&mut b, "198.51.100.18:8080", true);

@@ -21,9 +21,9 @@ use tokio::{
 
 use crate::{
     dataplane::Dataplane,
+    engine::Switchboard,
     fleet::Fleet,
     protocol::{Health, Response},
-    switchboard::Switchboard,
 };
 
 type Labels = Vec<(String, String)>;

@@ -10,8 +10,7 @@ use std::{
 
 use switcher_user::{
     fleet::{Agreement, agreement},
-    protocol::{FleetView, Request, Response, Scope},
-    switchboard::percent,
+    protocol::{FleetView, Request, Response, Scope, percent},
 };
 
 /// How long `--wait` waits for every node to apply a fleet-wide change.

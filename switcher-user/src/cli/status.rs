@@ -154,7 +154,7 @@ fn render(resp: &Response) -> String {
 
 /// `12.5%` for 1250 basis points.
 fn percent(bp: u32) -> String {
-    switcher_user::switchboard::percent(bp)
+    switcher_user::protocol::percent(bp)
 }
 
 #[cfg(test)]

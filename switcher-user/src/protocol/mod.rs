@@ -228,6 +228,13 @@ pub struct FleetService {
     pub local_override: Option<String>,
 }
 
+/// `12.5%` for 1250 basis points (the unit of every share in the protocol).
+#[must_use]
+pub fn percent(bp: u32) -> String {
+    let s = format!("{}.{:02}", bp / 100, bp % 100);
+    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
+}
+
 impl Response {
     #[must_use]
     pub fn error(msg: impl Into<String>) -> Response {
