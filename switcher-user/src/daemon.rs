@@ -23,7 +23,7 @@ use crate::{
     accounts,
     config::{Config, ServiceConfig, group_id},
     dataplane::Dataplane,
-    engine::{Change, Switchboard},
+    engine::{Change, Handle, Switchboard},
     fleet::Fleet,
     health, limits,
     protocol::{self as control, Request, Response},
@@ -38,7 +38,8 @@ pub struct Options {
     pub detach_on_exit: bool,
 }
 
-type Board = Arc<Mutex<Switchboard<Dataplane>>>;
+/// The engine's one owner, reached over its channel (see [`crate::engine::owner`]).
+type Engine = Handle<Dataplane>;
 
 /// Binds the control socket: creates its directory (0755) or checks that only root or this
 /// user can write the one there, refuses if another daemon answers on the path, replaces a
@@ -317,12 +318,12 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     for (s, i) in config.services.iter().zip(&installed) {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %i.active, "serving");
     }
-    let board: Board =
-        Arc::new(Mutex::new(Switchboard::new(dataplane, config.services.iter().cloned().zip(installed).collect())));
+    let engine: Engine =
+        Handle::start(Switchboard::new(dataplane, config.services.iter().cloned().zip(installed).collect()))
+            .context("start the engine's thread")?;
     // One round of health checks before the socket opens, so that the first cut-over is
     // judged on facts (bounded by the checks' timeouts).
-    let first = Arc::clone(&board);
-    let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&first, &Audit::new(None), &mut HashMap::new()))
+    let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&engine, &Audit::new(None), &mut HashMap::new()))
         .await;
     let group = match config.socket_group.clone() {
         None => None,
@@ -340,7 +341,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         Ok(l) => l,
         Err(e) => {
             if opts.detach_on_exit {
-                detach(&board);
+                detach(&engine).await;
             }
             return Err(e);
         }
@@ -356,9 +357,9 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         }
     }
     let mut tasks = JoinSet::new();
-    tasks.spawn(check_health(Arc::clone(&board), Arc::clone(&audit), fleet.clone()));
+    tasks.spawn(check_health(engine.clone(), Arc::clone(&audit), fleet.clone()));
     if let Some(addr) = config.metrics {
-        tasks.spawn(crate::metrics::serve(addr, Arc::clone(&board), fleet.clone()));
+        tasks.spawn(crate::metrics::serve(addr, engine.clone(), fleet.clone()));
     }
     if let Some(f) = &fleet {
         tracing::info!(node = %f.config.node, endpoints = ?f.config.endpoints, prefix = %f.config.prefix, "fleet mode: following the desired state in etcd");
@@ -369,7 +370,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             );
         }
         let audit = Arc::clone(&audit);
-        tasks.spawn(crate::fleet::run(Arc::clone(f), Arc::clone(&board), move |who, c| audit.record(who, c)));
+        tasks.spawn(crate::fleet::run(Arc::clone(f), engine.clone(), move |who, c| audit.record(who, c)));
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let mut watchdog_usec = 0;
@@ -387,9 +388,9 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             () = &mut shutdown => break,
             _ = hangup.recv() => {
                 // Off the loop: reading the file must not stall status, cut-overs or SIGTERM.
-                let (board, config_path, config, fleet) = (Arc::clone(&board), config_path.clone(), config.clone(), fleet.clone());
+                let (engine, config_path, config, fleet) = (engine.clone(), config_path.clone(), config.clone(), fleet.clone());
                 tokio::spawn(async move {
-                    let r = reload(&board, &config_path, &config, fleet.as_deref(), None).await;
+                    let r = reload(&engine, &config_path, &config, fleet.as_deref(), None).await;
                     match (r.ok, r.message, r.error) {
                         (true, Some(m), _) => tracing::info!("SIGHUP: {m}"),
                         (_, _, Some(e)) => tracing::error!("SIGHUP: {e}"),
@@ -398,12 +399,18 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                 });
             }
             _ = ticker.tick() => {
-                if let Ok(mut b) = board.lock() {
-                    b.tick();
-                    if ticks.is_multiple_of(5) {
-                        keep_dsr_neighbours(&b.services());
-                        repin(b.maps_mut(), &config.pin_path);
-                    }
+                let (every_five, pins) = (ticks.is_multiple_of(5), config.pin_path.clone());
+                let services = engine
+                    .call(move |b| {
+                        b.tick();
+                        every_five.then(|| {
+                            repin(b.maps_mut(), &pins);
+                            b.services()
+                        })
+                    })
+                    .await;
+                if let Ok(Some(services)) = services {
+                    keep_dsr_neighbours(&services);
                 }
                 if watchdog {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
@@ -418,10 +425,10 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                         let _ = stream.try_write(BUSY);
                         continue;
                     };
-                    let (board, audit, config_path, config, fleet) = (Arc::clone(&board), Arc::clone(&audit), config_path.clone(), config.clone(), fleet.clone());
+                    let (engine, audit, config_path, config, fleet) = (engine.clone(), Arc::clone(&audit), config_path.clone(), config.clone(), fleet.clone());
                     tokio::spawn(async move {
                         let _permit = permit;
-                        let ctx = Ctx { board: &board, audit: &audit, group, config_path: &config_path, config: &config, fleet: fleet.as_deref() };
+                        let ctx = Ctx { engine: &engine, audit: &audit, group, config_path: &config_path, config: &config, fleet: fleet.as_deref() };
                         if let Err(e) = serve(stream, &ctx).await {
                             tracing::debug!("control connection: {e:#}");
                         }
@@ -437,24 +444,30 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let mut board = board.lock().map_err(|_| anyhow::anyhow!("daemon state poisoned"))?;
-    if opts.detach_on_exit {
-        board.maps_mut().detach().context("detach and remove the pins")?;
+    let (detach_on_exit, pins, interfaces) = (opts.detach_on_exit, config.pin_path.clone(), config.interfaces.clone());
+    engine.call(move |b| stop(b.maps_mut(), detach_on_exit, &pins, &interfaces)).await?
+}
+
+/// The daemon's last word to the data plane: detach (`--detach-on-exit`), or make sure the
+/// pins are there so that the data path outlives the daemon.
+fn stop(dp: &mut Dataplane, detach_on_exit: bool, pins: &Path, interfaces: &[String]) -> anyhow::Result<()> {
+    if detach_on_exit {
+        dp.detach().context("detach and remove the pins")?;
         tracing::info!("detached the XDP program and removed the pins (--detach-on-exit)");
+        return Ok(());
+    }
+    repin(dp, pins);
+    if dp.pinned() {
+        tracing::info!(
+            pins = %pins.display(),
+            "stopping; the data path keeps running (pinned). `switcher rollback`/`cutover` still work on it; `switcher uninstall` removes it"
+        );
     } else {
-        repin(board.maps_mut(), &config.pin_path);
-        if board.maps_mut().pinned() {
-            tracing::info!(
-                pins = %config.pin_path.display(),
-                "stopping; the data path keeps running (pinned). `switcher rollback`/`cutover` still work on it; `switcher uninstall` removes it"
-            );
-        } else {
-            tracing::error!(
-                pins = %config.pin_path.display(),
-                interfaces = ?config.interfaces,
-                "stopping with the pins gone and not restored: XDP is detached from the interfaces as this daemon exits, and the VIPs stop answering. Start the daemon again to re-attach"
-            );
-        }
+        tracing::error!(
+            pins = %pins.display(),
+            ?interfaces,
+            "stopping with the pins gone and not restored: XDP is detached from the interfaces as this daemon exits, and the VIPs stop answering. Start the daemon again to re-attach"
+        );
     }
     Ok(())
 }
@@ -472,7 +485,7 @@ const BUSY: &[u8] =
 /// Re-reads the config off the async workers and applies it; an unreadable or invalid file,
 /// one that changes what needs a restart, or a `deadline` that passed changes nothing.
 async fn reload(
-    board: &Board,
+    engine: &Engine,
     path: &Path,
     running: &Config,
     fleet: Option<&Fleet>,
@@ -486,7 +499,7 @@ async fn reload(
     if deadline.is_some_and(control::Deadline::passed) {
         return control::too_late();
     }
-    apply_config(board, path, new, running, fleet)
+    apply_config(engine, path, new, running, fleet).await
 }
 
 /// Reads and validates the config on a blocking thread, for at most [`READ_CONFIG_TIMEOUT`]
@@ -522,14 +535,13 @@ fn repin(dp: &mut Dataplane, pins: &Path) {
 }
 
 /// `--detach-on-exit` after a start that failed once the program was attached.
-fn detach(board: &Board) {
-    if let Ok(mut b) = board.lock() {
-        match b.maps_mut().detach() {
-            Ok(()) => {
-                tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)")
-            }
-            Err(e) => tracing::error!("start-up failed, and detaching failed too: {e}; run `switcher uninstall`"),
+async fn detach(engine: &Engine) {
+    match engine.call(|b| b.maps_mut().detach()).await {
+        Ok(Ok(())) => {
+            tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)")
         }
+        Ok(Err(e)) => tracing::error!("start-up failed, and detaching failed too: {e}; run `switcher uninstall`"),
+        Err(e) => tracing::error!("start-up failed, and detaching failed too: {e}; run `switcher uninstall`"),
     }
 }
 
@@ -610,7 +622,7 @@ fn restart_keys(new: &Config, running: &Config) -> Vec<&'static str> {
 
 /// Applies a new config read by [`reload`]: what needs a restart, or would undo runtime pool
 /// changes, is refused and changes nothing.
-fn apply_config(board: &Board, path: &Path, new: Config, running: &Config, fleet: Option<&Fleet>) -> Response {
+async fn apply_config(engine: &Engine, path: &Path, new: Config, running: &Config, fleet: Option<&Fleet>) -> Response {
     let needs_restart = restart_keys(&new, running);
     if !needs_restart.is_empty() {
         return Response::error(format!(
@@ -618,9 +630,15 @@ fn apply_config(board: &Board, path: &Path, new: Config, running: &Config, fleet
             needs_restart.join(", ")
         ));
     }
-    let Ok(mut b) = board.lock() else { return Response::error("daemon state is poisoned; restart the daemon") };
-    b.maps_mut().set_tcp_idle_timeout(new.tcp_idle_timeout);
-    match b.reload(new.services.clone()) {
+    let (tcp_idle, services) = (new.tcp_idle_timeout, new.services.clone());
+    let reloaded = engine
+        .call(move |b| {
+            b.maps_mut().set_tcp_idle_timeout(tcp_idle);
+            b.reload(services)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match reloaded {
         Ok(done) => {
             let list = |v: &[String]| if v.is_empty() { "none".to_owned() } else { v.join(", ") };
             let mut msg = format!(
@@ -648,7 +666,7 @@ fn apply_config(board: &Board, path: &Path, new: Config, running: &Config, fleet
 
 /// What a control connection needs of the daemon.
 struct Ctx<'a> {
-    board: &'a Board,
+    engine: &'a Engine,
     audit: &'a Audit,
     group: Option<u32>,
     config_path: &'a Path,
@@ -698,8 +716,9 @@ async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<()> {
 /// Answers one request of a peer allowed to make it, unless its `deadline` passes first.
 async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control::Deadline>) -> Response {
     let late = || deadline.is_some_and(control::Deadline::passed);
-    let names =
-        || ctx.board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).unwrap_or_default();
+    let names = async || {
+        ctx.engine.call(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).await.unwrap_or_default()
+    };
     let fleet_change = match &req {
         Request::Cutover { .. } | Request::Rollback { .. } | Request::Weight { .. } => true,
         Request::BackendAdd { .. } | Request::BackendRemove { .. } => {
@@ -709,7 +728,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control
     };
     match (req, ctx.fleet) {
         (Request::Reload, _) => {
-            let r = reload(ctx.board, ctx.config_path, ctx.config, ctx.fleet, deadline).await;
+            let r = reload(ctx.engine, ctx.config_path, ctx.config, ctx.fleet, deadline).await;
             if r.ok {
                 let change = Change {
                     service: "*".into(),
@@ -721,17 +740,17 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control
             }
             r
         }
-        (Request::Fleet, Some(f)) => f.view_all(&names()).await,
+        (Request::Fleet, Some(f)) => f.view_all(&names().await).await,
         (Request::FleetWait { after, wait_ms }, Some(f)) => {
             let wait = Duration::from_millis(wait_ms).min(control::FLEET_WAIT_MAX);
-            f.view_after(&names(), after, wait).await
+            f.view_after(&names().await, after, wait).await
         }
         (Request::Fleet | Request::FleetWait { .. }, None) => Response::error(
             "this daemon is not part of a fleet: add a [fleet] section (etcd endpoints, node name) to its config",
         ),
         (_, _) if late() => control::too_late(),
         (req, Some(f)) if fleet_change => {
-            let (resp, change) = f.propose(ctx.board, req, who).await;
+            let (resp, change) = f.propose(ctx.engine, req, who).await;
             if let Some(c) = change {
                 ctx.audit.record(who, &c);
             }
@@ -742,20 +761,27 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control
                 return Response::error("--if-revision is for fleet mode; this daemon has no [fleet] section");
             }
             let status = matches!(req, Request::Status { .. });
-            let mut resp = match ctx.board.lock() {
-                // The lock may have been waited for.
-                Ok(_) if late() => control::too_late(),
-                Ok(mut b) => {
-                    let (resp, change) = b.handle(req);
+            // Checked again when the engine gets to it: the request may have queued.
+            let handled = ctx
+                .engine
+                .call(move |b| {
+                    if deadline.is_some_and(control::Deadline::passed) {
+                        return (control::too_late(), None);
+                    }
+                    b.handle(req)
+                })
+                .await;
+            let mut resp = match handled {
+                Ok((resp, change)) => {
                     if let Some(c) = change {
                         ctx.audit.record(who, &c);
                     }
                     resp
                 }
-                Err(_) => Response::error("daemon state is poisoned; restart the daemon"),
+                Err(e) => Response::error(e.to_string()),
             };
             if status && let Some(f) = fleet {
-                resp.fleet = Some(f.local_view(&names()));
+                resp.fleet = Some(f.local_view(&names().await));
             }
             resp
         }
@@ -763,10 +789,10 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<control
 }
 
 /// Probes every checked service's backends at its interval and records the results.
-async fn check_health(board: Board, audit: Arc<Audit>, fleet: Option<Arc<Fleet>>) {
+async fn check_health(engine: Engine, audit: Arc<Audit>, fleet: Option<Arc<Fleet>>) {
     let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
-        for c in health_round(&board, &audit, &mut due).await {
+        for c in health_round(&engine, &audit, &mut due).await {
             if let Some(f) = &fleet {
                 f.note_override(&c.service, format!("{} {} → {} by this node's health checks", c.what, c.from, c.to));
             }
@@ -778,9 +804,9 @@ async fn check_health(board: Board, audit: Arc<Audit>, fleet: Option<Arc<Fleet>>
 /// Probes the services that are due, concurrently, and records the results; returns the
 /// switches the results caused (automatic rollback, failover). A probe that could not run here
 /// (see [`health::Failure::Local`]) is left out: its backend keeps its state.
-async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, Instant>) -> Vec<Change> {
+async fn health_round(engine: &Engine, audit: &Audit, due: &mut HashMap<String, Instant>) -> Vec<Change> {
     let mut switches = Vec::new();
-    let checks = board.lock().map(|b| b.checks()).unwrap_or_default();
+    let checks = engine.call(|b| b.checks()).await.unwrap_or_default();
     let now = Instant::now();
     let mut round = JoinSet::new();
     for (name, check, backends) in checks {
@@ -818,7 +844,7 @@ async fn health_round(board: &Board, audit: &Audit, due: &mut HashMap<String, In
                 "health probes could not run on this node ({first}); their backends keep their state: this is not a backend failure"
             );
         }
-        let changes = board.lock().map(|mut b| b.record_health(&name, counted)).unwrap_or_default();
+        let changes = engine.call(move |b| b.record_health(&name, counted)).await.unwrap_or_default();
         for c in changes {
             audit.record("switcher (health checks)", &c);
             if c.what == "auto-rollback" || c.what == "failover" {

@@ -39,7 +39,7 @@ use switcher_common::{BP_ALL, user::Colour};
 use crate::{
     config::{BackendConfig, FleetConfig},
     engine::{
-        Change, Maps, RemoteDrains, Switchboard, edit_pool,
+        Change, Handle, Maps, RemoteDrains, Switchboard, edit_pool,
         rules::{self, Ask, Decision, Refused, SwitchState},
     },
     protocol::{Desired, FleetService, FleetView, NodeService, NodeState, Request, Response, SharedBackend, percent},
@@ -263,8 +263,6 @@ impl State {
     }
 }
 
-type Board<M> = Arc<Mutex<Switchboard<M>>>;
-
 /// A failed write: refused (a message for the operator), or etcd did not answer.
 enum WriteError {
     Refused(String),
@@ -390,9 +388,9 @@ impl Fleet {
         st.error = error;
     }
 
-    /// Applies one desired state read from etcd, unless this node already has it or holds an
-    /// override that is newer.
-    fn apply<M: Maps>(&self, board: &Board<M>, name: &str, desired: Desired, rev: i64) -> Option<Change> {
+    /// Records a desired state read from etcd; says whether this node is to apply it: not when
+    /// it already has it, or holds an override that is newer.
+    fn takes(&self, name: &str, desired: &Desired, rev: i64) -> bool {
         let mut st = self.lock();
         st.desired.insert(name.to_owned(), (desired.clone(), rev));
         if let Some((base, why)) = st.overrides.get_mut(name) {
@@ -401,22 +399,43 @@ impl Fleet {
                 *base = rev;
             }
             if rev <= *base {
-                return None;
+                return false;
             }
             tracing::info!(service = %name, revision = rev, "the fleet's desired state changed: the local override ({why}) ends");
             st.overrides.remove(name);
         }
-        if st.applied.get(name).is_some_and(|a| *a >= rev) {
+        !st.applied.get(name).is_some_and(|a| *a >= rev)
+    }
+
+    /// Applies one desired state read from etcd, unless this node already has it or holds an
+    /// override that is newer.
+    async fn apply<M: Maps + Send + 'static>(
+        &self,
+        engine: &Handle<M>,
+        name: &str,
+        desired: Desired,
+        rev: i64,
+    ) -> Option<Change> {
+        if !self.takes(name, &desired, rev) {
             return None;
         }
-        drop(st);
-        let result = target(&desired).and_then(|t| {
-            let mut b = board.lock().map_err(|_| "daemon state poisoned".to_owned())?;
-            if b.snapshot(name).is_none() {
-                return Err(format!("{name} is in the fleet's desired state but not configured on this node"));
+        let result = match target(&desired) {
+            Err(e) => Err(e),
+            Ok(t) => {
+                let name = name.to_owned();
+                engine
+                    .call(move |b| {
+                        if b.snapshot(&name).is_none() {
+                            return Err(format!(
+                                "{name} is in the fleet's desired state but not configured on this node"
+                            ));
+                        }
+                        b.apply_desired(&name, t.active, t.canary_bp, t.drain, t.pools, t.rollback)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
             }
-            b.apply_desired(name, t.active, t.canary_bp, t.drain, t.pools, t.rollback)
-        });
+        };
         let mut st = self.lock();
         let change = match result {
             Ok(change) => {
@@ -441,14 +460,19 @@ impl Fleet {
     /// Handles a change request of an operator in fleet mode: written to etcd (checking the
     /// revision it read), then applied here by the watch like on every other node. With
     /// `--local`, or when etcd cannot be reached, it is applied on this node only.
-    pub async fn propose<M: Maps>(&self, board: &Board<M>, req: Request, who: &str) -> (Response, Option<Change>) {
+    pub async fn propose<M: Maps + Send + 'static>(
+        &self,
+        engine: &Handle<M>,
+        req: Request,
+        who: &str,
+    ) -> (Response, Option<Change>) {
         let backends = matches!(req, Request::BackendAdd { .. } | Request::BackendRemove { .. });
         if req.scope().is_some_and(|s| s.local) {
-            return self.local(board, req, "changed on this node only (--local)".into(), None);
+            return self.local(engine, req, "changed on this node only (--local)".into(), None).await;
         }
         let client = self.lock().client.clone();
         let error = match client {
-            Some(mut client) => match self.write(&mut client, board, &req, who).await {
+            Some(mut client) => match self.write(&mut client, engine, &req, who).await {
                 Ok(r) => return r,
                 Err(WriteError::Refused(msg)) => return (Response::error(msg), None),
                 Err(WriteError::Etcd(e)) => e,
@@ -463,21 +487,22 @@ impl Fleet {
                 None,
             );
         }
-        self.local(board, req, format!("changed on this node only while etcd was unreachable ({error})"), Some(error))
+        self.local(engine, req, format!("changed on this node only while etcd was unreachable ({error})"), Some(error))
+            .await
     }
 
     /// Applies a change on this node only and records the override.
-    fn local<M: Maps>(
+    async fn local<M: Maps + Send + 'static>(
         &self,
-        board: &Board<M>,
+        engine: &Handle<M>,
         req: Request,
         why: String,
         error: Option<String>,
     ) -> (Response, Option<Change>) {
         let name = req.service().unwrap_or_default().to_owned();
-        let (mut resp, change) = match board.lock() {
-            Ok(mut b) => b.handle(req),
-            Err(_) => return (Response::error("daemon state is poisoned; restart the daemon"), None),
+        let (mut resp, change) = match engine.call(move |b| b.handle(req)).await {
+            Ok(answer) => answer,
+            Err(e) => return (Response::error(e.to_string()), None),
         };
         if resp.ok && change.is_some() {
             self.note_override(&name, why.clone());
@@ -502,10 +527,10 @@ impl Fleet {
         (resp, change)
     }
 
-    async fn write<M: Maps>(
+    async fn write<M: Maps + Send + 'static>(
         &self,
         client: &mut Client,
-        board: &Board<M>,
+        engine: &Handle<M>,
         req: &Request,
         who: &str,
     ) -> Result<(Response, Option<Change>), WriteError> {
@@ -518,8 +543,12 @@ impl Fleet {
         let (cur, rev) = match got.kvs().first() {
             Some(kv) => (parse_desired(kv).map_err(WriteError::Refused)?, kv.mod_revision()),
             None => {
-                let b = board.lock().map_err(|_| WriteError::Refused("daemon state poisoned".into()))?;
-                let d = seed(&b, &name, &self.config.node, self.config.share_backends).ok_or_else(|| {
+                let (service, node, share) = (name.clone(), self.config.node.clone(), self.config.share_backends);
+                let seeded = engine
+                    .call(move |b| seed(b, &service, &node, share))
+                    .await
+                    .map_err(|e| WriteError::Refused(e.to_string()))?;
+                let d = seeded.ok_or_else(|| {
                     WriteError::Refused(format!("unknown service {name:?}: it is not configured on this node"))
                 })?;
                 (d, 0)
@@ -534,8 +563,12 @@ impl Fleet {
             )));
         }
         let planned = {
-            let b = board.lock().map_err(|_| WriteError::Refused("daemon state poisoned".into()))?;
-            plan(&b, req, &cur, self.config.share_backends).map_err(WriteError::Refused)?
+            let (req, cur, share) = (req.clone(), cur.clone(), self.config.share_backends);
+            engine
+                .call(move |b| plan(b, &req, &cur, share))
+                .await
+                .map_err(|e| WriteError::Refused(e.to_string()))?
+                .map_err(WriteError::Refused)?
         };
         let Some(mut next) = planned else {
             return Ok((
@@ -592,7 +625,10 @@ impl Fleet {
         } else {
             "not applied here yet".to_owned()
         };
-        let status = board.lock().ok().and_then(|mut b| b.status(Some(&name)).ok());
+        let status = {
+            let name = name.clone();
+            engine.call(move |b| b.status(Some(&name)).ok()).await.ok().flatten()
+        };
         let change = Change {
             service: name.clone(),
             what: format!("fleet {}", what.split(' ').next().unwrap_or("change")),
@@ -692,8 +728,8 @@ impl Fleet {
     }
 
     /// What this node publishes.
-    fn node_state<M: Maps>(&self, board: &Board<M>) -> NodeState {
-        let observed = board.lock().map(|b| b.observed()).unwrap_or_default();
+    async fn node_state<M: Maps + Send + 'static>(&self, engine: &Handle<M>) -> NodeState {
+        let observed = engine.call(|b| b.observed()).await.unwrap_or_default();
         let st = self.lock();
         NodeState {
             node: self.config.node.clone(),
@@ -756,18 +792,16 @@ fn describe(d: &Desired) -> String {
 /// reconnect with back-off when etcd goes away.
 pub async fn run<M: Maps + Send + 'static>(
     fleet: Arc<Fleet>,
-    board: Board<M>,
+    engine: Handle<M>,
     record: impl Fn(&str, &Change) + Send + Sync + 'static,
 ) {
     // In a fleet, a drain ends only when no node holds flows of the draining colour: the
     // switchboard waits for a view of the other nodes taken after each drain began.
-    if let Ok(mut b) = board.lock() {
-        b.set_remote_drains(HashMap::new());
-    }
+    let _ = engine.call(|b| b.set_remote_drains(HashMap::new())).await;
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
-        let e = session(&fleet, &board, &record).await;
+        let e = session(&fleet, &engine, &record).await;
         fleet.set_connected(None, Some(e));
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(500);
@@ -778,16 +812,20 @@ pub async fn run<M: Maps + Send + 'static>(
 }
 
 /// One connection to etcd, until it fails; returns why.
-async fn session<M: Maps>(fleet: &Fleet, board: &Board<M>, record: &impl Fn(&str, &Change)) -> String {
-    match session_inner(fleet, board, record).await {
+async fn session<M: Maps + Send + 'static>(
+    fleet: &Fleet,
+    engine: &Handle<M>,
+    record: &impl Fn(&str, &Change),
+) -> String {
+    match session_inner(fleet, engine, record).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
 }
 
-async fn session_inner<M: Maps>(
+async fn session_inner<M: Maps + Send + 'static>(
     fleet: &Fleet,
-    board: &Board<M>,
+    engine: &Handle<M>,
     record: &impl Fn(&str, &Change),
 ) -> Result<std::convert::Infallible, String> {
     let e = |e: etcd_client::Error| etcd_error(&e);
@@ -797,7 +835,7 @@ async fn session_inner<M: Maps>(
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true);
     let mut client = Client::connect(&fleet.config.endpoints, Some(opts)).await.map_err(e)?;
-    let all = read_desired(fleet, board, &mut client).await?;
+    let all = read_desired(fleet, engine, &mut client).await?;
     let revision = all.header().map_or(0, etcd_client::ResponseHeader::revision);
     let ttl = i64::try_from(fleet.config.lease_ttl.as_secs()).unwrap_or(10);
     let lease = client.lease_grant(ttl, None).await.map_err(e)?.id();
@@ -817,9 +855,9 @@ async fn session_inner<M: Maps>(
         .await
         .map_err(e)?;
     fleet.set_connected(Some(client.clone()), None);
-    apply_kvs(fleet, board, record, all.kvs());
+    apply_kvs(fleet, engine, record, all.kvs()).await;
     let mut publisher = Publisher { lease, last: None };
-    publisher.publish(fleet, board, &mut client, false).await?;
+    publisher.publish(fleet, engine, &mut client, false).await?;
     let mut renew = tokio::time::interval(fleet.config.lease_ttl / 3);
     let mut check = tokio::time::interval(CHECK_EVERY);
     let mut flows_counted = Instant::now();
@@ -847,8 +885,8 @@ async fn session_inner<M: Maps>(
                         tracing::warn!(key = kv.key_str().unwrap_or("?"), "a desired state was deleted from etcd; this node keeps what it has");
                     }
                 }
-                apply_kvs(fleet, board, record, &puts);
-                publisher.publish(fleet, board, &mut client, false).await?;
+                apply_kvs(fleet, engine, record, &puts).await;
+                publisher.publish(fleet, engine, &mut client, false).await?;
             }
             msg = own.message() => {
                 let msg = msg.map_err(e)?.ok_or("the watch on etcd ended")?;
@@ -858,7 +896,7 @@ async fn session_inner<M: Maps>(
                 if !msg.events().is_empty() {
                     tracing::warn!("this node's published state was deleted from etcd; publishing it again");
                     publisher.last = None;
-                    publisher.publish(fleet, board, &mut client, false).await?;
+                    publisher.publish(fleet, engine, &mut client, false).await?;
                 }
             }
             _ = renew.tick() => keeper.keep_alive().await.map_err(e)?,
@@ -870,28 +908,24 @@ async fn session_inner<M: Maps>(
             }
             _ = check.tick() => {
                 if flows_counted.elapsed() >= FLOWS_EVERY {
-                    if let Ok(mut b) = board.lock() {
-                        let _ = b.refresh_flows();
-                    }
+                    let _ = engine.call(|b| drop(b.refresh_flows())).await;
                     flows_counted = Instant::now();
                 }
-                let draining = board.lock().is_ok_and(|b| b.draining());
+                let draining = engine.call(|b| b.draining()).await.unwrap_or(false);
                 if draining && Instant::now() >= drains_next {
                     let drains = remote_drains(fleet, &mut client).await?;
                     // A node listed with no flows has not applied this node's revision yet.
                     let behind = drains.values().flatten().any(|(_, flows)| *flows == 0);
                     drains_next = Instant::now() + if behind { CHECK_EVERY } else { DRAINS_EVERY };
-                    if let Ok(mut b) = board.lock() {
-                        b.set_remote_drains(drains);
-                    }
+                    let _ = engine.call(move |b| b.set_remote_drains(drains)).await;
                 }
                 if std::mem::take(&mut fleet.lock().reseed) {
-                    let all = read_desired(fleet, board, &mut client).await?;
-                    apply_kvs(fleet, board, record, all.kvs());
+                    let all = read_desired(fleet, engine, &mut client).await?;
+                    apply_kvs(fleet, engine, record, all.kvs()).await;
                 }
-                publisher.publish(fleet, board, &mut client, true).await?;
+                publisher.publish(fleet, engine, &mut client, true).await?;
             }
-            () = fleet.publish.notified() => publisher.publish(fleet, board, &mut client, false).await?,
+            () = fleet.publish.notified() => publisher.publish(fleet, engine, &mut client, false).await?,
             _ = compact.tick(), if fleet.config.compaction_interval.is_some() => {
                 compactor.round(fleet, &mut client).await;
             }
@@ -935,21 +969,28 @@ fn drains_elsewhere(nodes: impl Iterator<Item = NodeState>, me: &str, applied: &
     out
 }
 
-async fn read_desired<M: Maps>(
+async fn read_desired<M: Maps + Send + 'static>(
     fleet: &Fleet,
-    board: &Board<M>,
+    engine: &Handle<M>,
     client: &mut Client,
 ) -> Result<etcd_client::GetResponse, String> {
-    seed_missing(fleet, board, client).await?;
+    seed_missing(fleet, engine, client).await?;
     client.get(fleet.services_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(|e| etcd_error(&e))
 }
 
 /// Writes the desired state of local services etcd does not have yet (only if still absent).
-async fn seed_missing<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Client) -> Result<(), String> {
-    let names: Vec<String> =
-        board.lock().map(|b| b.services().into_iter().map(|s| s.name).collect()).unwrap_or_default();
-    for name in names {
-        let seeded = board.lock().ok().and_then(|b| seed(&b, &name, &fleet.config.node, fleet.config.share_backends));
+async fn seed_missing<M: Maps + Send + 'static>(
+    fleet: &Fleet,
+    engine: &Handle<M>,
+    client: &mut Client,
+) -> Result<(), String> {
+    let (node, share) = (fleet.config.node.clone(), fleet.config.share_backends);
+    // Each local service's desired state as this node has it, in one visit to the engine.
+    let seeds: Vec<(String, Option<Desired>)> = engine
+        .call(move |b| b.services().into_iter().map(|s| (s.name.clone(), seed(b, &s.name, &node, share))).collect())
+        .await
+        .unwrap_or_default();
+    for (name, seeded) in seeds {
         let Some(d) = seeded else { continue };
         let key = fleet.service_key(&name);
         let value = serde_json::to_string(&d).map_err(|e| e.to_string())?;
@@ -965,14 +1006,19 @@ async fn seed_missing<M: Maps>(fleet: &Fleet, board: &Board<M>, client: &mut Cli
     Ok(())
 }
 
-fn apply_kvs<M: Maps>(fleet: &Fleet, board: &Board<M>, record: &impl Fn(&str, &Change), kvs: &[KeyValue]) {
+async fn apply_kvs<M: Maps + Send + 'static>(
+    fleet: &Fleet,
+    engine: &Handle<M>,
+    record: &impl Fn(&str, &Change),
+    kvs: &[KeyValue],
+) {
     let prefix = fleet.services_prefix();
     for kv in kvs {
         let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else { continue };
         match parse_desired(kv) {
             Ok(d) => {
                 let by = format!("fleet revision {} ({})", kv.mod_revision(), d.changed_by);
-                if let Some(c) = fleet.apply(board, name, d, kv.mod_revision()) {
+                if let Some(c) = fleet.apply(engine, name, d, kv.mod_revision()).await {
                     record(&by, &c);
                 }
             }
@@ -994,14 +1040,14 @@ struct Publisher {
 impl Publisher {
     /// Publishes what changed; flow counts only when `counts` (the periodic check) and not
     /// within [`COUNTS_GAP`] of the last publication.
-    async fn publish<M: Maps>(
+    async fn publish<M: Maps + Send + 'static>(
         &mut self,
         fleet: &Fleet,
-        board: &Board<M>,
+        engine: &Handle<M>,
         client: &mut Client,
         counts: bool,
     ) -> Result<(), String> {
-        let state = fleet.node_state(board);
+        let state = fleet.node_state(engine).await;
         let due = match (&self.last, news(self.last.as_ref().map(|(s, _)| s), &state)) {
             (_, News::None) => false,
             (_, News::State) | (None, _) => true,
@@ -1297,30 +1343,30 @@ mod tests {
         })
     }
 
-    #[test]
-    fn an_emergency_local_change_holds_until_the_desired_state_changes() {
+    #[tokio::test]
+    async fn an_emergency_local_change_holds_until_the_desired_state_changes() {
         let mut b = crate::engine::tests::board();
         // The emergency path (`--local`) moved web to green while the daemon was down; the
         // restarted daemon adopted green from the pinned maps.
         assert!(b.handle(req_cutover(Some(Colour::Green))).0.ok);
-        let board = Arc::new(Mutex::new(b));
+        let engine = Handle::start(b).expect("engine");
         let f = fleet();
         f.note_emergency_override("web");
-        let active = || board.lock().expect("board").snapshot("web").expect("web").0;
+        let active = async || engine.call(|b| b.snapshot("web").expect("web").0).await.expect("engine");
         // etcd still says blue (revision 5): the first read does not undo the emergency change.
-        assert_eq!(f.apply(&board, "web", desired("blue"), 5), None);
-        assert_eq!(active(), Colour::Green);
+        assert_eq!(f.apply(&engine, "web", desired("blue"), 5).await, None);
+        assert_eq!(active().await, Colour::Green);
         assert!(
             f.local_view(&["web".into()]).services[0]
                 .local_override
                 .as_deref()
                 .is_some_and(|w| w.contains("emergency path"))
         );
-        assert_eq!(f.apply(&board, "web", desired("blue"), 5), None, "read again after a reconnect");
-        assert_eq!(active(), Colour::Green);
+        assert_eq!(f.apply(&engine, "web", desired("blue"), 5).await, None, "read again after a reconnect");
+        assert_eq!(active().await, Colour::Green);
         // The desired state changes: the node follows it again.
-        assert!(f.apply(&board, "web", desired("blue"), 6).is_some());
-        assert_eq!(active(), Colour::Blue);
+        assert!(f.apply(&engine, "web", desired("blue"), 6).await.is_some());
+        assert_eq!(active().await, Colour::Blue);
         assert_eq!(f.local_view(&["web".into()]).services[0].local_override, None);
     }
 

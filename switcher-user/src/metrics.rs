@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,7 +21,7 @@ use tokio::{
 
 use crate::{
     dataplane::Dataplane,
-    engine::Switchboard,
+    engine::Handle,
     fleet::Fleet,
     protocol::{Health, Response},
 };
@@ -168,7 +168,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
 /// Serves `GET /metrics` until the task is aborted: at most
 /// [`crate::limits::METRICS_CONNECTIONS`] connections at once (more are closed as soon as they
 /// are accepted), and a pause after a failed accept instead of a spin.
-pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, fleet: Option<Arc<Fleet>>) {
+pub async fn serve(addr: SocketAddr, engine: Handle<Dataplane>, fleet: Option<Arc<Fleet>>) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -197,7 +197,7 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, 
                 conn.try_write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             continue;
         };
-        let board = Arc::clone(&board);
+        let engine = engine.clone();
         let fleet = fleet.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -216,7 +216,7 @@ pub async fn serve(addr: SocketAddr, board: Arc<Mutex<Switchboard<Dataplane>>>, 
             let wanted =
                 read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
             let (status, body) = if wanted {
-                let mut snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
+                let mut snapshot = engine.call(|b| b.status(None).ok()).await.ok().flatten();
                 if let (Some(s), Some(f)) = (&mut snapshot, &fleet) {
                     let names: Vec<String> = s.services.iter().map(|x| x.name.clone()).collect();
                     s.fleet = Some(f.local_view(&names));

@@ -21,6 +21,7 @@ use std::{
 mod drain;
 mod health;
 pub mod maps;
+pub mod owner;
 mod pools;
 mod reload;
 pub mod rules;
@@ -28,7 +29,11 @@ mod status;
 
 use switcher_common::{BP_ALL, user::Colour};
 
-pub use self::{maps::Maps, pools::edit_pool};
+pub use self::{
+    maps::Maps,
+    owner::{Handle, Stopped},
+    pools::edit_pool,
+};
 use self::{
     pools::effective_pool,
     rules::{Ask, Decision, Refused, SwitchState},
