@@ -10,8 +10,8 @@
 //! - [`accounts`]: user and group lookups that never block an async worker.
 
 pub mod accounts;
+pub mod agent;
 pub mod config;
-pub mod daemon;
 pub mod dataplane;
 pub mod emergency;
 pub mod engine;
@@ -20,6 +20,5 @@ pub mod flowcount;
 pub mod health;
 pub mod limits;
 pub mod maglev;
-pub mod metrics;
 pub mod pins;
 pub mod protocol;
