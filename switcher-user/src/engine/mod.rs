@@ -204,7 +204,7 @@ pub struct Change {
 }
 
 impl<M: Maps> Switchboard<M> {
-    /// The services as [`Dataplane::load`] installed them, in config order.
+    /// The services as [`crate::dataplane::Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
         Switchboard { maps, services, last_flows: None, remote_drains: None }

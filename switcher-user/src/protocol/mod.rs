@@ -5,7 +5,7 @@
 //!
 //! - this module: the control socket's requests and answers;
 //! - [`fleet`]: the fleet's documents in etcd (desired state, a node's published state);
-//! - [`client`]: framing (deadline), parsing, and the blocking client the CLI uses.
+//! - `client`: framing (deadline), parsing, and the blocking client the CLI uses.
 //!
 //! The control socket's protocol: one JSON object per line each way, one request per
 //! connection. Requests are at most [`MAX_REQUEST`] bytes; anything else is answered with an
