@@ -79,8 +79,8 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             return Err(e).context("start the data plane");
         }
     };
-    // The open flows are counted by a thread of their own, in batches, without the board's
-    // lock: status, metrics, cut-overs and the fleet read its last pass.
+    // The open flows are counted by a thread of their own, in batches, apart from the
+    // engine: status, metrics, cut-overs and the fleet read its last pass.
     let walker = dataplane.flow_walker().context("start counting the open flows")?;
     std::thread::Builder::new()
         .name("flow-counter".into())
