@@ -50,6 +50,10 @@ pub fn short_list<S: AsRef<str>>(names: &[S]) -> String {
     }
 }
 
+/// Default of `tcp_idle_timeout_secs`: an open TCP flow without a packet this long no longer
+/// counts as live in drains.
+pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(300);
+
 /// The largest `max_services`: the per-service maps then take ~45 MB (`BACKENDS` most).
 pub const MAX_SERVICES_LIMIT: u32 = 16_384;
 
@@ -535,7 +539,7 @@ impl Config {
             Duration::from_nanos(DEFAULT_UDP_IDLE_NS),
         )?;
         let tcp_idle_timeout =
-            seconds(&raw.tcp_idle_timeout_secs, "tcp_idle_timeout_secs", 604_800, crate::dataplane::DEFAULT_TCP_IDLE)?;
+            seconds(&raw.tcp_idle_timeout_secs, "tcp_idle_timeout_secs", 604_800, DEFAULT_TCP_IDLE)?;
         let max_services = match &raw.max_services {
             Some(m) if !(1..=MAX_SERVICES_LIMIT).contains(m.get_ref()) => {
                 return Err(invalid(

@@ -183,7 +183,7 @@ pub struct Options {
 }
 
 /// Default of [`Options::tcp_idle_timeout`].
-pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(300);
+pub const DEFAULT_TCP_IDLE: Duration = config::DEFAULT_TCP_IDLE;
 
 impl Default for Options {
     fn default() -> Self {

@@ -16,32 +16,15 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::config::{CheckKind, HealthConfig};
-
-/// What is known of a backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum State {
-    /// Not checked yet, or checks are off: it stays in the tables.
-    Unknown,
-    Up,
-    Down,
-}
-
-impl State {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Unknown => "unknown",
-            State::Up => "up",
-            State::Down => "down",
-        }
-    }
-}
+use crate::{
+    config::{CheckKind, HealthConfig},
+    protocol::Health,
+};
 
 /// A backend's check history.
 #[derive(Clone, Debug)]
 pub struct BackendHealth {
-    pub state: State,
+    pub state: Health,
     successes: u32,
     failures: u32,
     /// Why the last probe failed.
@@ -52,7 +35,7 @@ pub struct BackendHealth {
 
 impl Default for BackendHealth {
     fn default() -> Self {
-        BackendHealth { state: State::Unknown, successes: 0, failures: 0, last_error: None, since: Instant::now() }
+        BackendHealth { state: Health::Unknown, successes: 0, failures: 0, last_error: None, since: Instant::now() }
     }
 }
 
@@ -65,16 +48,16 @@ impl BackendHealth {
             Ok(()) => {
                 self.successes += 1;
                 self.failures = 0;
-                if self.state == State::Unknown || (self.state == State::Down && self.successes >= rise) {
-                    self.state = State::Up;
+                if self.state == Health::Unknown || (self.state == Health::Down && self.successes >= rise) {
+                    self.state = Health::Up;
                 }
             }
             Err(e) => {
                 self.failures += 1;
                 self.successes = 0;
                 self.last_error = Some(e);
-                if self.state == State::Unknown || (self.state == State::Up && self.failures >= fall) {
-                    self.state = State::Down;
+                if self.state == Health::Unknown || (self.state == Health::Up && self.failures >= fall) {
+                    self.state = Health::Down;
                 }
             }
         }
@@ -89,7 +72,7 @@ impl BackendHealth {
     pub fn describe(&self) -> String {
         let secs = self.since.elapsed().as_secs();
         match (self.state, &self.last_error) {
-            (State::Down, Some(e)) => format!("down for {secs}s: {e}"),
+            (Health::Down, Some(e)) => format!("down for {secs}s: {e}"),
             (state, _) => format!("{} for {secs}s", state.as_str()),
         }
     }
@@ -199,17 +182,17 @@ mod tests {
     fn rise_and_fall_thresholds() {
         let mut h = BackendHealth::default();
         assert!(h.record(Ok(()), 2, 3), "the first result decides");
-        assert_eq!(h.state, State::Up);
+        assert_eq!(h.state, Health::Up);
         assert!(!h.record(Err("x".into()), 2, 3));
         assert!(!h.record(Err("x".into()), 2, 3));
         assert!(h.record(Err("refused".into()), 2, 3), "third failure takes it down");
-        assert_eq!(h.state, State::Down);
+        assert_eq!(h.state, Health::Down);
         assert!(h.describe().contains("refused"));
         assert!(!h.record(Ok(()), 2, 3));
         assert!(h.record(Ok(()), 2, 3), "second success brings it up");
         let mut u = BackendHealth::default();
         assert!(u.record(Err("e".into()), 2, 3));
-        assert_eq!(u.state, State::Down);
+        assert_eq!(u.state, Health::Down);
     }
 
     #[test]

@@ -1,26 +1,34 @@
 //! The switcher agent and its control plane, as a library under the thin `switcher` binary.
+//! Its layers run one way, bottom to top (a unit test in `layers.rs` checks every import):
 //!
-//! - [`config`]: the TOML file, parsed and validated into a [`config::Config`];
-//! - [`dataplane`]: loads the XDP program, attaches it, and reads and writes its maps;
-//! - [`control`]: the JSON-lines protocol of the control socket, and a client for it;
-//! - [`daemon`]: the agent: owns the data plane and serves the control socket;
-//! - [`fleet`]: fleet mode: the desired state in etcd, followed by every node;
-//! - [`flowcount`]: the open flows counted in batches off the request path;
-//! - [`limits`]: the agent's connection caps and file-descriptor budget;
-//! - [`accounts`]: user and group lookups that never block an async worker.
+//! 0. [`protocol`]: the typed wire types of the control socket and of the fleet's etcd
+//!    documents, and the blocking client; with the leaf helpers [`accounts`] (user and group
+//!    lookups that never block an async worker), [`limits`] (connection caps, descriptor
+//!    budget) and [`pins`] (the pinned paths) — none imports anything of the crate;
+//! 1. [`config`]: the TOML file, parsed and validated into a [`config::Config`];
+//! 2. [`dataplane`] (loads and attaches the XDP program, reads and writes its maps),
+//!    [`maglev`], [`flowcount`] (open flows counted in batches off the request path),
+//!    [`emergency`] (the CLI's path when no daemon runs) and [`health`] (backend probes);
+//! 3. [`engine`]: the switch rules, once, and the switchboard in front of the maps, with one
+//!    owner reached over a channel;
+//! 4. [`fleet`]: fleet mode: the desired state in etcd, followed by every node;
+//! 5. [`agent`]: `switcher daemon`: the control socket, health rounds, metrics, reload.
+//!
+//! The CLI (`src/cli`, in the binary) is on top.
 
 pub mod accounts;
+pub mod agent;
 pub mod config;
-pub mod control;
-pub mod daemon;
 pub mod dataplane;
 pub mod emergency;
+pub mod engine;
 pub mod fleet;
 pub mod flowcount;
 pub mod health;
+#[cfg(test)]
+mod layers;
 pub mod limits;
 pub mod maglev;
-pub mod metrics;
 pub mod pins;
+pub mod protocol;
 pub mod slab;
-pub mod switchboard;

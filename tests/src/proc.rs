@@ -232,7 +232,7 @@ impl Daemon {
     /// # Panics
     /// When the command fails or prints something else.
     #[must_use]
-    pub fn status(&self) -> switcher_user::control::Response {
+    pub fn status(&self) -> switcher_user::protocol::Response {
         let out = self.cli_ok(&["status", "--json"]);
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is not a Response ({e}): {out}"))
     }
@@ -243,7 +243,7 @@ impl Daemon {
     /// # Panics
     /// When no such pass ends within 20 s, or status fails.
     #[must_use]
-    pub fn status_counted(&self) -> switcher_user::control::Response {
+    pub fn status_counted(&self) -> switcher_user::protocol::Response {
         let asked = std::time::Instant::now();
         net::wait_for(Duration::from_secs(20), || {
             let s = self.status();

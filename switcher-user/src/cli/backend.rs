@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use switcher_user::control::Request;
+use switcher_user::protocol::Request;
 
 /// Add or remove a backend of a colour.
 ///
@@ -41,9 +41,11 @@ enum Action {
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     let req = match args.action {
         Action::Add { service, colour, address, weight } => {
-            Request::BackendAdd { service, colour, address, weight: Some(weight) }
+            Request::BackendAdd { service, colour: super::colour(&colour)?, address, weight: Some(weight) }
         }
-        Action::Remove { service, colour, address } => Request::BackendRemove { service, colour, address },
+        Action::Remove { service, colour, address } => {
+            Request::BackendRemove { service, colour: super::colour(&colour)?, address }
+        }
     };
     let resp = super::ask(socket, &req)?;
     if let Some(m) = resp.message {

@@ -1,14 +1,14 @@
 //! `switcher cutover`: make a colour live.
 
 use std::{
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     path::Path,
     time::{Duration, Instant},
 };
 
 use switcher_user::{
-    control::{Request, Response},
     emergency::Action,
+    protocol::{Request, Response},
 };
 
 /// Send new flows of a service to a colour (default: the idle one).
@@ -49,14 +49,14 @@ pub struct Args {
 }
 
 pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
+    let colour = args.colour.as_deref().map(super::colour).transpose()?;
     let req = Request::Cutover {
         service: args.service.clone(),
-        colour: args.colour.clone(),
+        colour,
         drain_timeout_secs: args.drain_timeout,
         force: args.force,
         scope: args.scope.scope(),
     };
-    let colour = args.colour.as_deref().and_then(|c| c.parse().ok());
     let Some(resp) = super::ask_or_emergency(socket, config, &req, &args.service, Action::Cutover(colour))? else {
         return Ok(());
     };
@@ -72,42 +72,33 @@ pub fn run(socket: &Path, config: &Path, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Polls the daemon until the service has no drain in progress, drawing a bar on stderr (on a
-/// terminal; in a log, a line each time the count changes).
+/// Polls the daemon until the service has no drain in progress, with a progress bar on stderr
+/// (on a terminal; in a log, a line each time the count changes).
 pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
-    let clear = if tty { "\r\x1b[2K" } else { "" };
+    // Hidden when stderr is not a terminal: the log gets plain lines instead.
+    let bar = super::progress_bar("draining {prefix}: [{bar:30}] {msg}");
     let mut last_live = None;
     loop {
         let resp: Response = super::ask(socket, &Request::Status { service: Some(service.to_owned()) })?;
         let Some(drain) = resp.services.first().and_then(|s| s.drain.clone()) else {
-            let took = started.elapsed().as_secs_f64();
-            eprintln!("{clear}{service}: drained in {took:.1}s");
+            bar.finish_and_clear();
+            eprintln!("{service}: drained in {:.1}s", started.elapsed().as_secs_f64());
             return Ok(());
         };
         let total = drain.initial_flows.max(drain.live_flows).max(1);
-        let done = total - drain.live_flows.min(total);
-        let width = 30u64;
-        let filled = (done * width / total) as usize;
         let timeout = drain.timeout_secs.map_or_else(String::new, |t| format!("/{t}s, then {}", drain.on_timeout));
-        let line = format!(
-            "draining {}: [{}{}] {} of {} flows left  {}s{}",
-            drain.colour,
-            "#".repeat(filled),
-            "-".repeat(width as usize - filled),
-            drain.live_flows,
-            drain.initial_flows,
-            drain.elapsed_secs,
-            timeout
-        );
-        if tty {
-            eprint!("{clear}{line}");
-        } else if last_live != Some(drain.live_flows) {
-            eprintln!("{line}");
+        bar.set_length(total);
+        bar.set_position(total - drain.live_flows.min(total));
+        bar.set_prefix(drain.colour.to_string());
+        let left =
+            format!("{} of {} flows left  {}s{timeout}", drain.live_flows, drain.initial_flows, drain.elapsed_secs);
+        if !tty && last_live != Some(drain.live_flows) {
+            eprintln!("draining {}: {left}", drain.colour);
         }
+        bar.set_message(left);
         last_live = Some(drain.live_flows);
-        let _ = std::io::stderr().flush();
         std::thread::sleep(Duration::from_millis(500));
     }
 }

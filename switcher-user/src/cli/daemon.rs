@@ -29,7 +29,7 @@ pub struct Args {
 pub fn run(config_path: &Path, args: Args) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     if args.check {
-        switcher_user::daemon::check_socket_path(&config.socket)
+        switcher_user::agent::check_socket_path(&config.socket)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
         println!("{}", super::config::summary(config_path, &config));
         return Ok(());
@@ -41,8 +41,8 @@ pub fn run(config_path: &Path, args: Args) -> anyhow::Result<()> {
         .build()
         .context("start the async runtime")?;
     let opts =
-        switcher_user::daemon::Options { config_path: config_path.to_owned(), detach_on_exit: args.detach_on_exit };
-    rt.block_on(switcher_user::daemon::run(config, opts, shutdown_signal()))
+        switcher_user::agent::Options { config_path: config_path.to_owned(), detach_on_exit: args.detach_on_exit };
+    rt.block_on(switcher_user::agent::run(config, opts, shutdown_signal()))
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

@@ -4,15 +4,13 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{IsTerminal as _, Write as _},
     path::Path,
     time::{Duration, Instant},
 };
 
 use switcher_user::{
-    control::{FleetView, Request, Response, Scope},
     fleet::{Agreement, agreement},
-    switchboard::percent,
+    protocol::{FleetView, Request, Response, Scope, percent},
 };
 
 /// How long `--wait` waits for every node to apply a fleet-wide change.
@@ -63,7 +61,7 @@ enum Command {
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Status { json } => {
-            let resp = switcher_user::control::request(socket, &Request::Fleet)?;
+            let resp = switcher_user::protocol::request(socket, &Request::Fleet)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&resp)?);
             } else if let Some(view) = &resp.fleet {
@@ -111,7 +109,7 @@ pub fn render(view: &FleetView) -> String {
             out,
             "\n{}: desired {}{canary}  revision {}  ({}; by {})",
             s.name,
-            d.active.to_uppercase(),
+            d.active.as_str().to_uppercase(),
             s.revision,
             d.change,
             d.changed_by
@@ -134,7 +132,7 @@ pub fn render(view: &FleetView) -> String {
                 out,
                 "  {:<12} {:<5}{canary}  applied {:>5}  open flows {:>6}{drain}  {health}{}{why}",
                 n.node,
-                ns.active,
+                ns.active.as_str(),
                 ns.applied_revision,
                 ns.live_flows,
                 flag(a)
@@ -151,14 +149,14 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut converged: BTreeMap<String, f64> = BTreeMap::new();
     let mut drained: BTreeMap<String, f64> = BTreeMap::new();
-    let mut last_line = String::new();
-    // On a terminal a progress line is redrawn in place; in a log, only the events.
-    let tty = std::io::stderr().is_terminal();
-    let clear = if tty { "\r\x1b[2K" } else { "" };
+    // On a terminal a progress bar (nodes drained) is redrawn in place below the events; in a
+    // log, only the events.
+    let bar = super::progress_bar("{prefix}: [{bar:30}] {msg}");
+    bar.set_prefix(service.to_owned());
     let mut seen = 0;
     loop {
         let req = if seen > 0 { Request::FleetWait { after: seen, wait_ms: 1000 } } else { Request::Fleet };
-        let resp: Response = switcher_user::control::request(socket, &req)?;
+        let resp: Response = switcher_user::protocol::request(socket, &req)?;
         let Some(view) = resp.fleet.filter(|_| resp.ok) else {
             anyhow::bail!(
                 "cannot follow the fleet: {}",
@@ -176,21 +174,25 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             let applied = ns.applied_revision >= revision && ns.active == desired.active;
             if applied && !converged.contains_key(&n.node) {
                 converged.insert(n.node.clone(), now);
-                eprintln!("{clear}  {:<12} applied revision {} after {:.0} ms", n.node, ns.applied_revision, now * 1e3);
+                bar.suspend(|| {
+                    eprintln!("  {:<12} applied revision {} after {:.0} ms", n.node, ns.applied_revision, now * 1e3);
+                });
             }
             if !applied {
                 lagging.push(n.node.clone());
             } else if ns.draining.is_none() && !drained.contains_key(&n.node) {
                 drained.insert(n.node.clone(), now);
-                eprintln!("{clear}  {:<12} drained after {now:.2}s", n.node);
+                bar.suspend(|| eprintln!("  {:<12} drained after {now:.2}s", n.node));
             }
         }
         let total = view.nodes.len();
         if lagging.is_empty() && drained.len() >= total {
-            eprintln!("{clear}{service}: {total} nodes applied revision {revision} and drained in {now:.1}s");
+            bar.finish_and_clear();
+            eprintln!("{service}: {total} nodes applied revision {revision} and drained in {now:.1}s");
             return Ok(());
         }
         if !lagging.is_empty() && started.elapsed() > CONVERGE_TIMEOUT {
+            bar.finish_and_clear();
             anyhow::bail!(
                 "{} of {total} nodes have not applied revision {revision} after {}s: {} (see `switcher fleet status`)",
                 lagging.len(),
@@ -207,17 +209,14 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
             .collect();
         let draining: u64 = holders.iter().map(|(_, f)| f).sum();
         let held: Vec<String> = holders.iter().map(|(n, f)| format!("{n} {f}")).collect();
-        let line = format!(
-            "{service}: {}/{total} nodes applied, {}/{total} drained, {draining} flows draining{}  {now:.0}s",
+        bar.set_length(u64::try_from(total).unwrap_or(u64::MAX));
+        bar.set_position(u64::try_from(drained.len()).unwrap_or(u64::MAX));
+        bar.set_message(format!(
+            "{}/{total} nodes applied, {}/{total} drained, {draining} flows draining{}  {now:.0}s",
             converged.len(),
             drained.len(),
             if held.is_empty() { String::new() } else { format!(" ({})", held.join(", ")) }
-        );
-        if tty && line != last_line {
-            eprint!("{clear}{line}");
-            let _ = std::io::stderr().flush();
-            last_line = line;
-        }
+        ));
         if seen == 0 {
             // A daemon that did not say which revision it read (an older one): poll.
             std::thread::sleep(Duration::from_millis(100));
@@ -227,10 +226,7 @@ pub fn wait(socket: &Path, service: &str, revision: i64) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use switcher_user::{
-        control::FleetService,
-        fleet::{Desired, NodeService, NodeState},
-    };
+    use switcher_user::protocol::{Colour, Desired, FleetService, NodeService, NodeState};
 
     use super::*;
 
@@ -240,13 +236,11 @@ mod tests {
             node: name.into(),
             at_unix: 0,
             services: vec![NodeService {
-                name: "web".into(),
-                active: active.into(),
                 applied_revision: applied,
                 local_override: over.map(Into::into),
                 healthy_blue: true,
                 healthy_green: true,
-                ..NodeService::default()
+                ..NodeService::of("web", active.parse().expect("a colour"))
             }],
         };
         let view = FleetView {
@@ -258,10 +252,9 @@ mod tests {
             services: vec![FleetService {
                 name: "web".into(),
                 desired: Some(Desired {
-                    active: "green".into(),
                     change: "cutover blue → green".into(),
                     changed_by: "lb1 (uid=0)".into(),
-                    ..Desired::default()
+                    ..Desired::of(Colour::Green)
                 }),
                 revision: 9,
                 applied_revision: 9,

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use switcher_user::{
     config::{DEFAULT_CONFIG, DEFAULT_SOCKET},
-    control,
+    protocol,
 };
 
 /// Blue-green traffic switcher in the kernel's XDP hook.
@@ -84,9 +84,25 @@ pub fn command() -> clap::Command {
     <Cli as clap::CommandFactory>::command()
 }
 
+/// A progress bar on stderr in `template` (indicatif's syntax), redrawn in place on a
+/// terminal and hidden otherwise (a log gets the callers' plain lines instead).
+fn progress_bar(template: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(1), indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("#>-"));
+    }
+    bar
+}
+
+/// A colour word clap already checked (`value_parser = ["blue", "green"]`, which also lists
+/// them in `--help`), as the protocol's type.
+fn colour(word: &str) -> anyhow::Result<protocol::Colour> {
+    word.parse().map_err(|e| anyhow::anyhow!("{word:?}: {e}"))
+}
+
 /// Sends a request and turns a refusal into an error.
-fn ask(socket: &std::path::Path, req: &control::Request) -> anyhow::Result<control::Response> {
-    let resp = control::request(socket, req)?;
+fn ask(socket: &std::path::Path, req: &protocol::Request) -> anyhow::Result<protocol::Response> {
+    let resp = protocol::request(socket, req)?;
     if resp.ok {
         Ok(resp)
     } else {
@@ -101,15 +117,15 @@ fn ask(socket: &std::path::Path, req: &control::Request) -> anyhow::Result<contr
 fn ask_or_emergency(
     socket: &std::path::Path,
     config: &std::path::Path,
-    req: &control::Request,
+    req: &protocol::Request,
     service: &str,
     action: switcher_user::emergency::Action,
-) -> anyhow::Result<Option<control::Response>> {
+) -> anyhow::Result<Option<protocol::Response>> {
     use switcher_user::emergency::{self, EmergencyError, Scope};
-    match control::request(socket, req) {
+    match protocol::request(socket, req) {
         Ok(resp) if resp.ok => Ok(Some(resp)),
         Ok(resp) => anyhow::bail!("{}", resp.error.unwrap_or_else(|| "the daemon refused without saying why".into())),
-        Err(control::ClientError::NotRunning { .. }) => {
+        Err(protocol::ClientError::NotRunning { .. }) => {
             let cfg = switcher_user::config::Config::load(config).map_err(|e| {
                 anyhow::anyhow!(
                     "nothing answers on {}, and the emergency path needs the daemon's config: {e}",

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use switcher_user::control::Request;
+use switcher_user::protocol::Request;
 
 /// Make the daemon re-read and apply its configuration file (like SIGHUP).
 ///

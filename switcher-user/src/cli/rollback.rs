@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use switcher_user::{control::Request, emergency::Action};
+use switcher_user::{emergency::Action, protocol::Request};
 
 /// Switch a service back to the colour that was active before its last switch.
 ///

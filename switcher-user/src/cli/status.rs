@@ -2,7 +2,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use switcher_user::control::{Request, Response};
+use switcher_user::protocol::{Request, Response};
 
 /// Show the active colour, backends and per-colour counters of services.
 ///
@@ -65,8 +65,15 @@ fn render(resp: &Response) -> String {
     }
     for s in &resp.services {
         let vip = if s.vip.contains(':') { format!("[{}]", s.vip) } else { s.vip.clone() };
-        let _ =
-            write!(out, "{}  {vip}:{}/{}  {}  active: {}", s.name, s.port, s.protocol, s.mode, s.active.to_uppercase());
+        let _ = write!(
+            out,
+            "{}  {vip}:{}/{}  {}  active: {}",
+            s.name,
+            s.port,
+            s.protocol,
+            s.mode,
+            s.active.as_str().to_uppercase()
+        );
         if let Some(c) = &s.canary {
             let _ = write!(out, "  canary: {} {}", c.colour, percent(c.basis_points));
         }
@@ -79,7 +86,7 @@ fn render(resp: &Response) -> String {
                 writeln!(out, "  watching {} for {w}s more: it is rolled back if it fails its health checks", s.active);
         }
         if let Some(p) = s.preview_port {
-            let idle = if s.active == "blue" { "green" } else { "blue" };
+            let idle = s.active.other();
             let _ = writeln!(out, "  preview: port {p} → {idle}");
         }
         if let Some(d) = &s.drain {
@@ -109,7 +116,7 @@ fn render(resp: &Response) -> String {
             let _ = writeln!(
                 out,
                 "  {mark} {:<5}  open flows {:>6}  closing {:>5}  flows {:>8}  packets {:>10}  bytes {:>12}  replies {:>10}{}",
-                c.colour,
+                c.colour.as_str(),
                 c.live_flows,
                 c.closing_flows,
                 k.flows,
@@ -125,7 +132,7 @@ fn render(resp: &Response) -> String {
                 out.push_str("          (pool changed at runtime: differs from the config file; a reload keeps it)\n");
             }
             for b in &c.backends {
-                let detail = b.detail.as_deref().unwrap_or(&b.health);
+                let detail = b.detail.as_deref().unwrap_or(b.health.as_str());
                 let _ = writeln!(out, "          {}  weight {}  {detail}", b.address, b.weight);
             }
         }
@@ -147,24 +154,23 @@ fn render(resp: &Response) -> String {
 
 /// `12.5%` for 1250 basis points.
 fn percent(bp: u32) -> String {
-    switcher_user::switchboard::percent(bp)
+    switcher_user::protocol::percent(bp)
 }
 
 #[cfg(test)]
 mod tests {
-    use switcher_user::{
-        control::{BackendStatus, ColourStatus, Drain, ServiceStatus},
-        dataplane::Counters,
+    use switcher_user::protocol::{
+        BackendStatus, Colour, ColourStatus, Counters, Drain, Health, Mode, OnTimeout, Protocol, ServiceStatus,
     };
 
     use super::*;
 
     #[test]
     fn status_marks_the_active_colour() {
-        let colour = |c: &str, b: Option<&str>, flows| ColourStatus {
-            colour: c.into(),
+        let colour = |c: Colour, b: Option<&str>, flows| ColourStatus {
+            colour: c,
             backends: b
-                .map(|a| BackendStatus { address: a.into(), weight: 1, health: "unknown".into(), detail: None })
+                .map(|a| BackendStatus { address: a.into(), weight: 1, health: Health::Unknown, detail: None })
                 .into_iter()
                 .collect(),
             healthy: true,
@@ -180,26 +186,26 @@ mod tests {
                 vip: "203.0.113.10".into(),
                 port: 80,
                 preview_port: Some(8080),
-                protocol: "tcp".into(),
-                mode: "nat".into(),
-                active: "green".into(),
+                protocol: Protocol::Tcp,
+                mode: Mode::Nat,
+                active: Colour::Green,
                 canary: None,
-                previous: Some("blue".into()),
+                previous: Some(Colour::Blue),
                 switches: 1,
-                switch_kinds: switcher_user::control::SwitchKinds { cutover: 1, ..Default::default() },
+                switch_kinds: switcher_user::protocol::SwitchKinds { cutover: 1, ..Default::default() },
                 since_switch_secs: Some(3),
                 watch_secs_left: None,
                 drain: Some(Drain {
-                    colour: "blue".into(),
+                    colour: Colour::Blue,
                     live_flows: 4,
                     initial_flows: 9,
                     elapsed_secs: 2,
                     timeout_secs: Some(30),
-                    on_timeout: "move".into(),
+                    on_timeout: OnTimeout::Move,
                     elsewhere: vec![("lb1".into(), 8)],
                     idle_flows: 0,
                 }),
-                colours: vec![colour("blue", Some("198.51.100.2:8080"), 7), colour("green", None, 2)],
+                colours: vec![colour(Colour::Blue, Some("198.51.100.2:8080"), 7), colour(Colour::Green, None, 2)],
             }],
             flows_counted_ms_ago: Some(420),
             flows_count_took_ms: Some(35),

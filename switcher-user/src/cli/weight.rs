@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use switcher_user::control::Request;
+use switcher_user::protocol::{Colour, Request};
 
 /// Send a share of new flows to a colour, the rest to the other one.
 ///
@@ -17,7 +17,7 @@ pub struct Args {
     service: String,
     /// COLOUR=PERCENT, e.g. green=5% or blue=99.5%.
     #[arg(value_parser = parse_share)]
-    share: (String, u32),
+    share: (Colour, u32),
     /// Send a share even to a colour that fails its health checks.
     #[arg(long)]
     force: bool,
@@ -26,11 +26,9 @@ pub struct Args {
 }
 
 /// `green=12.5%` → ("green", 1250 basis points).
-fn parse_share(s: &str) -> Result<(String, u32), String> {
+fn parse_share(s: &str) -> Result<(Colour, u32), String> {
     let (colour, pct) = s.split_once('=').ok_or("expected COLOUR=PERCENT, e.g. green=5%")?;
-    if colour != "blue" && colour != "green" {
-        return Err(format!("unknown colour {colour:?} (expected blue or green)"));
-    }
+    let colour: Colour = colour.parse().map_err(|_| format!("unknown colour {colour:?} (expected blue or green)"))?;
     let pct = pct.trim_end_matches('%');
     let (int, frac) = pct.split_once('.').unwrap_or((pct, ""));
     if int.is_empty() || frac.len() > 2 || !int.chars().chain(frac.chars()).all(|c| c.is_ascii_digit()) {
@@ -40,7 +38,7 @@ fn parse_share(s: &str) -> Result<(String, u32), String> {
     let frac: u32 = format!("{frac:0<2}").parse().map_err(|_| format!("{pct:?} is not a percentage"))?;
     let bp = int.checked_mul(100).and_then(|v| v.checked_add(frac)).filter(|&v| v <= 10_000);
     let bp = bp.ok_or_else(|| format!("{pct}% is more than 100%"))?;
-    Ok((colour.to_owned(), bp))
+    Ok((colour, bp))
 }
 
 pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
@@ -57,14 +55,14 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_share;
+    use super::{Colour, parse_share};
 
     #[test]
     fn shares_parse_in_basis_points() {
-        assert_eq!(parse_share("green=5%"), Ok(("green".into(), 500)));
-        assert_eq!(parse_share("blue=99.5%"), Ok(("blue".into(), 9950)));
-        assert_eq!(parse_share("green=0.01%"), Ok(("green".into(), 1)));
-        assert_eq!(parse_share("green=100"), Ok(("green".into(), 10_000)));
+        assert_eq!(parse_share("green=5%"), Ok((Colour::Green, 500)));
+        assert_eq!(parse_share("blue=99.5%"), Ok((Colour::Blue, 9950)));
+        assert_eq!(parse_share("green=0.01%"), Ok((Colour::Green, 1)));
+        assert_eq!(parse_share("green=100"), Ok((Colour::Green, 10_000)));
         assert!(parse_share("green=100.01%").is_err());
         assert!(parse_share("green=0.001%").is_err());
         assert!(parse_share("red=5%").is_err());

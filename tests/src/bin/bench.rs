@@ -1350,14 +1350,14 @@ impl Switch {
             Switch::Switcher(d) => {
                 // Through the control socket, as HAProxy is driven through its runtime API
                 // (the CLI adds only its own process start-up).
-                let req = switcher_user::control::Request::Cutover {
+                let req = switcher_user::protocol::Request::Cutover {
                     service: "web".into(),
-                    colour: Some(colour.into()),
+                    colour: Some(colour.parse().expect("blue or green")),
                     drain_timeout_secs: None,
                     force: false,
                     scope: Default::default(),
                 };
-                let _ = switcher_user::control::request(&d.socket, &req);
+                let _ = switcher_user::protocol::request(&d.socket, &req);
             }
             Switch::Nftables { ns, dir } => {
                 let rules = format!(

@@ -30,7 +30,7 @@ fn config(t: &Topology, socket: &std::path::Path, web: &str, top: &str) -> Strin
 const FAST_CHECKS: &str = "health = { interval_ms = 200, timeout_ms = 200, rise = 1, fall = 2 }";
 
 fn active(d: &Daemon, service: &str) -> String {
-    d.status().services.iter().find(|s| s.name == service).map(|s| s.active.clone()).unwrap_or_default()
+    d.status().services.iter().find(|s| s.name == service).map(|s| s.active.to_string()).unwrap_or_default()
 }
 
 /// Requests through the VIP in a loop until stopped; counts answers and failures.
@@ -114,8 +114,8 @@ fn a_crash_loses_nothing_and_the_restarted_daemon_adopts_the_data_path() {
     assert_eq!(failed, 0, "requests failed across kill -9, emergency cut-over and restart: {errors:?}");
 
     let after = d.status_counted();
-    assert_eq!(after.services[0].active, "green", "the restarted daemon adopted the emergency cut-over");
-    assert_eq!(after.services[0].previous.as_deref(), Some("blue"));
+    assert_eq!(after.services[0].active.as_str(), "green", "the restarted daemon adopted the emergency cut-over");
+    assert_eq!(after.services[0].previous.map(|c| c.as_str()), Some("blue"));
     let blue_after = after.services[0].colours[0].counters;
     assert!(
         blue_after.packets >= blue_before.packets && blue_after.flows >= blue_before.flows,
@@ -372,7 +372,7 @@ fn an_emergency_change_in_a_fleet_needs_local_and_holds_as_an_override() {
     assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
     d.restart();
     let status = d.status();
-    assert_eq!(status.services[0].active, "green");
+    assert_eq!(status.services[0].active.as_str(), "green");
     let over =
         status.fleet.and_then(|f| f.services.into_iter().find(|s| s.name == "web")).and_then(|s| s.local_override);
     assert!(
@@ -525,11 +525,11 @@ fn a_fifo_config_blocks_nothing_and_a_late_request_is_not_applied() {
     assert!(String::from_utf8_lossy(&cutover.stdout).contains("blue → green"), "{cutover:?}\n{}", d.log());
 
     // A request whose client gave up (its deadline passed) is refused, not applied late.
-    let past = switcher_user::control::Deadline::after(Duration::ZERO).0;
+    let past = switcher_user::protocol::Deadline::after(Duration::ZERO).0;
     let answer = raw_request(&d, &format!(r#"{{"op":"rollback","service":"web","deadline_ms":{past}}}"#));
     assert!(answer.contains("reached its deadline") && answer.contains("\"ok\":false"), "{answer}");
     assert_eq!(active(&d, "web"), "green", "a late rollback changed nothing");
-    let future = switcher_user::control::Deadline::after(Duration::from_secs(60)).0;
+    let future = switcher_user::protocol::Deadline::after(Duration::from_secs(60)).0;
     let answer = raw_request(&d, &format!(r#"{{"op":"rollback","service":"web","deadline_ms":{future}}}"#));
     assert!(answer.contains("\"ok\":true"), "{answer}");
     assert_eq!(active(&d, "web"), "blue", "a timely rollback is applied");

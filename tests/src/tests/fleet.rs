@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switcher_user::control::Response;
+use switcher_user::protocol::Response;
 
 use crate::{
     fleet::{Etcd, FleetTopology, PORT, Relay},
@@ -45,7 +45,7 @@ fn converged(d: &Daemon, colour: &str) -> Option<i64> {
         && view.nodes.iter().all(|n| {
             n.services.iter().any(|s| {
                 s.name == "web"
-                    && s.active == colour
+                    && s.active.as_str() == colour
                     && s.applied_revision >= web.revision
                     && s.local_override.is_none()
             })
@@ -66,7 +66,7 @@ fn requests(t: &FleetTopology, n: usize) -> BTreeMap<String, usize> {
 }
 
 fn active_on(d: &Daemon) -> String {
-    d.status().services.first().map(|s| s.active.clone()).unwrap_or_default()
+    d.status().services.first().map(|s| s.active.to_string()).unwrap_or_default()
 }
 
 #[test]
@@ -155,7 +155,7 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
             .iter()
             .all(|d| {
                 let s = &d.status().services[0];
-                s.canary.as_ref().is_some_and(|c| c.colour == "blue" && c.basis_points == 1000)
+                s.canary.as_ref().is_some_and(|c| c.colour.as_str() == "blue" && c.basis_points == 1000)
                     && s.colours[1].backends.iter().any(|b| b.address == format!("{SPARE}:{PORT}") && b.weight == 0)
             })
             .then_some(())

@@ -106,31 +106,46 @@ fn the_alert_rules_pass_promtool_and_every_alert_has_a_unit_test() {
 
 #[test]
 fn every_metric_the_dashboard_and_alerts_use_is_served() {
-    use switcher_user::control::{
-        BackendStatus, ColourStatus, FleetService, FleetView, FlowTable, Response, ServiceStatus,
+    use switcher_common::user::Colour;
+    use switcher_user::protocol::{
+        BackendStatus, ColourStatus, Counters, FleetService, FleetView, FlowTable, Health, Mode, Protocol, Response,
+        ServiceStatus, SwitchKinds,
     };
     // A status with everything the daemon can report: a service, a drain, a fleet, flows.
     let status = Response {
         ok: true,
         services: vec![ServiceStatus {
             name: "web".into(),
-            active: "green".into(),
+            vip: "203.0.113.10".into(),
+            port: 80,
+            preview_port: None,
+            protocol: Protocol::Tcp,
+            mode: Mode::Nat,
+            active: Colour::Green,
+            canary: None,
+            previous: None,
+            switches: 0,
+            switch_kinds: SwitchKinds::default(),
             since_switch_secs: Some(1),
-            colours: ["blue", "green"]
+            watch_secs_left: None,
+            drain: None,
+            colours: Colour::ALL
                 .into_iter()
                 .map(|c| ColourStatus {
-                    colour: c.into(),
+                    colour: c,
                     healthy: true,
                     backends: vec![BackendStatus {
                         address: "198.51.100.2:8080".into(),
                         weight: 1,
-                        health: "up".into(),
+                        health: Health::Up,
                         detail: None,
                     }],
-                    ..ColourStatus::default()
+                    live_flows: 0,
+                    closing_flows: 0,
+                    counters: Counters::default(),
+                    edited: false,
                 })
                 .collect(),
-            ..ServiceStatus::default()
         }],
         reasons: vec![("fwd_redirect".into(), 1)],
         flows_counted_ms_ago: Some(10),
@@ -149,7 +164,7 @@ fn every_metric_the_dashboard_and_alerts_use_is_served() {
         }),
         ..Response::default()
     };
-    let served = switcher_user::metrics::render(&status).expect("render");
+    let served = switcher_user::agent::metrics::render(&status).expect("render");
     let served: Vec<&str> =
         served.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split(['{', ' ']).next()).collect();
     let mut used =

@@ -58,7 +58,7 @@ fn twenty_operators_flipping_at_once_are_serialised() {
     assert_eq!(changes.len(), switched, "the audit log has every change:\n{audit}");
     // The final state is the last accepted change.
     let last = changes.last().and_then(|l| l.rsplit(' ').next()).unwrap_or("blue");
-    assert_eq!(d.status().services[0].active, last);
+    assert_eq!(d.status().services[0].active.as_str(), last);
 }
 
 #[test]
@@ -199,7 +199,7 @@ fn a_backend_that_goes_away_mid_flow_leaves_the_table() {
         s.services[2].colours[0]
             .backends
             .iter()
-            .any(|b| b.address.starts_with(&gone.to_string()) && b.health == "down")
+            .any(|b| b.address.starts_with(&gone.to_string()) && b.health.as_str() == "down")
             .then_some(())
     });
     assert!(down.is_some(), "the lost backend was not marked down:\n{}", d.log());

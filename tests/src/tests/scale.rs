@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switcher_user::{control::Response, pins::Pins};
+use switcher_user::{pins::Pins, protocol::Response};
 
 use crate::{
     flows::{fill, map_size, rss_kib, scrape},
@@ -26,7 +26,7 @@ const MAX_FLOWS: u32 = 16_777_216;
 /// What the daemon may hold in memory with that many flows open.
 const RSS_LIMIT_KIB: u64 = 100 * 1024;
 
-fn dns(r: &Response) -> &switcher_user::control::ServiceStatus {
+fn dns(r: &Response) -> &switcher_user::protocol::ServiceStatus {
     r.services.iter().find(|s| s.name == "dns").expect("dns in status")
 }
 

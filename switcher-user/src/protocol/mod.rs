@@ -1,3 +1,12 @@
+//! The agent's wire types, at the bottom of the crate: it depends on nothing else in it (a
+//! unit test in `lib.rs` checks), so the CLI, the agent, the fleet and the metrics all speak
+//! the same typed values. Colours, modes, health and drain actions are enums whose serde form
+//! is the lowercase word the protocol always carried, so the JSON is unchanged.
+//!
+//! - this module: the control socket's requests and answers;
+//! - [`fleet`]: the fleet's documents in etcd (desired state, a node's published state);
+//! - `client`: framing (deadline), parsing, and the blocking client the CLI uses.
+//!
 //! The control socket's protocol: one JSON object per line each way, one request per
 //! connection. Requests are at most [`MAX_REQUEST`] bytes; anything else is answered with an
 //! error and the connection is closed.
@@ -11,57 +20,22 @@
 //! stops waiting: a request the daemon gets to only after it is refused, never applied, so a
 //! client that reported a timeout can trust that nothing changed.
 
-use std::{
-    io::{BufRead, BufReader, Read, Write},
-    os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+mod client;
+pub mod fleet;
+mod wire;
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+pub use switcher_common::user::Colour;
 
-use crate::dataplane::Counters;
-
-/// Largest request line the daemon reads.
-pub const MAX_REQUEST: usize = 64 * 1024;
-/// How long either side waits for the other; a client's request must be applied within it.
-pub const TIMEOUT: Duration = Duration::from_secs(5);
-/// How much longer than [`TIMEOUT`] a client waits for the answer of a request the daemon may
-/// still apply just before the deadline.
-pub const ANSWER_GRACE: Duration = Duration::from_secs(2);
-
-/// A time on `CLOCK_MONOTONIC` (the same for every process of the machine), in milliseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Deadline(pub u64);
-
-impl Deadline {
-    /// `after` from now.
-    #[must_use]
-    pub fn after(after: Duration) -> Deadline {
-        Deadline(monotonic_ms().saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX)))
-    }
-
-    /// Whether the client has stopped waiting.
-    #[must_use]
-    pub fn passed(self) -> bool {
-        monotonic_ms() >= self.0
-    }
-}
-
-fn monotonic_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid clock id and a valid pointer; CLOCK_MONOTONIC cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1000 + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
-}
-
-/// The answer to a request whose deadline passed before the daemon could apply it.
-#[must_use]
-pub fn too_late() -> Response {
-    Response::error(
-        "the request reached its deadline before the daemon could apply it (the client has stopped waiting); nothing was changed: check `switcher status` and try again",
-    )
-}
+pub use self::{
+    client::{
+        ANSWER_GRACE, ClientError, Deadline, MAX_REQUEST, TIMEOUT, parse_request, parse_request_line, request,
+        request_line, too_late,
+    },
+    fleet::{Desired, NodeService, NodeState, SharedBackend},
+};
 
 /// What a client asks of the daemon.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,8 +50,8 @@ pub enum Request {
     /// flows drain, for at most `drain_timeout_secs` (default: the service's config).
     Cutover {
         service: String,
-        #[serde(default)]
-        colour: Option<String>,
+        #[serde(default, with = "wire::colour_opt")]
+        colour: Option<Colour>,
         #[serde(default)]
         drain_timeout_secs: Option<u64>,
         /// Switch even to a colour whose health checks fail.
@@ -97,7 +71,8 @@ pub enum Request {
     /// Send `basis_points` (0–10000) of new flows to `colour`, the rest to the other one.
     Weight {
         service: String,
-        colour: String,
+        #[serde(with = "wire::colour")]
+        colour: Colour,
         basis_points: u32,
         #[serde(default)]
         force: bool,
@@ -111,14 +86,20 @@ pub enum Request {
     #[serde(rename = "backend-add")]
     BackendAdd {
         service: String,
-        colour: String,
+        #[serde(with = "wire::colour")]
+        colour: Colour,
         address: String,
         #[serde(default)]
         weight: Option<u32>,
     },
     /// Remove a backend from a colour's pool; its open flows stay until they end.
     #[serde(rename = "backend-remove")]
-    BackendRemove { service: String, colour: String, address: String },
+    BackendRemove {
+        service: String,
+        #[serde(with = "wire::colour")]
+        colour: Colour,
+        address: String,
+    },
     /// The fleet: the desired state in etcd and every node's published state.
     Fleet,
     /// The fleet as for [`Request::Fleet`], answered once something under the fleet's prefix
@@ -245,7 +226,7 @@ pub struct FleetView {
     pub services: Vec<FleetService>,
     /// Every node's published state (on `fleet` only), by name.
     #[serde(default)]
-    pub nodes: Vec<crate::fleet::NodeState>,
+    pub nodes: Vec<NodeState>,
     /// The etcd revision the nodes were read at (on `fleet` only; 0: not read).
     #[serde(default)]
     pub revision: i64,
@@ -257,7 +238,7 @@ pub struct FleetService {
     pub name: String,
     /// As last read from etcd (`None`: not read yet).
     #[serde(default)]
-    pub desired: Option<crate::fleet::Desired>,
+    pub desired: Option<Desired>,
     /// Its etcd mod revision.
     pub revision: i64,
     /// The revision this node applied last.
@@ -265,6 +246,13 @@ pub struct FleetService {
     /// Why this node does not follow the desired state now, if it does not.
     #[serde(default)]
     pub local_override: Option<String>,
+}
+
+/// `12.5%` for 1250 basis points (the unit of every share in the protocol).
+#[must_use]
+pub fn percent(bp: u32) -> String {
+    let s = format!("{}.{:02}", bp / 100, bp % 100);
+    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
 impl Response {
@@ -275,21 +263,22 @@ impl Response {
 }
 
 /// One service's state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
     pub port: u16,
     #[serde(default)]
     pub preview_port: Option<u16>,
-    pub protocol: String,
-    pub mode: String,
-    pub active: String,
+    pub protocol: Protocol,
+    pub mode: Mode,
+    #[serde(with = "wire::colour")]
+    pub active: Colour,
     /// The share of new flows sent to the idle colour, if any.
     #[serde(default)]
     pub canary: Option<Canary>,
-    #[serde(default)]
-    pub previous: Option<String>,
+    #[serde(default, with = "wire::colour_opt")]
+    pub previous: Option<Colour>,
     /// Cut-overs and rollbacks since the daemon started.
     #[serde(default)]
     pub switches: u64,
@@ -335,17 +324,19 @@ impl SwitchKinds {
 }
 
 /// A canary split.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Canary {
-    pub colour: String,
+    #[serde(with = "wire::colour")]
+    pub colour: Colour,
     /// Share of new flows, in 0.01 % steps.
     pub basis_points: u32,
 }
 
 /// A drain in progress.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drain {
-    pub colour: String,
+    #[serde(with = "wire::colour")]
+    pub colour: Colour,
     /// Open flows left on the draining colour.
     pub live_flows: u64,
     /// Open flows it had when the drain began.
@@ -354,7 +345,7 @@ pub struct Drain {
     #[serde(default)]
     pub timeout_secs: Option<u64>,
     /// What happens at the timeout: "move" or "reset".
-    pub on_timeout: String,
+    pub on_timeout: OnTimeout,
     /// In a fleet: other nodes that still hold open flows of the draining colour, as
     /// `(node, open flows)`. The drain ends when no node holds any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -366,9 +357,10 @@ pub struct Drain {
 }
 
 /// One colour of a service.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ColourStatus {
-    pub colour: String,
+    #[serde(with = "wire::colour")]
+    pub colour: Colour,
     /// Whether it can take traffic (a backend passed its checks, or checks are off).
     #[serde(default)]
     pub healthy: bool,
@@ -391,105 +383,167 @@ pub struct BackendStatus {
     pub weight: u32,
     /// "up", "down" or "unknown" (not checked yet, or checks off).
     #[serde(default)]
-    pub health: String,
+    pub health: Health,
     /// Since when, and the last failure.
     #[serde(default)]
     pub detail: Option<String>,
 }
 
-/// Errors of talking to the daemon.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("the switcher daemon is not running (nothing listens on {}); start it with `switcher daemon --config FILE`, or pass --socket if it uses another path", socket.display())]
-    NotRunning {
-        socket: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("permission denied on {}: run as root or as a member of the socket's group", socket.display())]
-    Denied {
-        socket: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("talk to the daemon on {}", socket.display())]
-    Io {
-        socket: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the daemon sent an answer this client does not understand")]
-    BadAnswer(#[source] serde_json::Error),
+/// Counters of one colour of one service, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub flows: u64,
+    /// TCP flows found mid-connection while the service drained and sent to this colour, the
+    /// previous one.
+    #[serde(default)]
+    pub rescued: u64,
 }
 
-/// Sends one request and waits for the answer (blocking; for the CLI).
-///
-/// # Errors
-/// [`ClientError`] saying whether the daemon is down, the socket is not ours, or the answer
-/// was unreadable.
-pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
-    let io = |source| ClientError::Io { socket: socket.to_owned(), source };
-    let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            ClientError::NotRunning { socket: socket.to_owned(), source }
+/// How a service's packets reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Destination NAT both ways: replies come back through the load balancer.
+    Nat,
+    /// Direct server return: the backend answers the client itself.
+    Dsr,
+}
+
+/// A service's transport protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// What is known of a backend's health.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Not checked yet, or checks are off: it stays in the tables.
+    #[default]
+    Unknown,
+    Up,
+    Down,
+}
+
+/// What happens to a drain's remaining flows at its timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// They go to the new colour.
+    Move,
+    /// They are reset.
+    Reset,
+}
+
+/// The protocol's words for its enums (`Display` is the wire form).
+macro_rules! words {
+    ($($t:ty { $($v:ident => $w:literal),* })*) => {$(
+        impl $t {
+            /// The word the protocol (and the config) uses.
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $w),* }
+            }
         }
-        std::io::ErrorKind::PermissionDenied => ClientError::Denied { socket: socket.to_owned(), source },
-        _ => ClientError::Io { socket: socket.to_owned(), source },
-    })?;
-    stream.set_read_timeout(Some(TIMEOUT + ANSWER_GRACE)).map_err(io)?;
-    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
-    let mut line = request_line(req, Some(Deadline::after(TIMEOUT))).map_err(ClientError::BadAnswer)?;
-    line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(stream.take(16 * 1024 * 1024)).read_line(&mut answer).map_err(io)?;
-    serde_json::from_str(&answer).map_err(ClientError::BadAnswer)
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+    )*};
 }
 
-/// The wire form of a request with its deadline (without the newline).
-///
-/// # Errors
-/// Serialisation failed (it does not, for these types).
-pub fn request_line(req: &Request, deadline: Option<Deadline>) -> Result<Vec<u8>, serde_json::Error> {
-    let mut value = serde_json::to_value(req)?;
-    if let (Some(d), Some(map)) = (deadline, value.as_object_mut()) {
-        map.insert(DEADLINE_KEY.into(), d.0.into());
-    }
-    serde_json::to_vec(&value)
-}
-
-const DEADLINE_KEY: &str = "deadline_ms";
-
-/// Parses one request line, or says what is wrong with it.
-///
-/// # Errors
-/// A message for the client.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    parse_request_line(line).map(|(req, _)| req)
-}
-
-/// Parses one request line and its deadline, if it has one.
-///
-/// # Errors
-/// A message for the client.
-pub fn parse_request_line(line: &[u8]) -> Result<(Request, Option<Deadline>), String> {
-    if line.len() > MAX_REQUEST {
-        return Err(format!("request larger than {MAX_REQUEST} bytes"));
-    }
-    let malformed = |e: serde_json::Error| format!("malformed request: {e}");
-    let mut value: serde_json::Value = serde_json::from_slice(line).map_err(malformed)?;
-    let deadline = match value.as_object_mut().and_then(|m| m.remove(DEADLINE_KEY)) {
-        None => None,
-        Some(d) => Some(Deadline(d.as_u64().ok_or_else(|| {
-            format!("malformed request: {DEADLINE_KEY} must be a CLOCK_MONOTONIC time in milliseconds")
-        })?)),
-    };
-    Ok((serde_json::from_value(value).map_err(malformed)?, deadline))
+words! {
+    Mode { Nat => "nat", Dsr => "dsr" }
+    Protocol { Tcp => "tcp", Udp => "udp" }
+    Health { Unknown => "unknown", Up => "up", Down => "down" }
+    OnTimeout { Move => "move", Reset => "reset" }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
+
+    /// The typed fields keep the JSON the protocol carried as strings: old clients, old
+    /// nodes of a fleet and scripts reading `--json` see the same words.
+    #[test]
+    fn typed_values_keep_the_json_of_the_strings() {
+        let status = ServiceStatus {
+            name: "web".into(),
+            vip: "203.0.113.10".into(),
+            port: 80,
+            preview_port: None,
+            protocol: Protocol::Udp,
+            mode: Mode::Dsr,
+            active: Colour::Green,
+            canary: Some(Canary { colour: Colour::Blue, basis_points: 500 }),
+            previous: Some(Colour::Blue),
+            switches: 1,
+            switch_kinds: SwitchKinds::default(),
+            since_switch_secs: None,
+            watch_secs_left: None,
+            drain: Some(Drain {
+                colour: Colour::Blue,
+                live_flows: 1,
+                initial_flows: 2,
+                elapsed_secs: 3,
+                timeout_secs: None,
+                on_timeout: OnTimeout::Reset,
+                elsewhere: vec![],
+                idle_flows: 0,
+            }),
+            colours: vec![ColourStatus {
+                colour: Colour::Green,
+                healthy: true,
+                backends: vec![BackendStatus {
+                    address: "198.51.100.18:80".into(),
+                    weight: 1,
+                    health: Health::Down,
+                    detail: None,
+                }],
+                live_flows: 0,
+                closing_flows: 0,
+                counters: Counters::default(),
+                edited: false,
+            }],
+        };
+        let json = serde_json::to_string(&status).expect("json");
+        for field in [
+            r#""protocol":"udp""#,
+            r#""mode":"dsr""#,
+            r#""active":"green""#,
+            r#""canary":{"colour":"blue","basis_points":500}"#,
+            r#""previous":"blue""#,
+            r#""on_timeout":"reset""#,
+            r#""colour":"green","healthy":true"#,
+            r#""health":"down""#,
+        ] {
+            assert!(json.contains(field), "{field} missing from {json}");
+        }
+        assert_eq!(serde_json::from_str::<ServiceStatus>(&json).expect("parse"), status);
+        let none = serde_json::to_string(&ServiceStatus { previous: None, ..status }).expect("json");
+        assert!(none.contains(r#""previous":null"#), "{none}");
+        // The fleet's documents, as nodes of an older version wrote and read them.
+        let node = NodeService { draining: Some((Colour::Blue, 3)), ..NodeService::of("web", Colour::Green) };
+        let json = serde_json::to_string(&node).expect("json");
+        assert!(json.contains(r#""active":"green""#) && json.contains(r#""draining":["blue",3]"#), "{json}");
+        let old = r#"{"active":"blue","canary_bp":0,"previous":"green","drain_timeout_secs":null,"change":"x","changed_by":"lb1","at_unix":1}"#;
+        let d: Desired = serde_json::from_str(old).expect("an older node's desired state");
+        assert_eq!((d.active, d.previous), (Colour::Blue, Some(Colour::Green)));
+        // A word that is not a colour names itself.
+        let e =
+            parse_request(br#"{"op":"weight","service":"web","colour":"teal","basis_points":1}"#).expect_err("teal");
+        assert!(e.contains(r#""teal": unknown colour (expected "blue" or "green")"#), "{e}");
+    }
 
     #[test]
     fn requests_round_trip() {
@@ -498,7 +552,7 @@ mod tests {
             Request::Status { service: Some("web".into()) },
             Request::Cutover {
                 service: "web".into(),
-                colour: Some("green".into()),
+                colour: Some(Colour::Green),
                 drain_timeout_secs: Some(5),
                 force: true,
                 scope: Scope::default(),
@@ -513,7 +567,7 @@ mod tests {
             Request::Rollback { service: "web".into(), force: false, scope: Scope::default() },
             Request::Weight {
                 service: "web".into(),
-                colour: "green".into(),
+                colour: Colour::Green,
                 basis_points: 500,
                 force: false,
                 scope: Scope::default(),
@@ -521,11 +575,11 @@ mod tests {
             Request::Reload,
             Request::BackendAdd {
                 service: "web".into(),
-                colour: "blue".into(),
+                colour: Colour::Blue,
                 address: "[2001:db8::1]:80".into(),
                 weight: Some(2),
             },
-            Request::BackendRemove { service: "web".into(), colour: "blue".into(), address: "192.0.2.1:80".into() },
+            Request::BackendRemove { service: "web".into(), colour: Colour::Blue, address: "192.0.2.1:80".into() },
         ] {
             let line = serde_json::to_vec(&req).expect("serialize");
             assert_eq!(parse_request(&line), Ok(req));
@@ -538,7 +592,7 @@ mod tests {
             parse_request(br#"{"op":"cutover","service":"web","colour":"green"}"#),
             Ok(Request::Cutover {
                 service: "web".into(),
-                colour: Some("green".into()),
+                colour: Some(Colour::Green),
                 drain_timeout_secs: None,
                 force: false,
                 scope: Scope::default()

@@ -5,7 +5,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{Arc, atomic::AtomicU64},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -21,7 +21,12 @@ use tokio::{
 
 use switcher_common::BP_ALL;
 
-use crate::{control::Response, dataplane::Dataplane, fleet::Fleet, switchboard::Switchboard};
+use crate::{
+    dataplane::Dataplane,
+    engine::Handle,
+    fleet::Fleet,
+    protocol::{Health, Response},
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -82,10 +87,10 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             };
             share.get_or_create(&sc).set(f64::from(basis_points) / f64::from(BP_ALL));
             for b in &c.backends {
-                let state = match b.health.as_str() {
-                    "up" => 1,
-                    "down" => 0,
-                    _ => -1,
+                let state = match b.health {
+                    Health::Up => 1,
+                    Health::Down => 0,
+                    Health::Unknown => -1,
                 };
                 backend_up
                     .get_or_create(&labels(&[("service", name), ("colour", col), ("backend", b.address.as_str())]))
@@ -215,12 +220,7 @@ pub fn verdict_kind(reason: &str) -> &'static str {
 /// Serves `GET /metrics` until the task is aborted: at most
 /// [`crate::limits::METRICS_CONNECTIONS`] connections at once (more are closed as soon as they
 /// are accepted), and a pause after a failed accept instead of a spin.
-pub async fn serve(
-    addr: SocketAddr,
-    board: Arc<Mutex<Switchboard<Dataplane>>>,
-    fleet: Option<Arc<Fleet>>,
-    flow_capacity: u64,
-) {
+pub async fn serve(addr: SocketAddr, engine: Handle<Dataplane>, fleet: Option<Arc<Fleet>>, flow_capacity: u64) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -249,7 +249,7 @@ pub async fn serve(
                 conn.try_write(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
             continue;
         };
-        let board = Arc::clone(&board);
+        let engine = engine.clone();
         let fleet = fleet.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -268,7 +268,7 @@ pub async fn serve(
             let wanted =
                 read.is_ok() && (buf[..n].starts_with(b"GET /metrics ") || buf[..n].starts_with(b"GET /metrics?"));
             let (status, body) = if wanted {
-                let mut snapshot = board.lock().ok().and_then(|mut b| b.status(None).ok());
+                let mut snapshot = engine.call(|b| b.status(None).ok()).await.ok().flatten();
                 if let Some(t) = snapshot.as_mut().and_then(|s| s.flow_table.as_mut()) {
                     t.capacity = Some(flow_capacity);
                 }
@@ -317,9 +317,8 @@ impl AcceptBackoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        control::{BackendStatus, ColourStatus, ServiceStatus},
-        dataplane::Counters,
+    use crate::protocol::{
+        BackendStatus, Colour, ColourStatus, Counters, FleetService, FleetView, Mode, Protocol, ServiceStatus,
     };
 
     #[test]
@@ -338,17 +337,26 @@ mod tests {
             ok: true,
             services: vec![ServiceStatus {
                 name: "web".into(),
-                active: "green".into(),
+                vip: "203.0.113.10".into(),
+                port: 80,
+                preview_port: None,
+                protocol: Protocol::Tcp,
+                mode: Mode::Nat,
+                active: Colour::Green,
+                canary: None,
+                previous: None,
                 switches: 3,
-                switch_kinds: crate::control::SwitchKinds { cutover: 2, rollback: 0, auto_rollback: 1, failover: 0 },
+                switch_kinds: crate::protocol::SwitchKinds { cutover: 2, rollback: 0, auto_rollback: 1, failover: 0 },
                 since_switch_secs: Some(5),
+                watch_secs_left: None,
+                drain: None,
                 colours: vec![ColourStatus {
-                    colour: "green".into(),
+                    colour: Colour::Green,
                     healthy: true,
                     backends: vec![BackendStatus {
                         address: "198.51.100.18:8080".into(),
                         weight: 1,
-                        health: "up".into(),
+                        health: Health::Up,
                         detail: None,
                     }],
                     live_flows: 7,
@@ -363,10 +371,9 @@ mod tests {
                     },
                     edited: false,
                 }],
-                ..ServiceStatus::default()
             }],
             reasons: vec![("no_match".into(), 12), ("dsr_no_neigh".into(), 2)],
-            flow_table: Some(crate::control::FlowTable {
+            flow_table: Some(crate::protocol::FlowTable {
                 live: 7,
                 closing: 1,
                 idle: 0,
@@ -420,17 +427,17 @@ mod tests {
     fn fleet_metrics_say_whether_etcd_answers() {
         let status = Response {
             ok: true,
-            fleet: Some(crate::control::FleetView {
+            fleet: Some(FleetView {
                 node: "lb1".into(),
                 connected: false,
-                services: vec![crate::control::FleetService {
+                services: vec![FleetService {
                     name: "web".into(),
                     revision: 9,
                     applied_revision: 7,
                     local_override: Some("etcd down".into()),
-                    ..crate::control::FleetService::default()
+                    ..FleetService::default()
                 }],
-                ..crate::control::FleetView::default()
+                ..FleetView::default()
             }),
             ..Response::default()
         };
