@@ -538,8 +538,7 @@ impl Config {
             86_400,
             Duration::from_nanos(DEFAULT_UDP_IDLE_NS),
         )?;
-        let tcp_idle_timeout =
-            seconds(&raw.tcp_idle_timeout_secs, "tcp_idle_timeout_secs", 604_800, DEFAULT_TCP_IDLE)?;
+        let tcp_idle_timeout = seconds(&raw.tcp_idle_timeout_secs, "tcp_idle_timeout_secs", 604_800, DEFAULT_TCP_IDLE)?;
         let max_services = match &raw.max_services {
             Some(m) if !(1..=MAX_SERVICES_LIMIT).contains(m.get_ref()) => {
                 return Err(invalid(

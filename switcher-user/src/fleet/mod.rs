@@ -4,8 +4,9 @@
 //! {prefix}/services/{name}  desired state of a service (JSON `Desired`), written by
 //!                           `switcher cutover|rollback|weight` on any node, in a transaction
 //!                           that checks the revision it read
-//! {prefix}/nodes/{node}     what a node has applied (JSON `NodeState`), under the node's
-//!                           lease: a node that stops renewing it disappears
+//! {prefix}/nodes/{node}     a node's header (JSON `NodeState` without services), and
+//! {prefix}/nodes/{node}/{s} what it applied for service `s` (JSON `NodeService`), all under
+//!                           the node's lease: a node that stops renewing it disappears
 //! {prefix}/compacted        the revision etcd's history was last compacted to, by a node
 //! ```
 //!
@@ -515,8 +516,7 @@ impl Fleet {
         match (nodes, desired) {
             (Ok(nodes), Ok(desired)) => {
                 view.revision = nodes.header().map_or(0, etcd_client::ResponseHeader::revision);
-                view.nodes = nodes.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()).collect();
-                view.nodes.sort_by(|a: &NodeState, b| a.node.cmp(&b.node));
+                view.nodes = publish::gather_nodes(&self.nodes_prefix(), publish::pairs(nodes.kvs()));
                 let prefix = self.services_prefix();
                 for kv in desired.kvs() {
                     let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else { continue };

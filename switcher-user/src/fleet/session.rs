@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     engine::{Change, Handle, Maps, RemoteDrains},
-    protocol::{Desired, NodeState},
+    protocol::{Colour, Desired, NodeState},
 };
 
 /// Runs the node's side of the fleet until aborted: connect, seed, read, watch, publish;
@@ -174,7 +174,7 @@ async fn remote_drains(fleet: &Fleet, client: &mut Client) -> Result<RemoteDrain
         client.get(fleet.nodes_prefix(), Some(GetOptions::new().with_prefix())).await.map_err(|e| etcd_error(&e))?;
     let applied = fleet.lock().applied.clone();
     Ok(drains_elsewhere(
-        nodes.kvs().iter().filter_map(|kv| serde_json::from_slice(kv.value()).ok()),
+        super::publish::gather_nodes(&fleet.nodes_prefix(), super::publish::pairs(nodes.kvs())).into_iter(),
         &fleet.config.node,
         &applied,
     ))
@@ -227,21 +227,56 @@ async fn seed_missing<M: Maps + Send + 'static>(
         .call(move |b| b.services().into_iter().map(|s| (s.name.clone(), seed(b, &s.name, &node, share))).collect())
         .await
         .unwrap_or_default();
+    // What etcd has already (names only), so that a node of thousands of services seeds
+    // what is missing in a few transactions instead of one round trip per service.
+    let prefix = fleet.services_prefix();
+    let have: std::collections::HashSet<String> = client
+        .get(prefix.clone(), Some(GetOptions::new().with_prefix().with_keys_only()))
+        .await
+        .map_err(|e| etcd_error(&e))?
+        .kvs()
+        .iter()
+        .filter_map(|kv| kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)).map(str::to_owned))
+        .collect();
+    let mut missing = Vec::new();
     for (name, seeded) in seeds {
         let Some(d) = seeded else { continue };
-        let key = fleet.service_key(&name);
-        let value = serde_json::to_string(&d).map_err(|e| e.to_string())?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, None)]);
-        let r = client.txn(txn).await.map_err(|e| etcd_error(&e))?;
-        if r.succeeded() {
-            tracing::info!(service = %name, active = %d.active, "seeded the fleet's desired state from this node");
+        if !have.contains(&name) {
+            let value = serde_json::to_string(&d).map_err(|e| e.to_string())?;
+            missing.push((name, d.active, value));
+        }
+    }
+    for chunk in missing.chunks(SEED_BATCH) {
+        // All of the chunk only if none of it exists yet (another node may be seeding too);
+        // else key by key, each only if still absent.
+        let absent = |name: &str| Compare::create_revision(fleet.service_key(name), CompareOp::Equal, 0);
+        let put = |name: &str, value: &str| TxnOp::put(fleet.service_key(name), value, None);
+        let all = Txn::new()
+            .when(chunk.iter().map(|(n, _, _)| absent(n)).collect::<Vec<_>>())
+            .and_then(chunk.iter().map(|(n, _, v)| put(n, v)).collect::<Vec<_>>());
+        let seeded: Vec<&(String, Colour, String)> = if client.txn(all).await.map_err(|e| etcd_error(&e))?.succeeded() {
+            chunk.iter().collect()
+        } else {
+            let mut one_by_one = Vec::new();
+            for item in chunk {
+                let txn = Txn::new().when([absent(&item.0)]).and_then([put(&item.0, &item.2)]);
+                if client.txn(txn).await.map_err(|e| etcd_error(&e))?.succeeded() {
+                    one_by_one.push(item);
+                }
+            }
+            one_by_one
+        };
+        for (name, active, _) in seeded {
+            tracing::info!(service = %name, active = %active, "seeded the fleet's desired state from this node");
         }
     }
     fleet.lock().reseed = false;
     Ok(())
 }
+
+/// Desired states seeded per transaction (etcd's default `--max-txn-ops` is 128, and a
+/// seeding transaction holds one comparison and one write per service).
+const SEED_BATCH: usize = 64;
 
 async fn apply_kvs<M: Maps + Send + 'static>(
     fleet: &Fleet,

@@ -273,36 +273,54 @@ fn a_drain_waits_for_the_other_nodes_that_hold_flows() {
 
 #[test]
 fn a_node_publishes_what_changed_not_the_time() {
-    let state = |live: u64, draining: Option<u64>, applied: i64, at: u64| NodeState {
-        node: "lb1".into(),
-        at_unix: at,
-        services: vec![NodeService {
-            applied_revision: applied,
-            live_flows: live,
-            draining: draining.map(|n| (Colour::Blue, n)),
-            healthy_blue: true,
-            healthy_green: true,
-            ..NodeService::of("web", Colour::Green)
-        }],
+    let state = |live: u64, draining: Option<u64>, applied: i64| NodeService {
+        applied_revision: applied,
+        live_flows: live,
+        draining: draining.map(|n| (Colour::Blue, n)),
+        healthy_blue: true,
+        healthy_green: true,
+        ..NodeService::of("web", Colour::Green)
     };
-    let last = state(100, None, 7, 1);
-    assert_eq!(news(None, &last), News::State, "the first publication of a session");
-    assert_eq!(news(Some(&last), &state(100, None, 7, 99)), News::None, "time alone is no news");
-    assert_eq!(news(Some(&last), &state(120, None, 7, 2)), News::None, "within a quarter");
-    assert_eq!(news(Some(&last), &state(80, None, 7, 2)), News::None, "within a quarter");
-    assert_eq!(news(Some(&last), &state(126, None, 7, 2)), News::Counts);
-    assert_eq!(news(Some(&last), &state(74, None, 7, 2)), News::Counts);
-    assert_eq!(news(Some(&state(0, None, 7, 1)), &state(1, None, 7, 2)), News::Counts, "leaving zero");
-    assert_eq!(news(Some(&last), &state(0, None, 7, 2)), News::Counts, "reaching zero");
+    let last = state(100, None, 7);
+    assert_eq!(news(&last, &state(100, None, 7)), News::None, "time alone is no news");
+    assert_eq!(news(&last, &state(120, None, 7)), News::None, "within a quarter");
+    assert_eq!(news(&last, &state(80, None, 7)), News::None, "within a quarter");
+    assert_eq!(news(&last, &state(126, None, 7)), News::Counts);
+    assert_eq!(news(&last, &state(74, None, 7)), News::Counts);
+    assert_eq!(news(&state(0, None, 7), &state(1, None, 7)), News::Counts, "leaving zero");
+    assert_eq!(news(&last, &state(0, None, 7)), News::Counts, "reaching zero");
     // What it applied, and a drain beginning or ending, are published at once.
-    assert_eq!(news(Some(&last), &state(100, None, 8, 2)), News::State);
-    assert_eq!(news(Some(&last), &state(100, Some(5), 7, 2)), News::State);
-    assert_eq!(news(Some(&state(100, Some(5), 7, 1)), &state(100, None, 7, 2)), News::State);
+    assert_eq!(news(&last, &state(100, None, 8)), News::State);
+    assert_eq!(news(&last, &state(100, Some(5), 7)), News::State);
+    assert_eq!(news(&state(100, Some(5), 7), &state(100, None, 7)), News::State);
     // Every change of a drain's count is news: other nodes' drains wait on it.
-    assert_eq!(news(Some(&state(100, Some(5), 7, 1)), &state(100, Some(4), 7, 2)), News::Counts);
+    assert_eq!(news(&state(100, Some(5), 7), &state(100, Some(4), 7)), News::Counts);
     let mut down = last.clone();
-    down.services[0].healthy_blue = false;
-    assert_eq!(news(Some(&last), &down), News::State);
+    down.healthy_blue = false;
+    assert_eq!(news(&last, &down), News::State);
+}
+
+#[test]
+fn nodes_are_gathered_from_headers_and_service_keys() {
+    let kv = |key: &'static str, value: String| (key, value.into_bytes());
+    let header = |node: &str, services: Vec<NodeService>| {
+        serde_json::to_string(&NodeState { node: node.into(), at_unix: 1, services }).expect("json")
+    };
+    let service = |name: &str| NodeService::of(name, Colour::Green);
+    let kvs = [
+        kv("/p/nodes/lb0", header("lb0", vec![])),
+        kv("/p/nodes/lb0/web", serde_json::to_string(&service("web")).expect("json")),
+        kv("/p/nodes/lb0/api", serde_json::to_string(&service("api")).expect("json")),
+        // An older node: one key with every service.
+        kv("/p/nodes/lb1", header("lb1", vec![service("web")])),
+        // A service key whose header is gone (its lease is expiring): left out.
+        kv("/p/nodes/lb2/web", serde_json::to_string(&service("web")).expect("json")),
+        kv("/p/nodes/lb3", "not json".into()),
+    ];
+    let nodes = super::publish::gather_nodes("/p/nodes/", kvs.iter().map(|(k, v)| (*k, v.as_slice())));
+    let names: Vec<(&str, Vec<&str>)> =
+        nodes.iter().map(|n| (n.node.as_str(), n.services.iter().map(|s| s.name.as_str()).collect())).collect();
+    assert_eq!(names, [("lb0", vec!["api", "web"]), ("lb1", vec!["web"])]);
 }
 
 #[test]

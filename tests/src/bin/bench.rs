@@ -1561,7 +1561,11 @@ fn fleet_scale(quick: bool) -> FleetRun {
         nss.push(ns);
     }
     let nodes_prefix = format!("{prefix}/nodes/");
-    let count = || etcd.keys(&nodes_prefix, 0).map_or(0, |(_, k)| k.len());
+    // Nodes' headers (a node's services are the keys under its header).
+    let count = || {
+        etcd.keys(&nodes_prefix, 0)
+            .map_or(0, |(_, k)| k.iter().filter(|(key, _, _)| !key[nodes_prefix.len()..].contains('/')).count())
+    };
     let up = switcher_tests::net::wait_for(Duration::from_secs(60), || (count() == n).then_some(()));
     assert!(up.is_some(), "{} of {n} nodes published themselves in 60 s", count());
     let up_secs = started.elapsed().as_secs_f64();

@@ -320,7 +320,9 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
             window.as_secs(),
             nodes0.iter().zip(&nodes1).filter(|(a, b)| a != b).count()
         );
-        assert_eq!(nodes1.len(), NODES, "every node's state is there: {nodes1:?}");
+        // Each node: its header and one key per service (`web`).
+        let headers = nodes1.iter().filter(|(k, _, _)| !k[nodes_prefix.len()..].contains('/')).count();
+        assert_eq!((headers, nodes1.len()), (NODES, 2 * NODES), "every node's state is there: {nodes1:?}");
         if nodes0 == nodes1 {
             rest = Some((rev0, rev1, marks0, marks1, db1));
             break;
@@ -341,7 +343,7 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     assert_eq!(deleted["deleted"].as_str(), Some("1"), "{deleted}");
     let back = wait_for(Duration::from_secs(10), || {
         let (_, keys) = etcd.keys(&lb2, 0).ok()?;
-        (!keys.is_empty()).then_some(())
+        keys.iter().any(|(k, _, _)| *k == lb2).then_some(())
     });
     assert!(back.is_some(), "lb2 published itself again after its key was deleted:\n{}", nodes[2].log());
     assert!(nodes[2].log().contains("published state was deleted"), "lb2 saw it go:\n{}", nodes[2].log());
@@ -351,4 +353,62 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
         window.as_secs(),
         marks1 - marks0
     );
+}
+
+/// Services of the large fleet node (`web` and 4,095 generated ones).
+const MANY: u16 = 4_096;
+
+#[test]
+fn a_fleet_node_with_four_thousand_services_publishes_and_cuts_over() {
+    if !crate::have_root("a_fleet_node_with_four_thousand_services_publishes_and_cuts_over") {
+        return;
+    }
+    let etcd = Etcd::start();
+    let t = FleetTopology::new(1);
+    let _relay = Relay::start(&t.lbs[0], etcd.client_port);
+    let prefix = format!("/switcher-test-{}", t.client.name);
+    let generated = crate::proc::generated_services(MANY - 1, "health = { check = \"none\" }\n");
+    let started = Instant::now();
+    let d = Daemon::start(&t.lbs[0], |s| format!("{}{generated}", t.config(0, &prefix, s)));
+    let last = format!("s{}", MANY - 2);
+    // The node seeds the desired state of every service and publishes what it applied.
+    let seeded = wait_for(Duration::from_secs(60), || {
+        let view = fleet(&d).fleet?;
+        let node = view.nodes.iter().find(|n| n.node == "lb0")?;
+        (view.services.len() == usize::from(MANY) && node.services.len() == usize::from(MANY)).then_some(())
+    });
+    assert!(seeded.is_some(), "the node did not seed and publish {MANY} services: {}", d.log());
+    eprintln!("{MANY} services seeded and published in {} ms", started.elapsed().as_millis());
+    let (_, keys) = etcd.keys(&format!("{prefix}/"), 0).unwrap_or_else(|e| panic!("read the fleet: {e}"));
+    assert!(keys.len() > usize::from(MANY), "one desired state per service: {} keys", keys.len());
+    // One key per service under the node's header: a change writes the services it concerns.
+    let (_, published) = etcd.keys(&format!("{prefix}/nodes/lb0/"), 0).unwrap_or_else(|e| panic!("read lb0: {e}"));
+    assert_eq!(published.len(), usize::from(MANY), "a key per service");
+    let one = |name: &str| {
+        let key = format!("{prefix}/nodes/lb0/{name}");
+        let got = etcd
+            .call("/v3/kv/range", &serde_json::json!({ "key": crate::fleet::base64(key.as_bytes()) }))
+            .unwrap_or_else(|e| panic!("read {key}: {e}"));
+        got["kvs"][0]["value"].as_str().unwrap_or_default().len() * 3 / 4
+    };
+    let size = one(&last);
+    eprintln!("a service's published state: {size} bytes");
+    assert!(size > 0 && size < 1_000, "{size} bytes");
+    let (before, _) = etcd.keys(&format!("{prefix}/"), 0).unwrap_or_else(|e| panic!("read the fleet: {e}"));
+    let out = d.cli_ok(&["cutover", &last, "green"]);
+    assert!(out.contains("blue → green"), "{out}");
+    let applied = wait_for(Duration::from_secs(30), || {
+        let view = fleet(&d).fleet?;
+        let want = view.services.iter().find(|s| s.name == last)?.revision;
+        let node = view.nodes.iter().find(|n| n.node == "lb0")?;
+        let s = node.services.iter().find(|s| s.name == last)?;
+        (s.active.as_str() == "green" && s.applied_revision >= want).then_some(())
+    });
+    assert!(applied.is_some(), "the node applied and published the cut-over of {last}: {}", d.log());
+    let (after, _) = etcd.keys(&format!("{prefix}/"), 0).unwrap_or_else(|e| panic!("read the fleet: {e}"));
+    eprintln!("the cut-over of one of {MANY} services took {} etcd revisions", after - before);
+    assert!(after - before < 10, "a cut-over writes a few keys, not every service: {before} → {after}");
+    let status = d.status();
+    let first = status.services.iter().find(|s| s.name == "s0").expect("s0 in status");
+    assert_eq!(first.active.as_str(), "blue", "the other services stay");
 }
