@@ -26,12 +26,15 @@ use crate::{
 /// Writes per etcd transaction (etcd's default `--max-txn-ops` is 128).
 const TXN_OPS: usize = 128;
 
+/// Each service as last published, and when.
+pub(super) type Published = HashMap<String, (NodeService, Instant)>;
+
 /// Publishes this node's state under its lease when it changed (see [`news`]).
 pub(super) struct Publisher {
     pub lease: i64,
     /// What it published last in this session, service by service, and when (`None`: the
     /// header is to be written again, and every service with it).
-    pub last: Option<(HashMap<String, (NodeService, Instant)>, Instant)>,
+    pub last: Option<Published>,
 }
 
 impl Publisher {
@@ -49,7 +52,7 @@ impl Publisher {
         let lease = || Some(PutOptions::new().with_lease(self.lease));
         let mut ops = Vec::new();
         let fresh = self.last.is_none();
-        let (last, _) = self.last.get_or_insert_with(|| (HashMap::new(), Instant::now()));
+        let last = self.last.get_or_insert_with(HashMap::new);
         if fresh {
             let header = NodeState { services: Vec::new(), ..state.clone() };
             let value = serde_json::to_string(&header).map_err(|e| e.to_string())?;
