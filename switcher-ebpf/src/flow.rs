@@ -246,18 +246,28 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 /// stack); it returns one pointer-sized value.
 #[inline(never)]
 pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
-    mem::copy(&mut s.backend.addr, &s.key.src);
-    s.backend.port = s.key.sport;
-    s.backend.proto = s.key.proto;
-    s.backend.family = s.key.family;
-    mem::copy(&mut s.other.src, &s.key.dst);
-    s.other.sport = s.key.dport;
+    search_from(s, true);
     let flow = flow_of_backend(s)?;
     if flow.flags & FLOW_DIRECT != 0 {
         s.miss = Reason::NOT_LIVE.0;
         return None;
     }
     Some(flow)
+}
+
+/// Sets up [`flow_of_backend`]'s search from `s.key`: the backend is its source (a backend's
+/// packet) or its destination (a client's straight to a backend), the client the other end.
+#[inline(always)]
+fn search_from(s: &mut Scratch, backend_is_source: bool) {
+    let k = &s.key;
+    let (backend, backend_port, client, client_port) =
+        if backend_is_source { (&k.src, k.sport, &k.dst, k.dport) } else { (&k.dst, k.dport, &k.src, k.sport) };
+    mem::copy(&mut s.backend.addr, backend);
+    s.backend.port = backend_port;
+    s.backend.proto = k.proto;
+    s.backend.family = k.family;
+    mem::copy(&mut s.other.src, client);
+    s.other.sport = client_port;
 }
 
 /// [`reply_flow`]'s search, for a backend in `s.backend` and a client in `s.other.src` and
@@ -304,12 +314,7 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
 /// the main frame small.
 #[inline(never)]
 pub fn direct(s: &mut Scratch) -> u64 {
-    mem::copy(&mut s.backend.addr, &s.key.dst);
-    s.backend.port = s.key.dport;
-    s.backend.proto = s.key.proto;
-    s.backend.family = s.key.family;
-    mem::copy(&mut s.other.src, &s.key.src);
-    s.other.sport = s.key.sport;
+    search_from(s, false);
     match flow_of_backend(s) {
         Some(flow) => {
             flow.flags |= FLOW_DIRECT;

@@ -131,19 +131,8 @@ pub enum DataplaneError {
 
 type Result<T> = std::result::Result<T, DataplaneError>;
 
-/// Counters of one colour of one service, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
-    pub packets: u64,
-    pub bytes: u64,
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-    pub flows: u64,
-    /// TCP flows found mid-connection while the service drained and sent to this colour, the
-    /// previous one (see `ColourCounters::rescued`).
-    #[serde(default)]
-    pub rescued: u64,
-}
+/// Counters of one colour of one service, summed over CPUs: the protocol's type.
+pub use crate::protocol::Counters;
 
 /// A service as the maps hold it after an install or adoption.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,7 +8,6 @@ use switcher_common::user::Colour;
 use super::{Maps, Switchboard, chain};
 use crate::{
     config::{self, DrainAction},
-    dataplane::Counters,
     flowcount::FlowSnapshot,
     health::BackendHealth,
     protocol::{self, BackendStatus, Canary, ColourStatus, Drain, FlowTable, Response, ServiceStatus},
@@ -71,7 +70,7 @@ impl<M: Maps> Switchboard<M> {
                     live_flows: flows(c).live,
                     closing_flows: flows(c).closing,
                     edited: s.edited(c),
-                    counters: wire_counters(self.maps.counters(s.id, c).map_err(|e| chain(&e))?),
+                    counters: self.maps.counters(s.id, c).map_err(|e| chain(&e))?,
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -118,8 +117,3 @@ impl<M: Maps> Switchboard<M> {
     }
 }
 
-/// A colour's counters as the maps sum them, in the protocol's form.
-fn wire_counters(c: Counters) -> protocol::Counters {
-    let Counters { packets, bytes, reply_packets, reply_bytes, flows, rescued } = c;
-    protocol::Counters { packets, bytes, reply_packets, reply_bytes, flows, rescued }
-}
