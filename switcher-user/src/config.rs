@@ -61,8 +61,9 @@ pub const MAX_SERVICES_LIMIT: u32 = 16_384;
 pub const DEFAULT_SOCKET: &str = "/run/switcher/switcher.sock";
 /// Default port of the Prometheus endpoint (on 127.0.0.1).
 pub const DEFAULT_METRICS_PORT: u16 = 9477;
-/// Largest configuration file read: 64 services with full pools take about 400 KiB.
-pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest configuration file read: 4,096 services of 2 × 64 weighted backends take about
+/// 24 MiB.
+pub const MAX_CONFIG_BYTES: u64 = 32 * 1024 * 1024;
 /// Default path of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/switcher/switcher.toml";
 
