@@ -125,8 +125,8 @@ pub const RING_SIZES: [u32; 9] = [251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 
 /// A table has at least this many slots per backend: with equal weights each backend gets
 /// `⌊M/N⌋` or `⌈M/N⌉` slots, so the load imbalance is at most `N/M` ≤ 0.5 %.
 pub const RING_SLOTS_PER_BACKEND: u32 = 200;
-/// `RING_LIVE` value of a colour with no table (no backends).
-pub const RING_NONE: u32 = u32::MAX;
+/// `RING_LIVE` value of a colour with no table (no backends): zero, what a new map holds.
+pub const RING_NONE: u32 = 0;
 /// A ring slot with no backend (the colour's pool is empty).
 pub const RING_EMPTY: u16 = u16::MAX;
 /// Capacity of `FLOWS` (LRU: the least recently used flow is evicted).
@@ -204,13 +204,14 @@ pub const fn ring_class(backends: u32) -> u32 {
 }
 
 /// `RING_LIVE` value of a table of class `class` (`0..=8`) starting at element `offset`
-/// (`< 1 << 23`): the class in bits 28–31, `(256 << class) - size` in bits 23–27, the offset
-/// below, so the data path finds the size with a shift and a subtraction.
+/// (`< 1 << 23`): the class plus one in bits 28–31 (so zero, what a new map holds, is "no
+/// table"), `(256 << class) - size` in bits 23–27, the offset below, so the data path finds
+/// the size with a shift and a subtraction.
 #[must_use]
 pub const fn ring_live(class: u32, offset: u32) -> u32 {
     let class = if class as usize >= RING_SIZES.len() { RING_SIZES.len() as u32 - 1 } else { class };
     let delta = (RING_CHUNK << class) - RING_SIZES[class as usize];
-    (class << 28) | (delta << 23) | (offset & RING_OFFSET_MASK)
+    ((class + 1) << 28) | (delta << 23) | (offset & RING_OFFSET_MASK)
 }
 
 /// Largest element offset a `RING_LIVE` value holds, plus one.
@@ -221,10 +222,11 @@ pub const RING_OFFSET_MASK: u32 = (1 << 23) - 1;
 #[inline(always)]
 #[must_use]
 pub const fn ring_table(live: u32) -> Option<(u32, u32)> {
-    let class = live >> 28;
-    if class as usize >= RING_SIZES.len() {
+    let field = live >> 28;
+    if field == 0 || field as usize > RING_SIZES.len() {
         return None;
     }
+    let class = field - 1;
     let size = (RING_CHUNK << class) - ((live >> 23) & 31);
     Some((live & RING_OFFSET_MASK, size))
 }
@@ -756,6 +758,8 @@ mod tests {
             }
         }
         assert_eq!(ring_table(RING_NONE), None);
+        assert_eq!(ring_table(0), None, "a new map's zeros are no table");
+        assert_eq!(ring_table(u32::MAX), None);
     }
 
     #[test]

@@ -220,6 +220,9 @@ struct Pool {
     slots: Vec<Option<BackendConfig>>,
     table: Vec<u16>,
     live: Option<(u32, u32)>,
+    /// `table` differs from the live one (or there is none yet): [`Dataplane::publish_table`]
+    /// writes it.
+    dirty: bool,
 }
 
 /// The end of a drain, as [`Dataplane::drain_end`] prepared it: runs on its own descriptor
@@ -979,11 +982,14 @@ impl Dataplane {
             .zip(0u16..)
             .filter_map(|(s, i)| s.map(|b| maglev::Member { name: b.addr.to_string(), weight: b.weight, index: i }))
             .collect();
-        pool.table = if members.is_empty() {
+        let table = if members.is_empty() {
             Vec::new()
         } else {
             maglev::build(&members, RING_SIZES[ring_class(members.len() as u32) as usize])
         };
+        // A reload or a health check that gives the same table writes nothing.
+        pool.dirty = pool.dirty || table != pool.table;
+        pool.table = table;
         self.pools.insert((id, colour), pool);
         result
     }
@@ -992,6 +998,9 @@ impl Dataplane {
     /// (one write: the next packet uses it) and lets the old table's elements rest.
     fn publish_table(&mut self, id: u32, colour: Colour) -> Result<()> {
         let Some(pool) = self.pools.get(&(id, colour)) else { return Ok(()) };
+        if !pool.dirty {
+            return Ok(());
+        }
         let len = u32::try_from(pool.table.len().div_ceil(RING_CHUNK as usize)).unwrap_or(u32::MAX);
         let (live, value) = if len == 0 {
             (None, RING_NONE)
@@ -1019,7 +1028,10 @@ impl Dataplane {
             }
             return Err(map_err(MAP_RING_LIVE)(e));
         }
-        let old = self.pools.get_mut(&(id, colour)).and_then(|pool| std::mem::replace(&mut pool.live, live));
+        let old = self.pools.get_mut(&(id, colour)).and_then(|pool| {
+            pool.dirty = false;
+            std::mem::replace(&mut pool.live, live)
+        });
         if let Some((at, len)) = old {
             self.slab.release(at, len);
         }
