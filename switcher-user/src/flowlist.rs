@@ -277,6 +277,8 @@ pub struct Collector<'a> {
     flows: Vec<FlowEntry>,
     /// Open and closing flows per group.
     groups: HashMap<GroupKey, (u64, u64)>,
+    /// The group of the last flows counted, and their counts, not in `groups` yet.
+    current: Option<(GroupKey, u64, u64)>,
     matched: u64,
     walked: u64,
     stopped: Option<FlowStop>,
@@ -291,6 +293,7 @@ impl<'a> Collector<'a> {
             udp_idle_ns: u64::try_from(udp_idle.as_nanos()).unwrap_or(u64::MAX),
             flows: Vec::new(),
             groups: HashMap::new(),
+            current: None,
             matched: 0,
             walked: 0,
             stopped: None,
@@ -308,14 +311,20 @@ impl<'a> Collector<'a> {
         if self.filter.summary {
             let b = &flow.backend;
             let group = (flow.service, colour_of(flow), b.addr, b.port, b.family);
-            if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&group) {
-                self.stopped = Some(FlowStop::Limit);
-                return ControlFlow::Break(());
+            // Most flows in a row share their group: the map is touched only when it changes.
+            if self.current.as_ref().is_none_or(|(g, ..)| *g != group) {
+                self.flush();
+                if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&group) {
+                    self.stopped = Some(FlowStop::Limit);
+                    return ControlFlow::Break(());
+                }
+                self.current = Some((group, 0, 0));
             }
-            let (open, closing) = self.groups.entry(group).or_default();
-            match state {
-                FlowState::Open => *open += 1,
-                FlowState::Closing => *closing += 1,
+            if let Some((_, open, closing)) = &mut self.current {
+                match state {
+                    FlowState::Open => *open += 1,
+                    FlowState::Closing => *closing += 1,
+                }
             }
         } else {
             self.flows.push(FlowEntry {
@@ -337,6 +346,15 @@ impl<'a> Collector<'a> {
         ControlFlow::Continue(())
     }
 
+    /// Adds the counts of the current group to the map.
+    fn flush(&mut self) {
+        if let Some((group, open, closing)) = self.current.take() {
+            let (o, c) = self.groups.entry(group).or_default();
+            *o += open;
+            *c += closing;
+        }
+    }
+
     /// The walk ran out of time.
     pub fn timed_out(&mut self) {
         self.stopped = Some(FlowStop::Deadline);
@@ -344,7 +362,8 @@ impl<'a> Collector<'a> {
 
     /// The answer (the summary sorted by service, colour and backend).
     #[must_use]
-    pub fn finish(self, took: Duration, capacity: Option<u64>, source: FlowSource) -> FlowListing {
+    pub fn finish(mut self, took: Duration, capacity: Option<u64>, source: FlowSource) -> FlowListing {
+        self.flush();
         let mut summary: Vec<FlowGroup> = self
             .groups
             .into_iter()
