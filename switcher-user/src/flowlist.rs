@@ -42,9 +42,9 @@ use crate::{
 /// Well within the control socket's timeout, so the answer still reaches the client.
 pub const DEADLINE: Duration = Duration::from_secs(3);
 
-/// (service, colour, backend) groups a summary keeps at most (the pools of every service
-/// fit many times over); past it the walk stops, marked partial.
-pub const MAX_GROUPS: usize = 50_000;
+/// (service, colour, backend) groups a summary keeps at most (about 100 bytes each on the
+/// wire); past it the walk stops, marked partial (narrow it with SERVICE or --colour).
+pub const MAX_GROUPS: usize = 20_000;
 
 /// Errors of `switcher flows`, each saying what to do.
 #[derive(Debug, thiserror::Error)]

@@ -43,7 +43,7 @@ pub struct Args {
     /// Only open flows, or only closing ones (TCP flows that saw FIN or RST).
     #[arg(long, value_parser = ["open", "closing"])]
     state: Option<String>,
-    /// Stop after N matching flows (default 1000 for a list, at most 50000; --summary
+    /// Stop after N matching flows (default 1000 for a list, at most 20000; --summary
     /// counts every flow unless given one).
     #[arg(long, value_name = "N")]
     limit: Option<u64>,

@@ -42,9 +42,9 @@ pub struct FlowQuery {
 
 /// Flows listed when no limit is asked for.
 pub const FLOWS_DEFAULT_LIMIT: u64 = 1000;
-/// Flows listed at most in one answer (about 200 bytes each on the wire); a summary has no
-/// such bound: its size is that of the pools.
-pub const FLOWS_MAX_LIMIT: u64 = 50_000;
+/// Flows listed at most in one answer (200–300 bytes each on the wire, well within the 16 MiB
+/// the client reads of an answer); a summary is bounded by its groups instead.
+pub const FLOWS_MAX_LIMIT: u64 = 20_000;
 
 /// Where a flow is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
