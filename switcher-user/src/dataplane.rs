@@ -1309,6 +1309,21 @@ impl Dataplane {
         Ok(walker)
     }
 
+    /// A descriptor of `FLOWS` of its own and the table's size, for the walks of
+    /// `switcher flows` (see [`crate::flowlist`]), which run apart from the engine.
+    ///
+    /// # Errors
+    /// The map's descriptor could not be duplicated.
+    pub fn flow_lister(&self) -> Result<(std::os::fd::OwnedFd, u64)> {
+        use std::os::fd::AsFd as _;
+        let fd = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
+        let capacity = self.flows.map().info().map_or_else(
+            |_| u64::from(self.options.max_flows.unwrap_or(switcher_common::MAX_FLOWS)),
+            |i| u64::from(i.max_entries()),
+        );
+        Ok((fd, capacity))
+    }
+
     /// Counts the flows now, on this thread (tests and diagnostics; the daemon reads the
     /// walker's passes instead). Expired flows are not counted.
     ///

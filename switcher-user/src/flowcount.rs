@@ -11,6 +11,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    ops::ControlFlow,
     os::fd::{AsRawFd as _, OwnedFd},
     sync::{
         Arc, Condvar, Mutex, PoisonError, Weak,
@@ -237,6 +238,22 @@ const ENOTSUPP: i32 = 524;
 /// # Errors
 /// A read failed other than by reaching the end.
 pub fn walk(fd: &impl std::os::fd::AsFd, mut each: impl FnMut(&[FlowKey], &[Flow])) -> std::io::Result<()> {
+    walk_until(fd, |keys, flows| {
+        each(keys, flows);
+        ControlFlow::Continue(())
+    })
+    .map(drop)
+}
+
+/// [`walk`], until `each` says to stop (a limit reached, a deadline passed): nothing more is
+/// read after a batch it answered [`ControlFlow::Break`] to. Returns whether it was stopped.
+///
+/// # Errors
+/// A read failed other than by reaching the end.
+pub fn walk_until(
+    fd: &impl std::os::fd::AsFd,
+    mut each: impl FnMut(&[FlowKey], &[Flow]) -> ControlFlow<()>,
+) -> std::io::Result<bool> {
     let fd = u64::try_from(fd.as_fd().as_raw_fd()).unwrap_or(0);
     let mut keys = vec![FlowKey::default(); BATCH];
     let mut values = vec![Flow::default(); BATCH];
@@ -256,11 +273,11 @@ pub fn walk(fd: &impl std::os::fd::AsFd, mut each: impl FnMut(&[FlowKey], &[Flow
         let err = std::io::Error::last_os_error();
         let got = ((attr[4] & 0xffff_ffff) as usize).min(BATCH);
         let end = rc != 0 && err.raw_os_error() == Some(libc::ENOENT);
-        if rc == 0 || end {
-            each(&keys[..got], &values[..got]);
+        if (rc == 0 || end) && each(&keys[..got], &values[..got]).is_break() {
+            return Ok(true);
         }
         if end {
-            return Ok(());
+            return Ok(false);
         }
         if rc != 0 {
             if first && matches!(err.raw_os_error(), Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)) {
@@ -312,8 +329,8 @@ fn walk_by_key(
     fd: u64,
     keys: &mut [FlowKey],
     values: &mut [Flow],
-    mut each: impl FnMut(&[FlowKey], &[Flow]),
-) -> std::io::Result<()> {
+    mut each: impl FnMut(&[FlowKey], &[Flow]) -> ControlFlow<()>,
+) -> std::io::Result<bool> {
     let mut prev: Option<FlowKey> = None;
     let mut n = 0;
     loop {
@@ -327,8 +344,8 @@ fn walk_by_key(
         let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, attr.as_mut_ptr(), 128) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
-            each(&keys[..n], &values[..n]);
-            return if err.raw_os_error() == Some(libc::ENOENT) { Ok(()) } else { Err(err) };
+            let stopped = each(&keys[..n], &values[..n]).is_break();
+            return if stopped || err.raw_os_error() == Some(libc::ENOENT) { Ok(stopped) } else { Err(err) };
         }
         let mut value = Flow::default();
         // struct { map_fd: u32, pad; key, value: u64; flags: u64 }
@@ -343,7 +360,9 @@ fn walk_by_key(
             values[n] = value;
             n += 1;
             if n == keys.len() {
-                each(&keys[..n], &values[..n]);
+                if each(&keys[..n], &values[..n]).is_break() {
+                    return Ok(true);
+                }
                 n = 0;
             }
         }

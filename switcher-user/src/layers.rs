@@ -8,7 +8,7 @@
 //! 4 fleet                        the desired state in etcd, followed through the engine
 //! 3 engine                       the switch rules and the switchboard, in front of the maps
 //! 2 dataplane flowcount maglev   the node's I/O: maps, pins, Maglev, attach, flow counts,
-//!   emergency health             the emergency path, health probes
+//!   flowlist emergency health    flow listings, the emergency path, health probes
 //! 1 config                       the file, parsed and validated
 //! 0 protocol accounts limits     the wire types and leaf helpers: import nothing of the crate
 //!   pins
@@ -26,6 +26,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 1),
     ("dataplane", 2),
     ("flowcount", 2),
+    ("flowlist", 2),
     ("maglev", 2),
     ("emergency", 2),
     ("health", 2),

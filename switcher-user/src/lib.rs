@@ -8,6 +8,7 @@
 //! 1. [`config`]: the TOML file, parsed and validated into a [`config::Config`];
 //! 2. [`dataplane`] (loads and attaches the XDP program, reads and writes its maps),
 //!    [`maglev`], [`flowcount`] (open flows counted in batches off the request path),
+//!    [`flowlist`] (`switcher flows`: open flows listed or summed, bounded),
 //!    [`emergency`] (the CLI's path when no daemon runs) and [`health`] (backend probes);
 //! 3. [`engine`]: the switch rules, once, and the switchboard in front of the maps, with one
 //!    owner reached over a channel;
@@ -24,6 +25,7 @@ pub mod emergency;
 pub mod engine;
 pub mod fleet;
 pub mod flowcount;
+pub mod flowlist;
 pub mod health;
 #[cfg(test)]
 mod layers;

@@ -361,6 +361,14 @@ impl Conn {
         self.stream.get_ref().peer_addr()
     }
 
+    /// The client's own address and port.
+    ///
+    /// # Errors
+    /// getsockname failed.
+    pub fn local(&self) -> std::io::Result<SocketAddr> {
+        self.stream.get_ref().local_addr()
+    }
+
     /// Sends one line and returns the answer line, trimmed.
     ///
     /// # Errors

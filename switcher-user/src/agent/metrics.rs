@@ -379,6 +379,7 @@ mod tests {
                 idle: 0,
                 expired: 4,
                 capacity: Some(1024),
+                ..crate::protocol::FlowTable::default()
             }),
             ..Response::default()
         };

@@ -8,10 +8,13 @@
 //! - `audit`: the audit trail of changes;
 //! - `reload`: SIGHUP and `switcher reload`;
 //! - `checks`: the health-check rounds;
+//! - `flows`: `switcher flows` (walks of the flow table off the engine) and the flow table's
+//!   pressure in the log;
 //! - [`metrics`]: the Prometheus endpoint.
 
 mod audit;
 mod checks;
+mod flows;
 pub mod metrics;
 mod reload;
 pub mod socket;
@@ -86,6 +89,9 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         .name("flow-counter".into())
         .spawn(move || walker.run())
         .context("start the thread that counts the open flows")?;
+    // `switcher flows` walks the table on a descriptor of its own, on blocking tasks.
+    let (flows_fd, flow_capacity) = dataplane.flow_lister().context("open the flow table for `switcher flows`")?;
+    let lister = Arc::new(flows::Lister::new(flows_fd, flow_capacity, config.udp_idle_timeout));
     // Emergency changes made `--local` in a fleet while no daemon ran (see `emergency`).
     let emergency_overrides = crate::pins::Pins::new(&config.pin_path).take_overrides();
     for (s, i) in config.services.iter().zip(&installed) {
@@ -131,6 +137,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     }
     let mut tasks = JoinSet::new();
     tasks.spawn(check_health(engine.clone(), Arc::clone(&audit), fleet.clone()));
+    tasks.spawn(flows::watch_pressure(engine.clone(), flow_capacity));
     if let Some(addr) = config.metrics {
         let capacity = u64::from(config.max_flows.unwrap_or(switcher_common::MAX_FLOWS));
         tasks.spawn(metrics::serve(addr, engine.clone(), fleet.clone(), capacity));
@@ -199,10 +206,10 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                         let _ = stream.try_write(BUSY);
                         continue;
                     };
-                    let (engine, audit, config_path, config, fleet) = (engine.clone(), Arc::clone(&audit), config_path.clone(), config.clone(), fleet.clone());
+                    let (engine, audit, config_path, config, fleet, lister) = (engine.clone(), Arc::clone(&audit), config_path.clone(), config.clone(), fleet.clone(), Arc::clone(&lister));
                     tokio::spawn(async move {
                         let _permit = permit;
-                        let ctx = Ctx { engine: &engine, audit: &audit, group, config_path: &config_path, config: &config, fleet: fleet.as_deref() };
+                        let ctx = Ctx { engine: &engine, audit: &audit, group, config_path: &config_path, config: &config, fleet: fleet.as_deref(), flows: &lister };
                         if let Err(e) = serve(stream, &ctx).await {
                             tracing::debug!("control connection: {e:#}");
                         }

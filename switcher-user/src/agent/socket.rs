@@ -14,7 +14,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use super::{Engine, audit::Audit, reload::reload};
+use super::{Engine, audit::Audit, flows::Lister, reload::reload};
 use crate::{
     accounts,
     config::Config,
@@ -236,6 +236,8 @@ pub(super) struct Ctx<'a> {
     pub config_path: &'a Path,
     pub config: &'a Config,
     pub fleet: Option<&'a Fleet>,
+    /// `switcher flows`, and the flow table's size for `status`.
+    pub flows: &'a Lister,
 }
 
 /// Answers one connection: one request line, one answer line.
@@ -255,7 +257,10 @@ pub(super) async fn serve(stream: UnixStream, ctx: &Ctx<'_>) -> anyhow::Result<(
             Err(msg) => Response::error(msg),
             Ok((_, Some(deadline))) if deadline.passed() => protocol::too_late(),
             Ok((req, deadline)) => {
-                let changes = !matches!(req, Request::Status { .. } | Request::Fleet | Request::FleetWait { .. });
+                let changes = !matches!(
+                    req,
+                    Request::Status { .. } | Request::Fleet | Request::FleetWait { .. } | Request::Flows(_)
+                );
                 let who = match &peer {
                     Some(p) => p.describe().await,
                     None => "unknown peer".to_owned(),
@@ -313,6 +318,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
             "this daemon is not part of a fleet: add a [fleet] section (etcd endpoints, node name) to its config",
         ),
         (_, _) if late() => protocol::too_late(),
+        (Request::Flows(query), _) => super::flows::answer(ctx.engine, ctx.flows, query, deadline).await,
         (req, Some(f)) if fleet_change => {
             let (resp, change) = f.propose(ctx.engine, req, who).await;
             if let Some(c) = change {
@@ -344,6 +350,11 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
                 }
                 Err(e) => Response::error(e.to_string()),
             };
+            if status && let Some(t) = resp.flow_table {
+                let t = t.with_capacity(ctx.flows.capacity);
+                resp.warnings.extend(t.warning());
+                resp.flow_table = Some(t);
+            }
             if status && let Some(f) = fleet {
                 resp.fleet = Some(f.local_view(&names().await));
             }

@@ -6,6 +6,7 @@ mod cutover;
 mod daemon;
 mod docs;
 mod fleet;
+mod flows;
 mod reload;
 mod rollback;
 mod status;
@@ -52,6 +53,7 @@ enum Command {
     Weight(weight::Args),
     Backend(backend::Args),
     Status(status::Args),
+    Flows(flows::Args),
     Reload(reload::Args),
     Config(config::Args),
     Fleet(fleet::Args),
@@ -70,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Weight(args) => weight::run(&cli.socket, args),
         Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
+        Command::Flows(args) => flows::run(&cli.socket, &cli.config, args),
         Command::Reload(args) => reload::run(&cli.socket, args),
         Command::Config(args) => config::run(&cli.config, args),
         Command::Fleet(args) => fleet::run(&cli.socket, args),

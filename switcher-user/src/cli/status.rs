@@ -149,6 +149,22 @@ fn render(resp: &Response) -> String {
         }
         _ => {}
     }
+    if let Some(t) = &resp.flow_table
+        && let (Some(cap), Some(bp)) = (t.capacity, t.fill_bp)
+    {
+        let _ = writeln!(
+            out,
+            "flow table: {} of {cap} entries hold open flows ({}; {} live, {} closing, {} idle)",
+            t.open(),
+            percent(bp),
+            t.live,
+            t.closing,
+            t.idle
+        );
+    }
+    for w in &resp.warnings {
+        let _ = writeln!(out, "WARNING: {w}");
+    }
     out
 }
 
@@ -224,5 +240,20 @@ mod tests {
         assert!(text.contains("  * green"), "{text}");
         assert!(text.contains("(no backends)"), "{text}");
         assert!(text.ends_with("open flows as counted 420 ms ago (a pass over the flow table took 35 ms)\n"), "{text}");
+        assert!(!text.contains("flow table:"), "no capacity, no fill: {text}");
+        let table = switcher_user::protocol::FlowTable { live: 880, closing: 10, idle: 10, ..Default::default() };
+        let t = table.with_capacity(1000);
+        let full = Response { flow_table: Some(t), warnings: t.warning().into_iter().collect(), ..resp.clone() };
+        let text = render(&full);
+        assert!(
+            text.contains("flow table: 900 of 1000 entries hold open flows (90%; 880 live, 10 closing, 10 idle)\n"),
+            "{text}"
+        );
+        assert!(text.contains("WARNING: the flow table is 90% full"), "{text}");
+        let t = table.with_capacity(10_000);
+        assert!(t.warning().is_none());
+        let calm = Response { flow_table: Some(t), ..resp };
+        let text = render(&calm);
+        assert!(text.contains("(9%;") && !text.contains("WARNING"), "{text}");
     }
 }

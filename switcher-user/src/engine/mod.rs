@@ -235,7 +235,9 @@ impl<M: Maps> Switchboard<M> {
                 self.backend(&service, colour, &address, Some(weight.unwrap_or(1)))
             }
             Request::BackendRemove { service, colour, address } => self.backend(&service, colour, &address, None),
-            Request::Reload | Request::Fleet | Request::FleetWait { .. } => Err("handled by the daemon".into()),
+            Request::Reload | Request::Fleet | Request::FleetWait { .. } | Request::Flows(_) => {
+                Err("handled by the daemon".into())
+            }
         };
         match result {
             Ok((r, change)) => (r, change),

@@ -47,6 +47,12 @@ impl<M: Maps> Switchboard<M> {
         })
     }
 
+    /// Each service's id in the maps and its name (to name the flows of `switcher flows`).
+    #[must_use]
+    pub fn service_ids(&self) -> Vec<(u32, String)> {
+        self.services.iter().map(|s| (s.id, s.config.name.clone())).collect()
+    }
+
     pub(super) fn service_status(&self, i: usize, counts: Option<&FlowSnapshot>) -> Result<ServiceStatus, String> {
         let s = &self.services[i];
         let flows = |c: Colour| counts.map(|m| m.of(s.id, c)).unwrap_or_default();

@@ -34,6 +34,12 @@ impl Deadline {
     pub fn passed(self) -> bool {
         monotonic_ms() >= self.0
     }
+
+    /// How long until the client stops waiting (zero once it has).
+    #[must_use]
+    pub fn remaining(self) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(monotonic_ms()))
+    }
 }
 
 fn monotonic_ms() -> u64 {

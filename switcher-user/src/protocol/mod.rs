@@ -22,6 +22,7 @@
 
 mod client;
 pub mod fleet;
+pub mod flows;
 mod wire;
 
 use std::time::Duration;
@@ -35,6 +36,7 @@ pub use self::{
         request_line, too_late,
     },
     fleet::{Desired, NodeService, NodeState, SharedBackend},
+    flows::{FlowEntry, FlowGroup, FlowListing, FlowQuery, FlowSource, FlowState, FlowStop},
 };
 
 /// What a client asks of the daemon.
@@ -108,6 +110,9 @@ pub enum Request {
     /// of polling.
     #[serde(rename = "fleet-wait")]
     FleetWait { after: i64, wait_ms: u64 },
+    /// The open flows, filtered, or their counts per service, colour and backend: walked
+    /// off the engine, in batches, up to a limit and a deadline (see [`flows`]).
+    Flows(FlowQuery),
 }
 
 /// The longest a [`Request::FleetWait`] waits: well within the client's answer timeout.
@@ -124,6 +129,7 @@ impl Request {
             | Request::BackendAdd { service, .. }
             | Request::BackendRemove { service, .. } => Some(service),
             Request::Status { service } => service.as_deref(),
+            Request::Flows(q) => q.service.as_deref(),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } => None,
         }
     }
@@ -190,6 +196,12 @@ pub struct Response {
     /// Fleet mode: this node's view (on `status`), and every node's (on `fleet`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetView>,
+    /// On `status`: what needs an operator's attention (the flow table near full).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// On `flows`: the flows, or their summary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<FlowListing>,
 }
 
 /// The entries of the flow table (an LRU: when it is full, a new flow evicts the least
@@ -207,6 +219,31 @@ pub struct FlowTable {
     /// Entries the table holds at most (`max_flows`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<u64>,
+    /// How full it is: open flows (live, closing and idle) of `capacity`, in basis points
+    /// (when the capacity is known). From [`flows::FLOW_TABLE_WARN_BP`] on, `status` carries a
+    /// warning (new flows then evict live ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_bp: Option<u32>,
+}
+
+impl FlowTable {
+    /// Entries of flows that are not over.
+    #[must_use]
+    pub fn open(&self) -> u64 {
+        self.live + self.closing + self.idle
+    }
+
+    /// This table with its capacity and fill set.
+    #[must_use]
+    pub fn with_capacity(self, capacity: u64) -> FlowTable {
+        FlowTable { capacity: Some(capacity), fill_bp: Some(flows::fill_bp(self.open(), capacity)), ..self }
+    }
+
+    /// The warning for this table, if it is near full (its capacity known).
+    #[must_use]
+    pub fn warning(&self) -> Option<String> {
+        flows::flow_table_warning(self.open(), self.capacity?)
+    }
 }
 
 /// The fleet as one node sees it.

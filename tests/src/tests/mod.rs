@@ -6,6 +6,7 @@ mod direct;
 mod e2e;
 mod fleet;
 mod hostile;
+mod inspect;
 mod observability;
 mod package;
 mod production;

@@ -150,7 +150,14 @@ fn every_metric_the_dashboard_and_alerts_use_is_served() {
         reasons: vec![("fwd_redirect".into(), 1)],
         flows_counted_ms_ago: Some(10),
         flows_count_took_ms: Some(1),
-        flow_table: Some(FlowTable { live: 1, closing: 0, idle: 0, expired: 0, capacity: Some(1024) }),
+        flow_table: Some(FlowTable {
+            live: 1,
+            closing: 0,
+            idle: 0,
+            expired: 0,
+            capacity: Some(1024),
+            ..FlowTable::default()
+        }),
         fleet: Some(FleetView {
             node: "lb1".into(),
             connected: true,

@@ -1,8 +1,9 @@
 //! Real scale: a daemon with the largest flow table (`max_flows = 16,777,216`) and a million
 //! open flows, made by running the daemon's own attached program on a million distinct UDP
 //! frames (`BPF_PROG_TEST_RUN` in the load balancer's namespace). It cuts over, reports status
-//! and metrics, ends a drain over all of them, and its memory stays small: the flows are
-//! counted in batches by a walker thread, never listed. Times are printed, not asserted (the
+//! and metrics, lists and sums them (`switcher flows`) while status still answers, ends a drain
+//! over all of them, and its memory stays small: the flows are counted and listed in batches,
+//! never held all at once. Times are printed, not asserted (the
 //! bench has the figures). And thousands of services on one node: 4,096 of them serve, and the
 //! last one cuts over.
 
@@ -11,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switcher_user::{pins::Pins, protocol::Response};
+use switcher_user::{
+    pins::Pins,
+    protocol::{FlowListing, FlowStop, Response},
+};
 
 use crate::{
     flows::{fill, map_size, rss_kib, scrape},
@@ -79,6 +83,34 @@ fn a_million_open_flows_cut_over_and_report_status_in_bounded_memory() {
     let metrics = timed("scrape with a million flows open", &mut || scrape(&t.lb));
     assert!(metrics.contains(&format!("switcher_open_flows{{service=\"dns\",colour=\"blue\"}} {blue}\n")), "{metrics}");
     assert!(metrics.contains("switcher_open_flows_age_seconds "), "{metrics}");
+
+    // `switcher flows` over a million flows: the summary walks the table off the engine (a
+    // status asked meanwhile answers), bounded by its deadline; a list stops at its limit.
+    let summary = std::thread::scope(|s| {
+        let walk = s.spawn(|| {
+            timed("flows dns --summary with a million flows open", &mut || {
+                d.cli_ok(&["flows", "dns", "--summary", "--json"])
+            })
+        });
+        let during = timed("status during that walk", &mut || d.cli_ok(&["status", "dns"]));
+        assert!(during.contains("dns"), "{during}");
+        walk.join().expect("the walk")
+    });
+    let summary: FlowListing = serde_json::from_str(&summary).expect("flows --json");
+    eprintln!(
+        "flows --summary: {} flows counted of {} entries read in {} ms ({:?})",
+        summary.matched, summary.walked, summary.took_ms, summary.stopped
+    );
+    match summary.stopped {
+        None => assert!(summary.matched >= blue * 99 / 100, "the summary counts every flow: {summary:?}"),
+        Some(FlowStop::Deadline) => assert!(summary.matched > 0, "a partial summary still counts: {summary:?}"),
+        Some(FlowStop::Limit) => panic!("a summary without --limit stopped at a limit: {summary:?}"),
+    }
+    let ten: FlowListing = serde_json::from_str(&timed("flows --limit 10 with a million flows open", &mut || {
+        d.cli_ok(&["flows", "--limit", "10", "--json"])
+    }))
+    .expect("flows --json");
+    assert_eq!((ten.flows.len(), ten.stopped), (10, Some(FlowStop::Limit)));
 
     // The cut-over answers from the last count, which saw the million flows.
     let out = timed("cut-over with a million flows open", &mut || d.cli_ok(&["cutover", "dns", "green"]));
