@@ -6,6 +6,7 @@
 //!     maps/<MAP NAME>     every map of the program (flows, state, counters, …)
 //!     links/<ifname>      the XDP bpf_link of each interface
 //!     overrides/<service> (fleet) an emergency change made `--local` while no daemon ran
+//!     rollouts/<service>  a rollout's progress: a symbolic link whose target is the record
 //! ```
 //!
 //! A daemon that starts finds the maps and links of its ABI version and adopts them: the
@@ -124,6 +125,59 @@ impl Pins {
         names
     }
 
+    /// `<root>/v<ABI_VERSION>/rollouts`: one symbolic link per service with a rollout under
+    /// way, whose target is its record (bpffs holds directories and links, not files).
+    #[must_use]
+    pub fn rollouts_dir(&self) -> PathBuf {
+        self.version_dir().join("rollouts")
+    }
+
+    /// Saves a rollout's record for `service`, atomically: a new link beside the old one,
+    /// renamed over it, so a reader (a restarted daemon) finds the old record or the new one.
+    ///
+    /// # Errors
+    /// A bad service name or record, or the link could not be made or renamed.
+    pub fn save_rollout(&self, service: &str, record: &str) -> io::Result<()> {
+        if service.is_empty() || service.contains('/') || service.starts_with('.') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("service name {service:?}")));
+        }
+        if record.is_empty() || record.len() > 4_000 || record.contains('\0') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a rollout record of 1 to 4,000 bytes"));
+        }
+        let dir = self.rollouts_dir();
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{service}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(record, &tmp)?;
+        std::fs::rename(&tmp, dir.join(service))
+    }
+
+    /// Every saved rollout record, as `(service, record)`.
+    #[must_use]
+    pub fn rollouts(&self) -> Vec<(String, String)> {
+        let Ok(entries) = std::fs::read_dir(self.rollouts_dir()) else { return Vec::new() };
+        let mut out: Vec<(String, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    return None;
+                }
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some((name, target.to_string_lossy().into_owned()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Forgets `service`'s rollout record.
+    pub fn clear_rollout(&self, service: &str) {
+        if !service.is_empty() && !service.contains('/') && !service.starts_with('.') {
+            let _ = std::fs::remove_file(self.rollouts_dir().join(service));
+        }
+    }
+
     /// The process holding the pins' `flock` (a running daemon), from `/proc/locks`.
     #[must_use]
     pub fn holder(&self) -> Option<u32> {
@@ -221,7 +275,7 @@ impl Pins {
             }
         }
         let _ = self.take_overrides();
-        for dir in [self.links_dir(), self.maps_dir()] {
+        for dir in [self.links_dir(), self.maps_dir(), self.rollouts_dir()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     std::fs::remove_file(e.path())?;
@@ -354,6 +408,23 @@ mod tests {
         drop(lock);
         assert_eq!(pins.holder(), None);
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn rollout_records_are_replaced_whole_and_read_back() {
+        let root = std::env::temp_dir().join(format!("switcher-pins-rollouts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let pins = Pins::new(&root);
+        assert!(pins.rollouts().is_empty());
+        pins.save_rollout("web", r#"{"step":1,"text":"a/b c"}"#).expect("save");
+        pins.save_rollout("web", r#"{"step":2}"#).expect("replace");
+        pins.save_rollout("api", "x").expect("save");
+        assert_eq!(pins.rollouts(), [("api".into(), "x".into()), ("web".into(), r#"{"step":2}"#.into())]);
+        assert!(pins.save_rollout("../etc", "x").is_err());
+        assert!(pins.save_rollout("web", "").is_err());
+        pins.clear_rollout("api");
+        assert_eq!(pins.rollouts().len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod docs;
 mod fleet;
 mod reload;
 mod rollback;
+mod rollout;
 mod status;
 mod uninstall;
 mod weight;
@@ -50,6 +51,7 @@ enum Command {
     Cutover(cutover::Args),
     Rollback(rollback::Args),
     Weight(weight::Args),
+    Rollout(rollout::Args),
     Backend(backend::Args),
     Status(status::Args),
     Reload(reload::Args),
@@ -68,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cutover(args) => cutover::run(&cli.socket, &cli.config, args),
         Command::Rollback(args) => rollback::run(&cli.socket, &cli.config, args),
         Command::Weight(args) => weight::run(&cli.socket, args),
+        Command::Rollout(args) => rollout::run(&cli.socket, args),
         Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Reload(args) => reload::run(&cli.socket, args),

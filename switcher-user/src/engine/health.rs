@@ -69,8 +69,14 @@ impl<M: Maps> Switchboard<M> {
         };
         let why = s.why_unhealthy(active);
         tracing::warn!(service = %name, from = %active, to = %target, "{verb}: every {active} backend failed its health checks ({why})");
-        match self.switch(i, target, 0, None, if verb == "auto-rollback" { super::AUTO_ROLLBACK } else { "failed over" }, true)
-        {
+        match self.switch(
+            i,
+            target,
+            0,
+            None,
+            if verb == "auto-rollback" { super::AUTO_ROLLBACK } else { "failed over" },
+            true,
+        ) {
             Ok((_, change)) => change.map(|c| Change { what: verb.into(), ..c }).into_iter().collect(),
             Err(e) => {
                 tracing::warn!(service = %name, "{verb} failed: {e}");

@@ -11,4 +11,5 @@ mod package;
 mod production;
 mod prog_test_run;
 mod reliability;
+mod rollout;
 mod scale;
