@@ -6,7 +6,7 @@
 //!     maps/<MAP NAME>     every map of the program (flows, state, counters, …)
 //!     links/<ifname>      the XDP bpf_link of each interface
 //!     overrides/<service> (fleet) an emergency change made `--local` while no daemon ran
-//!     rollouts/<service>  a rollout's progress: a symbolic link whose target is the record
+//!     rollouts/<service>/<record>  a rollout's progress: a directory named by its record
 //! ```
 //!
 //! A daemon that starts finds the maps and links of its ABI version and adopts them: the
@@ -125,46 +125,57 @@ impl Pins {
         names
     }
 
-    /// `<root>/v<ABI_VERSION>/rollouts`: one symbolic link per service with a rollout under
-    /// way, whose target is its record (bpffs holds directories and links, not files).
+    /// `<root>/v<ABI_VERSION>/rollouts`: one directory per service with a rollout under way,
+    /// holding one empty directory whose name is its record (bpffs holds directories and
+    /// pinned objects only: no files, no symbolic links; a directory's rename is atomic).
     #[must_use]
     pub fn rollouts_dir(&self) -> PathBuf {
         self.version_dir().join("rollouts")
     }
 
-    /// Saves a rollout's record for `service`, atomically: a new link beside the old one,
-    /// renamed over it, so a reader (a restarted daemon) finds the old record or the new one.
+    /// Saves a rollout's record for `service`, atomically: the directory named after the old
+    /// record is renamed to the new one, so a reader (a restarted daemon) finds one or the
+    /// other, never neither.
     ///
     /// # Errors
-    /// A bad service name or record, or the link could not be made or renamed.
+    /// A bad service name or record (up to 255 bytes, no `/`, not starting with `.`), or the
+    /// directories could not be made or renamed.
     pub fn save_rollout(&self, service: &str, record: &str) -> io::Result<()> {
-        if service.is_empty() || service.contains('/') || service.starts_with('.') {
+        if !plain_name(service) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("service name {service:?}")));
         }
-        if record.is_empty() || record.len() > 4_000 || record.contains('\0') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a rollout record of 1 to 4,000 bytes"));
+        if !plain_name(record) || record.len() > 255 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a rollout record of 1 to 255 bytes without '/' ({} bytes)", record.len()),
+            ));
         }
-        let dir = self.rollouts_dir();
+        let dir = self.rollouts_dir().join(service);
         std::fs::create_dir_all(&dir)?;
-        let tmp = dir.join(format!(".{service}.new"));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(record, &tmp)?;
-        std::fs::rename(&tmp, dir.join(service))
+        let mut old: Vec<String> = entries(&dir);
+        old.retain(|o| o != record);
+        let Some(last) = old.pop() else {
+            return match std::fs::create_dir(dir.join(record)) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                r => r,
+            };
+        };
+        std::fs::rename(dir.join(&last), dir.join(record))?;
+        // Left by nothing this code does; removed so that one record remains.
+        for o in old {
+            let _ = std::fs::remove_dir(dir.join(o));
+        }
+        Ok(())
     }
 
     /// Every saved rollout record, as `(service, record)`.
     #[must_use]
     pub fn rollouts(&self) -> Vec<(String, String)> {
-        let Ok(entries) = std::fs::read_dir(self.rollouts_dir()) else { return Vec::new() };
-        let mut out: Vec<(String, String)> = entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
-                    return None;
-                }
-                let target = std::fs::read_link(e.path()).ok()?;
-                Some((name, target.to_string_lossy().into_owned()))
+        let mut out: Vec<(String, String)> = entries(&self.rollouts_dir())
+            .into_iter()
+            .filter_map(|service| {
+                let record = entries(&self.rollouts_dir().join(&service)).into_iter().next()?;
+                Some((service, record))
             })
             .collect();
         out.sort();
@@ -173,9 +184,14 @@ impl Pins {
 
     /// Forgets `service`'s rollout record.
     pub fn clear_rollout(&self, service: &str) {
-        if !service.is_empty() && !service.contains('/') && !service.starts_with('.') {
-            let _ = std::fs::remove_file(self.rollouts_dir().join(service));
+        if !plain_name(service) {
+            return;
         }
+        let dir = self.rollouts_dir().join(service);
+        for e in entries(&dir) {
+            let _ = std::fs::remove_dir(dir.join(e));
+        }
+        let _ = std::fs::remove_dir(&dir);
     }
 
     /// The process holding the pins' `flock` (a running daemon), from `/proc/locks`.
@@ -275,7 +291,11 @@ impl Pins {
             }
         }
         let _ = self.take_overrides();
-        for dir in [self.links_dir(), self.maps_dir(), self.rollouts_dir()] {
+        for service in entries(&self.rollouts_dir()) {
+            self.clear_rollout(&service);
+        }
+        let _ = std::fs::remove_dir(self.rollouts_dir());
+        for dir in [self.links_dir(), self.maps_dir()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     std::fs::remove_file(e.path())?;
@@ -287,6 +307,18 @@ impl Pins {
         let _ = std::fs::remove_dir(&self.root);
         Ok(())
     }
+}
+
+/// A name that is one path component: not empty, no `/` or NUL, not starting with `.`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\0']) && !name.starts_with('.')
+}
+
+/// The names in a directory (none if it cannot be read).
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 /// `bpf(2)` with a zeroed 128-byte attribute block.
@@ -416,12 +448,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&root);
         let pins = Pins::new(&root);
         assert!(pins.rollouts().is_empty());
-        pins.save_rollout("web", r#"{"step":1,"text":"a/b c"}"#).expect("save");
-        pins.save_rollout("web", r#"{"step":2}"#).expect("replace");
+        pins.save_rollout("web", "1~blue~green~1").expect("save");
+        pins.save_rollout("web", "1~blue~green~2").expect("replace");
+        pins.save_rollout("web", "1~blue~green~2").expect("the same again");
         pins.save_rollout("api", "x").expect("save");
-        assert_eq!(pins.rollouts(), [("api".into(), "x".into()), ("web".into(), r#"{"step":2}"#.into())]);
+        assert_eq!(pins.rollouts(), [("api".into(), "x".into()), ("web".into(), "1~blue~green~2".into())]);
         assert!(pins.save_rollout("../etc", "x").is_err());
         assert!(pins.save_rollout("web", "").is_err());
+        assert!(pins.save_rollout("web", "a/b").is_err());
+        assert!(pins.save_rollout("web", &"x".repeat(256)).is_err());
         pins.clear_rollout("api");
         assert_eq!(pins.rollouts().len(), 1);
         let _ = std::fs::remove_dir_all(&root);

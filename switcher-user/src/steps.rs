@@ -7,7 +7,7 @@
 use std::{fmt, time::Duration};
 
 /// Steps in a plan at most.
-pub const MAX_STEPS: usize = 32;
+pub const MAX_STEPS: usize = 20;
 /// The longest pause a step may ask for.
 pub const MAX_PAUSE: Duration = Duration::from_secs(7 * 86_400);
 /// A share of all new flows, in basis points.
@@ -299,8 +299,8 @@ mod tests {
         );
         assert_eq!(parse_plan(&["10%", "pause 1s", "50%"]), Err(PlanError::NoFinal { last: "50%".into() }));
         assert_eq!(parse_plan(&["10%", "100%", "pause 1s"]), Err(PlanError::PauseAfterFinal));
-        let many: Vec<String> = (1..=33).map(|i| format!("{i}%")).collect();
-        assert_eq!(parse_plan(&many), Err(PlanError::TooMany(33)));
+        let many: Vec<String> = (1..=21).map(|i| format!("{i}%")).collect();
+        assert_eq!(parse_plan(&many), Err(PlanError::TooMany(21)));
         assert!(PlanError::NoFinal { last: "50%".into() }.to_string().contains("end the plan with \"100%\""));
     }
 }

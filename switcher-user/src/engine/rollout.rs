@@ -19,7 +19,6 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
 use switcher_common::{BP_ALL, user::Colour};
 
 use super::{Change, Maps, Outcome, Switchboard, rules::Ask};
@@ -56,20 +55,22 @@ impl fmt::Display for Op {
 }
 
 impl Op {
-    /// The op as saved: `h:before_final`, `s:1000`, `p:60`, `w:60`.
+    /// The op as saved, short (a record is a directory name: 255 bytes at most):
+    /// `h1` (the hook point's index), `s1000`, `p60`, `w60`.
     fn token(self) -> String {
         match self {
-            Op::Hook(p) => format!("h:{p}"),
-            Op::Share(bp) => format!("s:{bp}"),
-            Op::Pause(d) => format!("p:{}", d.as_secs()),
-            Op::Watch(d) => format!("w:{}", d.as_secs()),
+            Op::Hook(p) => format!("h{}", HookPoint::ALL.iter().position(|q| *q == p).unwrap_or_default()),
+            Op::Share(bp) => format!("s{bp}"),
+            Op::Pause(d) => format!("p{}", d.as_secs()),
+            Op::Watch(d) => format!("w{}", d.as_secs()),
         }
     }
 
     fn from_token(t: &str) -> Option<Op> {
-        let (kind, v) = t.split_once(':')?;
+        let kind = t.get(..1)?;
+        let v = t.get(1..)?;
         match kind {
-            "h" => HookPoint::ALL.into_iter().find(|p| p.as_str() == v).map(Op::Hook),
+            "h" => v.parse::<usize>().ok().and_then(|i| HookPoint::ALL.get(i)).copied().map(Op::Hook),
             "s" => v.parse().ok().filter(|bp| (1..=BP_ALL).contains(bp)).map(Op::Share),
             "p" => v.parse().ok().map(|s| Op::Pause(Duration::from_secs(s))),
             "w" => v.parse().ok().map(|s| Op::Watch(Duration::from_secs(s))),
@@ -259,20 +260,53 @@ struct Kept {
     until: Instant,
 }
 
-/// A rollout's record under the pins.
-#[derive(Debug, Serialize, Deserialize)]
+/// A rollout's record under the pins: `1~FROM~TO~AT~PAUSED~FORCE~KEPT_UNTIL~OPS`, e.g.
+/// `1~blue~green~2~0~0~0~s100,p60,s10000` (a directory's name: short, no `/`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Record {
-    from: String,
-    to: String,
-    ops: Vec<String>,
+    from: Colour,
+    to: Colour,
+    ops: Vec<Op>,
     at: usize,
-    #[serde(default)]
     paused: bool,
-    #[serde(default)]
     force: bool,
     /// After the end: the backup is kept until this UNIX time.
-    #[serde(default)]
     kept_until: Option<u64>,
+}
+
+impl Record {
+    fn encode(&self) -> String {
+        let ops: Vec<String> = self.ops.iter().map(|o| o.token()).collect();
+        format!(
+            "1~{}~{}~{}~{}~{}~{}~{}",
+            self.from,
+            self.to,
+            self.at,
+            u8::from(self.paused),
+            u8::from(self.force),
+            self.kept_until.unwrap_or(0),
+            ops.join(",")
+        )
+    }
+
+    fn decode(text: &str) -> Option<Record> {
+        let f: Vec<&str> = text.split('~').collect();
+        let [version, from, to, at, paused, force, kept, ops] = f.as_slice() else { return None };
+        if *version != "1" {
+            return None;
+        }
+        let kept: u64 = kept.parse().ok()?;
+        let ops = if ops.is_empty() { Some(Vec::new()) } else { ops.split(',').map(Op::from_token).collect() };
+        Some(Record {
+            from: from.parse().ok()?,
+            to: to.parse().ok()?,
+            ops: ops?,
+            at: at.parse().ok()?,
+            paused: *paused == "1",
+            force: *force == "1",
+            kept_until: (kept > 0).then_some(kept),
+        })
+    }
 }
 
 /// The switchboard's rollouts, by service.
@@ -319,17 +353,12 @@ impl<M: Maps> Switchboard<M> {
     pub fn adopt_rollouts(&mut self, pins: Pins) {
         let now = Instant::now();
         for (name, text) in pins.rollouts() {
-            let parsed = serde_json::from_str::<Record>(&text).ok().and_then(|r| {
-                let from: Colour = r.from.parse().ok()?;
-                let to: Colour = r.to.parse().ok()?;
-                let ops: Option<Vec<Op>> = r.ops.iter().map(|t| Op::from_token(t)).collect();
-                Some((r, from, to, ops?))
-            });
-            let Some((record, from, to, ops)) = parsed.filter(|_| self.find(&name).is_ok()) else {
+            let Some(record) = Record::decode(&text).filter(|_| self.find(&name).is_ok()) else {
                 tracing::warn!(service = %name, "a rollout record that is unreadable or of a service no longer configured: dropped");
                 pins.clear_rollout(&name);
                 continue;
             };
+            let (from, to) = (record.from, record.to);
             if let Some(until) = record.kept_until {
                 let left = Duration::from_secs(until.saturating_sub(unix_now()));
                 tracing::info!(service = %name, backup = %from, secs_left = left.as_secs(), "adopted the backup of a completed rollout");
@@ -342,6 +371,7 @@ impl<M: Maps> Switchboard<M> {
                 (a, c) if a == from => c,
                 _ => 0,
             };
+            let ops = record.ops;
             let at = record.at.min(ops.len());
             tracing::info!(service = %name, %from, %to, step = at + 1, op = ops.get(at).map(ToString::to_string), "resuming a rollout where the previous daemon left it");
             self.rollouts.by_service.insert(
@@ -394,6 +424,12 @@ impl<M: Maps> Switchboard<M> {
         };
         self.may_switch(i, to, false, force)?;
         let ops = compile(&steps, &s.config.rollout);
+        let record = Record { from, to, ops: ops.clone(), at: 0, paused: false, force, kept_until: None };
+        if record.encode().len() > 255 {
+            return Err(format!(
+                "{name}: this plan is too long to be saved under the pins for a restarted daemon (255 bytes); use fewer steps"
+            ));
+        }
         let words: Vec<String> = ops.iter().map(ToString::to_string).collect();
         self.rollouts.kept.remove(name);
         self.rollouts.by_service.insert(
@@ -727,8 +763,8 @@ impl<M: Maps> Switchboard<M> {
         if let Some(keep) = keep {
             self.rollouts.kept.insert(name.to_owned(), Kept { colour: r.from, until: now + keep });
             let record = Record {
-                from: r.from.to_string(),
-                to: r.to.to_string(),
+                from: r.from,
+                to: r.to,
                 ops: Vec::new(),
                 at: 0,
                 paused: false,
@@ -821,9 +857,9 @@ impl<M: Maps> Switchboard<M> {
     fn save_rollout(&self, name: &str) {
         let Some(r) = self.rollouts.by_service.get(name).filter(|r| r.end == End::Running) else { return };
         let record = Record {
-            from: r.from.to_string(),
-            to: r.to.to_string(),
-            ops: r.ops.iter().map(|o| o.token()).collect(),
+            from: r.from,
+            to: r.to,
+            ops: r.ops.clone(),
             at: r.at,
             paused: r.paused,
             force: r.force,
@@ -834,10 +870,7 @@ impl<M: Maps> Switchboard<M> {
 
     fn write_record(&self, name: &str, record: &Record) {
         let Some(store) = &self.rollouts.store else { return };
-        let saved = serde_json::to_string(record)
-            .map_err(std::io::Error::other)
-            .and_then(|text| store.save_rollout(name, &text));
-        if let Err(e) = saved {
+        if let Err(e) = store.save_rollout(name, &record.encode()) {
             tracing::error!(service = %name, dir = %store.rollouts_dir().display(), "save the rollout's progress: {e}; a restarted daemon would not resume it");
         }
     }
@@ -886,3 +919,28 @@ impl<M: Maps> Switchboard<M> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_the_longest_plan_fits_a_name() {
+        let plan: Vec<String> = (1..=10).flat_map(|i| [format!("{}%", i * 10), "pause 168h".into()]).take(19).collect();
+        let steps = steps::parse_plan(&plan).expect("20 steps");
+        let mut config = RolloutConfig { watch: Some(steps::MAX_PAUSE), ..RolloutConfig::default() };
+        for p in HookPoint::ALL {
+            config.hooks.set(p, Some("true".into()));
+        }
+        let ops = compile(&steps, &config);
+        let r =
+            Record { from: Colour::Green, to: Colour::Blue, ops, at: 12, paused: true, force: true, kept_until: None };
+        let text = r.encode();
+        assert!(text.len() <= 255 && !text.contains('/'), "{} bytes: {text}", text.len());
+        assert_eq!(Record::decode(&text), Some(r.clone()));
+        let kept = Record { ops: Vec::new(), kept_until: Some(1_900_000_000), ..r };
+        assert_eq!(Record::decode(&kept.encode()), Some(kept));
+        assert_eq!(Record::decode("2~blue~green~0~0~0~0~s100"), None, "another version");
+        assert_eq!(Record::decode("1~blue~green~0~0~0~0~x1"), None);
+    }
+}
