@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn metrics_name_services_colours_and_reasons() {
-        let status = Response {
+        let mut status = Response {
             ok: true,
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -419,6 +419,18 @@ mod tests {
             }),
             ..Response::default()
         };
+        status.services[0].rollout = Some(crate::protocol::RolloutStatus {
+            from: Colour::Blue,
+            to: Colour::Green,
+            state: "holding".into(),
+            step: 2,
+            steps: vec!["10%".into(), "pause 60s".into(), "100%".into()],
+            step_secs: 70,
+            share_bp: 1_000,
+            judgement: None,
+            reason: None,
+        });
+        status.services[0].backup = Some(crate::protocol::Backup { colour: Colour::Blue, secs_left: 30 });
         let text = render(&status).expect("render");
         for line in [
             "switcher_packets_total{service=\"web\",colour=\"green\",direction=\"request\"} 10",
@@ -436,6 +448,14 @@ mod tests {
             "switcher_flow_table_entries{state=\"live\"} 7",
             "switcher_flow_table_entries{state=\"expired\"} 4",
             "switcher_flow_table_capacity 1024",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        for line in [
+            "switcher_rollout_step{service=\"web\"} 2",
+            "switcher_rollout_state{service=\"web\",state=\"holding\"} 1",
+            "switcher_rollout_state{service=\"web\",state=\"running\"} 0",
+            "switcher_rollout_backup_seconds_left{service=\"web\",colour=\"blue\"} 30",
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }
