@@ -167,6 +167,7 @@ fn a_rollout_to_a_refusing_green_aborts_at_its_first_judged_step() {
     let seen = load.stop();
     assert_eq!(r.step, 2, "aborted at the first judged step (the pause after 50%): {r:?}");
     let why = r.reason.clone().unwrap_or_default();
+    eprintln!("aborted at step {} after {} requests: {why}", r.step, seen.len());
     assert!(why.contains("replies per new flow") || why.contains("no reply"), "{r:?}");
     let s = web(&d);
     assert_eq!((s.active, s.canary.is_none()), (Colour::Blue, true), "new flows back on blue");
