@@ -34,6 +34,47 @@ use std::{
 use serde::Deserialize;
 use switcher_common::{DEFAULT_UDP_IDLE_NS, MAX_POOL, MAX_SERVICES, REVERSE_WAYS, user::Colour};
 
+pub use crate::steps::RolloutConfig;
+use crate::steps::{HookPoint, Hooks, parse_plan};
+
+/// A service's `[service.rollout]`, checked.
+fn rollout_config(r: &RawRollout) -> Result<RolloutConfig, String> {
+    let mut out = RolloutConfig::default();
+    if let Some(steps) = &r.steps {
+        out.steps = parse_plan(steps).map_err(|e| e.to_string())?;
+    }
+    out.watch = r.watch_secs.filter(|&w| w > 0).map(Duration::from_secs);
+    out.min_flows = r.min_flows.unwrap_or(out.min_flows);
+    out.min_reply_ratio_pct = r.min_reply_ratio_pct.unwrap_or(out.min_reply_ratio_pct);
+    if out.min_reply_ratio_pct > 100 {
+        return Err(format!(
+            "min_reply_ratio_pct = {}: a share of the old colour's, 0 to 100",
+            out.min_reply_ratio_pct
+        ));
+    }
+    out.keep_previous = r.keep_previous_secs.filter(|&k| k > 0).map(Duration::from_secs);
+    if let Some(h) = &r.hooks {
+        let timeout = h.timeout_secs.unwrap_or(Hooks::TIMEOUT.as_secs());
+        if !(1..=3_600).contains(&timeout) {
+            return Err(format!("hooks.timeout_secs = {timeout}: from 1 to 3600"));
+        }
+        out.hooks.timeout = Duration::from_secs(timeout);
+        for (point, cmd) in [
+            (HookPoint::BeforeFirstStep, &h.before_first_step),
+            (HookPoint::BeforeFinal, &h.before_final),
+            (HookPoint::AfterFinal, &h.after_final),
+            (HookPoint::OnAbort, &h.on_abort),
+            (HookPoint::BackupReleased, &h.backup_released),
+        ] {
+            if cmd.as_ref().is_some_and(|c| c.trim().is_empty()) {
+                return Err(format!("hooks.{point} is empty: give a command, or leave it out"));
+            }
+            out.hooks.set(point, cmd.clone());
+        }
+    }
+    Ok(out)
+}
+
 /// Names for a one-line message: all of them when there are few, else the first ten and how
 /// many more ("none" for an empty list).
 #[must_use]
@@ -228,6 +269,44 @@ struct RawService {
     watch_secs: Option<u64>,
     #[serde(default)]
     failover: bool,
+    #[serde(default)]
+    rollout: Option<toml::Spanned<RawRollout>>,
+}
+
+/// `[service.rollout]` (see [`crate::steps`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    #[serde(default)]
+    steps: Option<Vec<String>>,
+    #[serde(default)]
+    watch_secs: Option<u64>,
+    #[serde(default)]
+    min_flows: Option<u64>,
+    #[serde(default)]
+    min_reply_ratio_pct: Option<u32>,
+    #[serde(default)]
+    keep_previous_secs: Option<u64>,
+    #[serde(default)]
+    hooks: Option<RawHooks>,
+}
+
+/// `[service.rollout.hooks]`: a shell command per point, and their timeout.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    #[serde(default)]
+    before_first_step: Option<String>,
+    #[serde(default)]
+    before_final: Option<String>,
+    #[serde(default)]
+    after_final: Option<String>,
+    #[serde(default)]
+    on_abort: Option<String>,
+    #[serde(default)]
+    backup_released: Option<String>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -417,6 +496,8 @@ pub struct ServiceConfig {
     pub watch: Option<Duration>,
     /// Fail over to the other colour when every backend of the live one is down.
     pub failover: bool,
+    /// `switcher rollout`'s plan, analysis, hooks and backup (`[service.rollout]`).
+    pub rollout: RolloutConfig,
 }
 
 impl HealthConfig {
@@ -615,7 +696,11 @@ impl Config {
                 health: HealthConfig::default_for(s.protocol),
                 watch: s.watch_secs.filter(|&w| w > 0).map(Duration::from_secs),
                 failover: s.failover,
+                rollout: RolloutConfig::default(),
             };
+            if let Some(r) = &s.rollout {
+                service.rollout = rollout_config(r.get_ref()).map_err(|m| invalid(r.span(), "rollout", m))?;
+            }
             if let Some(h) = &s.health {
                 let span = h.span();
                 let h = h.get_ref();
@@ -1133,6 +1218,44 @@ on_drain_timeout = "reset"
         assert_eq!(api.green.iter().map(|b| b.weight).collect::<Vec<_>>(), [3, 1]);
         assert_eq!(api.drain_timeout, Some(Duration::from_secs(30)));
         assert_eq!(api.on_drain_timeout, DrainAction::Reset);
+    }
+
+    #[test]
+    fn rollout_plans_hooks_and_backup() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.service("web").expect("web").rollout, RolloutConfig::default(), "the default plan");
+        let text = GOOD.replace(
+            "green = \"198.51.100.18:8080\"\n",
+            "green = \"198.51.100.18:8080\"\n[service.rollout]\nsteps = [\"5%\", \"pause 10s\", \"100%\"]\nwatch_secs = 30\nmin_flows = 5\nkeep_previous_secs = 600\nhooks = { before_first_step = \"app readonly\", on_abort = \"app readwrite\", timeout_secs = 5 }\n",
+        );
+        let c = parse(&text).expect("valid");
+        let r = &c.service("web").expect("web").rollout;
+        assert_eq!(
+            r.steps,
+            vec![
+                crate::steps::Step::Share(500),
+                crate::steps::Step::Pause(Duration::from_secs(10)),
+                crate::steps::Step::Share(10_000)
+            ]
+        );
+        assert_eq!((r.watch, r.min_flows, r.min_reply_ratio_pct), (Some(Duration::from_secs(30)), 5, 50));
+        assert_eq!(r.keep_previous, Some(Duration::from_secs(600)));
+        assert_eq!(r.hooks.command(HookPoint::BeforeFirstStep), Some("app readonly"));
+        assert_eq!(r.hooks.command(HookPoint::BeforeFinal), None);
+        assert_eq!(r.hooks.timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.service("dns").expect("dns").rollout,
+            RolloutConfig::default(),
+            "the next [[service]] has its own"
+        );
+        let e = err(&text.replace("\"100%\"", "\"50%\""));
+        assert!(e.contains("rollout: the last share is 50%"), "{e}");
+        let e = err(&text.replace("\"pause 10s\"", "\"wait 10s\""));
+        assert!(e.contains("step 2 \"wait 10s\""), "{e}");
+        let e = err(&text.replace("timeout_secs = 5", "timeout_secs = 0"));
+        assert!(e.contains("hooks.timeout_secs"), "{e}");
+        let e = err(&text.replace("min_flows = 5", "min_flow = 5"));
+        assert!(e.contains("min_flow"), "{e}");
     }
 
     #[test]

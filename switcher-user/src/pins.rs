@@ -6,6 +6,7 @@
 //!     maps/<MAP NAME>     every map of the program (flows, state, counters, …)
 //!     links/<ifname>      the XDP bpf_link of each interface
 //!     overrides/<service> (fleet) an emergency change made `--local` while no daemon ran
+//!     rollouts/<service>/<record>  a rollout's progress: a directory named by its record
 //! ```
 //!
 //! A daemon that starts finds the maps and links of its ABI version and adopts them: the
@@ -124,6 +125,75 @@ impl Pins {
         names
     }
 
+    /// `<root>/v<ABI_VERSION>/rollouts`: one directory per service with a rollout under way,
+    /// holding one empty directory whose name is its record (bpffs holds directories and
+    /// pinned objects only: no files, no symbolic links; a directory's rename is atomic).
+    #[must_use]
+    pub fn rollouts_dir(&self) -> PathBuf {
+        self.version_dir().join("rollouts")
+    }
+
+    /// Saves a rollout's record for `service`, atomically: the directory named after the old
+    /// record is renamed to the new one, so a reader (a restarted daemon) finds one or the
+    /// other, never neither.
+    ///
+    /// # Errors
+    /// A bad service name or record (up to 255 bytes, no `/`, not starting with `.`), or the
+    /// directories could not be made or renamed.
+    pub fn save_rollout(&self, service: &str, record: &str) -> io::Result<()> {
+        if !plain_name(service) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("service name {service:?}")));
+        }
+        if !plain_name(record) || record.len() > 255 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a rollout record of 1 to 255 bytes without '/' ({} bytes)", record.len()),
+            ));
+        }
+        let dir = self.rollouts_dir().join(service);
+        std::fs::create_dir_all(&dir)?;
+        let mut old: Vec<String> = entries(&dir);
+        old.retain(|o| o != record);
+        let Some(last) = old.pop() else {
+            return match std::fs::create_dir(dir.join(record)) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                r => r,
+            };
+        };
+        std::fs::rename(dir.join(&last), dir.join(record))?;
+        // Left by nothing this code does; removed so that one record remains.
+        for o in old {
+            let _ = std::fs::remove_dir(dir.join(o));
+        }
+        Ok(())
+    }
+
+    /// Every saved rollout record, as `(service, record)`.
+    #[must_use]
+    pub fn rollouts(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = entries(&self.rollouts_dir())
+            .into_iter()
+            .filter_map(|service| {
+                let record = entries(&self.rollouts_dir().join(&service)).into_iter().next()?;
+                Some((service, record))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Forgets `service`'s rollout record.
+    pub fn clear_rollout(&self, service: &str) {
+        if !plain_name(service) {
+            return;
+        }
+        let dir = self.rollouts_dir().join(service);
+        for e in entries(&dir) {
+            let _ = std::fs::remove_dir(dir.join(e));
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+
     /// The process holding the pins' `flock` (a running daemon), from `/proc/locks`.
     #[must_use]
     pub fn holder(&self) -> Option<u32> {
@@ -221,6 +291,10 @@ impl Pins {
             }
         }
         let _ = self.take_overrides();
+        for service in entries(&self.rollouts_dir()) {
+            self.clear_rollout(&service);
+        }
+        let _ = std::fs::remove_dir(self.rollouts_dir());
         for dir in [self.links_dir(), self.maps_dir()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
@@ -233,6 +307,18 @@ impl Pins {
         let _ = std::fs::remove_dir(&self.root);
         Ok(())
     }
+}
+
+/// A name that is one path component: not empty, no `/` or NUL, not starting with `.`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\0']) && !name.starts_with('.')
+}
+
+/// The names in a directory (none if it cannot be read).
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
 }
 
 /// `bpf(2)` with a zeroed 128-byte attribute block.
@@ -354,6 +440,26 @@ mod tests {
         drop(lock);
         assert_eq!(pins.holder(), None);
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn rollout_records_are_replaced_whole_and_read_back() {
+        let root = std::env::temp_dir().join(format!("switcher-pins-rollouts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let pins = Pins::new(&root);
+        assert!(pins.rollouts().is_empty());
+        pins.save_rollout("web", "1~blue~green~1").expect("save");
+        pins.save_rollout("web", "1~blue~green~2").expect("replace");
+        pins.save_rollout("web", "1~blue~green~2").expect("the same again");
+        pins.save_rollout("api", "x").expect("save");
+        assert_eq!(pins.rollouts(), [("api".into(), "x".into()), ("web".into(), "1~blue~green~2".into())]);
+        assert!(pins.save_rollout("../etc", "x").is_err());
+        assert!(pins.save_rollout("web", "").is_err());
+        assert!(pins.save_rollout("web", "a/b").is_err());
+        assert!(pins.save_rollout("web", &"x".repeat(256)).is_err());
+        pins.clear_rollout("api");
+        assert_eq!(pins.rollouts().len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

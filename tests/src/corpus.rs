@@ -50,6 +50,7 @@ pub fn services() -> Vec<ServiceConfig> {
         health: HealthConfig::default_for(Protocol::Tcp),
         watch: None,
         failover: false,
+        rollout: switcher_user::config::RolloutConfig::default(),
     };
     vec![
         base.clone(),

@@ -38,6 +38,10 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 ///
 /// # Errors
 /// Formatting failed (it does not, into a `String`).
+/// The states a rollout is shown in (`protocol::RolloutStatus::state`).
+const ROLLOUT_STATES: [&str; 8] =
+    ["running", "paused", "holding", "hook", "watching", "complete", "aborted", "interrupted"];
+
 pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("switcher");
     let packets = Family::<Labels, Counter>::default();
@@ -54,11 +58,27 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let cutovers = Family::<Labels, Counter>::default();
     let last_cutover = Family::<Labels, Gauge>::default();
     let verdicts = Family::<Labels, Counter>::default();
+    let rollout_step = Family::<Labels, Gauge>::default();
+    let rollout_state = Family::<Labels, Gauge>::default();
+    let backup_left = Family::<Labels, Gauge>::default();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
     for s in &status.services {
         let name = s.name.as_str();
         for (kind, n) in s.switch_kinds.labelled() {
             cutovers.get_or_create(&labels(&[("service", name), ("kind", kind)])).inc_by(n);
+        }
+        if let Some(r) = &s.rollout {
+            rollout_step.get_or_create(&labels(&[("service", name)])).set(i64::try_from(r.step).unwrap_or(0));
+            for state in ROLLOUT_STATES {
+                rollout_state
+                    .get_or_create(&labels(&[("service", name), ("state", state)]))
+                    .set(i64::from(r.state == state));
+            }
+        }
+        if let Some(b) = &s.backup {
+            backup_left
+                .get_or_create(&labels(&[("service", name), ("colour", b.colour.as_str())]))
+                .set(i64::try_from(b.secs_left).unwrap_or(i64::MAX));
         }
         if let Some(ago) = s.since_switch_secs {
             last_cutover.get_or_create(&labels(&[("service", name)])).set(i64::try_from(now - ago).unwrap_or(0));
@@ -98,6 +118,21 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             }
         }
     }
+    reg.register(
+        "rollout_step",
+        "Step of the service's rollout (1-based, as `switcher rollout status` numbers them)",
+        rollout_step,
+    );
+    reg.register(
+        "rollout_state",
+        "1 for the state the service's rollout is in (running, paused, holding, hook, watching, complete, aborted, interrupted)",
+        rollout_state,
+    );
+    reg.register(
+        "rollout_backup_seconds_left",
+        "Seconds the old colour of a completed rollout stays the backup",
+        backup_left,
+    );
     let fleet_connected = Family::<Labels, Gauge>::default();
     let desired_rev = Family::<Labels, Gauge>::default();
     let applied_rev = Family::<Labels, Gauge>::default();
@@ -333,7 +368,7 @@ mod tests {
 
     #[test]
     fn metrics_name_services_colours_and_reasons() {
-        let status = Response {
+        let mut status = Response {
             ok: true,
             services: vec![ServiceStatus {
                 name: "web".into(),
@@ -350,6 +385,8 @@ mod tests {
                 since_switch_secs: Some(5),
                 watch_secs_left: None,
                 drain: None,
+                rollout: None,
+                backup: None,
                 colours: vec![ColourStatus {
                     colour: Colour::Green,
                     healthy: true,
@@ -383,6 +420,18 @@ mod tests {
             }),
             ..Response::default()
         };
+        status.services[0].rollout = Some(crate::protocol::RolloutStatus {
+            from: Colour::Blue,
+            to: Colour::Green,
+            state: "holding".into(),
+            step: 2,
+            steps: vec!["10%".into(), "pause 60s".into(), "100%".into()],
+            step_secs: 70,
+            share_bp: 1_000,
+            judgement: None,
+            reason: None,
+        });
+        status.services[0].backup = Some(crate::protocol::Backup { colour: Colour::Blue, secs_left: 30 });
         let text = render(&status).expect("render");
         for line in [
             "switcher_packets_total{service=\"web\",colour=\"green\",direction=\"request\"} 10",
@@ -400,6 +449,14 @@ mod tests {
             "switcher_flow_table_entries{state=\"live\"} 7",
             "switcher_flow_table_entries{state=\"expired\"} 4",
             "switcher_flow_table_capacity 1024",
+        ] {
+            assert!(text.contains(line), "missing {line}:\n{text}");
+        }
+        for line in [
+            "switcher_rollout_step{service=\"web\"} 2",
+            "switcher_rollout_state{service=\"web\",state=\"holding\"} 1",
+            "switcher_rollout_state{service=\"web\",state=\"running\"} 0",
+            "switcher_rollout_backup_seconds_left{service=\"web\",colour=\"blue\"} 30",
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }

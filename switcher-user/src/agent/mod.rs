@@ -15,6 +15,7 @@
 mod audit;
 mod checks;
 mod flows;
+mod hooks;
 pub mod metrics;
 mod reload;
 pub mod socket;
@@ -97,9 +98,10 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     for (s, i) in config.services.iter().zip(&installed) {
         tracing::info!(service = %s.name, vip = %s.vip, port = s.port, protocol = s.protocol.as_str(), active = %i.active, "serving");
     }
-    let engine: Engine =
-        Handle::start(Switchboard::new(dataplane, config.services.iter().cloned().zip(installed).collect()))
-            .context("start the engine's thread")?;
+    let mut board = Switchboard::new(dataplane, config.services.iter().cloned().zip(installed).collect());
+    // Rollouts a previous daemon left under way resume where they were.
+    board.adopt_rollouts(crate::pins::Pins::new(&config.pin_path));
+    let engine: Engine = Handle::start(board).context("start the engine's thread")?;
     // One round of health checks before the socket opens, so that the first cut-over is
     // judged on facts (bounded by the checks' timeouts).
     let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&engine, &Audit::new(None), &mut HashMap::new()))
@@ -181,17 +183,22 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             }
             _ = ticker.tick() => {
                 let (every_five, pins) = (ticks.is_multiple_of(5), config.pin_path.clone());
-                let services = engine
+                let ticked = engine
                     .call(move |b| {
                         b.tick();
-                        every_five.then(|| {
+                        let rollouts = b.tick_rollouts();
+                        let services = every_five.then(|| {
                             repin(b.maps_mut(), &pins);
                             b.services()
-                        })
+                        });
+                        (services, rollouts)
                     })
                     .await;
-                if let Ok(Some(services)) = services {
-                    keep_dsr_neighbours(&services);
+                if let Ok((services, rollouts)) = ticked {
+                    hooks::follow(&engine, &audit, rollouts);
+                    if let Some(services) = services {
+                        keep_dsr_neighbours(&services);
+                    }
                 }
                 if watchdog {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);

@@ -9,6 +9,7 @@ mod fleet;
 mod flows;
 mod reload;
 mod rollback;
+mod rollout;
 mod status;
 mod uninstall;
 mod weight;
@@ -51,6 +52,7 @@ enum Command {
     Cutover(cutover::Args),
     Rollback(rollback::Args),
     Weight(weight::Args),
+    Rollout(rollout::Args),
     Backend(backend::Args),
     Status(status::Args),
     Flows(flows::Args),
@@ -70,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Cutover(args) => cutover::run(&cli.socket, &cli.config, args),
         Command::Rollback(args) => rollback::run(&cli.socket, &cli.config, args),
         Command::Weight(args) => weight::run(&cli.socket, args),
+        Command::Rollout(args) => rollout::run(&cli.socket, args),
         Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Flows(args) => flows::run(&cli.socket, &cli.config, args),

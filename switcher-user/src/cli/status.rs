@@ -85,6 +85,16 @@ fn render(resp: &Response) -> String {
             let _ =
                 writeln!(out, "  watching {} for {w}s more: it is rolled back if it fails its health checks", s.active);
         }
+        if let Some(r) = &s.rollout {
+            out.push_str(&super::rollout::describe(r));
+        }
+        if let Some(b) = &s.backup {
+            let _ = writeln!(
+                out,
+                "  backup: {} for {}s more (`switcher rollback {}` goes back to it)",
+                b.colour, b.secs_left, s.name
+            );
+        }
         if let Some(p) = s.preview_port {
             let idle = s.active.other();
             let _ = writeln!(out, "  preview: port {p} → {idle}");
@@ -221,6 +231,8 @@ mod tests {
                     elsewhere: vec![("lb1".into(), 8)],
                     idle_flows: 0,
                 }),
+                rollout: None,
+                backup: None,
                 colours: vec![colour(Colour::Blue, Some("198.51.100.2:8080"), 7), colour(Colour::Green, None, 2)],
             }],
             flows_counted_ms_ago: Some(420),

@@ -24,6 +24,7 @@ pub mod maps;
 pub mod owner;
 mod pools;
 mod reload;
+pub mod rollout;
 pub mod rules;
 mod status;
 
@@ -33,6 +34,7 @@ pub use self::{
     maps::Maps,
     owner::{Handle, Stopped},
     pools::edit_pool,
+    rollout::{HookRun, RolloutEvents},
 };
 use self::{
     pools::effective_pool,
@@ -181,6 +183,8 @@ pub struct Switchboard<M> {
     /// In a fleet: when the other nodes were last looked at, and which of them still drain,
     /// by service (see [`Switchboard::set_remote_drains`]). `None`: not in a fleet.
     remote_drains: Option<(Instant, RemoteDrains)>,
+    /// Rollouts under way or ended, and backups kept (see [`rollout`]).
+    rollouts: rollout::Rollouts,
 }
 
 /// One service as this node sees it, for the fleet (see [`Switchboard::observed`]).
@@ -212,7 +216,7 @@ impl<M: Maps> Switchboard<M> {
     /// The services as [`crate::dataplane::Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
-        Switchboard { maps, services, last_flows: None, remote_drains: None }
+        Switchboard { maps, services, last_flows: None, remote_drains: None, rollouts: rollout::Rollouts::default() }
     }
 
     /// The data plane, for the daemon's own use (reload).
@@ -235,6 +239,10 @@ impl<M: Maps> Switchboard<M> {
                 self.backend(&service, colour, &address, Some(weight.unwrap_or(1)))
             }
             Request::BackendRemove { service, colour, address } => self.backend(&service, colour, &address, None),
+            Request::Rollout { service, colour, steps, force } => {
+                self.start_rollout(&service, colour, steps.as_deref(), force)
+            }
+            Request::RolloutControl { service, action } => self.control_rollout(&service, action),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } | Request::Flows(_) => {
                 Err("handled by the daemon".into())
             }

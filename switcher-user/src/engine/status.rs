@@ -55,6 +55,7 @@ impl<M: Maps> Switchboard<M> {
 
     pub(super) fn service_status(&self, i: usize, counts: Option<&FlowSnapshot>) -> Result<ServiceStatus, String> {
         let s = &self.services[i];
+        let (rollout, backup) = self.rollout_status(&s.config.name);
         let flows = |c: Colour| counts.map(|m| m.of(s.id, c)).unwrap_or_default();
         let colours = Colour::ALL
             .iter()
@@ -119,6 +120,8 @@ impl<M: Maps> Switchboard<M> {
                 idle_flows: flows(d.from).idle,
             }),
             colours,
+            rollout,
+            backup,
         })
     }
 }

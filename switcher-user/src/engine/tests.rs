@@ -16,7 +16,7 @@ pub(crate) struct FakeMaps {
     pools: HashMap<(u32, Colour), Vec<BackendConfig>>,
     flows: HashMap<(u32, Colour), FlowCounts>,
     ended: Vec<(u32, Colour, DrainAction)>,
-    writes: usize,
+    pub(crate) writes: usize,
     /// The drain flag of each service, as the data path would hold it.
     draining: HashMap<u32, bool>,
     /// Service ids by name, as installed.
@@ -25,6 +25,8 @@ pub(crate) struct FakeMaps {
     passes: std::cell::Cell<u64>,
     /// A count to hand out instead of a fresh one (the walker has not finished a pass).
     frozen: Option<Arc<FlowSnapshot>>,
+    /// Each colour's counters, as the data path would have counted them.
+    pub(crate) counters: HashMap<(u32, Colour), Counters>,
 }
 
 impl Maps for FakeMaps {
@@ -37,8 +39,8 @@ impl Maps for FakeMaps {
         self.pools.insert((id, colour), b.to_vec());
         Ok(())
     }
-    fn counters(&self, _: u32, _: Colour) -> Result<Counters, DataplaneError> {
-        Ok(Counters::default())
+    fn counters(&self, id: u32, colour: Colour) -> Result<Counters, DataplaneError> {
+        Ok(self.counters.get(&(id, colour)).copied().unwrap_or_default())
     }
     fn reasons(&self) -> Result<Vec<(&'static str, u64)>, DataplaneError> {
         Ok(vec![("no_match", 3)])
@@ -111,6 +113,7 @@ pub(crate) fn board() -> Switchboard<FakeMaps> {
         health: HealthConfig { check: CheckKind::None, ..HealthConfig::default_for(Protocol::Tcp) },
         watch: None,
         failover: false,
+        rollout: crate::config::RolloutConfig::default(),
     };
     let solo = ServiceConfig { name: "solo".into(), port: 81, green: vec![], ..web.clone() };
     let installed = |id| Installed { id, active: Colour::Blue, canary_bp: 0, previous: None };

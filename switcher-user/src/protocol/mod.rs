@@ -113,6 +113,36 @@ pub enum Request {
     /// The open flows, filtered, or their counts per service, colour and backend: walked
     /// off the engine, in batches, up to a limit and a deadline (see [`flows`]).
     Flows(FlowQuery),
+    /// Start a rollout of `service` to `colour`: the service's plan (or `steps`), each pause
+    /// judged before the next share; `status` shows its progress.
+    Rollout {
+        service: String,
+        #[serde(with = "wire::colour")]
+        colour: Colour,
+        /// The plan's steps (`"1%"`, `"pause 60s"`, …, `"100%"`) instead of the config's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        steps: Option<Vec<String>>,
+        /// Start even when the new colour fails its health checks.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Pause, resume, promote or abort a service's rollout.
+    #[serde(rename = "rollout-control")]
+    RolloutControl { service: String, action: RolloutAction },
+}
+
+/// What an operator asks of a rollout under way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    /// Stop going forward (a failing judgement still aborts).
+    Pause,
+    /// Go forward again.
+    Resume,
+    /// End the current pause, hold or watch now, without waiting for its judgement.
+    Promote,
+    /// Stop: new flows go back to the old colour, as a rollback.
+    Abort,
 }
 
 /// The longest a [`Request::FleetWait`] waits: well within the client's answer timeout.
@@ -127,7 +157,9 @@ impl Request {
             | Request::Rollback { service, .. }
             | Request::Weight { service, .. }
             | Request::BackendAdd { service, .. }
-            | Request::BackendRemove { service, .. } => Some(service),
+            | Request::BackendRemove { service, .. }
+            | Request::Rollout { service, .. }
+            | Request::RolloutControl { service, .. } => Some(service),
             Request::Status { service } => service.as_deref(),
             Request::Flows(q) => q.service.as_deref(),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } => None,
@@ -332,6 +364,48 @@ pub struct ServiceStatus {
     #[serde(default)]
     pub drain: Option<Drain>,
     pub colours: Vec<ColourStatus>,
+    /// The rollout under way, or the last one (until the next starts or the daemon restarts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// After a rollout completed: the old colour, kept as the instant rollback target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<Backup>,
+}
+
+/// A rollout of a service, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    #[serde(with = "wire::colour")]
+    pub from: Colour,
+    #[serde(with = "wire::colour")]
+    pub to: Colour,
+    /// `running`, `paused`, `holding` (inconclusive: too few flows to judge), `hook` (waiting
+    /// for a hook), `watching`, `complete`, `aborted` or `interrupted` (another change
+    /// to the service ended it).
+    pub state: String,
+    /// The step now (1-based; `steps.len() + 1` once over).
+    pub step: usize,
+    /// Every step, as words (`"10%"`, `"pause 60s"`, `"hook before_final"`, `"watch 60s"`).
+    pub steps: Vec<String>,
+    /// Seconds since the step began.
+    pub step_secs: u64,
+    /// Share of new flows sent to `to` now, in 0.01 %.
+    pub share_bp: u32,
+    /// The last judgement, and why (`pass: …`, `inconclusive: …`, `fail: …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judgement: Option<String>,
+    /// Why it ended, when it did not complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The colour kept ready after a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    #[serde(with = "wire::colour")]
+    pub colour: Colour,
+    /// Seconds it stays the backup.
+    pub secs_left: u64,
 }
 
 /// Switches of a service since the daemon started, by what made them.
@@ -538,6 +612,8 @@ mod tests {
                 elsewhere: vec![],
                 idle_flows: 0,
             }),
+            rollout: None,
+            backup: None,
             colours: vec![ColourStatus {
                 colour: Colour::Green,
                 healthy: true,

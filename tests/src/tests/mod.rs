@@ -12,4 +12,5 @@ mod package;
 mod production;
 mod prog_test_run;
 mod reliability;
+mod rollout;
 mod scale;

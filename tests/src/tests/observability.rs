@@ -129,6 +129,8 @@ fn every_metric_the_dashboard_and_alerts_use_is_served() {
             since_switch_secs: Some(1),
             watch_secs_left: None,
             drain: None,
+            rollout: None,
+            backup: None,
             colours: Colour::ALL
                 .into_iter()
                 .map(|c| ColourStatus {

@@ -69,6 +69,7 @@ fn services() -> Vec<ServiceConfig> {
         health: HealthConfig::default_for(Protocol::Tcp),
         watch: None,
         failover: false,
+        rollout: switcher_user::config::RolloutConfig::default(),
     };
     let dns = ServiceConfig {
         name: "dns".into(),

@@ -1,0 +1,271 @@
+//! The rollout's judgement and step machine, on maps in memory with a clock the tests move.
+
+use std::time::{Duration, Instant};
+
+use switcher_common::user::Colour::{Blue, Green};
+
+use super::*;
+use crate::{
+    engine::tests::{FakeMaps, board},
+    protocol::Request,
+};
+
+const T: Thresholds = Thresholds { min_flows: 20, min_reply_ratio_pct: 50 };
+
+fn w(flows: u64, replies: u64) -> Window {
+    Window { flows, replies }
+}
+
+#[test]
+fn judgements_compare_the_new_colour_with_the_old() {
+    let j = |old, new, healthy, nat| judge(T, (Blue, old), (Green, new), healthy, nat);
+    assert!(matches!(j(w(100, 400), w(30, 120), true, true), Judgement::Pass(_)));
+    // Refused connections: one reset per flow where blue answers with four packets.
+    let fail = j(w(100, 400), w(30, 30), true, true);
+    assert!(matches!(&fail, Judgement::Fail(why) if why.contains("below 50% of blue's")), "{fail}");
+    // Never answered.
+    assert!(matches!(j(w(100, 400), w(30, 0), true, true), Judgement::Fail(why) if why.contains("no reply")));
+    // Too few flows on green: hold; too few on blue to compare with: hold.
+    assert!(
+        matches!(j(w(100, 400), w(19, 0), true, true), Judgement::Inconclusive(why) if why.contains("19 new flows on green"))
+    );
+    assert!(matches!(j(w(5, 20), w(30, 120), true, true), Judgement::Inconclusive(why) if why.contains("on blue")));
+    // Health decides before traffic; in DSR mode it is all there is.
+    assert!(
+        matches!(j(w(100, 400), w(30, 120), false, true), Judgement::Fail(why) if why.contains("no healthy green"))
+    );
+    assert!(matches!(j(w(100, 0), w(30, 0), true, false), Judgement::Pass(_)));
+    // At the threshold exactly: a pass (2 per flow is 50 % of 4).
+    assert!(matches!(j(w(100, 400), w(30, 60), true, true), Judgement::Pass(_)));
+    assert!(matches!(j(w(100, 400), w(30, 59), true, true), Judgement::Fail(_)));
+}
+
+#[test]
+fn plans_compile_with_their_hooks_and_ops_round_trip() {
+    let mut cfg = RolloutConfig { watch: Some(Duration::from_secs(30)), ..RolloutConfig::default() };
+    cfg.hooks.set(HookPoint::BeforeFirstStep, Some("true".into()));
+    cfg.hooks.set(HookPoint::AfterFinal, Some("true".into()));
+    let plan = steps::parse_plan(&["10%", "pause 5s", "100%"]).expect("plan");
+    let ops = compile(&plan, &cfg);
+    let words: Vec<String> = ops.iter().map(ToString::to_string).collect();
+    assert_eq!(words, ["hook before_first_step", "10%", "pause 5s", "100%", "hook after_final", "watch 30s"]);
+    for op in ops {
+        assert_eq!(Op::from_token(&op.token()), Some(op));
+    }
+    assert_eq!(Op::from_token("s:0"), None);
+    assert_eq!(Op::from_token("h:whenever"), None);
+}
+
+type Board = Switchboard<FakeMaps>;
+
+fn start(b: &mut Board, steps: &[&str]) {
+    let steps = Some(steps.iter().map(|s| (*s).to_owned()).collect());
+    let (r, _) = b.handle(Request::Rollout { service: "web".into(), colour: Green, steps, force: false });
+    assert!(r.ok, "{r:?}");
+}
+
+fn set(b: &mut Board, c: Colour, flows: u64, replies: u64) {
+    b.maps.counters.insert((0, c), Counters { flows, reply_packets: replies, ..Counters::default() });
+}
+
+fn status(b: &Board) -> RolloutStatus {
+    b.rollout_status("web").0.expect("a rollout")
+}
+
+fn web(b: &Board) -> (Colour, u32) {
+    let s = &b.services[0];
+    (s.active, s.canary_bp)
+}
+
+#[test]
+fn a_rollout_goes_through_its_steps_holds_when_inconclusive_and_completes() {
+    let mut b = board();
+    let t0 = Instant::now();
+    start(&mut b, &["10%", "pause 10s", "50%", "pause 10s", "100%"]);
+    assert_eq!(web(&b), (Blue, 0), "nothing moves before the first tick");
+    let ev = b.tick_rollouts_at(t0);
+    assert_eq!(web(&b), (Blue, 1_000));
+    assert_eq!(ev.changes.first().map(|c| c.what.as_str()), Some("rollout-weight"));
+    assert_eq!((status(&b).step, status(&b).state.as_str()), (2, "running"));
+    // The pause's window: green gets too few flows, so the step holds past its end.
+    set(&mut b, Blue, 100, 400);
+    set(&mut b, Green, 5, 20);
+    b.tick_rollouts_at(t0 + Duration::from_secs(11));
+    assert_eq!((status(&b).step, status(&b).state.as_str()), (2, "holding"));
+    assert!(status(&b).judgement.is_some_and(|j| j.starts_with("inconclusive")));
+    // Paused, a pass does not advance; resumed, it does.
+    set(&mut b, Blue, 200, 800);
+    set(&mut b, Green, 40, 160);
+    assert!(b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Pause }).0.ok);
+    b.tick_rollouts_at(t0 + Duration::from_secs(12));
+    assert_eq!((status(&b).step, status(&b).state.as_str()), (2, "paused"));
+    assert!(b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Resume }).0.ok);
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(13));
+    assert!(ev.changes.iter().any(|c| c.what == "rollout-judged" && c.to.starts_with("pass")), "{:?}", ev.changes);
+    assert_eq!(web(&b), (Blue, 5_000));
+    assert_eq!(status(&b).step, 4);
+    // Promote skips the second pause's judgement.
+    let r = b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Promote }).0;
+    assert!(r.ok, "{r:?}");
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(14));
+    assert_eq!(web(&b), (Green, 0), "100 % is a cut-over");
+    assert_eq!(b.services[0].previous, Some(Blue));
+    assert!(ev.changes.iter().any(|c| c.what == "rollout-complete"));
+    assert_eq!(status(&b).state, "complete");
+    // Promote has nothing left to do; a new rollout may start.
+    assert!(!b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Promote }).0.ok);
+}
+
+#[test]
+fn a_failing_judgement_aborts_at_once_and_new_flows_go_back() {
+    let mut b = board();
+    let t0 = Instant::now();
+    start(&mut b, &["10%", "pause 60s", "100%"]);
+    b.tick_rollouts_at(t0);
+    set(&mut b, Blue, 100, 400);
+    set(&mut b, Green, 30, 30);
+    // Well before the pause's end.
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(2));
+    assert_eq!(web(&b), (Blue, 0), "new flows back on blue");
+    let s = status(&b);
+    assert_eq!(s.state, "aborted");
+    assert!(s.reason.as_deref().is_some_and(|r| r.contains("below 50% of blue's")), "{s:?}");
+    let abort = ev.changes.iter().find(|c| c.what == "rollout-abort").expect("audited");
+    assert!(abort.to.contains("below 50%"), "{abort:?}");
+    // Nothing more happens to an aborted rollout.
+    assert!(b.tick_rollouts_at(t0 + Duration::from_secs(100)).changes.is_empty());
+    assert_eq!(web(&b), (Blue, 0));
+}
+
+#[test]
+fn an_operator_abort_a_change_from_outside_and_a_busy_service() {
+    let mut b = board();
+    let t0 = Instant::now();
+    start(&mut b, &["10%", "pause 60s", "100%"]);
+    b.tick_rollouts_at(t0);
+    let again = b.handle(Request::Rollout { service: "web".into(), colour: Green, steps: None, force: false }).0;
+    assert!(again.error.is_some_and(|e| e.contains("rollout under way")));
+    let r = b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Abort }).0;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(web(&b), (Blue, 0));
+    assert_eq!(status(&b).reason.as_deref(), Some("aborted by the operator"));
+    // A cut-over by hand in the middle of a rollout ends it without another write.
+    start(&mut b, &["10%", "pause 60s", "100%"]);
+    b.tick_rollouts_at(t0);
+    let (r, _) = b.handle(Request::Cutover {
+        service: "web".into(),
+        colour: Some(Blue),
+        drain_timeout_secs: None,
+        force: false,
+        scope: crate::protocol::Scope::default(),
+    });
+    assert!(r.ok, "{r:?}");
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(1));
+    assert_eq!(status(&b).state, "interrupted");
+    assert!(ev.changes.iter().any(|c| c.what == "rollout-interrupted"));
+    assert_eq!(web(&b), (Blue, 0));
+    // Errors say what to do.
+    let e = b.handle(Request::Rollout { service: "web".into(), colour: Blue, steps: None, force: false }).0;
+    assert!(e.error.is_some_and(|e| e.contains("on blue already")));
+    let bad = Some(vec!["10%".to_owned()]);
+    let e = b.handle(Request::Rollout { service: "web".into(), colour: Green, steps: bad, force: false }).0;
+    assert!(e.error.is_some_and(|e| e.contains("--steps: the last share is 10%")));
+}
+
+#[test]
+fn hooks_gate_the_rollout_with_their_environment() {
+    let mut b = board();
+    b.services[0].config.rollout.hooks.set(HookPoint::BeforeFirstStep, Some("app readonly".into()));
+    b.services[0].config.rollout.hooks.set(HookPoint::OnAbort, Some("app readwrite".into()));
+    let t0 = Instant::now();
+    start(&mut b, &["10%", "pause 60s", "100%"]);
+    let ev = b.tick_rollouts_at(t0);
+    let [hook] = ev.hooks.as_slice() else { panic!("one hook: {:?}", ev.hooks) };
+    assert_eq!((hook.point, hook.command.as_str()), (HookPoint::BeforeFirstStep, "app readonly"));
+    let env = |k: &str| hook.env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(env("SWITCHER_SERVICE").as_deref(), Some("web"));
+    assert_eq!((env("SWITCHER_FROM").as_deref(), env("SWITCHER_TO").as_deref()), (Some("blue"), Some("green")));
+    assert_eq!(env("SWITCHER_STEP").as_deref(), Some("1"));
+    assert_eq!(status(&b).state, "hook");
+    // The tick waits for the hook; nothing moves.
+    assert!(b.tick_rollouts_at(t0 + Duration::from_secs(5)).hooks.is_empty());
+    assert_eq!(web(&b), (Blue, 0));
+    // A stale token changes nothing; the hook's failure stops the rollout, nothing moved.
+    assert!(b.hook_done("web", hook.token + 7, Err("x".into())).changes.is_empty());
+    let ev = b.hook_done("web", hook.token, Err("exit status 3".into()));
+    assert_eq!(web(&b), (Blue, 0));
+    assert_eq!(b.maps.writes, 0, "no share was ever written");
+    assert!(status(&b).reason.is_some_and(|r| r.contains("hook before_first_step failed: exit status 3")));
+    let [abort] = ev.hooks.as_slice() else { panic!("the on-abort hook: {:?}", ev.hooks) };
+    assert_eq!(abort.point, HookPoint::OnAbort);
+    assert!(abort.env.iter().any(|(k, v)| k == "SWITCHER_REASON" && v.contains("exit status 3")));
+    // A hook that succeeds lets the first share go at once.
+    start(&mut b, &["10%", "pause 60s", "100%"]);
+    let ev = b.tick_rollouts_at(t0);
+    let token = ev.hooks[0].token;
+    b.hook_done("web", token, Ok(()));
+    assert_eq!(web(&b), (Blue, 1_000));
+}
+
+#[test]
+fn progress_is_saved_and_a_new_daemon_resumes_at_the_same_step() {
+    let dir = std::env::temp_dir().join(format!("switcher-rollout-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut b = board();
+    b.adopt_rollouts(Pins::new(&dir));
+    let t0 = Instant::now();
+    start(&mut b, &["10%", "pause 60s", "100%"]);
+    b.tick_rollouts_at(t0);
+    assert!(b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Pause }).0.ok);
+    let before = status(&b);
+    // A new daemon: the maps kept the share (here: written again into a fresh fake).
+    let mut again = board();
+    assert!(
+        again
+            .handle(Request::Weight {
+                service: "web".into(),
+                colour: Green,
+                basis_points: 1_000,
+                force: false,
+                scope: crate::protocol::Scope::default(),
+            })
+            .0
+            .ok
+    );
+    again.adopt_rollouts(Pins::new(&dir));
+    let after = status(&again);
+    assert_eq!((after.step, after.steps, after.share_bp), (before.step, before.steps, 1_000));
+    assert_eq!(after.state, "paused", "paused stays paused");
+    // It goes on from there.
+    assert!(again.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Promote }).0.ok);
+    again.tick_rollouts_at(t0);
+    assert_eq!(web(&again), (Green, 0));
+    assert!(Pins::new(&dir).rollouts().is_empty(), "a rollout over leaves no record");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_old_colour_is_kept_as_the_backup_then_released() {
+    let dir = std::env::temp_dir().join(format!("switcher-backup-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut b = board();
+    b.adopt_rollouts(Pins::new(&dir));
+    b.services[0].config.rollout.keep_previous = Some(Duration::from_secs(600));
+    b.services[0].config.rollout.hooks.set(HookPoint::BackupReleased, Some("recycle".into()));
+    let t0 = Instant::now();
+    start(&mut b, &["100%"]);
+    b.tick_rollouts_at(t0);
+    let backup = b.rollout_status("web").1.expect("a backup");
+    assert_eq!(backup.colour, Blue);
+    assert!((590..=600).contains(&backup.secs_left), "{backup:?}");
+    // Saved: a new daemon shows it too.
+    let mut again = board();
+    again.adopt_rollouts(Pins::new(&dir));
+    assert_eq!(again.rollout_status("web").1.map(|k| k.colour), Some(Blue));
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(601));
+    assert!(b.rollout_status("web").1.is_none());
+    assert!(ev.changes.iter().any(|c| c.what == "backup-released"));
+    assert_eq!(ev.hooks.first().map(|h| h.point), Some(HookPoint::BackupReleased));
+    assert!(Pins::new(&dir).rollouts().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

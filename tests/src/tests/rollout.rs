@@ -1,0 +1,243 @@
+//! T2 for rollouts on one node: a healthy green goes through its steps to 100 % with its
+//! hooks in order; a green that refuses connections is aborted at its first judged step and
+//! new connections land on blue; a restarted daemon resumes at the same step; a failing
+//! pre-hook stops the rollout before any traffic moves, and hooks see their environment.
+
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use switcher_user::protocol::{Colour, RolloutStatus, ServiceStatus};
+
+use crate::{
+    net::{Netns, Server, Topology, VIP, colour_of, tcp_request, wait_for},
+    proc::{Daemon, demo_config},
+};
+
+const WEB: SocketAddrV4 = SocketAddrV4::new(VIP, 80);
+
+/// The demo config with `web_extra` in the `web` service and `[service.rollout]` after it.
+fn config(t: &Topology, socket: &Path, web_extra: &str, rollout: &str) -> String {
+    let base = demo_config(&t.lb_ifaces, "redirect", socket);
+    let dns = "\n[[service]]\nname = \"dns\"";
+    assert!(base.contains(dns), "the demo config changed: {base}");
+    base.replacen(dns, &format!("{web_extra}\n[service.rollout]\n{rollout}\n{dns}"), 1)
+}
+
+/// Where the daemon of `t` keeps its files (made by [`Daemon::start`], removed on drop).
+fn daemon_dir(t: &Topology) -> PathBuf {
+    std::env::temp_dir().join(format!("switcher-test-{}", t.lb.name))
+}
+
+fn web(d: &Daemon) -> ServiceStatus {
+    d.status().services.into_iter().find(|s| s.name == "web").expect("web in status")
+}
+
+/// Waits (bounded) until web's rollout is in `state`, and returns it.
+fn wait_state(d: &Daemon, state: &str, secs: u64) -> RolloutStatus {
+    wait_for(Duration::from_secs(secs), || web(d).rollout.filter(|r| r.state == state))
+        .unwrap_or_else(|| panic!("web's rollout did not reach {state} in {secs}s: {:?}\n{}", web(d).rollout, d.log()))
+}
+
+/// Requests to web through the VIP in a loop until stopped (at most 20,000): each answer's
+/// colour, or "failed".
+struct Load {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Load {
+    fn start(client: &Netns) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = Netns::attach(&client.name);
+        let s = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !s.load(Ordering::Relaxed) && seen.len() < 20_000 {
+                seen.push(match tcp_request(&ns, WEB) {
+                    Ok((answer, _)) => colour_of(&answer).to_owned(),
+                    Err(_) => "failed".to_owned(),
+                });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        });
+        Load { stop, thread: Some(thread) }
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map(|t| t.join().expect("load thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `n` requests from the client, each answer's colour.
+fn answers(client: &Netns, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| tcp_request(client, WEB).map_or_else(|e| format!("failed: {e}"), |(a, _)| colour_of(&a).to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_rollout_to_a_healthy_green_goes_through_its_steps_with_its_hooks() {
+    if !crate::have_root("a_rollout_to_a_healthy_green_goes_through_its_steps_with_its_hooks") {
+        return;
+    }
+    let t = Topology::new();
+    let (_blue, _green) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let log = daemon_dir(&t).join("hooks.log");
+    let hook = format!("echo \"$SWITCHER_HOOK $SWITCHER_STEP $SWITCHER_FROM $SWITCHER_TO\" >> {}", log.display());
+    let rollout = format!(
+        "steps = [\"20%\", \"pause 1s\", \"50%\", \"pause 1s\", \"100%\"]\nmin_flows = 3\nkeep_previous_secs = 600\nhooks = {{ before_first_step = {hook:?}, before_final = {hook:?}, after_final = {hook:?} }}"
+    );
+    let d = Daemon::start(&t.lb, |s| config(&t, s, "", &rollout));
+    let load = Load::start(&t.client);
+    let out = d.cli_ok(&["rollout", "web", "green"]);
+    assert!(out.contains("rollout blue → green started"), "{out}");
+    // Steps seen on the way (the pauses at least while they wait for their window).
+    let mut steps = std::collections::BTreeSet::new();
+    let done = wait_for(Duration::from_secs(60), || {
+        let r = web(&d).rollout?;
+        steps.insert(r.step);
+        (r.state == "complete" || r.state == "aborted").then_some(r)
+    });
+    let seen = load.stop();
+    let r = done.unwrap_or_else(|| panic!("the rollout did not end in 60 s: {:?}\n{}", web(&d).rollout, d.log()));
+    assert_eq!(r.state, "complete", "{r:?}\n{}", d.log());
+    assert_eq!(
+        r.steps,
+        [
+            "hook before_first_step",
+            "20%",
+            "pause 1s",
+            "50%",
+            "pause 1s",
+            "hook before_final",
+            "100%",
+            "hook after_final"
+        ]
+    );
+    assert!(steps.len() >= 2, "the rollout went by steps: {steps:?}");
+    let s = web(&d);
+    assert_eq!((s.active, s.previous, s.canary.is_none()), (Colour::Green, Some(Colour::Blue), true));
+    let backup = s.backup.expect("blue is kept as the backup");
+    assert_eq!(backup.colour, Colour::Blue);
+    assert!(backup.secs_left > 500, "{backup:?}");
+    let hooks = std::fs::read_to_string(&log).expect("the hooks wrote their log");
+    let lines: Vec<&str> = hooks.lines().collect();
+    assert_eq!(lines, ["before_first_step 1 blue green", "before_final 6 blue green", "after_final 8 blue green"]);
+    assert!(!seen.iter().any(|c| c == "failed"), "a request failed during the rollout: {seen:?}");
+    assert!(seen.iter().any(|c| c == "blue") && seen.iter().any(|c| c == "green"), "both colours served");
+    assert!(answers(&t.client, 10).iter().all(|c| c == "green"), "new connections on green at the end");
+    let text = d.cli_ok(&["status", "web"]);
+    assert!(text.contains("rollout blue → green: complete") && text.contains("backup: blue"), "{text}");
+    let metrics_like = d.cli_ok(&["rollout", "status", "web", "--json"]);
+    assert!(metrics_like.contains("\"state\": \"complete\""), "{metrics_like}");
+}
+
+#[test]
+fn a_rollout_to_a_refusing_green_aborts_at_its_first_judged_step() {
+    if !crate::have_root("a_rollout_to_a_refusing_green_aborts_at_its_first_judged_step") {
+        return;
+    }
+    let t = Topology::new();
+    // Green's server is not running: its address answers every connection with a reset. No
+    // health checks, so only the rollout's judgement can see it.
+    let _blue = Server::start(&t.blue, "blue");
+    let rollout = "steps = [\"50%\", \"pause 30s\", \"100%\"]\nmin_flows = 5";
+    let d = Daemon::start(&t.lb, |s| config(&t, s, "health = { check = \"none\" }", rollout));
+    let load = Load::start(&t.client);
+    d.cli_ok(&["rollout", "web", "green"]);
+    let r = wait_state(&d, "aborted", 30);
+    let seen = load.stop();
+    assert_eq!(r.step, 2, "aborted at the first judged step (the pause after 50%): {r:?}");
+    let why = r.reason.clone().unwrap_or_default();
+    eprintln!("aborted at step {} after {} requests: {why}", r.step, seen.len());
+    assert!(why.contains("replies per new flow") || why.contains("no reply"), "{r:?}");
+    let s = web(&d);
+    assert_eq!((s.active, s.canary.is_none()), (Colour::Blue, true), "new flows back on blue");
+    assert!(seen.iter().any(|c| c == "failed"), "green refused some connections before the abort");
+    let after = answers(&t.client, 20);
+    assert!(after.iter().all(|c| c == "blue"), "new connections land on blue: {after:?}");
+    assert!(d.log().contains("rollout aborted"), "{}", d.log());
+}
+
+#[test]
+fn a_restarted_daemon_resumes_the_rollout_at_the_same_step() {
+    if !crate::have_root("a_restarted_daemon_resumes_the_rollout_at_the_same_step") {
+        return;
+    }
+    let t = Topology::new();
+    let (_blue, _green) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let mut d = Daemon::start(&t.lb, |s| config(&t, s, "", "steps = [\"10%\", \"pause 1h\", \"100%\"]"));
+    d.cli_ok(&["rollout", "web", "green"]);
+    let before = wait_for(Duration::from_secs(20), || web(&d).rollout.filter(|r| r.step == 2))
+        .unwrap_or_else(|| panic!("never reached the pause: {:?}\n{}", web(&d).rollout, d.log()));
+    d.stop();
+    d.restart();
+    let after = web(&d).rollout.unwrap_or_else(|| panic!("the rollout was not resumed:\n{}", d.log()));
+    assert_eq!((after.step, after.share_bp, &after.steps), (before.step, 1_000, &before.steps), "{after:?}");
+    assert_eq!(after.state, "running");
+    assert_eq!(web(&d).canary.map(|c| (c.colour, c.basis_points)), Some((Colour::Green, 1_000)));
+    assert!(d.log().contains("resuming a rollout"), "{}", d.log());
+    // And it goes on from there.
+    d.cli_ok(&["rollout", "promote", "web"]);
+    wait_state(&d, "complete", 20);
+    assert_eq!(web(&d).active, Colour::Green);
+}
+
+#[test]
+fn a_failing_pre_hook_stops_the_rollout_before_any_traffic_moves() {
+    if !crate::have_root("a_failing_pre_hook_stops_the_rollout_before_any_traffic_moves") {
+        return;
+    }
+    let t = Topology::new();
+    let (_blue, _green) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let dir = daemon_dir(&t);
+    let (env, abort) = (dir.join("hook.env"), dir.join("abort.txt"));
+    let rollout = format!(
+        "steps = [\"10%\", \"pause 1s\", \"100%\"]\nhooks = {{ before_first_step = \"env | grep ^SWITCHER_ > {}; exit 3\", on_abort = \"echo \\\"$SWITCHER_REASON\\\" > {}\" }}",
+        env.display(),
+        abort.display()
+    );
+    let d = Daemon::start(&t.lb, |s| config(&t, s, "", &rollout));
+    let load = Load::start(&t.client);
+    d.cli_ok(&["rollout", "web", "green"]);
+    let r = wait_state(&d, "aborted", 20);
+    let seen = load.stop();
+    assert!(r.reason.as_deref().is_some_and(|w| w.contains("hook before_first_step failed: exit status 3")), "{r:?}");
+    assert_eq!(r.share_bp, 0);
+    let s = web(&d);
+    assert!(s.canary.is_none() && s.active == Colour::Blue);
+    let green = s.colours.iter().find(|c| c.colour == Colour::Green).expect("green");
+    assert_eq!(green.counters.flows, 0, "no flow ever went to green");
+    assert!(seen.iter().all(|c| c == "blue"), "every request on blue: {seen:?}");
+    let env = std::fs::read_to_string(&env).expect("the hook ran");
+    for line in [
+        "SWITCHER_SERVICE=web",
+        "SWITCHER_FROM=blue",
+        "SWITCHER_TO=green",
+        "SWITCHER_STEP=1",
+        "SWITCHER_HOOK=before_first_step",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} missing from the hook's environment:\n{env}");
+    }
+    let why = wait_for(Duration::from_secs(10), || std::fs::read_to_string(&abort).ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| panic!("the on-abort hook did not run:\n{}", d.log()));
+    assert!(why.contains("exit status 3"), "{why}");
+}
