@@ -125,4 +125,3 @@ impl<M: Maps> Switchboard<M> {
         })
     }
 }
-
