@@ -430,6 +430,7 @@ mod tests {
             share_bp: 1_000,
             judgement: None,
             reason: None,
+            drill: false,
         });
         status.services[0].backup = Some(crate::protocol::Backup { colour: Colour::Blue, secs_left: 30 });
         let text = render(&status).expect("render");

@@ -319,6 +319,9 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
         ),
         (_, _) if late() => protocol::too_late(),
         (Request::Flows(query), _) => super::flows::answer(ctx.engine, ctx.flows, query, deadline).await,
+        (Request::Drill { .. }, Some(_)) => Response::error(
+            "drills run on one node, and this daemon is part of a fleet: a drill here would fight the fleet's desired state; drill a node outside the fleet",
+        ),
         (Request::Rollout { .. }, Some(_)) => Response::error(
             "rollouts run on one node, and this daemon is part of a fleet: a rollout here would fight the fleet's desired state; use `switcher weight` steps through the fleet instead",
         ),

@@ -5,6 +5,7 @@ mod config;
 mod cutover;
 mod daemon;
 mod docs;
+mod drill;
 mod fleet;
 mod flows;
 mod reload;
@@ -53,6 +54,7 @@ enum Command {
     Rollback(rollback::Args),
     Weight(weight::Args),
     Rollout(rollout::Args),
+    Drill(drill::Args),
     Backend(backend::Args),
     Status(status::Args),
     Flows(flows::Args),
@@ -73,6 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rollback(args) => rollback::run(&cli.socket, &cli.config, args),
         Command::Weight(args) => weight::run(&cli.socket, args),
         Command::Rollout(args) => rollout::run(&cli.socket, args),
+        Command::Drill(args) => drill::run(&cli.socket, args),
         Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Flows(args) => flows::run(&cli.socket, &cli.config, args),

@@ -101,7 +101,8 @@ pub(super) fn describe(r: &RolloutStatus) -> String {
     let now = r.steps.get(r.step.saturating_sub(1)).map_or("over", String::as_str);
     let _ = writeln!(
         out,
-        "  rollout {} → {}: {}, step {}/{} ({now}) for {}s, {} of new flows on {}",
+        "  {} {} → {}: {}, step {}/{} ({now}) for {}s, {} of new flows on {}",
+        if r.drill { "drill" } else { "rollout" },
         r.from,
         r.to,
         r.state,
@@ -113,7 +114,7 @@ pub(super) fn describe(r: &RolloutStatus) -> String {
     );
     let _ = writeln!(out, "    plan: {}", r.steps.join(" → "));
     if let Some(j) = &r.judgement {
-        let _ = writeln!(out, "    last judgement: {j}");
+        let _ = writeln!(out, "    {}: {j}", if r.drill { "report" } else { "last judgement" });
     }
     if let Some(why) = &r.reason {
         let _ = writeln!(out, "    why it ended: {why}");

@@ -243,6 +243,9 @@ impl<M: Maps> Switchboard<M> {
                 self.start_rollout(&service, colour, steps.as_deref(), force)
             }
             Request::RolloutControl { service, action } => self.control_rollout(&service, action),
+            Request::Drill { service, secs, share_bp } => {
+                self.start_drill(&service, Duration::from_secs(secs), share_bp)
+            }
             Request::Reload | Request::Fleet | Request::FleetWait { .. } | Request::Flows(_) => {
                 Err("handled by the daemon".into())
             }

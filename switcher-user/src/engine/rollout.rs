@@ -41,6 +41,8 @@ pub enum Op {
     Pause(Duration),
     /// After 100 %: abort if the new colour fails its checks within this long.
     Watch(Duration),
+    /// The end of a drill: new flows back on the old colour, and the report.
+    Back,
 }
 
 impl fmt::Display for Op {
@@ -50,6 +52,7 @@ impl fmt::Display for Op {
             Op::Share(bp) => write!(f, "{}", Step::Share(*bp)),
             Op::Pause(d) => write!(f, "{}", Step::Pause(*d)),
             Op::Watch(d) => write!(f, "watch {}", steps::duration_words(*d)),
+            Op::Back => write!(f, "switch back"),
         }
     }
 }
@@ -63,10 +66,14 @@ impl Op {
             Op::Share(bp) => format!("s{bp}"),
             Op::Pause(d) => format!("p{}", d.as_secs()),
             Op::Watch(d) => format!("w{}", d.as_secs()),
+            Op::Back => "b".to_owned(),
         }
     }
 
     fn from_token(t: &str) -> Option<Op> {
+        if t == "b" {
+            return Some(Op::Back);
+        }
         let kind = t.get(..1)?;
         let v = t.get(1..)?;
         match kind {
@@ -251,6 +258,40 @@ struct Rollout {
     share: u32,
     judgement: Option<String>,
     reason: Option<String>,
+}
+
+impl Rollout {
+    /// A drill is a rollout whose plan ends with [`Op::Back`].
+    fn is_drill(&self) -> bool {
+        self.ops.last() == Some(&Op::Back)
+    }
+}
+
+/// The ops of a drill: `share` of new flows to the standby for `secs`, then back.
+#[must_use]
+pub fn drill_ops(share: u32, secs: Duration) -> Vec<Op> {
+    vec![Op::Share(share), Op::Pause(secs), Op::Back]
+}
+
+/// A drill's report: what the standby `to` took over the window, against the live colour
+/// `from`, and the judgement of the same window.
+#[must_use]
+pub fn drill_report(
+    (from, old): (Colour, Window),
+    (to, new): (Colour, Window),
+    judgement: &Judgement,
+    replies_seen: bool,
+) -> String {
+    let replies = |w: Window| {
+        if replies_seen { format!("{:.1} replies per new flow", w.ratio()) } else { "replies not seen (DSR)".into() }
+    };
+    format!(
+        "{to} took {} new flows ({}), {from} {} ({}); {judgement}",
+        new.flows,
+        replies(new),
+        old.flows,
+        replies(old)
+    )
 }
 
 /// The old colour of a completed rollout, kept as the backup.
@@ -469,6 +510,73 @@ impl<M: Maps> Switchboard<M> {
         )
     }
 
+    /// `switcher drill SERVICE`: `share` of new flows to the standby (idle) colour for
+    /// `secs`, then back, with a report (its first op runs at the next tick). Refused when the
+    /// standby is unhealthy, or a rollout, drill, canary or drain is under way.
+    pub(super) fn start_drill(&mut self, name: &str, secs: Duration, share: u32) -> Outcome {
+        let i = self.find(name)?;
+        if let Some(r) = self.rollouts.by_service.get(name).filter(|r| r.end == End::Running) {
+            let what = if r.is_drill() { "drill" } else { "rollout" };
+            return Err(format!(
+                "refusing the drill: {name} has a {what} under way; see `switcher {what} status {name}`"
+            ));
+        }
+        let s = &self.services[i];
+        let (from, to) = (s.active, s.active.other());
+        if !s.healthy(to) {
+            return Err(format!("refusing the drill: the standby {to} of {name} is unhealthy ({})", s.why_unhealthy(to)));
+        }
+        if s.drain.is_some() {
+            return Err(format!(
+                "refusing the drill: {name}'s old colour is still draining after a switch; try again when `switcher status {name}` shows no drain"
+            ));
+        }
+        if s.canary_bp > 0 {
+            return Err(format!(
+                "refusing the drill: {name} sends {} of new flows to {to} already; end that canary first (`switcher cutover {name} {from}`)",
+                percent(s.canary_bp)
+            ));
+        }
+        if share == 0 || share > BP_ALL || secs.is_zero() || secs > steps::MAX_PAUSE {
+            return Err(format!(
+                "a drill sends 0.01% to 100% of new flows to the standby for 1s to {}",
+                steps::duration_words(steps::MAX_PAUSE)
+            ));
+        }
+        let ops = drill_ops(share, secs);
+        self.rollouts.by_service.insert(
+            name.to_owned(),
+            Rollout {
+                from,
+                to,
+                ops,
+                at: 0,
+                paused: false,
+                force: false,
+                end: End::Running,
+                step_started: Instant::now(),
+                baseline: None,
+                holding: false,
+                hook: None,
+                share: 0,
+                judgement: None,
+                reason: None,
+            },
+        );
+        self.save_rollout(name);
+        let words = format!("{} of new flows to {to} for {}", percent(share), steps::duration_words(secs));
+        tracing::info!(service = %name, live = %from, standby = %to, "drill started: {words}");
+        let change =
+            Change { service: name.to_owned(), what: "drill-start".into(), from: from.to_string(), to: words.clone() };
+        self.answer(
+            i,
+            format!(
+                "{name}: drill started: {words}, then back to {from}; follow it with `switcher drill status {name}` (or `switcher status`), end it early with `switcher drill abort {name}`"
+            ),
+            Some(change),
+        )
+    }
+
     /// `switcher rollout pause|resume|promote|abort SERVICE`.
     pub(super) fn control_rollout(&mut self, name: &str, action: RolloutAction) -> Outcome {
         let i = self.find(name)?;
@@ -511,12 +619,16 @@ impl<M: Maps> Switchboard<M> {
                 format!("{name}: promoted past {}", op.map_or_else(String::new, |o| o.to_string()))
             }
             RolloutAction::Abort => {
+                let what = if r.is_drill() { "drill" } else { "rollout" };
                 let mut ev = RolloutEvents::default();
                 self.abort_rollout(name, "aborted by the operator".into(), &mut ev);
                 // The answer carries one change and no hooks: the rest goes out at the next tick.
                 self.rollouts.pending.hooks.extend(ev.hooks);
-                self.rollouts.pending.changes.extend(ev.changes.into_iter().filter(|c| c.what != "rollout-abort"));
-                format!("{name}: rollout aborted; new flows are back on {}", self.services[i].active)
+                self.rollouts
+                    .pending
+                    .changes
+                    .extend(ev.changes.into_iter().filter(|c| c.what != "rollout-abort" && c.what != "drill-abort"));
+                format!("{name}: {what} aborted; new flows are back on {}", self.services[i].active)
             }
         };
         let what = match action {
@@ -692,9 +804,31 @@ impl<M: Maps> Switchboard<M> {
                         s.config.mode == Mode::Nat,
                     );
                     let over = now.saturating_duration_since(r.step_started) >= d;
-                    let text = j.to_string();
+                    let text = if r.is_drill() {
+                        drill_report(
+                            (r.from, Window::between(old0, old)),
+                            (r.to, Window::between(new0, new)),
+                            &j,
+                            s.config.mode == Mode::Nat,
+                        )
+                    } else {
+                        j.to_string()
+                    };
                     if let Some(r) = self.rollouts.by_service.get_mut(name) {
                         r.judgement = Some(text.clone());
+                    }
+                    if r.is_drill() {
+                        // A drill ends at its time whatever the judgement; a failing standby
+                        // ends it at once.
+                        if let Judgement::Fail(_) = j {
+                            self.abort_rollout(name, format!("the standby failed during the drill: {text}"), ev);
+                            return;
+                        }
+                        if over {
+                            self.next_op(name, now);
+                            continue;
+                        }
+                        return;
                     }
                     match j {
                         Judgement::Fail(why) => {
@@ -733,6 +867,19 @@ impl<M: Maps> Switchboard<M> {
                         return;
                     }
                     self.next_op(name, now);
+                }
+                Op::Back => {
+                    self.send_back(name, &r, ev);
+                    let report = r.judgement.clone().unwrap_or_else(|| "no traffic was measured".into());
+                    tracing::info!(service = %name, from = %r.from, standby = %r.to, "drill over: {report}");
+                    ev.changes.push(Change {
+                        service: name.into(),
+                        what: "drill-report".into(),
+                        from: format!("{} {}", r.to, percent(r.share)),
+                        to: format!("back on {}: {report}", r.from),
+                    });
+                    self.end_rollout(name, End::Complete, None);
+                    return;
                 }
             }
         }
@@ -779,6 +926,23 @@ impl<M: Maps> Switchboard<M> {
     /// share of 0, or a rollback after 100 %), the on-abort hook, the reason kept for `status`.
     fn abort_rollout(&mut self, name: &str, why: String, ev: &mut RolloutEvents) {
         let Some(r) = self.rollouts.by_service.get(name).cloned() else { return };
+        self.send_back(name, &r, ev);
+        let (what, kind) = if r.is_drill() { ("drill-abort", "drill") } else { ("rollout-abort", "rollout") };
+        tracing::warn!(service = %name, from = %r.from, to = %r.to, step = r.at + 1, "{kind} aborted: {why}");
+        ev.changes.push(Change {
+            service: name.into(),
+            what: what.into(),
+            from: format!("{} {}", r.to, percent(r.share)),
+            to: format!("{}: {why}", r.from),
+        });
+        if let Some(h) = self.hook_run(name, HookPoint::OnAbort, r.from, r.to, Some(&why)).filter(|_| !r.is_drill()) {
+            ev.hooks.push(h);
+        }
+        self.end_rollout(name, End::Aborted, Some(why));
+    }
+
+    /// New flows back on the old colour of `r`: a canary share of 0, or a rollback after 100 %.
+    fn send_back(&mut self, name: &str, r: &Rollout, ev: &mut RolloutEvents) {
         let Ok(i) = self.find(name) else { return };
         let s = &self.services[i];
         let back = if s.active == r.to {
@@ -794,21 +958,10 @@ impl<M: Maps> Switchboard<M> {
                     ev.changes.extend(change.map(|c| Change { what: format!("rollout-{}", c.what), ..c }))
                 }
                 Err(e) => {
-                    tracing::error!(service = %name, "rollout abort: sending new flows back to {} failed: {e}", r.from)
+                    tracing::error!(service = %name, "sending new flows back to {} failed: {e}", r.from)
                 }
             }
         }
-        tracing::warn!(service = %name, from = %r.from, to = %r.to, step = r.at + 1, "rollout aborted: {why}");
-        ev.changes.push(Change {
-            service: name.into(),
-            what: "rollout-abort".into(),
-            from: format!("{} {}", r.to, percent(r.share)),
-            to: format!("{}: {why}", r.from),
-        });
-        if let Some(h) = self.hook_run(name, HookPoint::OnAbort, r.from, r.to, Some(&why)) {
-            ev.hooks.push(h);
-        }
-        self.end_rollout(name, End::Aborted, Some(why));
     }
 
     fn end_rollout(&mut self, name: &str, end: End, reason: Option<String>) {
@@ -906,6 +1059,7 @@ impl<M: Maps> Switchboard<M> {
                 share_bp: r.share,
                 judgement: r.judgement.clone(),
                 reason: r.reason.clone(),
+                drill: r.is_drill(),
             }
         });
         let backup = self

@@ -129,6 +129,10 @@ pub enum Request {
     /// Pause, resume, promote or abort a service's rollout.
     #[serde(rename = "rollout-control")]
     RolloutControl { service: String, action: RolloutAction },
+    /// A DR drill: `share_bp` of new flows to the standby colour for `secs`, then back, with a
+    /// report; `status` shows it as a rollout whose `drill` is true, and `RolloutControl`'s
+    /// abort ends it.
+    Drill { service: String, secs: u64, share_bp: u32 },
 }
 
 /// What an operator asks of a rollout under way.
@@ -159,7 +163,8 @@ impl Request {
             | Request::BackendAdd { service, .. }
             | Request::BackendRemove { service, .. }
             | Request::Rollout { service, .. }
-            | Request::RolloutControl { service, .. } => Some(service),
+            | Request::RolloutControl { service, .. }
+            | Request::Drill { service, .. } => Some(service),
             Request::Status { service } => service.as_deref(),
             Request::Flows(q) => q.service.as_deref(),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } => None,
@@ -397,6 +402,9 @@ pub struct RolloutStatus {
     /// Why it ended, when it did not complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A DR drill (`switcher drill`), not a release: its `judgement` is the drill's report.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drill: bool,
 }
 
 /// The colour kept ready after a rollout.

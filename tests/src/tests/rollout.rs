@@ -2,6 +2,8 @@
 //! hooks in order; a green that refuses connections is aborted at its first judged step and
 //! new connections land on blue; a restarted daemon resumes at the same step; a failing
 //! pre-hook stops the rollout before any traffic moves, and hooks see their environment.
+//! DR drills: a drill to a healthy green sends new connections there for its time, then back
+//! to blue, without a failed request; a drill to a green whose server is down is refused.
 
 use std::{
     net::SocketAddrV4,
@@ -240,4 +242,45 @@ fn a_failing_pre_hook_stops_the_rollout_before_any_traffic_moves() {
     let why = wait_for(Duration::from_secs(10), || std::fs::read_to_string(&abort).ok().filter(|s| !s.is_empty()))
         .unwrap_or_else(|| panic!("the on-abort hook did not run:\n{}", d.log()));
     assert!(why.contains("exit status 3"), "{why}");
+}
+
+#[test]
+fn a_drill_sends_new_connections_to_green_for_its_time_then_back_to_blue() {
+    if !crate::have_root("a_drill_sends_new_connections_to_green_for_its_time_then_back_to_blue") {
+        return;
+    }
+    let t = Topology::new();
+    let (_blue, green) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    let d = Daemon::start(&t.lb, |s| config(&t, s, "", "min_flows = 3"));
+    wait_for(Duration::from_secs(20), || web(&d).colours.iter().all(|c| c.healthy).then_some(()))
+        .unwrap_or_else(|| panic!("web's colours never all healthy:\n{}", d.log()));
+    let load = Load::start(&t.client);
+    let out = d.cli_ok(&["drill", "web", "--for", "2s"]);
+    assert!(out.contains("drill started") && out.contains("switcher drill status web"), "{out}");
+    let r = wait_state(&d, "complete", 30);
+    let seen = load.stop();
+    assert!(r.drill, "{r:?}");
+    let report = r.judgement.clone().unwrap_or_default();
+    eprintln!("drill report after {} requests: {report}", seen.len());
+    assert!(report.starts_with("green took "), "{r:?}");
+    assert!(!seen.iter().any(|c| c == "failed"), "a request failed during the drill: {seen:?}");
+    assert!(seen.iter().any(|c| c == "green"), "new connections went to green during the drill: {seen:?}");
+    let s = web(&d);
+    assert_eq!((s.active, s.canary.is_none()), (Colour::Blue, true), "back on blue");
+    let after = answers(&t.client, 10);
+    assert!(after.iter().all(|c| c == "blue"), "new connections on blue after the drill: {after:?}");
+    let text = d.cli_ok(&["drill", "status", "web"]);
+    assert!(text.contains("drill blue → green: complete") && text.contains("report: green took"), "{text}");
+    // Green's server stopped: once its checks see it, a drill is refused in one line.
+    drop(green);
+    wait_for(Duration::from_secs(20), || {
+        web(&d).colours.iter().find(|c| c.colour == Colour::Green).is_some_and(|c| !c.healthy).then_some(())
+    })
+    .unwrap_or_else(|| panic!("green never unhealthy:\n{}", d.log()));
+    let out = d.cli(&["drill", "web", "--for", "2s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the drill was not refused: {err}");
+    assert!(err.contains("refusing the drill: the standby green of web is unhealthy"), "{err}");
+    assert_eq!(web(&d).rollout.map(|r| r.state), Some("complete".to_owned()), "no new drill started");
+    assert!(answers(&t.client, 5).iter().all(|c| c == "blue"));
 }

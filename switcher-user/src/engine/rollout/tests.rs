@@ -6,7 +6,10 @@ use switcher_common::user::Colour::{Blue, Green};
 
 use super::*;
 use crate::{
-    engine::tests::{FakeMaps, board},
+    engine::{
+        DrainState,
+        tests::{FakeMaps, board},
+    },
     protocol::Request,
 };
 
@@ -268,4 +271,91 @@ fn the_old_colour_is_kept_as_the_backup_then_released() {
     assert_eq!(ev.hooks.first().map(|h| h.point), Some(HookPoint::BackupReleased));
     assert!(Pins::new(&dir).rollouts().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn drill(b: &mut Board, secs: u64, share_bp: u32) -> crate::protocol::Response {
+    b.handle(Request::Drill { service: "web".into(), secs, share_bp }).0
+}
+
+#[test]
+fn a_drill_is_refused_when_the_standby_is_unhealthy_or_something_is_under_way() {
+    let mut b = board();
+    b.services[0].config.green[0].weight = 0;
+    let r = drill(&mut b, 2, 10_000);
+    let e = r.error.unwrap_or_default();
+    assert!(e.starts_with("refusing the drill: the standby green of web is unhealthy"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+    b.services[0].config.green[0].weight = 1;
+    start(&mut b, &["10%", "pause 10s", "100%"]);
+    let e = drill(&mut b, 2, 10_000).error.unwrap_or_default();
+    assert!(e.contains("has a rollout under way"), "{e}");
+    assert!(b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Abort }).0.ok);
+    assert!(drill(&mut b, 2, 10_000).ok, "nothing under way any more");
+    let e = drill(&mut b, 2, 10_000).error.unwrap_or_default();
+    assert!(e.contains("has a drill under way") && e.contains("switcher drill status web"), "{e}");
+    let e = b
+        .handle(Request::Rollout { service: "web".into(), colour: Green, steps: None, force: false })
+        .0
+        .error
+        .unwrap_or_default();
+    assert!(e.contains("under way"), "a rollout waits for the drill: {e}");
+    let mut b = board();
+    assert!(drill(&mut b, 0, 10_000).error.is_some_and(|e| e.contains("1s to")), "a zero-length drill");
+    b.services[0].drain = Some(DrainState { from: Blue, started: Instant::now(), timeout: None, initial: 3 });
+    let e = drill(&mut b, 2, 10_000).error.unwrap_or_default();
+    assert!(e.contains("draining"), "{e}");
+}
+
+#[test]
+fn a_drill_switches_to_the_standby_for_its_time_then_back_with_a_report() {
+    let mut b = board();
+    let t0 = Instant::now();
+    let r = drill(&mut b, 2, 10_000);
+    assert!(r.message.as_deref().is_some_and(|m| m.contains("switcher drill status web")), "{r:?}");
+    assert_eq!(web(&b), (Blue, 0), "nothing moves before the first tick");
+    b.tick_rollouts_at(t0);
+    assert_eq!(web(&b), (Green, 0), "100 % of new flows on the standby");
+    let s = status(&b);
+    assert!(s.drill && s.state == "running", "{s:?}");
+    // Within the drill's time: still on green, with a running report.
+    set(&mut b, Blue, 100, 400);
+    set(&mut b, Green, 30, 120);
+    b.tick_rollouts_at(t0 + Duration::from_secs(1));
+    assert_eq!(web(&b), (Green, 0));
+    assert!(status(&b).judgement.is_some_and(|j| j.starts_with("green took 30 new flows (4.0 replies per new flow)")));
+    // Over: back on blue, as a rollback, with the report in the audit's changes.
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(2));
+    assert_eq!(web(&b), (Blue, 0), "back on the live colour");
+    let report = ev.changes.iter().find(|c| c.what == "drill-report").expect("a report");
+    assert!(report.to.starts_with("back on blue: green took 30 new flows"), "{report:?}");
+    let s = status(&b);
+    assert_eq!(s.state, "complete");
+    assert_eq!(s.steps, ["100%", "pause 2s", "switch back"]);
+    assert!(b.rollouts.kept.is_empty(), "a drill keeps no backup");
+}
+
+#[test]
+fn a_drill_at_a_share_compares_the_colours_and_a_failing_standby_ends_it_early() {
+    let mut b = board();
+    let t0 = Instant::now();
+    assert!(drill(&mut b, 30, 2_500).ok);
+    b.tick_rollouts_at(t0);
+    assert_eq!(web(&b), (Blue, 2_500), "a canary share of the standby");
+    set(&mut b, Blue, 100, 400);
+    set(&mut b, Green, 30, 30);
+    let ev = b.tick_rollouts_at(t0 + Duration::from_secs(1));
+    assert_eq!(web(&b), (Blue, 0), "back at once");
+    assert!(ev.changes.iter().any(|c| c.what == "drill-abort"), "{:?}", ev.changes);
+    assert!(ev.hooks.is_empty(), "a drill runs no rollout hooks");
+    let s = status(&b);
+    assert_eq!(s.state, "aborted");
+    assert!(s.reason.is_some_and(|r| r.contains("below 50% of blue's")));
+    // An operator's abort ends a drill too.
+    let mut b = board();
+    assert!(drill(&mut b, 30, 2_500).ok);
+    b.tick_rollouts_at(t0);
+    let r = b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Abort }).0;
+    assert!(r.ok, "{r:?}");
+    assert_eq!(web(&b), (Blue, 0));
+    assert_eq!(Op::from_token(&Op::Back.token()), Some(Op::Back));
 }
