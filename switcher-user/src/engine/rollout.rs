@@ -524,7 +524,10 @@ impl<M: Maps> Switchboard<M> {
         let s = &self.services[i];
         let (from, to) = (s.active, s.active.other());
         if !s.healthy(to) {
-            return Err(format!("refusing the drill: the standby {to} of {name} is unhealthy ({})", s.why_unhealthy(to)));
+            return Err(format!(
+                "refusing the drill: the standby {to} of {name} is unhealthy ({})",
+                s.why_unhealthy(to)
+            ));
         }
         if s.drain.is_some() {
             return Err(format!(
