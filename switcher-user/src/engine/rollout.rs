@@ -261,6 +261,26 @@ struct Rollout {
 }
 
 impl Rollout {
+    /// A rollout (or drill) from `from` to `to` about to take its first op.
+    fn start(from: Colour, to: Colour, ops: Vec<Op>, force: bool) -> Rollout {
+        Rollout {
+            from,
+            to,
+            ops,
+            at: 0,
+            paused: false,
+            force,
+            end: End::Running,
+            step_started: Instant::now(),
+            baseline: None,
+            holding: false,
+            hook: None,
+            share: 0,
+            judgement: None,
+            reason: None,
+        }
+    }
+
     /// A drill is a rollout whose plan ends with [`Op::Back`].
     fn is_drill(&self) -> bool {
         self.ops.last() == Some(&Op::Back)
@@ -473,25 +493,7 @@ impl<M: Maps> Switchboard<M> {
         }
         let words: Vec<String> = ops.iter().map(ToString::to_string).collect();
         self.rollouts.kept.remove(name);
-        self.rollouts.by_service.insert(
-            name.to_owned(),
-            Rollout {
-                from,
-                to,
-                ops,
-                at: 0,
-                paused: false,
-                force,
-                end: End::Running,
-                step_started: Instant::now(),
-                baseline: None,
-                holding: false,
-                hook: None,
-                share: 0,
-                judgement: None,
-                reason: None,
-            },
-        );
+        self.rollouts.by_service.insert(name.to_owned(), Rollout::start(from, to, ops, force));
         self.save_rollout(name);
         tracing::info!(service = %name, %from, %to, plan = %words.join(", "), "rollout started");
         let change = Change {
@@ -547,25 +549,7 @@ impl<M: Maps> Switchboard<M> {
             ));
         }
         let ops = drill_ops(share, secs);
-        self.rollouts.by_service.insert(
-            name.to_owned(),
-            Rollout {
-                from,
-                to,
-                ops,
-                at: 0,
-                paused: false,
-                force: false,
-                end: End::Running,
-                step_started: Instant::now(),
-                baseline: None,
-                holding: false,
-                hook: None,
-                share: 0,
-                judgement: None,
-                reason: None,
-            },
-        );
+        self.rollouts.by_service.insert(name.to_owned(), Rollout::start(from, to, ops, false));
         self.save_rollout(name);
         let words = format!("{} of new flows to {to} for {}", percent(share), steps::duration_words(secs));
         tracing::info!(service = %name, live = %from, standby = %to, "drill started: {words}");
