@@ -1864,7 +1864,7 @@ fn services_section() -> String {
     }
     let _ = writeln!(
         out,
-        "\nMedians of {REPEATS}; ratios to one service, in the same run. Start-up is from spawning the daemon to its control socket: loading and verifying the program, making the maps, writing every pool and table, attaching. Each colour here has one backend, so its Maglev table is one 512-byte element of 251 slots: `RING` grows with what is configured (twice the tables' need plus room for one largest table, 128 KiB, so any pool can be rebuilt), where a fixed 65,537-slot table per VIP (Katran's way) would take 128 KiB per colour. The other maps are sized by `max_services` (4,096 by default; `BACKENDS`, 2 × 64 slots per service, is most of them) and `max_flows` (262,144: `FLOWS` is most of \"all maps\"), whatever is configured."
+        "\nMedians of {REPEATS}; ratios to one service, in the same run. Start-up is from spawning the daemon to its control socket: loading and verifying the program, making the maps, writing every pool and table, attaching. Each colour here has one backend and health checks are off (`check = \"none\"`: with checks on, every backend is also probed once a second — 8,192 probes a second at 4,096 services — which this table does not measure), so a colour's Maglev table is one 512-byte element of 251 slots: `RING` grows with what is configured (twice the tables' need plus room for one largest table, 128 KiB, so any pool can be rebuilt), where a fixed 65,537-slot table per VIP (Katran's way) would take 128 KiB per colour. The other maps are sized by `max_services` (4,096 by default; `BACKENDS`, 2 × 64 slots per service, is most of them) and `max_flows` (262,144: `FLOWS` is most of \"all maps\"), whatever is configured."
     );
     out
 }
