@@ -1,79 +1,153 @@
 //! Health checks: each checked service's backends probed at its interval, concurrently, off
 //! the engine; the results recorded through it (which may roll back or fail over).
+//!
+//! Services are spread over their interval (each starts at an offset given by its name), so
+//! 4,096 services of two backends are 820 probes every 100 ms, not 8,192 at once; at most
+//! [`MAX_PROBES`] run at a time; and a service's results are recorded as soon as its round
+//! ends, so a slow service (probes that wait out their timeout) never delays the others.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::{Hash, Hasher},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::task::JoinSet;
+use tokio::{sync::Semaphore, task::JoinSet};
 
 use super::{Engine, audit::Audit};
-use crate::{engine::Change, fleet::Fleet, health};
+use crate::{config::HealthConfig, engine::Change, fleet::Fleet, health};
+
+/// Probes in flight at once, over all services.
+pub const MAX_PROBES: usize = 512;
+
+/// How often the checker looks for services that are due.
+const TICK: Duration = Duration::from_millis(100);
+
+/// One service's round: its name and each backend's result.
+type Round = (String, Vec<(SocketAddr, Joined<Result<(), health::Failure>>)>);
 
 /// Probes every checked service's backends at its interval and records the results.
 pub(super) async fn check_health(engine: Engine, audit: Arc<Audit>, fleet: Option<Arc<Fleet>>) {
+    let permits = Arc::new(Semaphore::new(MAX_PROBES));
     let mut due: HashMap<String, Instant> = HashMap::new();
+    let mut running: HashSet<String> = HashSet::new();
+    let mut rounds: JoinSet<Round> = JoinSet::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        for c in health_round(&engine, &audit, &mut due).await {
-            if let Some(f) = &fleet {
-                f.note_override(&c.service, format!("{} {} → {} by this node's health checks", c.what, c.from, c.to));
+        tokio::select! {
+            _ = tick.tick() => {
+                let checks = engine.call(|b| b.checks()).await.unwrap_or_default();
+                let now = Instant::now();
+                // Services no longer checked are forgotten (a reload may bring them back).
+                due.retain(|name, _| checks.iter().any(|(n, _, _)| n == name));
+                for (name, check, backends) in checks {
+                    if running.contains(&name) {
+                        continue;
+                    }
+                    let at = *due.entry(name.clone()).or_insert_with(|| now + phase(&name, check.interval));
+                    if at > now {
+                        continue;
+                    }
+                    due.insert(name.clone(), now + check.interval);
+                    running.insert(name.clone());
+                    rounds.spawn(probe_service(name, check, backends, Arc::clone(&permits)));
+                }
+            }
+            Some(joined) = rounds.join_next() => {
+                let Ok((name, results)) = joined else {
+                    tracing::error!("a round of health checks failed: {joined:?}");
+                    continue;
+                };
+                running.remove(&name);
+                for c in record(&engine, &audit, name, results).await {
+                    if let Some(f) = &fleet {
+                        f.note_override(&c.service, format!("{} {} → {} by this node's health checks", c.what, c.from, c.to));
+                    }
+                }
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// Probes the services that are due, concurrently, and records the results; returns the
-/// switches the results caused (automatic rollback, failover). A probe that could not run here
-/// (see [`health::Failure::Local`]) is left out: its backend keeps its state.
-pub(super) async fn health_round(engine: &Engine, audit: &Audit, due: &mut HashMap<String, Instant>) -> Vec<Change> {
-    let mut switches = Vec::new();
+/// Where in its interval a service's probes fall: the same offset for the same name, spread
+/// evenly over the interval across names.
+fn phase(name: &str, interval: Duration) -> Duration {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    let span = interval.as_millis().max(1) as u64;
+    Duration::from_millis(h.finish() % span)
+}
+
+/// One round of one service: every backend probed concurrently, each probe holding a permit.
+async fn probe_service(name: String, check: HealthConfig, backends: Vec<SocketAddr>, permits: Arc<Semaphore>) -> Round {
+    let probes = backends.into_iter().map(|b| {
+        let check = check.clone();
+        let permits = Arc::clone(&permits);
+        (b, async move {
+            // The semaphore is never closed; without a permit the probe runs anyway.
+            let _permit = permits.acquire_owned().await.ok();
+            health::probe(&check, b).await
+        })
+    });
+    (name, join_keyed(probes).await)
+}
+
+/// Probes every checked service once, concurrently, and records the results (before the
+/// control socket opens, so that the first cut-over is judged on facts); returns the switches
+/// the results caused (automatic rollback, failover).
+pub(super) async fn health_round(engine: &Engine, audit: &Audit) -> Vec<Change> {
+    let permits = Arc::new(Semaphore::new(MAX_PROBES));
     let checks = engine.call(|b| b.checks()).await.unwrap_or_default();
-    let now = Instant::now();
-    let mut round = JoinSet::new();
+    let mut rounds = JoinSet::new();
     for (name, check, backends) in checks {
-        if due.get(&name).is_some_and(|t| *t > now) {
-            continue;
-        }
-        due.insert(name.clone(), now + check.interval);
-        round.spawn(async move {
-            let probes = backends.into_iter().map(|b| {
-                let check = check.clone();
-                (b, async move { health::probe(&check, b).await })
-            });
-            (name, join_keyed(probes).await)
-        });
+        rounds.spawn(probe_service(name, check, backends, Arc::clone(&permits)));
     }
-    while let Some(joined) = round.join_next().await {
+    let mut switches = Vec::new();
+    while let Some(joined) = rounds.join_next().await {
         let Ok((name, results)) = joined else {
             tracing::error!("a round of health checks failed: {joined:?}");
             continue;
         };
-        let mut counted = Vec::with_capacity(results.len());
-        let mut local = Vec::new();
-        for (b, r) in results {
-            match r {
-                Ok(Ok(())) => counted.push((b, Ok(()))),
-                Ok(Err(health::Failure::Backend(e))) => counted.push((b, Err(e))),
-                Ok(Err(health::Failure::Local(e))) => local.push(e),
-                Err(panicked) => local.push(format!("the probe of {b} failed: {panicked}")),
-            }
+        switches.extend(record(engine, audit, name, results).await);
+    }
+    switches
+}
+
+/// Records one service's results through the engine and audits what they changed; returns
+/// the switches among the changes (automatic rollback, failover). A probe that could not run
+/// here (see [`health::Failure::Local`]) is left out: its backend keeps its state.
+async fn record(
+    engine: &Engine,
+    audit: &Audit,
+    name: String,
+    results: Vec<(SocketAddr, Joined<Result<(), health::Failure>>)>,
+) -> Vec<Change> {
+    let mut counted = Vec::with_capacity(results.len());
+    let mut local = Vec::new();
+    for (b, r) in results {
+        match r {
+            Ok(Ok(())) => counted.push((b, Ok(()))),
+            Ok(Err(health::Failure::Backend(e))) => counted.push((b, Err(e))),
+            Ok(Err(health::Failure::Local(e))) => local.push(e),
+            Err(panicked) => local.push(format!("the probe of {b} failed: {panicked}")),
         }
-        if let Some(first) = local.first() {
-            tracing::warn!(
-                service = %name,
-                probes = local.len(),
-                "health probes could not run on this node ({first}); their backends keep their state: this is not a backend failure"
-            );
-        }
-        let changes = engine.call(move |b| b.record_health(&name, counted)).await.unwrap_or_default();
-        for c in changes {
-            audit.record("switcher (health checks)", &c);
-            if c.what == "auto-rollback" || c.what == "failover" {
-                switches.push(c);
-            }
+    }
+    if let Some(first) = local.first() {
+        tracing::warn!(
+            service = %name,
+            probes = local.len(),
+            "health probes could not run on this node ({first}); their backends keep their state: this is not a backend failure"
+        );
+    }
+    let changes = engine.call(move |b| b.record_health(&name, counted)).await.unwrap_or_default();
+    let mut switches = Vec::new();
+    for c in changes {
+        audit.record("switcher (health checks)", &c);
+        if c.what == "auto-rollback" || c.what == "failover" {
+            switches.push(c);
         }
     }
     switches
@@ -113,6 +187,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_are_spread_over_their_interval() {
+        let interval = Duration::from_secs(1);
+        let mut tenths = [0u32; 10];
+        for i in 0..4_096 {
+            let p = phase(&format!("s{i}"), interval);
+            assert!(p < interval, "{p:?}");
+            assert_eq!(p, phase(&format!("s{i}"), interval), "the same name, the same phase");
+            tenths[(p.as_millis() / 100) as usize] += 1;
+        }
+        // 410 a tenth if even: no tenth may hold twice that.
+        assert!(tenths.iter().all(|&n| (200..820).contains(&n)), "{tenths:?}");
+    }
 
     #[tokio::test]
     async fn a_panicking_probe_does_not_shift_the_others_results() {

@@ -21,7 +21,6 @@ mod reload;
 pub mod socket;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -104,8 +103,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let engine: Engine = Handle::start(board).context("start the engine's thread")?;
     // One round of health checks before the socket opens, so that the first cut-over is
     // judged on facts (bounded by the checks' timeouts).
-    let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&engine, &Audit::new(None), &mut HashMap::new()))
-        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), health_round(&engine, &Audit::new(None))).await;
     let group = match config.socket_group.clone() {
         None => None,
         Some(name) => Some(
