@@ -431,6 +431,8 @@ mod tests {
             judgement: None,
             reason: None,
             drill: false,
+            driver: None,
+            judged_from: None,
         });
         status.services[0].backup = Some(crate::protocol::Backup { colour: Colour::Blue, secs_left: 30 });
         let text = render(&status).expect("render");
