@@ -223,11 +223,13 @@ pub(super) struct Driver {
     pub lease: i64,
     driving: HashMap<String, Drive>,
     hooks: u64,
+    /// The last error of each rollout driven here, logged once until it changes.
+    errors: HashMap<String, String>,
 }
 
 impl Driver {
     pub fn new(lease: i64) -> Driver {
-        Driver { lease, driving: HashMap::new(), hooks: 0 }
+        Driver { lease, driving: HashMap::new(), hooks: 0, errors: HashMap::new() }
     }
 
     /// Every second: for each running rollout, take the driver's key if nobody holds it, and
@@ -257,7 +259,11 @@ impl Driver {
                     continue;
                 }
                 None => {
-                    if !client.claim(&fleet.rollout_driver_key(&name), &me, self.lease).await? {
+                    // Only a node that has the service can drive its rollout.
+                    let n = name.clone();
+                    if !engine.call(move |b| b.snapshot(&n).is_some()).await.unwrap_or(false)
+                        || !client.claim(&fleet.rollout_driver_key(&name), &me, self.lease).await?
+                    {
                         continue;
                     }
                     tracing::info!(service = %name, step = r.at + 1, "this node drives the fleet's rollout now");
@@ -273,7 +279,19 @@ impl Driver {
                     );
                 }
             }
-            self.drive(fleet, engine, client, record, &name, r, rev).await?;
+            // A failure of this rollout (etcd or the engine) is retried at the next tick; the
+            // session notices a lost etcd by its watches and lease.
+            match self.drive(fleet, engine, client, record, &name, r, rev).await {
+                Ok(()) => {
+                    self.errors.remove(&name);
+                }
+                Err(e) => {
+                    if self.errors.get(&name) != Some(&e) {
+                        tracing::warn!(service = %name, "driving the fleet's rollout: {e}; retrying");
+                    }
+                    self.errors.insert(name, e);
+                }
+            }
         }
         Ok(())
     }
