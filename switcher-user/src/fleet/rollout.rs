@@ -112,9 +112,11 @@ impl Store for Client {
     }
 
     async fn claim(&mut self, key: &str, value: &str, lease: i64) -> Result<bool, String> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)))]);
+        let txn = Txn::new().when([Compare::create_revision(key, CompareOp::Equal, 0)]).and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
         Ok(self.txn(txn).await.map_err(|e| etcd_error(&e))?.succeeded())
     }
 }
@@ -145,10 +147,7 @@ pub(super) fn advanced(r: &FleetRollout, node: &str, note: Option<String>, now: 
 /// The record ended in `state` (`complete`, `aborted`, `interrupted`), by `node`.
 pub(super) fn ended(r: &FleetRollout, state: &str, why: Option<String>, node: &str, now: u64) -> FleetRollout {
     let mut next = r.clone();
-    next.history.push(format!(
-        "{state} by {node}{}",
-        why.as_ref().map_or_else(String::new, |w| format!(": {w}"))
-    ));
+    next.history.push(format!("{state} by {node}{}", why.as_ref().map_or_else(String::new, |w| format!(": {w}"))));
     next.state = state.to_owned();
     next.reason = why;
     next.op_started_unix = now;
@@ -373,7 +372,12 @@ impl Driver {
             if written.is_some() {
                 record(
                     "rollout",
-                    &Change { service: name.into(), what: "rollout-interrupted".into(), from: r.to.to_string(), to: why },
+                    &Change {
+                        service: name.into(),
+                        what: "rollout-interrupted".into(),
+                        from: r.to.to_string(),
+                        to: why,
+                    },
                 );
             }
             return Ok(written.map(|at| (next, at)));
@@ -664,8 +668,7 @@ async fn on_abort_hook<M: Maps + Send + 'static>(
     if let Some(h) = run {
         let service = name.to_owned();
         tokio::spawn(async move {
-            let result =
-                tokio::task::spawn_blocking(move || runner(&h)).await.unwrap_or_else(|e| Err(e.to_string()));
+            let result = tokio::task::spawn_blocking(move || runner(&h)).await.unwrap_or_else(|e| Err(e.to_string()));
             match result {
                 Ok(()) => tracing::info!(%service, hook = %HookPoint::OnAbort, "hook succeeded"),
                 Err(e) => tracing::warn!(%service, hook = %HookPoint::OnAbort, "hook failed: {e}"),
@@ -898,7 +901,8 @@ impl Fleet {
             }
             RolloutAction::Abort => {
                 let why = format!("aborted by the operator on {me} ({who})");
-                let (next, _) = abort_rollout(self, engine, store, name, (&r, rev), &why).await?.ok_or_else(conflict)?;
+                let (next, _) =
+                    abort_rollout(self, engine, store, name, (&r, rev), &why).await?.ok_or_else(conflict)?;
                 on_abort_hook(self, engine, name, &next, &why).await;
                 format!("{name}: fleet rollout aborted; new flows go back to {} on every node", r.from)
             }
@@ -909,7 +913,15 @@ impl Fleet {
             RolloutAction::Promote => "fleet rollout-promote",
             RolloutAction::Abort => "fleet rollout-abort",
         };
-        Ok((message, Change { service: name.to_owned(), what: what.into(), from: format!("step {op_word}"), to: "operator".into() }))
+        Ok((
+            message,
+            Change {
+                service: name.to_owned(),
+                what: what.into(),
+                from: format!("step {op_word}"),
+                to: "operator".into(),
+            },
+        ))
     }
 }
 
@@ -931,12 +943,7 @@ pub(super) fn status_of(r: &FleetRollout, driver: Option<String>, now: u64) -> R
         to: r.to,
         state: state.to_owned(),
         step: r.at + 1,
-        steps: r
-            .ops
-            .iter()
-            .zip(&ops)
-            .map(|(t, o)| o.map_or_else(|| t.clone(), |o| o.to_string()))
-            .collect(),
+        steps: r.ops.iter().zip(&ops).map(|(t, o)| o.map_or_else(|| t.clone(), |o| o.to_string())).collect(),
         step_secs: now.saturating_sub(r.op_started_unix),
         share_bp: r.share_bp,
         judgement: r.judgement.clone(),

@@ -14,8 +14,7 @@ use etcd_client::{
 
 use super::{
     CHECK_EVERY, DRAINS_EVERY, FLOWS_EVERY, Fleet, compact::Compactor, etcd_error, parse_desired, plan::seed,
-    publish::Publisher,
-    rollout::Driver,
+    publish::Publisher, rollout::Driver,
 };
 use crate::{
     engine::{Change, Handle, Maps, RemoteDrains},
@@ -91,10 +90,7 @@ async fn session_inner<M: Maps + Send + 'static>(
     // The fleet's rollouts: read, then watched; one node drives each (see `rollout`).
     let rollouts_at = fleet.load_rollouts(&mut client).await?;
     let mut rollouts = client
-        .watch(
-            fleet.rollouts_prefix(),
-            Some(WatchOptions::new().with_prefix().with_start_revision(rollouts_at + 1)),
-        )
+        .watch(fleet.rollouts_prefix(), Some(WatchOptions::new().with_prefix().with_start_revision(rollouts_at + 1)))
         .await
         .map_err(e)?;
     let mut driver = Driver::new(lease);
