@@ -1144,6 +1144,75 @@ mod tests {
         assert!(done.history[1].ends_with("by lb0") && done.history[2].ends_with("by lb1"), "{:?}", done.history);
     }
 
+    fn fleet() -> Fleet {
+        Fleet::new(crate::config::FleetConfig {
+            endpoints: vec![],
+            prefix: "/sw".into(),
+            node: "lb1".into(),
+            share_backends: false,
+            lease_ttl: std::time::Duration::from_secs(10),
+            compaction_interval: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn operators_start_steer_and_abort_a_fleet_rollout_through_its_record() {
+        let engine = Handle::start(crate::engine::tests::board()).expect("engine");
+        let f = fleet();
+        let mut store = FakeStore::default();
+        let plan = || Some(vec!["10%".to_owned(), "pause 60s".to_owned(), "100%".to_owned()]);
+        let start = async |f: &Fleet, store: &mut FakeStore| {
+            f.start_rollout(&engine, store, "web", Colour::Green, plan(), false, "uid=0").await
+        };
+        let e = start(&f, &mut store).await.expect_err("no desired state yet");
+        assert!(e.contains("no desired state"), "{e}");
+        let mut canary = Desired::of(Colour::Blue);
+        canary.canary_bp = 500;
+        store.put(DESIRED, serde_json::to_string(&canary).expect("json"));
+        let e = start(&f, &mut store).await.expect_err("a canary under way");
+        assert!(e.contains("end that canary"), "{e}");
+        store.put(DESIRED, serde_json::to_string(&Desired::of(Colour::Blue)).expect("json"));
+        let (msg, change) = start(&f, &mut store).await.expect("started");
+        assert!(msg.contains("fleet rollout blue → green started: 10%, pause 60s, 100%"), "{msg}");
+        assert_eq!(change.what, "fleet rollout-start");
+        let r = store.record(KEY);
+        assert_eq!(r.ops, ["s1000", "p60", "s10000"]);
+        assert_eq!((r.at, r.state.as_str(), r.from), (0, RUNNING, Colour::Blue));
+        assert!(start(&f, &mut store).await.expect_err("one at a time").contains("under way"));
+        let control =
+            async |store: &mut FakeStore, action| f.control_rollout(&engine, store, "web", action, "uid=0").await;
+        let e = control(&mut store, RolloutAction::Promote).await.expect_err("a share is not promoted");
+        assert!(e.contains("nothing to promote at step 1 (10%)"), "{e}");
+        // The driver wrote the first share: the record at the pause, the desired state at 10 %.
+        let mut at_pause = advanced(&r, "lb0", None, 1_001);
+        at_pause.share_bp = 1_000;
+        store.put(KEY, serde_json::to_string(&at_pause).expect("json"));
+        let mut ten = Desired::of(Colour::Blue);
+        ten.canary_bp = 1_000;
+        store.put(DESIRED, serde_json::to_string(&ten).expect("json"));
+        control(&mut store, RolloutAction::Pause).await.expect("paused");
+        assert!(store.record(KEY).paused);
+        control(&mut store, RolloutAction::Resume).await.expect("resumed");
+        assert!(!store.record(KEY).paused);
+        control(&mut store, RolloutAction::Promote).await.expect("promoted");
+        let r = store.record(KEY);
+        assert_eq!(r.at, 2, "past the pause");
+        assert!(r.history[1].starts_with("2 pause 60s by lb1: promoted by the operator"), "{:?}", r.history);
+        // Abort: the record ends and new flows go back to blue, in one transaction.
+        let (msg, _) = control(&mut store, RolloutAction::Abort).await.expect("aborted");
+        assert!(msg.contains("back to blue on every node"), "{msg}");
+        let r = store.record(KEY);
+        assert_eq!((r.state.as_str(), r.share_bp), (ABORTED, 0));
+        assert!(r.reason.as_deref().is_some_and(|w| w.contains("aborted by the operator on lb1")), "{r:?}");
+        let d: Desired = serde_json::from_str(&store.kvs[DESIRED].0).expect("desired");
+        assert_eq!((d.active, d.canary_bp), (Colour::Blue, 0));
+        assert_eq!(store.kvs[KEY].1, store.kvs[DESIRED].1, "written in the same transaction");
+        let e = control(&mut store, RolloutAction::Pause).await.expect_err("over");
+        assert!(e.contains("no rollout of web under way"), "{e}");
+        // A new rollout may start over the ended one.
+        assert!(start(&f, &mut store).await.is_ok());
+    }
+
     #[test]
     fn the_desired_state_a_rollout_expects_follows_its_share() {
         let r = rollout(&["10%", "100%"]);
