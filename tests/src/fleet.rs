@@ -193,6 +193,16 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// The value of `key` now, if it exists (and etcd answers).
+    #[must_use]
+    pub fn value(&self, key: &str) -> Option<String> {
+        let r = self.call("/v3/kv/range", &serde_json::json!({ "key": base64_lite::encode(key.as_bytes()) })).ok()?;
+        let v = r["kvs"].as_array()?.first()?["value"].as_str()?;
+        Some(String::from_utf8_lossy(&base64_lite::decode(v)).into_owned())
+    }
+}
+
 /// `bytes` in base64, as etcd's JSON gateway takes keys and values.
 #[must_use]
 pub fn base64(bytes: &[u8]) -> String {

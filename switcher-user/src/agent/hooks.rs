@@ -42,7 +42,7 @@ pub(super) fn follow(engine: &Engine, audit: &Arc<Audit>, ev: RolloutEvents) {
 }
 
 /// Runs one hook to its end or its timeout.
-fn run(h: &HookRun) -> Result<(), String> {
+pub(super) fn run(h: &HookRun) -> Result<(), String> {
     use std::os::unix::process::CommandExt as _;
     let mut child = Command::new("/bin/sh")
         .arg("-c")

@@ -310,6 +310,12 @@ pub async fn serve(addr: SocketAddr, engine: Handle<Dataplane>, fleet: Option<Ar
                 if let (Some(s), Some(f)) = (&mut snapshot, &fleet) {
                     let names: Vec<String> = s.services.iter().map(|x| x.name.clone()).collect();
                     s.fleet = Some(f.local_view(&names));
+                    // A fleet's rollout, as every node shows it in `status`.
+                    for x in &mut s.services {
+                        if let Some(r) = f.rollout_status(&x.name) {
+                            x.rollout = Some(r);
+                        }
+                    }
                 }
                 match snapshot.map(|s| render(&s)) {
                     Some(Ok(text)) => ("200 OK", text),
@@ -431,6 +437,8 @@ mod tests {
             judgement: None,
             reason: None,
             drill: false,
+            driver: None,
+            judged_from: None,
         });
         status.services[0].backup = Some(crate::protocol::Backup { colour: Colour::Blue, secs_left: 30 });
         let text = render(&status).expect("render");

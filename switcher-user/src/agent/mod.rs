@@ -150,6 +150,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                 "NAT mode in a fleet: a reply must come back through the node that translated its request; if ECMP may send it through another node, use mode = \"dsr\""
             );
         }
+        f.set_hook_runner(Arc::new(hooks::run));
         let audit = Arc::clone(&audit);
         tasks.spawn(crate::fleet::run(Arc::clone(f), engine.clone(), move |who, c| audit.record(who, c)));
     }

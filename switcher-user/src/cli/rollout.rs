@@ -19,6 +19,10 @@ use switcher_user::protocol::{Colour, Request, RolloutAction, RolloutStatus, per
 /// ends the current pause, hold or watch without waiting for its judgement; abort sends new
 /// flows back to the old colour.
 ///
+/// In a fleet (`[fleet]`), the rollout is the fleet's: its plan and progress live in etcd,
+/// one node drives it (a dead driver is replaced by another node, which resumes at the same
+/// step), every node applies its shares, and these commands work from any node.
+///
 /// Example: switcher rollout web green --steps 5%,"pause 30s",50%,"pause 1m",100%
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -118,6 +122,19 @@ pub(super) fn describe(r: &RolloutStatus) -> String {
     }
     if let Some(why) = &r.reason {
         let _ = writeln!(out, "    why it ended: {why}");
+    }
+    if let Some(from) = &r.judged_from {
+        match &r.driver {
+            Some(node) => {
+                let _ = writeln!(out, "    fleet rollout, driven by {node}; pauses judged from {from}");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "    fleet rollout, no node drives it now (the last driver's lease has not expired yet, or etcd is unreachable)"
+                );
+            }
+        }
     }
     out
 }

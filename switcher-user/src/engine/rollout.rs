@@ -60,7 +60,7 @@ impl fmt::Display for Op {
 impl Op {
     /// The op as saved, short (a record is a directory name: 255 bytes at most):
     /// `h1` (the hook point's index), `s1000`, `p60`, `w60`.
-    fn token(self) -> String {
+    pub fn token(self) -> String {
         match self {
             Op::Hook(p) => format!("h{}", HookPoint::ALL.iter().position(|q| *q == p).unwrap_or_default()),
             Op::Share(bp) => format!("s{bp}"),
@@ -70,7 +70,7 @@ impl Op {
         }
     }
 
-    fn from_token(t: &str) -> Option<Op> {
+    pub fn from_token(t: &str) -> Option<Op> {
         if t == "b" {
             return Some(Op::Back);
         }
@@ -1047,6 +1047,8 @@ impl<M: Maps> Switchboard<M> {
                 judgement: r.judgement.clone(),
                 reason: r.reason.clone(),
                 drill: r.is_drill(),
+                driver: None,
+                judged_from: None,
             }
         });
         let backup = self
@@ -1057,6 +1059,10 @@ impl<M: Maps> Switchboard<M> {
         (rollout, backup)
     }
 }
+
+mod fleet;
+
+pub use self::fleet::Sample;
 
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,8 @@
 //! {prefix}/nodes/{node}/{s} what it applied for service `s` (JSON `NodeService`), all under
 //!                           the node's lease: a node that stops renewing it disappears
 //! {prefix}/compacted        the revision etcd's history was last compacted to, by a node
+//! {prefix}/rollouts/{s}     a rollout of the fleet (JSON `FleetRollout`), and
+//! {prefix}/rollouts/{s}/driver  the node that drives it, under its lease (see `rollout`)
 //! ```
 //!
 //! Each agent watches `services/`, applies every change to its own maps (the same inputs give
@@ -28,7 +30,8 @@
 //! - this module: the node's [`Fleet`] state, an operator's change (`propose`), the views;
 //! - `plan`: the next desired state for a change, by the engine's switch rules;
 //! - `session`: the connection to etcd (watch, apply, lease, seeding, other nodes' drains);
-//! - `publish`: what the node publishes, and when; `compact`: etcd's history kept bounded.
+//! - `publish`: what the node publishes, and when; `compact`: etcd's history kept bounded;
+//! - `rollout`: a rollout of the whole fleet, its record in etcd and the node that drives it.
 //!
 //! Layering: above the engine (which it drives through the engine's [`Handle`]), below the
 //! agent; its documents are the protocol's ([`crate::protocol::fleet`]).
@@ -36,11 +39,12 @@
 mod compact;
 mod plan;
 mod publish;
+mod rollout;
 mod session;
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Mutex, OnceLock},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -49,6 +53,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, 
 use self::plan::seed;
 pub use self::{
     plan::{Target, plan, target},
+    rollout::HookRunner,
     session::run,
 };
 use crate::{
@@ -84,6 +89,8 @@ pub struct Fleet {
     /// Wakes waiters when something was applied, and the publisher when there is news.
     applied: tokio::sync::Notify,
     publish: tokio::sync::Notify,
+    /// Runs the hooks of the rollouts this node drives (set by the agent).
+    hooks: OnceLock<HookRunner>,
 }
 
 struct State {
@@ -100,6 +107,8 @@ struct State {
     problems: HashMap<String, String>,
     /// Local services missing in etcd are to be seeded (at start and after a reload).
     reseed: bool,
+    /// The fleet's rollouts and their drivers, as last read.
+    rollouts: rollout::Known,
 }
 
 impl State {
@@ -136,9 +145,11 @@ impl Fleet {
                 overrides: HashMap::new(),
                 problems: HashMap::new(),
                 reseed: true,
+                rollouts: rollout::Known::default(),
             }),
             applied: tokio::sync::Notify::new(),
             publish: tokio::sync::Notify::new(),
+            hooks: OnceLock::new(),
         }
     }
 

@@ -14,7 +14,7 @@ use etcd_client::{
 
 use super::{
     CHECK_EVERY, DRAINS_EVERY, FLOWS_EVERY, Fleet, compact::Compactor, etcd_error, parse_desired, plan::seed,
-    publish::Publisher,
+    publish::Publisher, rollout::Driver,
 };
 use crate::{
     engine::{Change, Handle, Maps, RemoteDrains},
@@ -87,6 +87,15 @@ async fn session_inner<M: Maps + Send + 'static>(
         )
         .await
         .map_err(e)?;
+    // The fleet's rollouts: read, then watched; one node drives each (see `rollout`).
+    let rollouts_at = fleet.load_rollouts(&mut client).await?;
+    let mut rollouts = client
+        .watch(fleet.rollouts_prefix(), Some(WatchOptions::new().with_prefix().with_start_revision(rollouts_at + 1)))
+        .await
+        .map_err(e)?;
+    let mut driver = Driver::new(lease);
+    let mut drive = tokio::time::interval(Duration::from_secs(1));
+    drive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     fleet.set_connected(Some(client.clone()), None);
     apply_kvs(fleet, engine, record, all.kvs()).await;
     let mut publisher = Publisher { lease, last: None };
@@ -132,6 +141,14 @@ async fn session_inner<M: Maps + Send + 'static>(
                     publisher.publish(fleet, engine, &mut client, false).await?;
                 }
             }
+            msg = rollouts.message() => {
+                let msg = msg.map_err(e)?.ok_or("the watch on etcd ended")?;
+                if msg.canceled() {
+                    return Err(format!("the watch on etcd was cancelled: {}", msg.cancel_reason()));
+                }
+                fleet.watched_rollouts(msg.events());
+            }
+            _ = drive.tick() => driver.tick(fleet, engine, &mut client, record).await?,
             _ = renew.tick() => keeper.keep_alive().await.map_err(e)?,
             answer = keepalive.message() => {
                 let answer = answer.map_err(e)?.ok_or("the lease keep-alive stream ended")?;

@@ -82,6 +82,55 @@ pub struct NodeService {
     pub healthy_green: bool,
 }
 
+/// A rollout of the fleet (`{prefix}/rollouts/{service}`): its plan and progress, one
+/// document every node reads and the driving node advances with compare-and-swap on its mod
+/// revision, so that a step is never skipped nor repeated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetRollout {
+    #[serde(with = "super::wire::colour")]
+    pub from: Colour,
+    #[serde(with = "super::wire::colour")]
+    pub to: Colour,
+    /// The compiled plan, one token an op (`h0`, `s1000`, `p60`, `w60`: see the engine's
+    /// rollout ops).
+    pub ops: Vec<String>,
+    /// The op under way (0-based; `ops.len()` once over).
+    pub at: usize,
+    /// When the op under way began (UNIX seconds).
+    pub op_started_unix: u64,
+    /// `running`, `complete`, `aborted` or `interrupted`.
+    pub state: String,
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default)]
+    pub force: bool,
+    /// Share of new flows on `to` now, in 0.01 %.
+    #[serde(default)]
+    pub share_bp: u32,
+    /// The desired state's mod revision before the rollout's last write to it: a desired state
+    /// newer than that which says something else was written by someone else.
+    #[serde(default)]
+    pub desired_revision: i64,
+    /// The last judgement, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judgement: Option<String>,
+    /// Why it ended, when it did not complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The node that wrote the last step (the driver then).
+    #[serde(default)]
+    pub driver: String,
+    /// Who started it, and when (UNIX seconds).
+    #[serde(default)]
+    pub started_by: String,
+    #[serde(default)]
+    pub started_unix: u64,
+    /// One line per op done, in order (`"2 pause 2s by lb0: pass: …"`): the proof that no
+    /// step was skipped or repeated.
+    #[serde(default)]
+    pub history: Vec<String>,
+}
+
 impl Desired {
     /// A desired state of `active`, with nothing else set (no canary, no previous colour, no
     /// shared pools, no record of a change).

@@ -35,7 +35,7 @@ pub use self::{
         ANSWER_GRACE, ClientError, Deadline, MAX_REQUEST, TIMEOUT, parse_request, parse_request_line, request,
         request_line, too_late,
     },
-    fleet::{Desired, NodeService, NodeState, SharedBackend},
+    fleet::{Desired, FleetRollout, NodeService, NodeState, SharedBackend},
     flows::{FlowEntry, FlowGroup, FlowListing, FlowQuery, FlowSource, FlowState, FlowStop},
 };
 
@@ -405,6 +405,12 @@ pub struct RolloutStatus {
     /// A DR drill (`switcher drill`), not a release: its `judgement` is the drill's report.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub drill: bool,
+    /// In a fleet: the node driving the rollout now (none: no node drives it at the moment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// In a fleet: whose counters judge the pauses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_from: Option<String>,
 }
 
 /// The colour kept ready after a rollout.

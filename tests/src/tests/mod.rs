@@ -5,6 +5,7 @@ mod agent;
 mod direct;
 mod e2e;
 mod fleet;
+mod fleet_rollout;
 mod hostile;
 mod inspect;
 mod observability;
