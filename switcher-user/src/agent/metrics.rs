@@ -310,12 +310,8 @@ pub async fn serve(addr: SocketAddr, engine: Handle<Dataplane>, fleet: Option<Ar
                 if let (Some(s), Some(f)) = (&mut snapshot, &fleet) {
                     let names: Vec<String> = s.services.iter().map(|x| x.name.clone()).collect();
                     s.fleet = Some(f.local_view(&names));
-                    // A fleet's rollout, as every node shows it in `status`.
-                    for x in &mut s.services {
-                        if let Some(r) = f.rollout_status(&x.name) {
-                            x.rollout = Some(r);
-                        }
-                    }
+                    // A fleet's rollout and its backup, as every node shows them in `status`.
+                    f.show_rollouts(&mut s.services);
                 }
                 match snapshot.map(|s| render(&s)) {
                     Some(Ok(text)) => ("200 OK", text),

@@ -319,10 +319,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
         ),
         (_, _) if late() => protocol::too_late(),
         (Request::Flows(query), _) => super::flows::answer(ctx.engine, ctx.flows, query, deadline).await,
-        (Request::Drill { .. }, Some(_)) => Response::error(
-            "drills are not run fleet-wide yet, and a drill of this node alone would fight the fleet's desired state: drill a node outside the fleet, or rehearse with a fleet rollout (`switcher rollout SERVICE COLOUR --steps 10%,\"pause 5m\"` then `switcher rollout abort SERVICE`)",
-        ),
-        (req @ (Request::Rollout { .. } | Request::RolloutControl { .. }), Some(f)) => {
+        (req @ (Request::Rollout { .. } | Request::RolloutControl { .. } | Request::Drill { .. }), Some(f)) => {
             let (resp, change) = f.rollout(ctx.engine, req, who).await;
             if let Some(c) = change {
                 ctx.audit.record(who, &c);
@@ -367,12 +364,8 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
             }
             if status && let Some(f) = fleet {
                 resp.fleet = Some(f.local_view(&names().await));
-                // A fleet's rollout is the fleet's: every node shows it.
-                for s in &mut resp.services {
-                    if let Some(r) = f.rollout_status(&s.name) {
-                        s.rollout = Some(r);
-                    }
-                }
+                // A fleet's rollout (and the backup it keeps) is the fleet's: every node shows it.
+                f.show_rollouts(&mut resp.services);
             }
             resp
         }

@@ -16,7 +16,10 @@ use switcher_user::{
 /// per new flow against the live colour's) and reports it: in `switcher drill status`,
 /// `switcher status` and the audit log. A standby that stops answering during the drill ends
 /// it at once. The drill is refused when the standby is unhealthy, or a rollout, another
-/// drill, a canary or a drain is under way, and in fleet mode. This command returns at once.
+/// drill, a canary or a drain is under way. In a fleet it is one drill for every node (its
+/// record in etcd, one node drives it, every node applies the share and the switch back,
+/// judged from every node's counters), also refused while the fleet keeps the backup of a
+/// rollout. This command returns at once.
 ///
 /// `switcher drill status SERVICE` follows it; `switcher drill abort SERVICE` ends it early
 /// (new flows back on the live colour).

@@ -137,6 +137,41 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 /// Counters of one colour of one service, summed over CPUs: the protocol's type.
 pub use crate::protocol::Counters;
 
+impl Counters {
+    /// The sum of `all`, field by field: every number of `Counters`, whatever its fields (an
+    /// array element by element), so a field added to it is summed too. Used for a service's
+    /// counters over the nodes of a fleet.
+    #[must_use]
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Counters>) -> Counters {
+        fn add(total: &mut serde_json::Value, v: &serde_json::Value) {
+            use serde_json::Value;
+            match (total, v) {
+                (Value::Number(t), Value::Number(n)) => {
+                    if let (Some(a), Some(b)) = (t.as_u64(), n.as_u64()) {
+                        *t = a.saturating_add(b).into();
+                    }
+                }
+                (Value::Array(t), Value::Array(n)) => t.iter_mut().zip(n).for_each(|(a, b)| add(a, b)),
+                (Value::Object(t), Value::Object(n)) => {
+                    for (k, b) in n {
+                        if let Some(a) = t.get_mut(k) {
+                            add(a, b);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut total = serde_json::to_value(Counters::default()).unwrap_or_default();
+        for c in all {
+            if let Ok(v) = serde_json::to_value(c) {
+                add(&mut total, &v);
+            }
+        }
+        serde_json::from_value(total).unwrap_or_default()
+    }
+}
+
 /// A service as the maps hold it after an install or adoption.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Installed {

@@ -355,6 +355,16 @@ pub(crate) fn checked(b: &mut Switchboard<FakeMaps>, watch: Option<Duration>, fa
     s.config.failover = failover;
 }
 
+/// The rollout settings of `web` (for the tests of the fleet's rollouts, above the engine).
+pub(crate) fn web_rollout(b: &mut Switchboard<FakeMaps>) -> &mut crate::steps::RolloutConfig {
+    &mut b.services[0].config.rollout
+}
+
+/// Sets what the data path has counted for `colour` of `web`.
+pub(crate) fn count(b: &mut Switchboard<FakeMaps>, colour: Colour, c: Counters) {
+    b.maps.counters.insert((0, colour), c);
+}
+
 pub(crate) fn probe(b: &mut Switchboard<FakeMaps>, addr: &str, ok: bool) -> Vec<Change> {
     let r = if ok { Ok(()) } else { Err("connect: connection refused".to_owned()) };
     b.record_health("web", vec![(addr.parse().expect("addr"), r)])

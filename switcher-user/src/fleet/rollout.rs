@@ -25,20 +25,29 @@
 //! same transaction, so it works with no driver alive, and the node that aborts runs the
 //! on-abort hook.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+    time::Instant,
+};
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use switcher_common::BP_ALL;
 
+use self::{backup::keeps_backup, drill::is_drill};
 use super::{Fleet, etcd_error, now_unix, plan::plan};
 use crate::{
     engine::{
         Change, Handle, HookRun, Maps,
-        rollout::{Judgement, Op, Window, judge},
+        rollout::{Judgement, Op, judge},
     },
     protocol::{Colour, Desired, FleetRollout, Request, Response, RolloutAction, RolloutStatus, Scope, percent},
     steps::HookPoint,
 };
+
+mod backup;
+mod counters;
+mod drill;
 
 /// Runs a hook to its end or its timeout (the agent's runner): `Err` says why it failed.
 pub type HookRunner = Arc<dyn Fn(&HookRun) -> Result<(), String> + Send + Sync>;
@@ -95,6 +104,11 @@ pub(super) trait Store {
     async fn swap(&mut self, expect: &[(String, i64)], writes: Vec<(String, String)>) -> Result<Option<i64>, String>;
     /// Creates `key` = `value` under `lease` if it is absent; says whether it did.
     async fn claim(&mut self, key: &str, value: &str, lease: i64) -> Result<bool, String>;
+    /// Every `(key, value)` under `prefix`.
+    async fn read_prefix(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String>;
+    /// Puts `key` = `value` under `lease`, whatever was there.
+    async fn put(&mut self, key: &str, value: String, lease: i64) -> Result<(), String>;
+    async fn delete(&mut self, key: &str) -> Result<(), String>;
 }
 
 impl Store for Client {
@@ -119,6 +133,27 @@ impl Store for Client {
         )]);
         Ok(self.txn(txn).await.map_err(|e| etcd_error(&e))?.succeeded())
     }
+
+    async fn read_prefix(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let got = self.get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(|e| etcd_error(&e))?;
+        Ok(got.kvs().iter().filter_map(|kv| Some((kv.key_str().ok()?.to_owned(), kv.value().to_vec()))).collect())
+    }
+
+    async fn put(&mut self, key: &str, value: String, lease: i64) -> Result<(), String> {
+        let opts = PutOptions::new().with_lease(lease);
+        Client::put(self, key, value, Some(opts)).await.map_err(|e| etcd_error(&e))?;
+        Ok(())
+    }
+
+    async fn delete(&mut self, key: &str) -> Result<(), String> {
+        Client::delete(self, key, None::<DeleteOptions>).await.map_err(|e| etcd_error(&e))?;
+        Ok(())
+    }
+}
+
+/// A record a driver has work on: a rollout (or drill) running, or the backup it keeps.
+fn driven(r: &FleetRollout) -> bool {
+    r.state == RUNNING || keeps_backup(r)
 }
 
 /// The ops of a record; an op this switcher cannot read is an error.
@@ -202,8 +237,8 @@ struct Drive {
     at: (usize, u64),
     /// When this driver took the op up: a pause's or watch's window begins here.
     since: Instant,
-    /// A pause's counters at the start of its window: `[from, to]`.
-    baseline: Option<[crate::protocol::Counters; 2]>,
+    /// A pause's counters at the start of its window, by node: `[from, to]`.
+    baseline: Option<BTreeMap<String, [crate::protocol::Counters; 2]>>,
     /// The hook running.
     hook: Option<tokio::task::JoinHandle<Result<(), String>>>,
     /// An inconclusive judgement was written to the record.
@@ -224,29 +259,31 @@ pub(super) struct Driver {
     hooks: u64,
     /// The last error of each rollout driven here, logged once until it changes.
     errors: HashMap<String, String>,
+    /// The services whose counters this node publishes (see `counters`).
+    published: HashSet<String>,
 }
 
 impl Driver {
     pub fn new(lease: i64) -> Driver {
-        Driver { lease, driving: HashMap::new(), hooks: 0, errors: HashMap::new() }
+        Driver { lease, driving: HashMap::new(), hooks: 0, errors: HashMap::new(), published: HashSet::new() }
     }
 
     /// Every second: for each running rollout, take the driver's key if nobody holds it, and
     /// drive those this node holds as far as they go now.
-    pub async fn tick<M: Maps + Send + 'static>(
+    pub async fn tick<M: Maps + Send + 'static, S: Store>(
         &mut self,
         fleet: &Fleet,
         engine: &Handle<M>,
-        client: &mut Client,
+        client: &mut S,
         record: &impl Fn(&str, &Change),
     ) -> Result<(), String> {
         let (records, drivers) = {
             let st = fleet.lock();
             (st.rollouts.records.clone(), st.rollouts.drivers.clone())
         };
-        self.driving.retain(|name, _| records.get(name).is_some_and(|(r, _)| r.state == RUNNING));
+        self.driving.retain(|name, _| records.get(name).is_some_and(|(r, _)| driven(r)));
         let me = fleet.config.node.clone();
-        for (name, (r, rev)) in records.into_iter().filter(|(_, (r, _))| r.state == RUNNING) {
+        for (name, (r, rev)) in records.into_iter().filter(|(_, (r, _))| driven(r)) {
             match drivers.get(&name) {
                 Some((node, lease)) if *node == me && *lease == self.lease => {}
                 Some(_) => {
@@ -297,11 +334,11 @@ impl Driver {
 
     /// Drives one rollout as far as it goes now (at most one pass per op).
     #[expect(clippy::too_many_arguments, reason = "a session's parts")]
-    async fn drive<M: Maps + Send + 'static>(
+    async fn drive<M: Maps + Send + 'static, S: Store>(
         &mut self,
         fleet: &Fleet,
         engine: &Handle<M>,
-        client: &mut Client,
+        client: &mut S,
         record: &impl Fn(&str, &Change),
         name: &str,
         mut r: FleetRollout,
@@ -311,7 +348,7 @@ impl Driver {
             match self.one(fleet, engine, client, record, name, &r, rev).await? {
                 Some((next, at)) => {
                     fleet.lock().rollouts.records.insert(name.to_owned(), (next.clone(), at));
-                    if next.state != RUNNING {
+                    if !driven(&next) {
                         return Ok(());
                     }
                     (r, rev) = (next, at);
@@ -325,11 +362,11 @@ impl Driver {
     /// One op of a rollout this node drives: the record written when it moved on or ended.
     #[expect(clippy::too_many_arguments, reason = "a session's parts")]
     #[expect(clippy::too_many_lines, reason = "one arm per op, as on one node")]
-    async fn one<M: Maps + Send + 'static>(
+    async fn one<M: Maps + Send + 'static, S: Store>(
         &mut self,
         fleet: &Fleet,
         engine: &Handle<M>,
-        client: &mut Client,
+        client: &mut S,
         record: &impl Fn(&str, &Change),
         name: &str,
         r: &FleetRollout,
@@ -345,6 +382,12 @@ impl Driver {
                 h.abort();
             }
             *d = Drive::new(r);
+        }
+        if keeps_backup(r) {
+            return self.keep(fleet, engine, client, record, name, r, rev).await;
+        }
+        if r.state != RUNNING {
+            return Ok(None);
         }
         let ops = match ops_of(r) {
             Ok(ops) => ops,
@@ -383,7 +426,11 @@ impl Driver {
             return Ok(written.map(|at| (next, at)));
         }
         let Some(op) = ops.get(r.at).copied() else {
-            let next = ended(r, COMPLETE, None, &me, now);
+            let n = name.to_owned();
+            let keep = engine.call(move |b| b.keep_previous(&n)).await.ok().flatten();
+            let mut next = ended(r, COMPLETE, None, &me, now);
+            // The old colour stays the fleet's backup this long (every node shows it).
+            next.kept_until_unix = keep.map(|k| now + k.as_secs());
             let written = step(client, (&key, rev), &next, None).await?;
             if written.is_some() {
                 tracing::info!(service = %name, from = %r.from, to = %r.to, "fleet rollout complete");
@@ -497,43 +544,47 @@ impl Driver {
                 }
                 Ok(written.map(|at| (next, at)))
             }
+            Op::Pause(len) if is_drill(r) => {
+                self.drill_pause(fleet, engine, client, record, name, (r, rev), len).await
+            }
             Op::Pause(len) => {
-                let (n, from, to) = (name.to_owned(), r.from, r.to);
-                let sample =
-                    engine.call(move |b| b.rollout_sample(&n, from, to)).await.map_err(|e| e.to_string())??;
-                let Some([old0, new0]) = d.baseline else {
-                    d.baseline = Some(sample.counters);
-                    return Ok(None);
-                };
+                let Some(judged) = self.judged(fleet, engine, client, name, r).await? else { return Ok(None) };
                 let j = judge(
-                    sample.thresholds,
-                    (r.from, Window::between(old0, sample.counters[0])),
-                    (r.to, Window::between(new0, sample.counters[1])),
-                    sample.to_healthy,
-                    sample.replies_seen,
+                    judged.thresholds,
+                    (r.from, judged.windows[0]),
+                    (r.to, judged.windows[1]),
+                    judged.to_healthy,
+                    judged.replies_seen,
                 );
+                let Some(d) = self.driving.get_mut(name) else { return Ok(None) };
                 let over = d.since.elapsed() >= len;
                 let text = j.to_string();
                 match j {
-                    Judgement::Fail(why) => self.abort(fleet, engine, client, record, name, r, rev, why).await,
+                    Judgement::Fail(why) => {
+                        let why = format!("{why} (judged from {})", judged.from);
+                        self.abort(fleet, engine, client, record, name, r, rev, why).await
+                    }
                     Judgement::Pass(_) if over && !r.paused => {
-                        tracing::info!(service = %name, step = r.at + 1, "judged: {text}");
+                        tracing::info!(service = %name, step = r.at + 1, from = %judged.from, "judged: {text}");
                         record(
                             "rollout",
                             &Change {
                                 service: name.into(),
                                 what: "rollout-judged".into(),
                                 from: op.to_string(),
-                                to: text.clone(),
+                                to: format!("{text} (judged from {})", judged.from),
                             },
                         );
-                        Self::advance(client, &key, r, rev, Some(text), &me).await
+                        let mut next = advanced(r, &me, Some(text), now_unix());
+                        next.judged_from = Some(judged.from);
+                        Ok(step(client, (&key, rev), &next, None).await?.map(|at| (next, at)))
                     }
                     Judgement::Inconclusive(_) if over && !d.holding => {
-                        tracing::info!(service = %name, step = r.at + 1, "holding: {text}");
+                        tracing::info!(service = %name, step = r.at + 1, from = %judged.from, "holding: {text}");
                         d.holding = true;
                         let mut next = r.clone();
                         next.judgement = Some(text);
+                        next.judged_from = Some(judged.from);
                         Ok(step(client, (&key, rev), &next, None).await?.map(|at| (next, at)))
                     }
                     _ => Ok(None),
@@ -556,14 +607,16 @@ impl Driver {
                 Self::advance(client, &key, r, rev, Some(note), &me).await
             }
             Op::Back => {
-                let why = "a drill's op in a fleet rollout: drills are not run by a fleet".to_owned();
-                self.abort(fleet, engine, client, record, name, r, rev, why).await
+                if r.paused {
+                    return Ok(None);
+                }
+                self.back(fleet, engine, client, record, name, r, rev).await
             }
         }
     }
 
-    async fn advance(
-        client: &mut Client,
+    async fn advance<S: Store>(
+        client: &mut S,
         key: &str,
         r: &FleetRollout,
         rev: i64,
@@ -576,11 +629,11 @@ impl Driver {
 
     /// The driver's own abort: as an operator's, then the on-abort hook here.
     #[expect(clippy::too_many_arguments, reason = "a session's parts")]
-    async fn abort<M: Maps + Send + 'static>(
+    async fn abort<M: Maps + Send + 'static, S: Store>(
         &mut self,
         fleet: &Fleet,
         engine: &Handle<M>,
-        client: &mut Client,
+        client: &mut S,
         record: &impl Fn(&str, &Change),
         name: &str,
         r: &FleetRollout,
@@ -589,17 +642,21 @@ impl Driver {
     ) -> Result<Option<(FleetRollout, i64)>, String> {
         let written = abort_rollout(fleet, engine, client, name, (r, rev), &why).await?;
         if let Some((next, _)) = &written {
-            tracing::warn!(service = %name, from = %r.from, to = %r.to, step = r.at + 1, "fleet rollout aborted: {why}");
+            let (what, kind) = if is_drill(r) { ("drill-abort", "drill") } else { ("rollout-abort", "rollout") };
+            tracing::warn!(service = %name, from = %r.from, to = %r.to, step = r.at + 1, "fleet {kind} aborted: {why}");
             record(
                 "rollout",
                 &Change {
                     service: name.into(),
-                    what: "rollout-abort".into(),
+                    what: what.into(),
                     from: format!("{} {}", r.to, percent(r.share_bp)),
                     to: format!("{}: {why}", r.from),
                 },
             );
-            on_abort_hook(fleet, engine, name, next, &why).await;
+            // A drill runs no rollout hooks, as on one node.
+            if !is_drill(r) {
+                on_abort_hook(fleet, engine, name, next, &why).await;
+            }
         }
         Ok(written)
     }
@@ -727,15 +784,6 @@ impl Fleet {
         }
     }
 
-    /// The fleet's rollout of `name`, as `status` shows it on every node.
-    #[must_use]
-    pub fn rollout_status(&self, name: &str) -> Option<RolloutStatus> {
-        let st = self.lock();
-        let (r, _) = st.rollouts.records.get(name)?;
-        let driver = st.rollouts.drivers.get(name).map(|(n, _)| n.clone());
-        Some(status_of(r, driver, now_unix()))
-    }
-
     /// `switcher rollout SERVICE COLOUR` and `switcher rollout pause|resume|promote|abort
     /// SERVICE` in a fleet: writes to the rollout's record (checked against the revision
     /// read), which the driving node obeys.
@@ -761,6 +809,9 @@ impl Fleet {
             }
             Request::RolloutControl { service, action } => {
                 self.control_rollout(engine, &mut client, &service, action, who).await
+            }
+            Request::Drill { service, secs, share_bp } => {
+                self.start_drill(engine, &mut client, &service, secs, share_bp, who).await
             }
             _ => Err("not a rollout request".into()),
         };
@@ -825,6 +876,9 @@ impl Fleet {
             started_by: format!("{} ({who})", self.config.node),
             started_unix: now,
             history: Vec::new(),
+            kept_until_unix: None,
+            backup_end: None,
+            judged_from: None,
         };
         let value = serde_json::to_string(&r).map_err(|e| e.to_string())?;
         let written = store.swap(&[(key, rrev), (dkey, drev)], vec![(self.rollout_key(name), value)]).await?;
@@ -903,8 +957,12 @@ impl Fleet {
                 let why = format!("aborted by the operator on {me} ({who})");
                 let (next, _) =
                     abort_rollout(self, engine, store, name, (&r, rev), &why).await?.ok_or_else(conflict)?;
-                on_abort_hook(self, engine, name, &next, &why).await;
-                format!("{name}: fleet rollout aborted; new flows go back to {} on every node", r.from)
+                if is_drill(&r) {
+                    format!("{name}: fleet drill aborted; new flows go back to {} on every node", r.from)
+                } else {
+                    on_abort_hook(self, engine, name, &next, &why).await;
+                    format!("{name}: fleet rollout aborted; new flows go back to {} on every node", r.from)
+                }
             }
         };
         let what = match action {
@@ -948,12 +1006,11 @@ pub(super) fn status_of(r: &FleetRollout, driver: Option<String>, now: u64) -> R
         share_bp: r.share_bp,
         judgement: r.judgement.clone(),
         reason: r.reason.clone(),
-        drill: false,
+        drill: is_drill(r),
         driver: if running { driver } else { Some(r.driver.clone()).filter(|d| !d.is_empty()) },
-        judged_from: Some(
-            "the driving node's own counters (nodes do not publish theirs; with ECMP it sees its share of the traffic)"
-                .into(),
-        ),
+        judged_from: Some(r.judged_from.clone().unwrap_or_else(|| {
+            "the counters every node publishes while it runs, summed on the driver (no pause judged yet)".into()
+        })),
     }
 }
 
@@ -967,13 +1024,13 @@ mod tests {
 
     /// etcd in memory: keys with their mod revisions, one revision per write, leases.
     #[derive(Default)]
-    struct FakeStore {
-        kvs: HashMap<String, (String, i64, i64)>,
-        revision: i64,
+    pub(super) struct FakeStore {
+        pub(super) kvs: HashMap<String, (String, i64, i64)>,
+        pub(super) revision: i64,
     }
 
     impl FakeStore {
-        fn put(&mut self, key: &str, value: String) -> i64 {
+        pub(super) fn put(&mut self, key: &str, value: String) -> i64 {
             self.revision += 1;
             self.kvs.insert(key.to_owned(), (value, self.revision, 0));
             self.revision
@@ -985,7 +1042,7 @@ mod tests {
             self.revision += 1;
         }
 
-        fn record(&self, key: &str) -> FleetRollout {
+        pub(super) fn record(&self, key: &str) -> FleetRollout {
             serde_json::from_str(&self.kvs[key].0).expect("a record")
         }
     }
@@ -1018,12 +1075,35 @@ mod tests {
             self.kvs.insert(key.to_owned(), (value.to_owned(), self.revision, lease));
             Ok(true)
         }
+
+        async fn read_prefix(&mut self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
+            let mut all: Vec<(String, Vec<u8>)> = self
+                .kvs
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, (v, _, _))| (k.clone(), v.clone().into_bytes()))
+                .collect();
+            all.sort();
+            Ok(all)
+        }
+
+        async fn put(&mut self, key: &str, value: String, lease: i64) -> Result<(), String> {
+            self.revision += 1;
+            self.kvs.insert(key.to_owned(), (value, self.revision, lease));
+            Ok(())
+        }
+
+        async fn delete(&mut self, key: &str) -> Result<(), String> {
+            self.revision += 1;
+            self.kvs.remove(key);
+            Ok(())
+        }
     }
 
-    const KEY: &str = "/sw/rollouts/web";
-    const DESIRED: &str = "/sw/services/web";
+    pub(super) const KEY: &str = "/sw/rollouts/web";
+    pub(super) const DESIRED: &str = "/sw/services/web";
 
-    fn rollout(plan: &[&str]) -> FleetRollout {
+    pub(super) fn rollout(plan: &[&str]) -> FleetRollout {
         let steps = steps::parse_plan(plan).expect("a plan");
         let ops = compile(&steps, &RolloutConfig { watch: None, ..RolloutConfig::default() });
         FleetRollout {
@@ -1043,6 +1123,9 @@ mod tests {
             started_by: "lb0 (uid=0)".into(),
             started_unix: 1_000,
             history: Vec::new(),
+            kept_until_unix: None,
+            backup_end: None,
+            judged_from: None,
         }
     }
 
@@ -1064,7 +1147,8 @@ mod tests {
         assert_eq!((s.state.as_str(), s.step, s.step_secs, s.share_bp), ("running", 2, 5, 1_000));
         assert_eq!(s.steps, ["10%", "pause 2s", "100%"]);
         assert_eq!(s.driver.as_deref(), Some("lb1"));
-        assert!(s.judged_from.as_deref().is_some_and(|j| j.contains("driving node's own counters")), "{s:?}");
+        assert!(s.judged_from.as_deref().is_some_and(|j| j.contains("no pause judged yet")), "{s:?}");
+        assert!(!s.drill);
         let holding = FleetRollout { judgement: Some("inconclusive: 3 new flows".into()), ..at_pause.clone() };
         assert_eq!(status_of(&holding, None, 1_005).state, "holding");
         let paused = FleetRollout { paused: true, ..at_pause.clone() };
@@ -1144,7 +1228,7 @@ mod tests {
         assert!(done.history[1].ends_with("by lb0") && done.history[2].ends_with("by lb1"), "{:?}", done.history);
     }
 
-    fn fleet() -> Fleet {
+    pub(super) fn fleet() -> Fleet {
         Fleet::new(crate::config::FleetConfig {
             endpoints: vec![],
             prefix: "/sw".into(),

@@ -148,7 +148,10 @@ async fn session_inner<M: Maps + Send + 'static>(
                 }
                 fleet.watched_rollouts(msg.events());
             }
-            _ = drive.tick() => driver.tick(fleet, engine, &mut client, record).await?,
+            _ = drive.tick() => {
+                driver.publish_counters(fleet, engine, &mut client).await?;
+                driver.tick(fleet, engine, &mut client, record).await?;
+            }
             _ = renew.tick() => keeper.keep_alive().await.map_err(e)?,
             answer = keepalive.message() => {
                 let answer = answer.map_err(e)?.ok_or("the lease keep-alive stream ended")?;

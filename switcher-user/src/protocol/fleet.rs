@@ -129,6 +129,18 @@ pub struct FleetRollout {
     /// step was skipped or repeated.
     #[serde(default)]
     pub history: Vec<String>,
+    /// After completion: `from` stays the fleet's backup, the instant rollback target, until
+    /// then (UNIX seconds; `keep_previous_secs` of the node that completed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_until_unix: Option<u64>,
+    /// How the backup's time ended, once (`released by lb0 (hook backup_released
+    /// succeeded)`, `ended by lb1: the fleet switched to blue`): a driver that takes over reads
+    /// it and does not release it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_end: Option<String>,
+    /// Whose counters judged the last pause (`3 nodes (lb0, lb1, lb2)`, and those left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_from: Option<String>,
 }
 
 impl Desired {
@@ -168,4 +180,16 @@ impl NodeService {
             healthy_green: false,
         }
     }
+}
+
+/// A node's counters of one service's two colours (`{prefix}/counters/{service}/{node}`,
+/// under the node's lease), published about once a second while a rollout of the service
+/// runs, for the driver to judge its pauses from the whole fleet's traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCounters {
+    pub node: String,
+    /// When they were read (UNIX milliseconds, the node's clock).
+    pub at_unix_ms: u64,
+    pub blue: super::Counters,
+    pub green: super::Counters,
 }

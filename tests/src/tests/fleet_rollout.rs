@@ -1,7 +1,9 @@
 //! T2 for a fleet's rollout: two fleet nodes (each its own daemon and XDP program, one etcd)
 //! follow one rollout started on one of them; both apply each share as it comes; the node
 //! that drives it is killed mid-plan, and the other takes the driver's key when its lease
-//! expires and completes the rollout at the recorded step, none skipped nor repeated.
+//! expires and completes the rollout at the recorded step, none skipped nor repeated. After a
+//! rollout both nodes show the kept backup, and a rollback within its window is one write; a
+//! drill started on one node moves both to the standby and back, with its report.
 
 use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
 
@@ -44,15 +46,20 @@ struct Two {
 
 impl Two {
     fn start() -> Two {
+        Two::start_with("")
+    }
+
+    /// Two nodes whose `[service.rollout]` has `extra` lines too.
+    fn start_with(extra: &str) -> Two {
         let etcd = Etcd::start();
         let t = FleetTopology::new(2);
         let relays: Vec<Relay> = t.lbs.iter().map(|ns| Relay::start(ns, etcd.client_port)).collect();
         let prefix = format!("/switcher-test-{}", t.client.name);
         // Judged without traffic (min_flows = 0): these tests are about who drives, not the
         // judgement.
-        let rollout = "\n[service.rollout]\nmin_flows = 0\n";
+        let rollout = format!("\n[service.rollout]\nmin_flows = 0\n{extra}");
         let nodes: Vec<Daemon> =
-            (0..2).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s) + rollout)).collect();
+            (0..2).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s) + &rollout)).collect();
         let two = Two { nodes, _relays: relays, t, etcd, prefix };
         let up = wait_for(Duration::from_secs(20), || two.nodes.iter().all(follows).then_some(()));
         assert!(up.is_some(), "both nodes follow the fleet's desired state\n{}", two.logs());
@@ -193,4 +200,97 @@ fn any_fleet_node_pauses_and_aborts_the_rollout_even_with_its_driver_dead() {
     assert!(both.is_some(), "both nodes on blue\n{}", two.logs());
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(two.record().state, "aborted", "an aborted rollout stays aborted");
+}
+
+/// The mod revision and version of the fleet's desired state of `web`.
+fn desired_version(two: &Two) -> (i64, u64) {
+    let key = format!("{}/services/web", two.prefix);
+    let (_, keys) = two.etcd.keys(&key, 0).expect("etcd answers");
+    let (_, rev, version) = keys.into_iter().find(|(k, _, _)| *k == key).expect("the desired state");
+    (rev, version)
+}
+
+#[test]
+fn both_fleet_nodes_show_the_kept_backup_and_a_rollback_within_it_is_one_write() {
+    if !crate::have_root("both_fleet_nodes_show_the_kept_backup_and_a_rollback_within_it_is_one_write") {
+        return;
+    }
+    let two = Two::start_with("keep_previous_secs = 600\n");
+    two.nodes[0].cli_ok(&["rollout", "web", "green", "--steps", "10%,pause 1s,100%"]);
+
+    // 1. Complete: both nodes on green, and both show blue as the backup for (at most) 600 s.
+    let kept = wait_for(Duration::from_secs(30), || {
+        let b: Vec<_> = two.nodes.iter().filter_map(|d| web(d).backup).collect();
+        (b.len() == 2).then_some(b)
+    });
+    let kept = kept.unwrap_or_else(|| panic!("both nodes show the backup\n{}", two.logs()));
+    for b in &kept {
+        assert_eq!(b.colour, Colour::Blue, "{kept:?}");
+        assert!((1..=600).contains(&b.secs_left), "{kept:?}");
+    }
+    assert!(two.nodes.iter().all(|d| share_on(d) == (Colour::Green, 10_000)));
+    let record = two.record();
+    assert_eq!(record.state, "complete", "{record:?}");
+    assert!(record.kept_until_unix.is_some() && record.backup_end.is_none(), "{record:?}");
+    let text = two.nodes[1].cli_ok(&["rollout", "status", "web"]);
+    assert!(text.contains("backup: blue for"), "{text}");
+
+    // 2. A rollback within the window, from the node that did not start the rollout: one write
+    //    of the desired state, and both nodes back on blue; the backup is over, with no hook.
+    let (_, before) = desired_version(&two);
+    let out = two.nodes[1].cli_ok(&["rollback", "web"]);
+    assert!(!out.is_empty());
+    let back =
+        wait_for(Duration::from_secs(20), || two.nodes.iter().all(|d| share_on(d) == (Colour::Blue, 0)).then_some(()));
+    assert!(back.is_some(), "both nodes back on blue\n{}", two.logs());
+    let (_, after) = desired_version(&two);
+    assert_eq!(after, before + 1, "the rollback is one write of the desired state");
+    let ended = wait_for(Duration::from_secs(10), || two.record().backup_end);
+    let ended = ended.unwrap_or_else(|| panic!("the driver ends the backup\n{}", two.logs()));
+    assert!(ended.contains("the fleet switched to blue"), "{ended}");
+    let none = wait_for(Duration::from_secs(10), || two.nodes.iter().all(|d| web(d).backup.is_none()).then_some(()));
+    assert!(none.is_some(), "no node shows a backup any more");
+}
+
+#[test]
+fn a_drill_in_a_fleet_moves_both_nodes_to_the_standby_and_back_with_its_report() {
+    if !crate::have_root("a_drill_in_a_fleet_moves_both_nodes_to_the_standby_and_back_with_its_report") {
+        return;
+    }
+    let two = Two::start();
+    let out = two.nodes[1].cli_ok(&["drill", "web", "--for", "4s"]);
+    assert!(out.contains("fleet drill started: 100% of new flows to green for 4s on every node"), "{out}");
+    let again = two.nodes[0].cli(&["drill", "web"]);
+    assert!(!again.status.success(), "a second drill is refused on the other node");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("under way"), "{again:?}");
+
+    // 1. Both nodes follow the share to the standby, and both show the drill.
+    two.wait_share(10_000);
+    for d in &two.nodes {
+        let r = web(d).rollout.expect("every node shows the drill");
+        assert!(r.drill, "{r:?}");
+    }
+
+    // 2. Both nodes back on blue when it is over, with the report on both.
+    let back =
+        wait_for(Duration::from_secs(30), || two.nodes.iter().all(|d| share_on(d) == (Colour::Blue, 0)).then_some(()));
+    assert!(back.is_some(), "both nodes back on blue\n{}", two.logs());
+    let done = wait_for(Duration::from_secs(10), || {
+        let all: Vec<_> = two.nodes.iter().filter_map(|d| web(d).rollout.filter(|r| r.state == "complete")).collect();
+        (all.len() == 2).then_some(all)
+    });
+    let done = done.unwrap_or_else(|| panic!("both nodes show the drill complete\n{}", two.logs()));
+    for r in &done {
+        assert!(r.drill && r.judgement.as_deref().is_some_and(|j| j.starts_with("green took")), "{r:?}");
+    }
+    let record = two.record();
+    let steps: Vec<&str> = record.history.iter().filter_map(|h| h.split(' ').next()).collect();
+    assert_eq!(steps, ["1", "2", "3", "complete"], "{:?}", record.history);
+    let text = two.nodes[0].cli_ok(&["drill", "status", "web"]);
+    assert!(text.contains("report: green took"), "{text}");
+    // Every node's audit trail has the switch back with the report.
+    for d in &two.nodes {
+        let log = d.log();
+        assert!(log.contains("drill of web over: green took"), "{log}");
+    }
 }

@@ -3,9 +3,11 @@
 //! and health now, for [`judge`](super::judge); and a hook with its environment. The
 //! progress itself lives in etcd, not here.
 
-use switcher_common::user::Colour;
+use std::time::Duration;
 
-use super::{End, HookRun, Op, Switchboard, Thresholds, compile};
+use switcher_common::{BP_ALL, user::Colour};
+
+use super::{End, HookRun, Op, Switchboard, Thresholds, compile, drill_ops};
 use crate::{
     config::Mode,
     dataplane::Counters,
@@ -64,6 +66,60 @@ impl<M: Maps> Switchboard<M> {
         };
         self.may_switch(i, to, false, force)?;
         Ok(compile(&steps, &s.config.rollout))
+    }
+
+    /// The ops of a fleet drill of `name`: `share` of new flows to the standby (the other
+    /// colour than the fleet's `active`) for `secs`, then back; checked as `switcher drill`
+    /// checks a drill on one node, the standby's health and drains as this node sees them.
+    ///
+    /// # Errors
+    /// Why the drill may not start, for the operator.
+    pub fn plan_fleet_drill(
+        &self,
+        name: &str,
+        (active, canary_bp): (Colour, u32),
+        secs: Duration,
+        share: u32,
+    ) -> Result<Vec<Op>, String> {
+        let i = self.find(name)?;
+        if self.rollouts.by_service.get(name).is_some_and(|r| r.end == End::Running) {
+            return Err(format!(
+                "refusing the drill: {name} has a rollout or drill of this node only under way; `switcher rollout abort {name}` first"
+            ));
+        }
+        let s = &self.services[i];
+        let to = active.other();
+        if !s.healthy(to) {
+            return Err(format!(
+                "refusing the drill: the standby {to} of {name} is unhealthy on this node ({})",
+                s.why_unhealthy(to)
+            ));
+        }
+        if s.drain.is_some() {
+            return Err(format!(
+                "refusing the drill: {name}'s old colour is still draining on this node after a switch; try again when `switcher status {name}` shows no drain"
+            ));
+        }
+        if canary_bp > 0 {
+            return Err(format!(
+                "refusing the drill: the fleet's {name} sends {} of new flows to {to} already; end that canary first (`switcher cutover {name} {active}`)",
+                percent(canary_bp)
+            ));
+        }
+        if share == 0 || share > BP_ALL || secs.is_zero() || secs > steps::MAX_PAUSE {
+            return Err(format!(
+                "a drill sends 0.01% to 100% of new flows to the standby for 1s to {}",
+                steps::duration_words(steps::MAX_PAUSE)
+            ));
+        }
+        Ok(drill_ops(share, secs))
+    }
+
+    /// How long the old colour of a completed rollout of `name` stays the backup
+    /// (`keep_previous_secs`), if at all.
+    #[must_use]
+    pub fn keep_previous(&self, name: &str) -> Option<Duration> {
+        self.find(name).ok().and_then(|i| self.services[i].config.rollout.keep_previous)
     }
 
     /// The counters and health of `from` and `to` of `name` now, and its thresholds.
