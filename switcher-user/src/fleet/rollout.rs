@@ -544,9 +544,7 @@ impl Driver {
                 }
                 Ok(written.map(|at| (next, at)))
             }
-            Op::Pause(len) if is_drill(r) => {
-                self.drill_pause(fleet, engine, client, record, name, (r, rev), len).await
-            }
+            Op::Pause(len) if is_drill(r) => self.drill_pause(fleet, engine, client, record, name, (r, rev), len).await,
             Op::Pause(len) => {
                 let Some(judged) = self.judged(fleet, engine, client, name, r).await? else { return Ok(None) };
                 let j = judge(

@@ -84,7 +84,9 @@ impl Driver {
                     self.hooks
                 };
                 let run = engine
-                    .call(move |b| b.fleet_hook(&n, HookPoint::BackupReleased, from_to, steps + 1, steps, 0, None, token))
+                    .call(move |b| {
+                        b.fleet_hook(&n, HookPoint::BackupReleased, from_to, steps + 1, steps, 0, None, token)
+                    })
                     .await
                     .ok()
                     .flatten();
@@ -204,7 +206,12 @@ mod tests {
         assert_eq!(store.record(KEY), released, "written");
         assert_eq!(ran.load(Ordering::SeqCst), 1);
         assert!(!super::super::driven(&store.record(KEY)), "a driver taking over has nothing to run again");
-        assert!(released.history.last().is_some_and(|h| h == "backup blue released by lb1 (hook backup_released succeeded)"));
+        assert!(
+            released
+                .history
+                .last()
+                .is_some_and(|h| h == "backup blue released by lb1 (hook backup_released succeeded)")
+        );
         assert_eq!(backup_of(&released, Some(Colour::Green), now), None);
 
         // A rollback within the window (the fleet back on blue) ends it at once, with no hook.

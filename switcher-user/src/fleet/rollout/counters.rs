@@ -72,15 +72,16 @@ pub(super) fn windows(
         }
     }
     let nodes: Vec<&String> = now.keys().collect();
-    let sum = |m: &BTreeMap<String, [Counters; 2]>, i: usize| Counters::sum(nodes.iter().filter_map(|n| m.get(*n)).map(|c| &c[i]));
+    let sum = |m: &BTreeMap<String, [Counters; 2]>, i: usize| {
+        Counters::sum(nodes.iter().filter_map(|n| m.get(*n)).map(|c| &c[i]))
+    };
     [0, 1].map(|i| Window::between(sum(base, i), sum(now, i)))
 }
 
 /// What `judged_from` says: the nodes counted, and those left out.
 pub(super) fn described(counted: &[&String], stale: &[(String, u64)]) -> String {
     let names: Vec<&str> = counted.iter().map(|n| n.as_str()).collect();
-    let mut text =
-        format!("{} node{} ({})", names.len(), if names.len() == 1 { "" } else { "s" }, names.join(", "));
+    let mut text = format!("{} node{} ({})", names.len(), if names.len() == 1 { "" } else { "s" }, names.join(", "));
     if !stale.is_empty() {
         let out: Vec<String> = stale.iter().map(|(n, age)| format!("{n}, counters {}s old", age / 1_000)).collect();
         text.push_str(&format!("; left out: {}", out.join("; ")));
@@ -214,7 +215,10 @@ mod tests {
         let later = BTreeMap::from([node("lb1", c(15, 60), c(12, 48)), node("lb2", c(17, 47), c(17, 37))]);
         let [old, new] = windows(&mut base, &later);
         assert_eq!((old.flows, new.flows), (10 + 10, 10 + 10), "lb0 left out: only lb1 and lb2 count");
-        assert_eq!(described(&[&"lb1".to_owned()], &[("lb0".into(), 7_400)]), "1 node (lb1); left out: lb0, counters 7s old");
+        assert_eq!(
+            described(&[&"lb1".to_owned()], &[("lb0".into(), 7_400)]),
+            "1 node (lb1); left out: lb0, counters 7s old"
+        );
     }
 
     #[tokio::test]
@@ -236,7 +240,12 @@ mod tests {
 
         // The driver (lb1): its own counters, lb0's fresh ones, lb2's stale ones left out.
         let other = |node: &str, age_ms: u64, flows: u64| {
-            let n = NodeCounters { node: node.into(), at_unix_ms: now_ms() - age_ms, blue: c(flows, flows * 4), green: c(flows, flows * 4) };
+            let n = NodeCounters {
+                node: node.into(),
+                at_unix_ms: now_ms() - age_ms,
+                blue: c(flows, flows * 4),
+                green: c(flows, flows * 4),
+            };
             serde_json::to_string(&n).expect("json")
         };
         store.put("/sw/counters/web/lb0", other("lb0", 100, 100));

@@ -69,10 +69,8 @@ impl Fleet {
             ));
         };
         let (n, state, len) = (name.to_owned(), (desired.active, desired.canary_bp), Duration::from_secs(secs));
-        let ops = engine
-            .call(move |b| b.plan_fleet_drill(&n, state, len, share))
-            .await
-            .map_err(|e| e.to_string())??;
+        let ops =
+            engine.call(move |b| b.plan_fleet_drill(&n, state, len, share)).await.map_err(|e| e.to_string())??;
         let (from, to) = (desired.active, desired.active.other());
         let now = now_unix();
         let r = FleetRollout {
@@ -226,9 +224,8 @@ mod tests {
         let engine = Handle::start(crate::engine::tests::board()).expect("engine");
         let f = fleet();
         let mut store = FakeStore::default();
-        let start = async |store: &mut FakeStore, name: &str| {
-            f.start_drill(&engine, store, name, 1, BP_ALL, "uid=0").await
-        };
+        let start =
+            async |store: &mut FakeStore, name: &str| f.start_drill(&engine, store, name, 1, BP_ALL, "uid=0").await;
         let e = start(&mut store, "web").await.expect_err("no desired state yet");
         assert!(e.contains("no desired state"), "{e}");
         store.put("/sw/services/solo", serde_json::to_string(&Desired::of(Colour::Blue)).expect("json"));
@@ -251,7 +248,10 @@ mod tests {
         assert!(msg.contains("fleet drill started: 100% of new flows to green for 1s on every node"), "{msg}");
         assert_eq!(change.what, "fleet drill-start");
         let r = store.record(KEY);
-        assert_eq!((r.ops.as_slice(), r.from, r.to), (["s10000", "p1", "b"].map(String::from).as_slice(), Colour::Blue, Colour::Green));
+        assert_eq!(
+            (r.ops.as_slice(), r.from, r.to),
+            (["s10000", "p1", "b"].map(String::from).as_slice(), Colour::Blue, Colour::Green)
+        );
         assert!(is_drill(&r) && super::super::status_of(&r, None, now_unix()).drill);
         let e = start(&mut store, "web").await.expect_err("one at a time");
         assert!(e.contains("the fleet has a drill of web under way"), "{e}");
@@ -283,7 +283,10 @@ mod tests {
         assert_eq!(store.kvs[KEY].1, store.kvs[DESIRED].1, "the switch back and the record's end: one transaction");
         assert!(done.kept_until_unix.is_none(), "a drill keeps no backup");
         let logged = changes.lock().expect("log").clone();
-        assert!(logged.iter().any(|c| c.what == "drill-report" && c.to.contains("green took 0 new flows")), "{logged:?}");
+        assert!(
+            logged.iter().any(|c| c.what == "drill-report" && c.to.contains("green took 0 new flows")),
+            "{logged:?}"
+        );
         let s = super::super::status_of(&done, None, now_unix());
         assert_eq!((s.state.as_str(), s.drill, s.judgement.as_deref()), ("complete", true, Some(report.as_str())));
     }
