@@ -203,7 +203,7 @@ fn any_fleet_node_pauses_and_aborts_the_rollout_even_with_its_driver_dead() {
 }
 
 /// The mod revision and version of the fleet's desired state of `web`.
-fn desired_version(two: &Two) -> (i64, u64) {
+fn desired_version(two: &Two) -> (i64, i64) {
     let key = format!("{}/services/web", two.prefix);
     let (_, keys) = two.etcd.keys(&key, 0).expect("etcd answers");
     let (_, rev, version) = keys.into_iter().find(|(k, _, _)| *k == key).expect("the desired state");

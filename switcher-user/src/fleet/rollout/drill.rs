@@ -31,7 +31,6 @@ impl Fleet {
     /// `switcher drill SERVICE` in a fleet: writes the drill's record (only if no rollout or
     /// drill is under way and no backup is kept, and only if the desired state is still the
     /// one the drill was checked against).
-    #[expect(clippy::too_many_arguments, reason = "the request's fields")]
     pub(super) async fn start_drill<M: Maps + Send + 'static, S: Store>(
         &self,
         engine: &Handle<M>,
