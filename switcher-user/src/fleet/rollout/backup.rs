@@ -30,6 +30,13 @@ pub(super) fn backup_of(r: &FleetRollout, active: Option<crate::protocol::Colour
     Some(Backup { colour: r.from, secs_left: until.saturating_sub(now) })
 }
 
+/// The fleet's active colour of `name` as this node last read it, if that is newer than the
+/// rollout's last write to it (an older one, the watch not caught up yet, says nothing).
+fn fleet_active(fleet: &Fleet, name: &str, r: &FleetRollout) -> Option<crate::protocol::Colour> {
+    let st = fleet.lock();
+    st.desired.get(name).filter(|(_, rev)| *rev > r.desired_revision).map(|(d, _)| d.active)
+}
+
 /// The record with its backup ended (`note`: how, and by whom).
 pub(super) fn backup_ended(r: &FleetRollout, note: &str) -> FleetRollout {
     let mut next = r.clone();
@@ -68,8 +75,7 @@ impl Driver {
                 Err(e) => format!("released by {me} (hook {} failed: {e})", HookPoint::BackupReleased),
             },
             None => {
-                let active = fleet.lock().desired.get(name).map(|(d, _)| d.active);
-                if let Some(a) = active.filter(|a| *a != r.to) {
+                if let Some(a) = fleet_active(fleet, name, r).filter(|a| *a != r.to) {
                     // A rollback (or any switch back) within the window: no longer a backup.
                     let next = backup_ended(r, &format!("ended by {me}: the fleet switched to {a}"));
                     tracing::info!(service = %name, colour = %r.from, "the fleet's backup ended: {a} is live again");
@@ -126,7 +132,7 @@ impl Fleet {
             let Some((r, _)) = st.rollouts.records.get(&s.name) else { continue };
             let driver = st.rollouts.drivers.get(&s.name).map(|(n, _)| n.clone());
             s.rollout = Some(super::status_of(r, driver, now));
-            let active = st.desired.get(&s.name).map(|(d, _)| d.active);
+            let active = st.desired.get(&s.name).filter(|(_, rev)| *rev > r.desired_revision).map(|(d, _)| d.active);
             s.backup = backup_of(r, active, now);
         }
     }
@@ -191,12 +197,17 @@ mod tests {
         assert_eq!(backup_of(&done, Some(Colour::Blue), now), None, "not once the fleet is back on blue");
         assert!(keeps_backup(&done) && super::super::driven(&done), "a driver has work on it");
 
-        // Within the window the driver writes nothing.
+        // Within the window the driver writes nothing; nor when this node has not read the
+        // rollout's last write of the desired state yet (it still says blue).
         let mut store = FakeStore::default();
         let rev = store.put(KEY, serde_json::to_string(&done).expect("json"));
         let mut d = Driver::new(7);
         let kept = d.keep(&f, &engine, &mut store, &|_, _| {}, "web", &done, rev).await.expect("keep");
         assert!(kept.is_none() && store.record(KEY).backup_end.is_none());
+        f.lock().desired.insert("web".into(), (Desired::of(Colour::Blue), done.desired_revision));
+        let kept = d.keep(&f, &engine, &mut store, &|_, _| {}, "web", &done, rev).await.expect("keep");
+        assert!(kept.is_none() && store.record(KEY).backup_end.is_none(), "not ended by a stale read");
+        f.lock().desired.insert("web".into(), (Desired::of(Colour::Green), 5));
 
         // At its end: the hook once, and the record says so; nobody has work on it any more.
         let over = FleetRollout { kept_until_unix: Some(now - 1), ..done.clone() };
