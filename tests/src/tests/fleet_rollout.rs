@@ -5,7 +5,7 @@
 //! rollout both nodes show the kept backup, and a rollback within its window is one write; a
 //! drill started on one node moves both to the standby and back, with its report.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddrV4, path::Path, time::Duration};
 
 use switcher_user::protocol::{Colour, FleetRollout, ServiceStatus};
 
@@ -46,20 +46,21 @@ struct Two {
 
 impl Two {
     fn start() -> Two {
-        Two::start_with("")
+        Two::start_with(|_| String::new())
     }
 
-    /// Two nodes whose `[service.rollout]` has `extra` lines too.
-    fn start_with(extra: &str) -> Two {
+    /// Two nodes whose `[service.rollout]` has the lines `extra` gives for each node's
+    /// socket, too.
+    fn start_with(extra: impl Fn(&Path) -> String) -> Two {
         let etcd = Etcd::start();
         let t = FleetTopology::new(2);
         let relays: Vec<Relay> = t.lbs.iter().map(|ns| Relay::start(ns, etcd.client_port)).collect();
         let prefix = format!("/switcher-test-{}", t.client.name);
         // Judged without traffic (min_flows = 0): these tests are about who drives, not the
         // judgement.
-        let rollout = format!("\n[service.rollout]\nmin_flows = 0\n{extra}");
+        let rollout = |s: &Path| format!("\n[service.rollout]\nmin_flows = 0\n{}", extra(s));
         let nodes: Vec<Daemon> =
-            (0..2).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s) + &rollout)).collect();
+            (0..2).map(|i| Daemon::start(&t.lbs[i], |s| t.config(i, &prefix, s) + &rollout(s))).collect();
         let two = Two { nodes, _relays: relays, t, etcd, prefix };
         let up = wait_for(Duration::from_secs(20), || two.nodes.iter().all(follows).then_some(()));
         assert!(up.is_some(), "both nodes follow the fleet's desired state\n{}", two.logs());
@@ -215,8 +216,8 @@ fn both_fleet_nodes_show_the_kept_backup_and_a_rollback_within_it_is_one_write()
     if !crate::have_root("both_fleet_nodes_show_the_kept_backup_and_a_rollback_within_it_is_one_write") {
         return;
     }
-    let two = Two::start_with("keep_previous_secs = 600\n");
-    two.nodes[0].cli_ok(&["rollout", "web", "green", "--steps", "10%,pause 1s,100%"]);
+    let two = Two::start_with(|_| "keep_previous_secs = 600\n".into());
+    two.nodes[0].cli_ok(&["rollout", "web", "green", "--steps", "10%,pause 3s,100%"]);
 
     // 1. Complete: both nodes on green, and both show blue as the backup for (at most) 600 s.
     let kept = wait_for(Duration::from_secs(30), || {
@@ -232,6 +233,8 @@ fn both_fleet_nodes_show_the_kept_backup_and_a_rollback_within_it_is_one_write()
     let record = two.record();
     assert_eq!(record.state, "complete", "{record:?}");
     assert!(record.kept_until_unix.is_some() && record.backup_end.is_none(), "{record:?}");
+    // The pause was judged from both nodes' counters (each publishes them every second).
+    assert_eq!(record.judged_from.as_deref(), Some("2 nodes (lb0, lb1)"), "{record:?}");
     let text = two.nodes[1].cli_ok(&["rollout", "status", "web"]);
     assert!(text.contains("backup: blue for"), "{text}");
 
@@ -293,4 +296,44 @@ fn a_drill_in_a_fleet_moves_both_nodes_to_the_standby_and_back_with_its_report()
         let log = d.log();
         assert!(log.contains("drill of web over: green took"), "{log}");
     }
+}
+
+#[test]
+fn a_fleet_backup_is_released_once_by_the_driver_and_not_again_after_its_death() {
+    if !crate::have_root("a_fleet_backup_is_released_once_by_the_driver_and_not_again_after_its_death") {
+        return;
+    }
+    let released = |s: &Path| s.with_file_name("released");
+    let mut two = Two::start_with(|s| {
+        format!(
+            "keep_previous_secs = 2\nhooks = {{ backup_released = \"echo $SWITCHER_FROM >> {}\" }}\n",
+            released(s).display()
+        )
+    });
+    two.nodes[1].cli_ok(&["rollout", "web", "green", "--steps", "100%"]);
+    let end = wait_for(Duration::from_secs(30), || two.record().backup_end);
+    let end = end.unwrap_or_else(|| panic!("the driver releases the backup\n{}", two.logs()));
+    assert!(end.ends_with("(hook backup_released succeeded)"), "{end}");
+    let lines = |two: &Two| -> Vec<String> {
+        two.nodes
+            .iter()
+            .flat_map(|d| {
+                std::fs::read_to_string(released(&d.socket))
+                    .unwrap_or_default()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    assert_eq!(lines(&two), ["blue"], "the hook ran once, on one node");
+    assert!(two.nodes.iter().all(|d| web(d).backup.is_none()), "no node shows a backup any more");
+
+    // The node that released it dies; the other, once its lease is gone, has nothing to run.
+    let driver = end.split(' ').nth(2).unwrap_or_default().to_owned();
+    let dead = if driver == "lb0" { 0 } else { 1 };
+    two.nodes[dead].kill();
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(lines(&two), ["blue"], "not run again after the driver's death");
+    assert_eq!(two.record().backup_end.as_deref(), Some(end.as_str()));
 }
