@@ -235,6 +235,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_nodes_status_shows_the_fleets_rollout_and_backup_not_its_own() {
+        let engine = Handle::start(crate::engine::tests::board()).expect("engine");
+        let f = fleet();
+        let now = now_unix();
+        let mut done = ended(&rollout(&["100%"]), COMPLETE, None, "lb0", now);
+        done.kept_until_unix = Some(now + 300);
+        f.lock().rollouts.records.insert("web".into(), (done.clone(), 4));
+        let status = async || {
+            let mut st = engine.call(|b| b.status(None)).await.expect("engine").expect("status");
+            f.show_rollouts(&mut st.services);
+            st.services.into_iter().find(|s| s.name == "web").expect("web")
+        };
+        // Before this node has read the rollout's last write of the desired state, and after.
+        let web = status().await;
+        assert_eq!(web.rollout.map(|r| r.state), Some("complete".into()));
+        assert!(web.backup.is_some_and(|b| b.colour == Colour::Blue && (299..=300).contains(&b.secs_left)));
+        f.lock().desired.insert("web".into(), (Desired::of(Colour::Green), 3));
+        assert!(status().await.backup.is_some());
+        // Rolled back: no backup shown; released: none either.
+        f.lock().desired.insert("web".into(), (Desired::of(Colour::Blue), 6));
+        assert_eq!(status().await.backup, None);
+        f.lock().desired.insert("web".into(), (Desired::of(Colour::Green), 3));
+        f.lock().rollouts.records.insert("web".into(), (backup_ended(&done, "released by lb0 (no hook)"), 5));
+        assert_eq!(status().await.backup, None);
+    }
+
+    #[tokio::test]
     async fn the_driver_that_completes_a_fleet_rollout_records_keep_previous_secs() {
         let mut board = crate::engine::tests::board();
         crate::engine::tests::web_rollout(&mut board).keep_previous = Some(Duration::from_secs(600));
