@@ -21,7 +21,9 @@ use switcher_user::protocol::{Colour, Request, RolloutAction, RolloutStatus, per
 ///
 /// In a fleet (`[fleet]`), the rollout is the fleet's: its plan and progress live in etcd,
 /// one node drives it (a dead driver is replaced by another node, which resumes at the same
-/// step), every node applies its shares, and these commands work from any node.
+/// step), every node applies its shares, its pauses are judged from every node's counters,
+/// the old colour stays the backup on every node afterwards, and these commands work from
+/// any node.
 ///
 /// Example: switcher rollout web green --steps 5%,"pause 30s",50%,"pause 1m",100%
 #[derive(Debug, clap::Args)]

@@ -10,6 +10,8 @@
 //! {prefix}/compacted        the revision etcd's history was last compacted to, by a node
 //! {prefix}/rollouts/{s}     a rollout of the fleet (JSON `FleetRollout`), and
 //! {prefix}/rollouts/{s}/driver  the node that drives it, under its lease (see `rollout`)
+//! {prefix}/counters/{s}/{node}  a node's counters of `s` while a rollout of it runs, under
+//!                           its lease, for the driver's judgement
 //! ```
 //!
 //! Each agent watches `services/`, applies every change to its own maps (the same inputs give

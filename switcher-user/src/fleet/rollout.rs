@@ -9,14 +9,16 @@
 //!
 //! `switcher rollout SERVICE COLOUR` on any node writes the record (only if none is under
 //! way, and only if the desired state is still the one the plan was checked against). Every
-//! node watches the records; while one is running, a node that sees no driver key creates it
+//! node watches the records; while one is running (or keeps a backup), a node that sees no driver key creates it
 //! with its lease in a transaction that requires it absent, so exactly one node drives. The
 //! driver moves the record past each op with a compare-and-swap on the record's mod revision
 //! (a step is never skipped nor repeated: a driver that lost the record to someone else
 //! writes nothing); a share is written to the service's desired state in the same
 //! transaction, so every node applies it as it applies `switcher weight`. Hooks run on the
-//! driver. Pauses are judged by [`judge`] from the driver's own counters (nodes do not publish
-//! theirs; `status` says so). A driver that dies loses its key with its lease; another node
+//! driver. Pauses are judged by [`judge`] from every node's counters, which the nodes publish
+//! while a rollout runs and the driver sums (`counters`). After completion the old colour is
+//! the fleet's kept backup until the driver releases it (`backup`); a drill is a fleet rollout
+//! of the drill's ops (`drill`). A driver that dies loses its key with its lease; another node
 //! takes it and resumes at the recorded op (a pause or watch window begins afresh, a hook
 //! under way runs again, as after a restart on one node).
 //!
