@@ -45,6 +45,7 @@ use crate::{
 
 mod flows;
 mod pools;
+mod shadow;
 
 pub use self::{flows::DrainEnd, pools::ring_elements};
 
@@ -280,6 +281,8 @@ pub struct Dataplane {
     // Maps the program uses but nothing reads here: kept so their fds outlive the program.
     _meta: Array<MapData, u32>,
     _logger: Option<Logger>,
+    /// The TC program of shadow traffic is attached everywhere (`dataplane/shadow.rs`).
+    shadow_ready: bool,
 }
 
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -376,6 +379,7 @@ impl Dataplane {
         dp.lock = Some(lock);
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
+        dp.shadow_program()?.load().map_err(DataplaneError::Program)?;
         // The new tables take over from the previous daemon's with the program (its program
         // keeps its own `RING` until the links are updated).
         for (name, map) in [(MAP_RING, dp.ring.map()), (MAP_RING_LIVE, dp.ring_live.map())] {
@@ -389,6 +393,7 @@ impl Dataplane {
             map.pin(&path).map_err(|e| DataplaneError::Pin { path, source: std::io::Error::other(e) })?;
         }
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
+        dp.attach_shadow(&config.interfaces, &pins);
         dp.map_ids = MAP_NAMES
             .iter()
             .filter_map(|name| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| (*name, info.id())))
@@ -418,6 +423,7 @@ impl Dataplane {
         let mut dp = Dataplane::load_object(options, None, false, sizes, ring_elements(services))?;
         dp.install_all(services, false)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
+        dp.shadow_program()?.load().map_err(DataplaneError::Program)?;
         Ok(dp)
     }
 
@@ -505,6 +511,7 @@ impl Dataplane {
             lock: None,
             _meta: meta,
             _logger: logger,
+            shadow_ready: false,
             ebpf,
         })
     }
@@ -806,7 +813,7 @@ impl Dataplane {
 }
 
 /// Sizes of the maps indexed by service id for `max_services` services.
-fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 6] {
+fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 9] {
     let colours = max_services * switcher_common::COLOURS;
     [
         (MAP_SERVICES, max_services * 2),
@@ -815,6 +822,9 @@ fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 6] {
         (MAP_COUNTERS, colours),
         (MAP_BACKENDS, colours * MAX_POOL),
         (MAP_REVERSE, colours * MAX_POOL),
+        (switcher_common::MAP_SHADOW, max_services),
+        (switcher_common::MAP_SHADOW_BUCKET, max_services),
+        (switcher_common::MAP_SHADOW_COUNTERS, colours),
     ]
 }
 
