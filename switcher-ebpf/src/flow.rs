@@ -145,8 +145,10 @@ fn send(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
     if dsr {
         return nat::dsr(pkt, &s.flow.backend, &mut s.fib);
     }
-    let shadowed = crate::shadow::forward(pkt, s);
-    if shadowed.handled() { shadowed } else { nat::forward(pkt, &s.flow.backend, &mut s.fib) }
+    if crate::shadow::wanted(pkt, s) {
+        return Verdict::SHADOW;
+    }
+    nat::forward(pkt, &s.flow.backend, &mut s.fib)
 }
 
 #[inline(always)]

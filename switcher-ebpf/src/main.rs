@@ -202,6 +202,9 @@ mod prog {
             let mut untracked = switcher_common::starts_flow(pkt.proto, pkt.tcp_flags);
             if !untracked {
                 let v = flow::established(&pkt, scratch);
+                if v.is_shadow() {
+                    return Ok(shadow::forward(&pkt, scratch));
+                }
                 if v.handled() {
                     return Ok(v);
                 }
@@ -210,7 +213,8 @@ mod prog {
             // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
             if let Some(service) = unsafe { SERVICES.get(&service_key) } {
                 let service = *service;
-                return Ok(flow::to_backend(&pkt, scratch, service, untracked));
+                let v = flow::to_backend(&pkt, scratch, service, untracked);
+                return Ok(if v.is_shadow() { shadow::forward(&pkt, scratch) } else { v });
             }
         }
         if from_backend {

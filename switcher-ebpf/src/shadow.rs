@@ -156,21 +156,37 @@ fn entry(s: &Scratch, sh: &mut ShadowScratch, idle: u32, now: u64) -> Option<&'s
     SHADOW_FLOWS.get_ptr_mut(&s.key).map(|p| unsafe { &mut *p })
 }
 
-/// XDP: a NAT datagram of `s.flow` about to go to its backend. `Verdict::UNHANDLED` when it is
-/// not shadowed (the caller forwards it as usual); else it was rewritten to its backend and
-/// is passed up with the metadata that has the TC program copy it. Not inlined: one call on
-/// the forward path, whose frame stays small.
+/// XDP, on the way out of the flow code: whether the NAT datagram of `s.flow` is in its
+/// service's shadowed share (then the entry point calls [`forward`]). A service without a
+/// share costs one array lookup.
+#[inline(always)]
+pub fn wanted(pkt: &Packet, s: &Scratch) -> bool {
+    let share = match SHADOW.get(s.flow.service) {
+        Some(cfg) => cfg.share_bp,
+        None => 0,
+    };
+    share != 0
+        && pkt.proto == PROTO_UDP
+        && pkt.vlan == 0
+        && pkt.icmp == 0
+        && shadow_chosen(flow_hash(&s.key, SEED_SHADOW), share)
+}
+
+/// XDP: a NAT datagram of the shadowed flow `s.flow`, counted, to send to its backend. Within
+/// the ceiling and with an idle backend it is rewritten to its backend and passed up with the
+/// metadata that has the TC program copy it; otherwise it is forwarded as usual. Not inlined,
+/// and called from the entry point: the BPF stack is 512 bytes for the whole call chain.
 #[inline(never)]
 pub fn forward(pkt: &Packet, s: &mut Scratch) -> Verdict {
+    let v = mark(pkt, s);
+    if v.handled() { v } else { nat::forward(pkt, &s.flow.backend, &mut s.fib) }
+}
+
+#[inline(always)]
+fn mark(pkt: &Packet, s: &mut Scratch) -> Verdict {
     let service = s.flow.service;
     let Some(cfg) = SHADOW.get(service) else { return Verdict::UNHANDLED };
-    let (share, ceiling) = (cfg.share_bp, cfg.ceiling);
-    if share == 0 || pkt.proto != PROTO_UDP || pkt.vlan != 0 || pkt.icmp != 0 {
-        return Verdict::UNHANDLED;
-    }
-    if !shadow_chosen(flow_hash(&s.key, SEED_SHADOW), share) {
-        return Verdict::UNHANDLED;
-    }
+    let ceiling = cfg.ceiling;
     let Some(sh) = SHADOW_SCRATCH.get_ptr_mut(0) else { return Verdict::UNHANDLED };
     // SAFETY: this CPU's own element; nothing else runs on it while the program does.
     let sh = unsafe { &mut *sh };
