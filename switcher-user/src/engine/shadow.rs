@@ -81,3 +81,39 @@ impl<M: Maps> Switchboard<M> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        engine::tests::board,
+        protocol::{Request, Scope},
+        shadow::TCP_REFUSAL,
+    };
+
+    fn shadow(service: &str, share_bp: u32) -> Request {
+        Request::Shadow { service: service.into(), share_bp, ceiling: None, scope: Scope::default() }
+    }
+
+    #[test]
+    fn tcp_is_refused_with_the_reason_and_off_is_fine() {
+        let mut b = board();
+        let r = b.handle(shadow("web", 1_000)).0;
+        assert!(!r.ok);
+        assert_eq!(r.error.as_deref(), Some(format!("web: {TCP_REFUSAL}").as_str()));
+        let r = b.handle(shadow("web", 0)).0;
+        assert!(r.ok, "turning shadow off is never refused: {r:?}");
+    }
+
+    #[test]
+    fn a_udp_share_is_set_and_shown_towards_the_idle_colour() {
+        let mut b = board();
+        b.services[0].config.protocol = crate::config::Protocol::Udp;
+        let (r, change) = b.handle(shadow("web", 1_000));
+        assert!(r.ok, "{r:?}");
+        assert_eq!(change.map(|c| (c.from, c.to)), Some(("off".to_owned(), "10%".to_owned())));
+        let status = b.status(Some("web")).expect("status");
+        let sh = status.services[0].shadow.as_ref().expect("shadow shown while on");
+        assert_eq!((sh.share_bp, sh.target), (1_000, switcher_common::user::Colour::Green));
+        assert!(!b.handle(shadow("web", 10_001)).0.ok, "more than 100 %");
+    }
+}
