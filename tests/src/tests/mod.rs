@@ -14,3 +14,4 @@ mod prog_test_run;
 mod reliability;
 mod rollout;
 mod scale;
+mod shadow;
