@@ -57,13 +57,17 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
 /// The lines `status` prints for a service's shadow traffic.
 pub fn describe(sh: &ShadowStatus) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "  shadow: {} of new flows copied to {} (at most {}/s); idle replies dropped",
-        share_words(sh.share_bp),
-        sh.target,
-        sh.ceiling
-    );
+    if sh.share_bp == 0 {
+        let _ = writeln!(out, "  shadow: off (its counters so far:)");
+    } else {
+        let _ = writeln!(
+            out,
+            "  shadow: {} of new flows copied to {} (at most {}/s); idle replies dropped",
+            share_words(sh.share_bp),
+            sh.target,
+            sh.ceiling
+        );
+    }
     for c in &sh.colours {
         let latency = c.mean_latency_us().map_or_else(|| "-".to_owned(), |us| format!("{us:.0}µs"));
         let _ = writeln!(

@@ -158,7 +158,7 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
         }
     }
     let t = Topology::new();
-    let d = Daemon::start(&t.lb, |sock| demo_config(&t.lb_ifaces, "auto", sock));
+    let mut d = Daemon::start(&t.lb, |sock| demo_config(&t.lb_ifaces, "auto", sock));
     let blue = Dnsmasq::start(&t.blue, BLUE, BLUE_ANSWER, &d.dir, "blue");
     let green = Dnsmasq::start(&t.green, GREEN, GREEN_ANSWER, &d.dir, "green");
     // The copies leave by the FIB's answer, which needs the backends' neighbour entries (the
@@ -203,6 +203,21 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
     assert!(d.reason("shadow_reply") >= 20, "green's answers were dropped at the LB");
     let text = d.cli_ok(&["status", "dns"]);
     assert!(text.contains("shadow: 100% of new flows copied to green"), "status shows it:\n{text}");
+
+    // With the daemon down (killed, as a crash), the pinned maps and links go on copying.
+    d.kill();
+    let names: Vec<String> = (1..=10).map(|i| format!("k{i}.shadow.test")).collect();
+    for (i, (from, addr, extra)) in ask_all(&t.client, &names, None).into_iter().enumerate() {
+        assert_eq!((from.ip(), addr, extra), (IpAddr::V4(VIP), BLUE_ANSWER, 0), "daemon down, query {i}");
+    }
+    assert!(logged_all(&blue, &names), "daemon down: blue got every query");
+    assert!(logged_all(&green, &names), "daemon down: green got a copy of every query");
+    // A new daemon adopts the pins (the TC program replaced under its pinned links) and
+    // applies its config, where dns has no shadow share: set it again.
+    d.restart();
+    let out = d.cli_ok(&["shadow", "dns"]);
+    assert!(out.contains("shadow: off"), "the config's setting: {out}");
+    d.cli_ok(&["shadow", "dns", "100%"]);
 
     // After a cut-over the roles swap: green answers, blue gets the copies.
     d.cli_ok(&["cutover", "dns", "green"]);
