@@ -14,6 +14,48 @@ impl<M: Maps> Switchboard<M> {
     /// Sets a service's shadow share (0: off) and, if given, its ceiling. Refused for TCP and
     /// DSR services (the reason in one line), and when the TC program is not attached.
     pub(super) fn set_shadow(&mut self, name: &str, share_bp: u32, ceiling: Option<u32>) -> Outcome {
+        let ceiling = self.check_shadow(name, share_bp, ceiling)?;
+        let i = self.find(name)?;
+        let s = &self.services[i];
+        let before = s.config.shadow;
+        self.maps.set_shadow(s.id, share_bp, ceiling).map_err(|e| chain(&e))?;
+        self.services[i].config.shadow = ShadowSetting { share_bp, ceiling };
+        let idle = self.services[i].active.other();
+        let message = if share_bp == 0 {
+            format!("{name}: shadow traffic off")
+        } else {
+            format!(
+                "{name}: {} of new flows are also copied to the idle colour ({idle}), at most {ceiling} copies/s; its replies are dropped",
+                share_words(share_bp)
+            )
+        };
+        let change = Change {
+            service: name.to_owned(),
+            what: "shadow".into(),
+            from: share_words(before.share_bp),
+            to: share_words(share_bp),
+        };
+        Ok((Response { ok: true, message: Some(message), ..Response::default() }, Some(change)))
+    }
+
+    /// The fleet's shadow setting, applied on this node (nothing written when it has it).
+    ///
+    /// # Errors
+    /// The setting is refused here (see [`Switchboard::check_shadow`]) or the map write failed.
+    pub fn apply_shadow(&mut self, name: &str, share_bp: u32, ceiling: u32) -> Result<(), String> {
+        let i = self.find(name)?;
+        if self.services[i].config.shadow == (ShadowSetting { share_bp, ceiling }) {
+            return Ok(());
+        }
+        self.set_shadow(name, share_bp, Some(ceiling)).map(|_| ())
+    }
+
+    /// Checks a shadow setting for `name`; returns the ceiling to use (the service's own when
+    /// none is given).
+    ///
+    /// # Errors
+    /// Why it is refused: TCP, DSR, more than 100 %, a ceiling of 0, no TC program.
+    pub fn check_shadow(&self, name: &str, share_bp: u32, ceiling: Option<u32>) -> Result<u32, String> {
         let i = self.find(name)?;
         let s = &self.services[i];
         if share_bp > BP_ALL {
@@ -34,25 +76,7 @@ impl<M: Maps> Switchboard<M> {
                 "{name}: shadow traffic needs the TC program on every interface, and it is not attached (Linux 6.6 or later for TCX links; the daemon's log says why)"
             ));
         }
-        let before = s.config.shadow;
-        self.maps.set_shadow(s.id, share_bp, ceiling).map_err(|e| chain(&e))?;
-        self.services[i].config.shadow = ShadowSetting { share_bp, ceiling };
-        let idle = self.services[i].active.other();
-        let message = if share_bp == 0 {
-            format!("{name}: shadow traffic off")
-        } else {
-            format!(
-                "{name}: {} of new flows are also copied to the idle colour ({idle}), at most {ceiling} copies/s; its replies are dropped",
-                share_words(share_bp)
-            )
-        };
-        let change = Change {
-            service: name.to_owned(),
-            what: "shadow".into(),
-            from: share_words(before.share_bp),
-            to: share_words(share_bp),
-        };
-        Ok((Response { ok: true, message: Some(message), ..Response::default() }, Some(change)))
+        Ok(ceiling)
     }
 
     /// The service's shadow traffic for `status`: when it is on, or copied anything.

@@ -35,7 +35,7 @@ pub use self::{
         ANSWER_GRACE, ClientError, Deadline, MAX_REQUEST, TIMEOUT, parse_request, parse_request_line, request,
         request_line, too_late,
     },
-    fleet::{Desired, NodeService, NodeState, SharedBackend},
+    fleet::{Desired, FleetShadow, NodeService, NodeState, SharedBackend},
     flows::{FlowEntry, FlowGroup, FlowListing, FlowQuery, FlowSource, FlowState, FlowStop},
 };
 
