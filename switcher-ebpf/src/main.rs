@@ -132,8 +132,7 @@ mod prog {
     /// per CPU, `colour_slot(service, colour)` → `ShadowCounters`. Written here and by the TC
     /// program; read by status and metrics.
     #[map(name = "SHADOW_COUNTERS")]
-    pub static SHADOW_COUNTERS: PerCpuArray<ShadowCounters> =
-        PerCpuArray::with_max_entries(MAX_SERVICES * COLOURS, 0);
+    pub static SHADOW_COUNTERS: PerCpuArray<ShadowCounters> = PerCpuArray::with_max_entries(MAX_SERVICES * COLOURS, 0);
 
     /// service id → `ShadowBucket`, the copies' token bucket. Written here.
     #[map(name = "SHADOW_BUCKET")]

@@ -24,13 +24,13 @@
 //! nothing to it.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, __sk_buff, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{__sk_buff, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibParams, xdp_action},
     helpers::{bpf_fib_lookup, bpf_ktime_get_ns, bpf_redirect, bpf_skb_load_bytes, bpf_skb_store_bytes},
 };
 use switcher_common::{
-    Backend, FORWARD_REDIRECT, FlowKey, MAX_POOL, PROTO_UDP, RING_CHUNK, RING_EMPTY, Reason, SEED_RING,
-    SEED_SHADOW, SHADOW_META_MAGIC, ShadowCounters, ShadowFlow, ShadowMeta, colour_slot, csum::CsumDelta,
-    flow_hash, pool_slot, ring_table, shadow_chosen, shadow_take,
+    Backend, FORWARD_REDIRECT, FlowKey, MAX_POOL, PROTO_UDP, RING_CHUNK, RING_EMPTY, Reason, SEED_RING, SEED_SHADOW,
+    SHADOW_META_MAGIC, ShadowCounters, ShadowFlow, ShadowMeta, colour_slot, csum::CsumDelta, flow_hash, pool_slot,
+    ring_table, shadow_chosen, shadow_take,
 };
 
 use crate::{
@@ -38,8 +38,8 @@ use crate::{
     nat::{self, Scratch, Side, Verdict},
     parse::{self, Packet},
     prog::{
-        BACKENDS, FORWARD_MODE, RING, RING_LIVE, SHADOW, SHADOW_BUCKET, SHADOW_COUNTERS, SHADOW_FLOWS,
-        SHADOW_REPLY, SHADOW_SCRATCH, UDP_IDLE_NS,
+        BACKENDS, FORWARD_MODE, RING, RING_LIVE, SHADOW, SHADOW_BUCKET, SHADOW_COUNTERS, SHADOW_FLOWS, SHADOW_REPLY,
+        SHADOW_SCRATCH, UDP_IDLE_NS,
     },
 };
 

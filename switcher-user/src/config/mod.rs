@@ -719,7 +719,11 @@ impl Config {
             }
             if let Some(c) = &s.shadow_ceiling {
                 if *c.get_ref() == 0 {
-                    return Err(invalid(c.span(), "shadow_ceiling", "0 copies per second copies nothing: set shadow = \"off\" instead".into()));
+                    return Err(invalid(
+                        c.span(),
+                        "shadow_ceiling",
+                        "0 copies per second copies nothing: set shadow = \"off\" instead".into(),
+                    ));
                 }
                 service.shadow.ceiling = *c.get_ref();
             }

@@ -1232,7 +1232,10 @@ fn reverse_entries_follow_the_pools() {
 
 /// Runs the XDP program on `input`: the action, the reason counted and the output frame, with
 /// the metadata the program put in front of it split off (empty when none).
-fn run_xdp(dp: &mut Dataplane, input: &[u8]) -> (u32, Vec<(&'static str, u64)>, Vec<u8>, Vec<u8>) {
+/// An XDP run: action, reasons counted, metadata, frame.
+type XdpRun = (u32, Vec<(&'static str, u64)>, Vec<u8>, Vec<u8>);
+
+fn run_xdp(dp: &mut Dataplane, input: &[u8]) -> XdpRun {
     let before = dp.reasons().expect("reasons");
     let mut out = vec![0u8; input.len() + 256];
     let result = dp

@@ -95,7 +95,8 @@ fn query(id: u16, name: &str) -> Vec<u8> {
 fn answer(resp: &[u8]) -> Option<(u16, Ipv4Addr)> {
     let id = u16::from_be_bytes([*resp.first()?, *resp.get(1)?]);
     let n = resp.len();
-    (n >= 16 && resp[n - 6..n - 4] == [0, 4]).then(|| (id, Ipv4Addr::new(resp[n - 4], resp[n - 3], resp[n - 2], resp[n - 1])))
+    (n >= 16 && resp[n - 6..n - 4] == [0, 4])
+        .then(|| (id, Ipv4Addr::new(resp[n - 4], resp[n - 3], resp[n - 2], resp[n - 1])))
 }
 
 /// One query per name, each from its own socket (source port `ports[i]`, or any): the first
@@ -152,7 +153,8 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
         return;
     }
     for tool in ["dnsmasq", "dig"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success()) {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().map_or(true, |o| !o.status.success())
+        {
             crate::skip("shadow_traffic", &format!("{tool} is not installed (./x installs it as root)"));
             return;
         }
