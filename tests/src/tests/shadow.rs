@@ -102,6 +102,15 @@ fn answer(resp: &[u8]) -> Option<(u16, Ipv4Addr)> {
 /// One query per name, each from its own socket (source port `ports[i]`, or any): the first
 /// answer of each with its source, and how many more datagrams each socket got within 0.5 s.
 fn ask_all(client: &Netns, names: &[String], ports: Option<&[u16]>) -> Vec<(SocketAddr, Ipv4Addr, usize)> {
+    ask_timed(client, names, ports).into_iter().map(|(from, addr, n, _)| (from, addr, n)).collect()
+}
+
+/// [`ask_all`], with each query's round-trip time.
+fn ask_timed(
+    client: &Netns,
+    names: &[String],
+    ports: Option<&[u16]>,
+) -> Vec<(SocketAddr, Ipv4Addr, usize, Duration)> {
     let names = names.to_vec();
     let ports = ports.map(<[u16]>::to_vec);
     client.run(move || {
@@ -112,12 +121,13 @@ fn ask_all(client: &Netns, names: &[String], ports: Option<&[u16]>) -> Vec<(Sock
             let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind the client socket");
             sock.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
             let id = u16::try_from(i % 65_000).expect("id");
+            let sent = std::time::Instant::now();
             sock.send_to(&query(id, name), (VIP, VIP_UDP)).expect("send the query");
             let mut buf = [0u8; 512];
             let (n, from) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("no answer to {name}: {e}"));
             let (got_id, addr) = answer(&buf[..n]).unwrap_or_else(|| panic!("not an A answer to {name}"));
             assert_eq!(got_id, id, "the answer to {name} is its own");
-            out.push((from, addr));
+            out.push((from, addr, sent.elapsed()));
             sockets.push(sock);
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -131,7 +141,7 @@ fn ask_all(client: &Netns, names: &[String], ports: Option<&[u16]>) -> Vec<(Sock
             }
             extra.push(n);
         }
-        out.into_iter().zip(extra).map(|((from, addr), n)| (from, addr, n)).collect()
+        out.into_iter().zip(extra).map(|((from, addr, rtt), n)| (from, addr, n, rtt)).collect()
     })
 }
 
@@ -274,6 +284,24 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
     assert!(logged_all(&green, &names), "green (live) got every query");
     std::thread::sleep(Duration::from_millis(300));
     assert!(!blue.names().iter().any(|n| n.starts_with('d')), "off: nothing copied");
+
+    // The client's round-trip time with shadow off and at 100 %, printed for BENCHMARKS.md
+    // (no timing is asserted).
+    let mut medians = Vec::new();
+    for (share, prefix) in [("off", 'e'), ("100%", 'f'), ("off", 'g'), ("100%", 'h')] {
+        d.cli_ok(&["shadow", "dns", share]);
+        let names: Vec<String> = (0..200).map(|i| format!("{prefix}{i}.shadow.test")).collect();
+        let mut rtts: Vec<Duration> = ask_timed(&t.client, &names, None)
+            .into_iter()
+            .map(|(from, addr, extra, rtt)| {
+                assert_eq!((from.ip(), addr, extra), (IpAddr::V4(VIP), GREEN_ANSWER, 0), "shadow {share}");
+                rtt
+            })
+            .collect();
+        rtts.sort();
+        medians.push(format!("shadow {share}: median {:?}, p90 {:?}", rtts[100], rtts[180]));
+    }
+    eprintln!("client round trips through the VIP (200 queries each, dnsmasq on green): {}", medians.join("; "));
 }
 
 fn widen(a: Ipv4Addr) -> [u8; 16] {
