@@ -60,7 +60,11 @@ fn shadow_cost(quick: bool) -> Vec<(String, Spread)> {
         let frame = udp_frame4((CLIENT, port), (VIP, 53));
         let rows: [(String, u32, Reason); 3] = [
             ("established UDP flow, shadow off".into(), 0, Reason::FWD_KERNEL),
-            (format!("established UDP flow, service shadowed at {:.2} %, flow not picked", f64::from(pick) / 100.0), pick, Reason::FWD_KERNEL),
+            (
+                format!("established UDP flow, service shadowed at {:.2} %, flow not picked", f64::from(pick) / 100.0),
+                pick,
+                Reason::FWD_KERNEL,
+            ),
             ("established UDP flow, shadowed (XDP side)".into(), switcher_common::BP_ALL, Reason::SHADOW_FWD),
         ];
         let mut diffs: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
@@ -68,7 +72,12 @@ fn shadow_cost(quick: bool) -> Vec<(String, Spread)> {
             let mut h = Harness::load();
             let mut dp = Dataplane::open(
                 &corpus::services(),
-                Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None, ..Options::default() },
+                Options {
+                    udp_idle_timeout: Duration::from_secs(30),
+                    redirect: false,
+                    max_flows: None,
+                    ..Options::default()
+                },
             )
             .expect("load");
             h.template(&frame);
@@ -2003,7 +2012,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::SUCCESS;
         }
         Some(other) => {
-            eprintln!("--only takes per-packet, live-frames, scaling, fleet, services, shadow or control-plane, not {other:?}");
+            eprintln!(
+                "--only takes per-packet, live-frames, scaling, fleet, services, shadow or control-plane, not {other:?}"
+            );
             return std::process::ExitCode::FAILURE;
         }
         None => {}

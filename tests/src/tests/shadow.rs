@@ -106,11 +106,7 @@ fn ask_all(client: &Netns, names: &[String], ports: Option<&[u16]>) -> Vec<(Sock
 }
 
 /// [`ask_all`], with each query's round-trip time.
-fn ask_timed(
-    client: &Netns,
-    names: &[String],
-    ports: Option<&[u16]>,
-) -> Vec<(SocketAddr, Ipv4Addr, usize, Duration)> {
+fn ask_timed(client: &Netns, names: &[String], ports: Option<&[u16]>) -> Vec<(SocketAddr, Ipv4Addr, usize, Duration)> {
     let names = names.to_vec();
     let ports = ports.map(<[u16]>::to_vec);
     client.run(move || {
