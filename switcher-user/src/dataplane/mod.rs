@@ -47,6 +47,7 @@ mod flows;
 mod pools;
 mod shadow;
 
+use self::shadow::repin_shadow;
 pub use self::{flows::DrainEnd, pools::ring_elements};
 
 /// The XDP object built by `build.rs` from `switcher-ebpf`.
@@ -283,6 +284,8 @@ pub struct Dataplane {
     _logger: Option<Logger>,
     /// The TC program of shadow traffic is attached everywhere (`dataplane/shadow.rs`).
     shadow_ready: bool,
+    /// Each pinned TC link's interface and kernel id, to pin it again if its pin goes.
+    shadow_link_ids: Vec<(String, u32)>,
 }
 
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -512,6 +515,7 @@ impl Dataplane {
             _meta: meta,
             _logger: logger,
             shadow_ready: false,
+            shadow_link_ids: Vec::new(),
             ebpf,
         })
     }
@@ -659,7 +663,8 @@ impl Dataplane {
         let maps: Vec<(&str, u32)> = self.map_ids.iter().copied().filter(|(n, _)| !pins.map(n).exists()).collect();
         let links: Vec<(String, u32)> =
             self.link_ids.iter().filter(|(iface, _)| !pins.link(iface).exists()).cloned().collect();
-        if maps.is_empty() && links.is_empty() {
+        let tc_links = self.shadow_links_missing(&pins);
+        if maps.is_empty() && links.is_empty() && tc_links.is_empty() {
             return Ok(Vec::new());
         }
         pins.prepare()?;
@@ -676,6 +681,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Repin { path, source })?;
             done.push(format!("links/{iface}"));
         }
+        done.extend(repin_shadow(&pins, tc_links)?);
         // A removed root is a new directory now: the lock must be on it.
         let locked = self.lock.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
         let root = std::fs::metadata(pins.root()).ok().map(|m| (m.dev(), m.ino()));
@@ -689,7 +695,9 @@ impl Dataplane {
     #[must_use]
     pub fn pinned(&self) -> bool {
         self.pins.as_ref().is_some_and(|pins| {
-            MAP_NAMES.iter().all(|n| pins.map(n).exists()) && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
+            MAP_NAMES.iter().all(|n| pins.map(n).exists())
+                && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
+                && self.shadow_links_missing(pins).is_empty()
         })
     }
 

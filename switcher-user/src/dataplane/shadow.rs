@@ -44,12 +44,17 @@ impl Dataplane {
             return;
         }
         let mut ready = true;
+        let mut ids = Vec::new();
         for iface in interfaces {
-            if let Err(e) = self.attach_shadow_to(iface, &pins.tc_link(iface)) {
-                tracing::warn!(interface = %iface, "shadow traffic unavailable: attach the TC program: {e:#}");
-                ready = false;
+            match self.attach_shadow_to(iface, &pins.tc_link(iface)) {
+                Ok(id) => ids.push((iface.clone(), id)),
+                Err(e) => {
+                    tracing::warn!(interface = %iface, "shadow traffic unavailable: attach the TC program: {e:#}");
+                    ready = false;
+                }
             }
         }
+        self.shadow_link_ids = ids;
         for iface in pins.tc_linked_interfaces() {
             if !interfaces.contains(&iface) {
                 let _ = crate::pins::detach_link(&pins.tc_link(&iface));
@@ -59,7 +64,8 @@ impl Dataplane {
         self.shadow_ready = ready && !interfaces.is_empty();
     }
 
-    fn attach_shadow_to(&mut self, iface: &str, path: &Path) -> anyhow::Result<()> {
+    /// Attaches (or adopts) and pins one interface's TC link; returns the link's kernel id.
+    fn attach_shadow_to(&mut self, iface: &str, path: &Path) -> anyhow::Result<u32> {
         use anyhow::Context as _;
         let prog = self.shadow_program()?;
         let id = match PinnedLink::from_pin(path) {
@@ -77,8 +83,14 @@ impl Dataplane {
         };
         let link = self.shadow_program()?.take_link(id)?;
         let fd_link = FdLink::try_from(link).context("the TC link is not a bpf_link")?;
+        let id = fd_link.info().context("the TC link's info")?.id();
         fd_link.pin(path).with_context(|| format!("pin {}", path.display()))?;
-        Ok(())
+        Ok(id)
+    }
+
+    /// The TC links whose pins went (removed under the running daemon).
+    pub(super) fn shadow_links_missing(&self, pins: &Pins) -> Vec<(String, u32)> {
+        self.shadow_link_ids.iter().filter(|(iface, _)| !pins.tc_link(iface).exists()).cloned().collect()
     }
 
     /// Whether the TC program is attached everywhere: shadow traffic can be copied.
@@ -127,4 +139,21 @@ impl Dataplane {
             t
         }))
     }
+}
+
+/// Pins the TC links `missing` again by their kernel ids (see `Dataplane::repin`).
+pub(super) fn repin_shadow(pins: &Pins, missing: Vec<(String, u32)>) -> Result<Vec<String>> {
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = pins.tc_links_dir();
+    std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Repin { path: dir.clone(), source })?;
+    let mut done = Vec::new();
+    for (iface, id) in missing {
+        let path = pins.tc_link(&iface);
+        crate::pins::pin_by_id(crate::pins::Object::Link, id, &path)
+            .map_err(|source| DataplaneError::Repin { path, source })?;
+        done.push(format!("tc_links/{iface}"));
+    }
+    Ok(done)
 }
