@@ -286,6 +286,8 @@ pub struct Dataplane {
     shadow_ready: bool,
     /// Each pinned TC link's interface and kernel id, to pin it again if its pin goes.
     shadow_link_ids: Vec<(String, u32)>,
+    /// The pinned TC links, held open: a removed pin must not release its link.
+    shadow_links: Vec<PinnedLink>,
 }
 
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -516,6 +518,7 @@ impl Dataplane {
             _logger: logger,
             shadow_ready: false,
             shadow_link_ids: Vec::new(),
+            shadow_links: Vec::new(),
             ebpf,
         })
     }
@@ -708,6 +711,8 @@ impl Dataplane {
     pub fn detach(&mut self) -> std::io::Result<()> {
         self.links.clear();
         self.link_ids.clear();
+        self.shadow_links.clear();
+        self.shadow_link_ids.clear();
         match self.pins.take() {
             Some(pins) => pins.remove(),
             None => Ok(()),

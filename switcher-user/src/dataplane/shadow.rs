@@ -45,9 +45,13 @@ impl Dataplane {
         }
         let mut ready = true;
         let mut ids = Vec::new();
+        let mut links = Vec::new();
         for iface in interfaces {
             match self.attach_shadow_to(iface, &pins.tc_link(iface)) {
-                Ok(id) => ids.push((iface.clone(), id)),
+                Ok((id, link)) => {
+                    ids.push((iface.clone(), id));
+                    links.push(link);
+                }
                 Err(e) => {
                     tracing::warn!(interface = %iface, "shadow traffic unavailable: attach the TC program: {e:#}");
                     ready = false;
@@ -55,6 +59,7 @@ impl Dataplane {
             }
         }
         self.shadow_link_ids = ids;
+        self.shadow_links = links;
         for iface in pins.tc_linked_interfaces() {
             if !interfaces.contains(&iface) {
                 let _ = crate::pins::detach_link(&pins.tc_link(&iface));
@@ -64,8 +69,9 @@ impl Dataplane {
         self.shadow_ready = ready && !interfaces.is_empty();
     }
 
-    /// Attaches (or adopts) and pins one interface's TC link; returns the link's kernel id.
-    fn attach_shadow_to(&mut self, iface: &str, path: &Path) -> anyhow::Result<u32> {
+    /// Attaches (or adopts) and pins one interface's TC link; returns the link's kernel id and
+    /// the pinned link.
+    fn attach_shadow_to(&mut self, iface: &str, path: &Path) -> anyhow::Result<(u32, PinnedLink)> {
         use anyhow::Context as _;
         let prog = self.shadow_program()?;
         let id = match PinnedLink::from_pin(path) {
@@ -84,8 +90,8 @@ impl Dataplane {
         let link = self.shadow_program()?.take_link(id)?;
         let fd_link = FdLink::try_from(link).context("the TC link is not a bpf_link")?;
         let id = fd_link.info().context("the TC link's info")?.id();
-        fd_link.pin(path).with_context(|| format!("pin {}", path.display()))?;
-        Ok(id)
+        let pinned = fd_link.pin(path).with_context(|| format!("pin {}", path.display()))?;
+        Ok((id, pinned))
     }
 
     /// The TC links whose pins went (removed under the running daemon).

@@ -141,6 +141,13 @@ fn ask_timed(client: &Netns, names: &[String], ports: Option<&[u16]>) -> Vec<(So
     })
 }
 
+/// Source ports `base, base + 1, …`, one per name: each phase of the test uses ports of its
+/// own, so no query lands on a UDP flow an earlier phase left open (a flow keeps its colour
+/// until it idles out).
+fn ports(base: u16, names: &[String]) -> Vec<u16> {
+    (0..names.len()).map(|i| base + u16::try_from(i).expect("few names")).collect()
+}
+
 /// Waits (at most 10 s) until `server` logged every name of `names`.
 fn logged_all(server: &Dnsmasq, names: &[String]) -> bool {
     wait_for(Duration::from_secs(10), || names.iter().all(|n| server.names().contains(n)).then_some(())).is_some()
@@ -197,7 +204,7 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
     // 100 %: every query reaches both colours; the client gets one answer, blue's, from the VIP.
     d.cli_ok(&["shadow", "dns", "100%"]);
     let names: Vec<String> = (1..=20).map(|i| format!("a{i}.shadow.test")).collect();
-    for (i, (from, addr, extra)) in ask_all(&t.client, &names, None).into_iter().enumerate() {
+    for (i, (from, addr, extra)) in ask_all(&t.client, &names, Some(&ports(20_000, &names))).into_iter().enumerate() {
         assert_eq!(from, SocketAddr::new(IpAddr::V4(VIP), VIP_UDP), "query {i} answered from the VIP");
         assert_eq!(addr, BLUE_ANSWER, "query {i} answered by the live colour (blue)");
         assert_eq!(extra, 0, "query {i}: exactly one answer");
@@ -215,7 +222,7 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
     // With the daemon down (killed, as a crash), the pinned maps and links go on copying.
     d.kill();
     let names: Vec<String> = (1..=10).map(|i| format!("k{i}.shadow.test")).collect();
-    for (i, (from, addr, extra)) in ask_all(&t.client, &names, None).into_iter().enumerate() {
+    for (i, (from, addr, extra)) in ask_all(&t.client, &names, Some(&ports(21_000, &names))).into_iter().enumerate() {
         assert_eq!((from.ip(), addr, extra), (IpAddr::V4(VIP), BLUE_ANSWER, 0), "daemon down, query {i}");
     }
     assert!(logged_all(&blue, &names), "daemon down: blue got every query");
@@ -230,7 +237,7 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
     // After a cut-over the roles swap: green answers, blue gets the copies.
     d.cli_ok(&["cutover", "dns", "green"]);
     let names: Vec<String> = (1..=20).map(|i| format!("b{i}.shadow.test")).collect();
-    for (i, (from, addr, extra)) in ask_all(&t.client, &names, None).into_iter().enumerate() {
+    for (i, (from, addr, extra)) in ask_all(&t.client, &names, Some(&ports(22_000, &names))).into_iter().enumerate() {
         assert_eq!(from, SocketAddr::new(IpAddr::V4(VIP), VIP_UDP), "after the cut-over, query {i} from the VIP");
         assert_eq!(addr, GREEN_ANSWER, "after the cut-over, query {i} answered by green");
         assert_eq!(extra, 0, "after the cut-over, query {i}: exactly one answer");
@@ -240,12 +247,12 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
 
     // 10 %: exactly the flows the shadow hash picks are copied, about 10 % of them.
     d.cli_ok(&["shadow", "dns", "10%"]);
-    let ports: Vec<u16> = (0..400).map(|i| 30_000 + i).collect();
+    let c_ports: Vec<u16> = (0..400).map(|i| 30_000 + i).collect();
     let names: Vec<String> = (0..400).map(|i| format!("c{i}.shadow.test")).collect();
-    for (from, addr, extra) in ask_all(&t.client, &names, Some(&ports)) {
+    for (from, addr, extra) in ask_all(&t.client, &names, Some(&c_ports)) {
         assert_eq!((from.ip(), addr, extra), (IpAddr::V4(VIP), GREEN_ANSWER, 0), "at 10 %: one answer, green's");
     }
-    let picked: BTreeSet<String> = ports
+    let picked: BTreeSet<String> = c_ports
         .iter()
         .zip(&names)
         .filter(|(port, _)| {
@@ -276,7 +283,7 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
 
     d.cli_ok(&["shadow", "dns", "off"]);
     let names: Vec<String> = (0..10).map(|i| format!("d{i}.shadow.test")).collect();
-    let _ = ask_all(&t.client, &names, None);
+    let _ = ask_all(&t.client, &names, Some(&ports(23_000, &names)));
     assert!(logged_all(&green, &names), "green (live) got every query");
     std::thread::sleep(Duration::from_millis(300));
     assert!(!blue.names().iter().any(|n| n.starts_with('d')), "off: nothing copied");
@@ -284,10 +291,12 @@ fn shadow_traffic_reaches_both_colours_and_only_the_live_one_answers() {
     // The client's round-trip time with shadow off and at 100 %, printed for BENCHMARKS.md
     // (no timing is asserted).
     let mut medians = Vec::new();
-    for (share, prefix) in [("off", 'e'), ("100%", 'f'), ("off", 'g'), ("100%", 'h')] {
+    for (share, prefix, base) in
+        [("off", 'e', 24_000), ("100%", 'f', 24_500), ("off", 'g', 25_000), ("100%", 'h', 25_500)]
+    {
         d.cli_ok(&["shadow", "dns", share]);
         let names: Vec<String> = (0..200).map(|i| format!("{prefix}{i}.shadow.test")).collect();
-        let mut rtts: Vec<Duration> = ask_timed(&t.client, &names, None)
+        let mut rtts: Vec<Duration> = ask_timed(&t.client, &names, Some(&ports(base, &names)))
             .into_iter()
             .map(|(from, addr, extra, rtt)| {
                 assert_eq!((from.ip(), addr, extra), (IpAddr::V4(VIP), GREEN_ANSWER, 0), "shadow {share}");
