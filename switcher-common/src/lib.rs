@@ -18,7 +18,7 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
@@ -93,7 +93,7 @@ pub const PORT_BACKEND: u8 = 2;
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 
 /// Every map name the data path uses and the daemon pins, for the object-file test.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 20] = [
     MAP_PORTS,
     MAP_VIPS,
     MAP_SCRATCH,
@@ -108,6 +108,12 @@ pub const MAP_NAMES: [&str; 14] = [
     MAP_COUNTERS,
     MAP_STATS,
     MAP_META,
+    MAP_SHADOW,
+    MAP_SHADOW_FLOWS,
+    MAP_SHADOW_REPLY,
+    MAP_SHADOW_COUNTERS,
+    MAP_SHADOW_BUCKET,
+    MAP_SHADOW_SCRATCH,
 ];
 
 /// Services (VIP, port, protocol) the maps hold by default; ids are `0..max_services` (the
@@ -505,12 +511,18 @@ impl Reason {
     /// From a backend's address and port, but the flow of the reversed tuple is not live (none,
     /// expired, closed, or given another backend): a direct connection, passed untouched.
     pub const NOT_LIVE: Reason = Reason(19);
+    /// A datagram of a shadowed flow: rewritten to its backend and passed to the kernel with
+    /// metadata, so that the `shadow` TC program copies it to the idle colour (see `shadow`).
+    pub const SHADOW_FWD: Reason = Reason(20);
+    /// A reply from the idle colour to a shadowed flow's copy: dropped, it never reaches the
+    /// client.
+    pub const SHADOW_REPLY: Reason = Reason(21);
 
     /// Number of slots in `STATS`.
     pub const COUNT: u32 = 32;
 
     /// Stable names, indexed by the reason's value.
-    pub const NAMES: [&'static str; 20] = [
+    pub const NAMES: [&'static str; 22] = [
         "not_ip",
         "vlan",
         "malformed",
@@ -531,6 +543,8 @@ impl Reason {
         "reset",
         "ipv6_ext",
         "not_live",
+        "shadow_fwd",
+        "shadow_reply",
     ];
 }
 
@@ -764,7 +778,171 @@ mod tests {
 
     #[test]
     fn every_reason_has_a_name() {
-        assert_eq!(Reason::NAMES.len(), Reason::NOT_LIVE.0 as usize + 1);
+        assert_eq!(Reason::NAMES.len(), Reason::SHADOW_REPLY.0 as usize + 1);
         assert!(Reason::NAMES.len() <= Reason::COUNT as usize);
+    }
+}
+
+// Shadow traffic (issue #16): a share of a UDP service's new flows is also copied to the idle
+// colour by the `shadow` TC program; the idle colour's replies are dropped and counted.
+
+/// The TC (clsact ingress) program that copies shadowed datagrams to the idle colour.
+pub const SHADOW_PROG: &str = "shadow";
+
+/// service id → `ShadowConfig` (share, ceiling). Written by the daemon.
+pub const MAP_SHADOW: &str = "SHADOW";
+/// client → VIP 5-tuple of a shadowed flow → `ShadowFlow`. Written by the data path.
+pub const MAP_SHADOW_FLOWS: &str = "SHADOW_FLOWS";
+/// idle backend → client 5-tuple (the copy's replies) → the shadowed flow's `FlowKey`.
+pub const MAP_SHADOW_REPLY: &str = "SHADOW_REPLY";
+/// per CPU, `colour_slot(service, colour)` → `ShadowCounters`. Written by the data path.
+pub const MAP_SHADOW_COUNTERS: &str = "SHADOW_COUNTERS";
+/// service id → `ShadowBucket`: the copies' token bucket. Written by the data path.
+pub const MAP_SHADOW_BUCKET: &str = "SHADOW_BUCKET";
+
+/// Per-CPU working space of the shadow code (`SCRATCH`'s counterpart).
+pub const MAP_SHADOW_SCRATCH: &str = "SHADOW_SCRATCH";
+
+/// Seed of the flow hash that picks the shadowed share: independent of the ring and canary
+/// hashes, so the shadowed flows are spread evenly over both.
+pub const SEED_SHADOW: u32 = 0x5eed_0003;
+/// Entries of `SHADOW_FLOWS` and `SHADOW_REPLY` (LRU): shadowed flows tracked at once.
+pub const SHADOW_MAX_FLOWS: u32 = 65_536;
+/// Copies per second per service when the config does not say.
+pub const DEFAULT_SHADOW_CEILING: u32 = 10_000;
+/// First word of `ShadowMeta`, so the TC program never mistakes other metadata for ours.
+pub const SHADOW_META_MAGIC: u32 = 0x5348_4457;
+
+/// Value of `SHADOW`: the share of new flows copied to the idle colour, in basis points (0:
+/// off), and the ceiling on copies per second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShadowConfig {
+    pub share_bp: u32,
+    pub ceiling: u32,
+}
+const _: () = assert!(size_of::<ShadowConfig>() == 8);
+
+/// Value of `SHADOW_FLOWS`: where a shadowed flow's copies go and when its last request and
+/// copy left (for the reply latency of each colour).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShadowFlow {
+    /// The idle colour's backend for this flow (the Maglev choice a real flow would get).
+    pub backend: Backend,
+    pub service: u32,
+    /// The flow's (live) colour and the colour its copies go to.
+    pub live: u8,
+    pub idle: u8,
+    pub _pad: [u8; 6],
+    /// `bpf_ktime_get_ns` of the last request not yet answered by each colour (0: answered).
+    pub live_sent_ns: u64,
+    pub idle_sent_ns: u64,
+    /// `bpf_ktime_get_ns` of the flow's last datagram: idle replies older than the UDP idle
+    /// timeout are not the flow's.
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<ShadowFlow>() == 56);
+
+/// Value of `SHADOW_BUCKET`: tokens in billionths of a copy, refilled at `ceiling` per second
+/// up to one second's worth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShadowBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<ShadowBucket>() == 16);
+
+/// Value of `SHADOW_COUNTERS`: shadow traffic of one colour of one service, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShadowCounters {
+    /// Datagrams of shadowed flows this colour served (the live side).
+    pub shadowed: u64,
+    /// Copies sent to this colour (the idle side).
+    pub sent: u64,
+    /// Copies not made: over the ceiling.
+    pub ceiling: u64,
+    /// Copies that could not be made or sent (no backend, no route or neighbour, metadata or
+    /// redirect refused).
+    pub failed: u64,
+    /// Replies of this colour to copies, dropped.
+    pub replies: u64,
+    /// Reply latency of this colour on shadowed flows: sum (ns) and count.
+    pub latency_ns: u64,
+    pub latency_count: u64,
+}
+const _: () = assert!(size_of::<ShadowCounters>() == 56);
+
+/// The metadata the XDP program leaves in front of a shadowed datagram for the TC program:
+/// where the headers are and which backend gets the copy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ShadowMeta {
+    pub magic: u32,
+    pub service: u16,
+    /// The colour the copy goes to.
+    pub colour: u8,
+    /// 1: IPv6.
+    pub v6: u8,
+    /// Offsets of the IP and UDP headers from the start of the frame.
+    pub l3: u16,
+    pub l4: u16,
+    pub backend: Backend,
+}
+const _: () = assert!(size_of::<ShadowMeta>() == 32);
+
+/// Whether a flow (by its `SEED_SHADOW` hash) is in the shadowed share.
+#[inline(always)]
+#[must_use]
+pub const fn shadow_chosen(shadow_hash: u32, share_bp: u32) -> bool {
+    shadow_hash % BP_ALL < share_bp
+}
+
+/// The token bucket: refills `bucket` for `now_ns` at `ceiling` per second (at most one
+/// second's worth) and takes one token. `false`: over the ceiling, no copy.
+#[inline(always)]
+#[must_use]
+pub fn shadow_take(bucket: &mut ShadowBucket, ceiling: u32, now_ns: u64) -> bool {
+    const SECOND: u64 = 1_000_000_000;
+    let full = u64::from(ceiling) * SECOND;
+    let elapsed = now_ns.saturating_sub(bucket.last_ns).min(SECOND);
+    bucket.last_ns = now_ns;
+    let tokens = (bucket.tokens + elapsed * u64::from(ceiling)).min(full);
+    if tokens < SECOND {
+        bucket.tokens = tokens;
+        return false;
+    }
+    bucket.tokens = tokens - SECOND;
+    true
+}
+
+#[cfg(test)]
+mod shadow_tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_holds_the_ceiling() {
+        let mut b = ShadowBucket::default();
+        let second = 1_000_000_000;
+        // A fresh bucket fills within a second; then exactly `ceiling` copies per second pass.
+        let mut passed = 0;
+        for i in 0..3_000u64 {
+            if shadow_take(&mut b, 100, second + i * (second / 1_000)) {
+                passed += 1;
+            }
+        }
+        // One second's burst (100) plus 100 per second over the 3 s.
+        assert!((300..=400).contains(&passed), "{passed}");
+        let mut off = ShadowBucket::default();
+        assert!(!shadow_take(&mut off, 0, second), "a ceiling of 0 passes nothing");
+    }
+
+    #[test]
+    fn the_share_is_a_fraction_of_the_hash() {
+        assert!(!shadow_chosen(0, 0));
+        assert!(shadow_chosen(9_999, BP_ALL));
+        assert!(shadow_chosen(10_000, 1) && !shadow_chosen(10_001, 1));
     }
 }

@@ -4,7 +4,7 @@ use core::fmt;
 
 use crate::{
     Backend, BackendKey, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reverse, RingChunk, Service,
-    ServiceKey, VipPort,
+    ServiceKey, ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VipPort,
 };
 
 macro_rules! pod {
@@ -19,6 +19,7 @@ macro_rules! pod {
     )*};
 }
 pod!(ServiceKey, Service, Backend, RingChunk, FlowKey, Flow, BackendKey, VipPort, Reverse, ColourCounters);
+pod!(ShadowConfig, ShadowFlow, ShadowBucket, ShadowCounters);
 
 /// A colour as the CLI and the config spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

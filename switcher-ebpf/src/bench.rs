@@ -112,9 +112,15 @@ mod prog {
     }
 
     /// Writes `BENCH_TEMPLATE` over the packet's first 128 bytes (one helper call, a copy);
-    /// the packet's start.
+    /// the packet's start. Metadata a previous iteration left in front of the frame (a
+    /// shadowed datagram's) is dropped first, as a new frame has none.
     #[inline(always)]
     fn restore(ctx: &XdpContext) -> Option<*mut u8> {
+        let left = ctx.data().saturating_sub(ctx.metadata());
+        if left > 0 {
+            // SAFETY: the program's own context; only metadata it may drop is dropped.
+            unsafe { aya_ebpf::helpers::bpf_xdp_adjust_meta(ctx.ctx, left as i32) };
+        }
         let start = ctx.data();
         if start + TEMPLATE_LEN > ctx.data_end() {
             return None;

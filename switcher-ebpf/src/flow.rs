@@ -142,7 +142,13 @@ fn forward_tracked(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
 /// Sends the packet to the backend of the flow in `s.flow`: by DSR or NAT.
 #[inline(always)]
 fn send(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
-    if dsr { nat::dsr(pkt, &s.flow.backend, &mut s.fib) } else { nat::forward(pkt, &s.flow.backend, &mut s.fib) }
+    if dsr {
+        return nat::dsr(pkt, &s.flow.backend, &mut s.fib);
+    }
+    if crate::shadow::wanted(pkt, s) {
+        return Verdict::SHADOW;
+    }
+    nat::forward(pkt, &s.flow.backend, &mut s.fib)
 }
 
 #[inline(always)]
@@ -330,7 +336,10 @@ pub fn direct(s: &mut Scratch) -> u64 {
 /// closed flow is forgotten at once, so none of that connection's packets is touched.
 #[inline(never)]
 pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
-    let Some(flow) = reply_flow(s) else { return Verdict::pass(Reason(s.miss)) };
+    let Some(flow) = reply_flow(s) else {
+        let idle = crate::shadow::idle_reply(pkt, s);
+        return if idle.handled() { idle } else { Verdict::pass(Reason(s.miss)) };
+    };
     if !touch_as(flow, pkt.proto, pkt.tcp_flags, true) {
         if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CLOSING != 0 {
             let _ = FLOWS.remove(&s.other);
@@ -338,6 +347,7 @@ pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
         return Verdict::pass(Reason::NOT_LIVE);
     }
     count(flow.service, u32::from(flow.colour), pkt.ip_len, true, NEW_NONE);
+    crate::shadow::live_reply(flow.service, &s.other);
     let (vip, port) = (s.other.dst, s.other.dport);
     nat::reply(pkt, &vip, port, &mut s.fib)
 }

@@ -23,25 +23,29 @@ mod mem;
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
+#[cfg(target_arch = "bpf")]
+mod shadow;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
         Global,
-        macros::{map, xdp},
+        bindings::__sk_buff,
+        macros::{classifier, map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
-        programs::XdpContext,
+        programs::{TcContext, XdpContext},
     };
     use aya_log_ebpf::warn;
     use switcher_common::{
         Backend, BackendKey, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
-        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, Service, ServiceKey, VIP_SLOTS, vip_slot,
+        PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, SHADOW_MAX_FLOWS, Service, ServiceKey,
+        ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VIP_SLOTS, vip_slot,
     };
 
     use crate::{
         flow, icmp,
         nat::{Scratch, Verdict},
-        parse,
+        parse, shadow,
     };
 
     /// `ServiceKey` (VIP, port, protocol, family) → `Service`. Written by the daemon.
@@ -109,6 +113,35 @@ mod prog {
     #[map(name = "SCRATCH")]
     pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+    /// service id → `ShadowConfig`: the share of new flows copied to the idle colour and the
+    /// ceiling on copies per second. Written by the daemon (a cut-over does not touch it: the
+    /// copies always go to the colour a flow is not on).
+    #[map(name = "SHADOW")]
+    pub static SHADOW: Array<ShadowConfig> = Array::with_max_entries(MAX_SERVICES, 0);
+
+    /// client → VIP 5-tuple of a shadowed flow → `ShadowFlow` (its idle backend, the last
+    /// request times). Written here (`shadow::forward`).
+    #[map(name = "SHADOW_FLOWS")]
+    pub static SHADOW_FLOWS: LruHashMap<FlowKey, ShadowFlow> = LruHashMap::with_max_entries(SHADOW_MAX_FLOWS, 0);
+
+    /// idle backend → client 5-tuple (a copy's replies) → the shadowed flow's key. Written here
+    /// with `SHADOW_FLOWS`; read on the reply path to drop the idle colour's answers.
+    #[map(name = "SHADOW_REPLY")]
+    pub static SHADOW_REPLY: LruHashMap<FlowKey, FlowKey> = LruHashMap::with_max_entries(SHADOW_MAX_FLOWS, 0);
+
+    /// per CPU, `colour_slot(service, colour)` → `ShadowCounters`. Written here and by the TC
+    /// program; read by status and metrics.
+    #[map(name = "SHADOW_COUNTERS")]
+    pub static SHADOW_COUNTERS: PerCpuArray<ShadowCounters> = PerCpuArray::with_max_entries(MAX_SERVICES * COLOURS, 0);
+
+    /// service id → `ShadowBucket`, the copies' token bucket. Written here.
+    #[map(name = "SHADOW_BUCKET")]
+    pub static SHADOW_BUCKET: Array<ShadowBucket> = Array::with_max_entries(MAX_SERVICES, 0);
+
+    /// Per-CPU working space of the shadow code (both programs). One element.
+    #[map(name = "SHADOW_SCRATCH")]
+    pub static SHADOW_SCRATCH: PerCpuArray<shadow::ShadowScratch> = PerCpuArray::with_max_entries(1, 0);
+
     /// Idle timeout of UDP flows in ns; set at load (`GLOBAL_UDP_IDLE_NS`).
     #[unsafe(no_mangle)]
     pub static UDP_IDLE_NS: Global<u64> = Global::new(switcher_common::DEFAULT_UDP_IDLE_NS);
@@ -168,6 +201,9 @@ mod prog {
             let mut untracked = switcher_common::starts_flow(pkt.proto, pkt.tcp_flags);
             if !untracked {
                 let v = flow::established(&pkt, scratch);
+                if v.is_shadow() {
+                    return Ok(shadow::forward(&pkt, scratch));
+                }
                 if v.handled() {
                     return Ok(v);
                 }
@@ -176,7 +212,8 @@ mod prog {
             // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
             if let Some(service) = unsafe { SERVICES.get(&service_key) } {
                 let service = *service;
-                return Ok(flow::to_backend(&pkt, scratch, service, untracked));
+                let v = flow::to_backend(&pkt, scratch, service, untracked);
+                return Ok(if v.is_shadow() { shadow::forward(&pkt, scratch) } else { v });
             }
         }
         if from_backend {
@@ -188,6 +225,15 @@ mod prog {
             flow::direct(scratch);
         }
         Err(Reason::NO_MATCH)
+    }
+
+    /// TC (clsact) ingress on the same interfaces: a datagram the XDP program passed up with
+    /// shadow metadata is copied to the idle colour and sent on (see `shadow`); anything else
+    /// passes at once.
+    #[classifier]
+    pub fn shadow(ctx: TcContext) -> i32 {
+        use aya_ebpf::EbpfContext;
+        shadow::copy(ctx.as_ptr().cast::<__sk_buff>())
     }
 
     #[unsafe(link_section = "license")]

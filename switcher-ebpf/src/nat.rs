@@ -44,16 +44,27 @@ impl Verdict {
     /// not look. Never leaves the program.
     pub const NO_FLOW: Verdict = Verdict(u64::MAX - 1);
 
+    /// Not decided here: the flow in the scratch space is shadowed, and `shadow::forward` sends
+    /// the packet (called from the entry point, whose call chain has room for its frame).
+    /// Never leaves the program.
+    pub const SHADOW: Verdict = Verdict(u64::MAX - 2);
+
+    /// `SHADOW`: `shadow::forward` sends the packet.
+    #[inline(always)]
+    pub fn is_shadow(self) -> bool {
+        self.0 == u64::MAX - 2
+    }
+
     /// `NO_FLOW`: the flow table has no entry for the packet.
     #[inline(always)]
     pub fn is_no_flow(self) -> bool {
         self.0 == u64::MAX - 1
     }
 
-    /// A verdict for the packet, not one of the two "go on" markers.
+    /// A verdict for the packet, not one of the three "go on" markers.
     #[inline(always)]
     pub fn handled(self) -> bool {
-        self.0 < u64::MAX - 1
+        self.0 < u64::MAX - 2
     }
 
     /// Passed to the kernel untouched (or as rewritten so far), counted under `reason`.

@@ -81,6 +81,12 @@ impl Ip {
         self.hdr.cast()
     }
 
+    /// Where the header starts in the frame.
+    #[inline(always)]
+    pub fn as_ptr(self) -> *mut u8 {
+        self.hdr
+    }
+
     #[inline(always)]
     pub fn family(self) -> u8 {
         if self.is_v6() { FAMILY_V6 } else { FAMILY_V4 }
@@ -172,6 +178,39 @@ pub fn recheck<T, U>(pkt: &Packet, p: *mut U) -> Result<*mut T, Reason> {
         return Err(Reason::MALFORMED);
     }
     Ok(p.cast())
+}
+
+/// Puts `value` in the XDP metadata area in front of the frame (`bpf_xdp_adjust_meta`), for
+/// the TC program. Every pointer into the frame is invalid afterwards. `false`: the driver
+/// gives no metadata room.
+#[inline(always)]
+pub fn put_meta<T: Copy>(ctx: *mut xdp_md, value: &T) -> bool {
+    const { assert!(size_of::<T>() <= 32 && size_of::<T>() % 4 == 0) };
+    // SAFETY: the context is the program's own.
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_meta(ctx, -(size_of::<T>() as i32)) } != 0 {
+        return false;
+    }
+    // SAFETY: as above.
+    let (meta, data) = unsafe { ((*ctx).data_meta as usize, (*ctx).data as usize) };
+    if meta + size_of::<T>() > data {
+        return false;
+    }
+    // SAFETY: bounds-checked just above.
+    unsafe { crate::mem::copy(&mut *(meta as *mut T), value) };
+    true
+}
+
+/// Copies the TC packet's metadata into `out`, if it holds a whole `T`.
+#[inline(always)]
+pub fn take_meta<T: Copy>(skb: *mut aya_ebpf::bindings::__sk_buff, out: &mut T) -> bool {
+    // SAFETY: the context is the program's own.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    if meta + size_of::<T>() > data {
+        return false;
+    }
+    // SAFETY: bounds-checked just above.
+    crate::mem::copy(out, unsafe { &*(meta as *const T) });
+    true
 }
 
 /// Ethernet and up to two VLAN tags: the header, the L3 ethertype and offset, and whether a

@@ -11,7 +11,7 @@
 //!   flowlist emergency health    flow listings, the emergency path, health probes
 //! 1 config                       the file, parsed and validated
 //! 0 protocol accounts limits     the wire types and leaf helpers: import nothing of the crate
-//!   pins slab steps
+//!   pins slab steps shadow
 //! ```
 //!
 //! The CLI (`src/cli`, in the binary) sits on top and uses the library's public API.
@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("pins", 0),
     ("slab", 0),
     ("steps", 0),
+    ("shadow", 0),
     ("config", 1),
     ("dataplane", 2),
     ("flowcount", 2),

@@ -4,7 +4,8 @@
 //! 0. [`protocol`]: the typed wire types of the control socket and of the fleet's etcd
 //!    documents, and the blocking client; with the leaf helpers [`accounts`] (user and group
 //!    lookups that never block an async worker), [`limits`] (connection caps, descriptor
-//!    budget), [`pins`] (the pinned paths) and [`steps`] (a rollout's plan) — none imports
+//!    budget), [`pins`] (the pinned paths), [`shadow`] (shadow traffic's shares and refusals)
+//!    and [`steps`] (a rollout's plan) — none imports
 //!    anything of the crate;
 //! 1. [`config`]: the TOML file, parsed and validated into a [`config::Config`];
 //! 2. [`dataplane`] (loads and attaches the XDP program, reads and writes its maps),
@@ -34,5 +35,6 @@ pub mod limits;
 pub mod maglev;
 pub mod pins;
 pub mod protocol;
+pub mod shadow;
 pub mod slab;
 pub mod steps;

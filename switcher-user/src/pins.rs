@@ -93,6 +93,23 @@ impl Pins {
         self.links_dir().join(iface)
     }
 
+    /// `<root>/v<ABI_VERSION>/tc_links`: the shadow program's TCX links, one per interface.
+    #[must_use]
+    pub fn tc_links_dir(&self) -> PathBuf {
+        self.version_dir().join("tc_links")
+    }
+
+    #[must_use]
+    pub fn tc_link(&self, iface: &str) -> PathBuf {
+        self.tc_links_dir().join(iface)
+    }
+
+    /// Interfaces with a pinned TC link.
+    #[must_use]
+    pub fn tc_linked_interfaces(&self) -> Vec<String> {
+        entries(&self.tc_links_dir())
+    }
+
     /// `<root>/v<ABI_VERSION>/overrides`: one empty directory per service changed by the
     /// emergency path with `--local` in a fleet (bpffs holds directories, not files).
     #[must_use]
@@ -290,12 +307,17 @@ impl Pins {
                 tracing::warn!(interface = %iface, "detach the XDP link: {e}");
             }
         }
+        for iface in self.tc_linked_interfaces() {
+            if let Err(e) = detach_link(&self.tc_link(&iface)) {
+                tracing::warn!(interface = %iface, "detach the TC link: {e}");
+            }
+        }
         let _ = self.take_overrides();
         for service in entries(&self.rollouts_dir()) {
             self.clear_rollout(&service);
         }
         let _ = std::fs::remove_dir(self.rollouts_dir());
-        for dir in [self.links_dir(), self.maps_dir()] {
+        for dir in [self.links_dir(), self.tc_links_dir(), self.maps_dir()] {
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 for e in entries.flatten() {
                     std::fs::remove_file(e.path())?;
@@ -364,7 +386,7 @@ pub fn pin_by_id(object: Object, id: u32, path: &Path) -> io::Result<()> {
 }
 
 /// Opens a pinned link and detaches it from its hook now.
-fn detach_link(path: &Path) -> io::Result<()> {
+pub fn detach_link(path: &Path) -> io::Result<()> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_DETACH: libc::c_long = 34;

@@ -51,6 +51,7 @@ pub fn services() -> Vec<ServiceConfig> {
         watch: None,
         failover: false,
         rollout: switcher_user::config::RolloutConfig::default(),
+        shadow: switcher_user::shadow::ShadowSetting::default(),
     };
     vec![
         base.clone(),

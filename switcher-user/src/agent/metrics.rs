@@ -133,6 +133,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
         "Seconds the old colour of a completed rollout stays the backup",
         backup_left,
     );
+    shadow_metrics(&mut reg, status);
     let fleet_connected = Family::<Labels, Gauge>::default();
     let desired_rev = Family::<Labels, Gauge>::default();
     let applied_rev = Family::<Labels, Gauge>::default();
@@ -239,10 +240,10 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
 #[must_use]
 pub fn verdict_kind(reason: &str) -> &'static str {
     match reason {
-        "fwd_redirect" | "fwd_kernel" | "reply_redirect" | "reply_kernel" | "dsr" | "icmp_fwd" | "icmp_reply" => {
-            "forwarded"
-        }
-        "dsr_no_neigh" => "dropped",
+        "fwd_redirect" | "fwd_kernel" | "reply_redirect" | "reply_kernel" | "dsr" | "icmp_fwd" | "icmp_reply"
+        | "shadow_fwd" => "forwarded",
+        // The idle colour's replies to shadow copies: never for the client.
+        "dsr_no_neigh" | "shadow_reply" => "dropped",
         "reset" => "reset",
         "no_backend" | "internal" => "failed",
         // not_ip, vlan, malformed, fragment, other_l4, no_match, ttl, ipv6_ext, not_live: the
@@ -351,6 +352,55 @@ impl AcceptBackoff {
     }
 }
 
+/// Shadow traffic, per service and colour (`switcher shadow`): share, copies, idle replies
+/// dropped and each colour's reply latency on shadowed flows.
+fn shadow_metrics(reg: &mut Registry, status: &Response) {
+    let share = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let served = Family::<Labels, Counter>::default();
+    let copies = Family::<Labels, Counter>::default();
+    let replies = Family::<Labels, Counter>::default();
+    let latency_sum = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    let latency_count = Family::<Labels, Counter>::default();
+    for s in &status.services {
+        let Some(sh) = &s.shadow else { continue };
+        let name = s.name.as_str();
+        share.get_or_create(&labels(&[("service", name)])).set(f64::from(sh.share_bp) / f64::from(BP_ALL));
+        for c in &sh.colours {
+            let col = c.colour.as_str();
+            let sc = labels(&[("service", name), ("colour", col)]);
+            served.get_or_create(&sc).inc_by(c.shadowed);
+            for (outcome, n) in [("sent", c.sent), ("over_ceiling", c.over_ceiling), ("failed", c.failed)] {
+                copies.get_or_create(&labels(&[("service", name), ("colour", col), ("outcome", outcome)])).inc_by(n);
+            }
+            replies.get_or_create(&sc).inc_by(c.replies_dropped);
+            latency_sum.get_or_create(&sc).inc_by(c.latency_ns as f64 / 1e9);
+            latency_count.get_or_create(&sc).inc_by(c.latency_count);
+        }
+    }
+    reg.register("shadow_share", "Share of the service's new flows copied to the idle colour (0 to 1)", share);
+    reg.register("shadow_served_datagrams", "Datagrams of shadowed flows the colour served (live side)", served);
+    reg.register(
+        "shadow_copies",
+        "Copies of shadowed datagrams for the colour (idle side), by outcome: sent, over_ceiling, failed",
+        copies,
+    );
+    reg.register(
+        "shadow_replies_dropped",
+        "The colour's replies to copies, dropped before reaching the client",
+        replies,
+    );
+    reg.register(
+        "shadow_reply_latency_seconds_sum",
+        "Sum of the colour's reply latencies on shadowed flows (compare colours on the same requests)",
+        latency_sum,
+    );
+    reg.register(
+        "shadow_reply_latency_seconds_count",
+        "Replies timed for shadow_reply_latency_seconds_sum",
+        latency_count,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +439,7 @@ mod tests {
                 drain: None,
                 rollout: None,
                 backup: None,
+                shadow: None,
                 colours: vec![ColourStatus {
                     colour: Colour::Green,
                     healthy: true,

@@ -289,7 +289,7 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
         ctx.engine.call(|b| b.services().into_iter().map(|s| s.name).collect::<Vec<_>>()).await.unwrap_or_default()
     };
     let fleet_change = match &req {
-        Request::Cutover { .. } | Request::Rollback { .. } | Request::Weight { .. } => true,
+        Request::Cutover { .. } | Request::Rollback { .. } | Request::Weight { .. } | Request::Shadow { .. } => true,
         Request::BackendAdd { .. } | Request::BackendRemove { .. } => {
             ctx.fleet.is_some_and(|f| f.config.share_backends)
         }

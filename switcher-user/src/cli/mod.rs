@@ -11,6 +11,7 @@ mod flows;
 mod reload;
 mod rollback;
 mod rollout;
+mod shadow;
 mod status;
 mod uninstall;
 mod weight;
@@ -55,6 +56,7 @@ enum Command {
     Weight(weight::Args),
     Rollout(rollout::Args),
     Drill(drill::Args),
+    Shadow(shadow::Args),
     Backend(backend::Args),
     Status(status::Args),
     Flows(flows::Args),
@@ -76,6 +78,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Weight(args) => weight::run(&cli.socket, args),
         Command::Rollout(args) => rollout::run(&cli.socket, args),
         Command::Drill(args) => drill::run(&cli.socket, args),
+        Command::Shadow(args) => shadow::run(&cli.socket, args),
         Command::Backend(args) => backend::run(&cli.socket, args),
         Command::Status(args) => status::run(&cli.socket, args),
         Command::Flows(args) => flows::run(&cli.socket, &cli.config, args),

@@ -95,6 +95,9 @@ fn render(resp: &Response) -> String {
                 b.colour, b.secs_left, s.name
             );
         }
+        if let Some(sh) = &s.shadow {
+            out.push_str(&super::shadow::describe(sh));
+        }
         if let Some(p) = s.preview_port {
             let idle = s.active.other();
             let _ = writeln!(out, "  preview: port {p} → {idle}");
@@ -233,6 +236,7 @@ mod tests {
                 }),
                 rollout: None,
                 backup: None,
+                shadow: None,
                 colours: vec![colour(Colour::Blue, Some("198.51.100.2:8080"), 7), colour(Colour::Green, None, 2)],
             }],
             flows_counted_ms_ago: Some(420),

@@ -271,6 +271,12 @@ struct RawService {
     failover: bool,
     #[serde(default)]
     rollout: Option<toml::Spanned<RawRollout>>,
+    /// Share of new flows copied to the idle colour (`"10%"`, `"off"`): UDP NAT services only.
+    #[serde(default)]
+    shadow: Option<toml::Spanned<String>>,
+    /// Ceiling on copies per second (default `DEFAULT_SHADOW_CEILING`).
+    #[serde(default)]
+    shadow_ceiling: Option<toml::Spanned<u32>>,
 }
 
 /// `[service.rollout]` (see [`crate::steps`]).
@@ -498,6 +504,8 @@ pub struct ServiceConfig {
     pub failover: bool,
     /// `switcher rollout`'s plan, analysis, hooks and backup (`[service.rollout]`).
     pub rollout: RolloutConfig,
+    /// Shadow traffic to the idle colour (`shadow`, `shadow_ceiling`).
+    pub shadow: crate::shadow::ShadowSetting,
 }
 
 impl HealthConfig {
@@ -697,7 +705,28 @@ impl Config {
                 watch: s.watch_secs.filter(|&w| w > 0).map(Duration::from_secs),
                 failover: s.failover,
                 rollout: RolloutConfig::default(),
+                shadow: crate::shadow::ShadowSetting::default(),
             };
+            if let Some(sh) = &s.shadow {
+                let bp = crate::shadow::parse_share(sh.get_ref()).map_err(|m| invalid(sh.span(), "shadow", m))?;
+                if bp > 0 && s.protocol == Protocol::Tcp {
+                    return Err(invalid(sh.span(), "shadow", crate::shadow::TCP_REFUSAL.into()));
+                }
+                if bp > 0 && s.mode == Mode::Dsr {
+                    return Err(invalid(sh.span(), "shadow", crate::shadow::DSR_REFUSAL.into()));
+                }
+                service.shadow.share_bp = bp;
+            }
+            if let Some(c) = &s.shadow_ceiling {
+                if *c.get_ref() == 0 {
+                    return Err(invalid(
+                        c.span(),
+                        "shadow_ceiling",
+                        "0 copies per second copies nothing: set shadow = \"off\" instead".into(),
+                    ));
+                }
+                service.shadow.ceiling = *c.get_ref();
+            }
             if let Some(r) = &s.rollout {
                 service.rollout = rollout_config(r.get_ref()).map_err(|m| invalid(r.span(), "rollout", m))?;
             }

@@ -325,3 +325,25 @@ fn the_fleet_section_is_checked() {
     let e = with("[fleet]\nendpoints = [\"http://etcd:2379\"]\nnodes = \"x\"").expect_err("unknown key").to_string();
     assert!(e.contains("nodes"), "{e}");
 }
+
+#[test]
+fn shadow_is_for_udp_nat_services() {
+    let dns = GOOD.replace(
+        "green = \"198.51.100.18:5353\"",
+        "green = \"198.51.100.18:5353\"\nshadow = \"12.5%\"\nshadow_ceiling = 500",
+    );
+    let c = parse(&dns).expect("a UDP service may be shadowed");
+    assert_eq!((c.services[1].shadow.share_bp, c.services[1].shadow.ceiling), (1_250, 500));
+    assert_eq!(c.services[0].shadow, crate::shadow::ShadowSetting::default(), "off unless asked");
+    let web = GOOD.replace("green = \"198.51.100.18:8080\"", "green = \"198.51.100.18:8080\"\nshadow = \"10%\"");
+    let e = err(&web);
+    assert!(e.contains("shadow: shadow traffic is for UDP services only") && e.contains("sequence numbers"), "{e}");
+    assert!(
+        parse(&GOOD.replace("green = \"198.51.100.18:8080\"", "green = \"198.51.100.18:8080\"\nshadow = \"off\""))
+            .is_ok()
+    );
+    let e = err(&dns.replace("12.5%", "150%"));
+    assert!(e.contains("is not a share"), "{e}");
+    let e = err(&dns.replace("shadow_ceiling = 500", "shadow_ceiling = 0"));
+    assert!(e.contains("shadow_ceiling"), "{e}");
+}

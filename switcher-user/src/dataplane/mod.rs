@@ -45,7 +45,9 @@ use crate::{
 
 mod flows;
 mod pools;
+mod shadow;
 
+use self::shadow::repin_shadow;
 pub use self::{flows::DrainEnd, pools::ring_elements};
 
 /// The XDP object built by `build.rs` from `switcher-ebpf`.
@@ -315,6 +317,12 @@ pub struct Dataplane {
     // Maps the program uses but nothing reads here: kept so their fds outlive the program.
     _meta: Array<MapData, u32>,
     _logger: Option<Logger>,
+    /// The TC program of shadow traffic is attached everywhere (`dataplane/shadow.rs`).
+    shadow_ready: bool,
+    /// Each pinned TC link's interface and kernel id, to pin it again if its pin goes.
+    shadow_link_ids: Vec<(String, u32)>,
+    /// The pinned TC links, held open: a removed pin must not release its link.
+    shadow_links: Vec<PinnedLink>,
 }
 
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -411,6 +419,7 @@ impl Dataplane {
         dp.lock = Some(lock);
         let installed = dp.install_all(&config.services, adopt)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
+        dp.shadow_program()?.load().map_err(DataplaneError::Program)?;
         // The new tables take over from the previous daemon's with the program (its program
         // keeps its own `RING` until the links are updated).
         for (name, map) in [(MAP_RING, dp.ring.map()), (MAP_RING_LIVE, dp.ring_live.map())] {
@@ -424,6 +433,7 @@ impl Dataplane {
             map.pin(&path).map_err(|e| DataplaneError::Pin { path, source: std::io::Error::other(e) })?;
         }
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
+        dp.attach_shadow(&config.interfaces, &pins);
         dp.map_ids = MAP_NAMES
             .iter()
             .filter_map(|name| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| (*name, info.id())))
@@ -453,6 +463,7 @@ impl Dataplane {
         let mut dp = Dataplane::load_object(options, None, false, sizes, ring_elements(services))?;
         dp.install_all(services, false)?;
         dp.program()?.load().map_err(DataplaneError::Program)?;
+        dp.shadow_program()?.load().map_err(DataplaneError::Program)?;
         Ok(dp)
     }
 
@@ -540,6 +551,9 @@ impl Dataplane {
             lock: None,
             _meta: meta,
             _logger: logger,
+            shadow_ready: false,
+            shadow_link_ids: Vec::new(),
+            shadow_links: Vec::new(),
             ebpf,
         })
     }
@@ -687,7 +701,8 @@ impl Dataplane {
         let maps: Vec<(&str, u32)> = self.map_ids.iter().copied().filter(|(n, _)| !pins.map(n).exists()).collect();
         let links: Vec<(String, u32)> =
             self.link_ids.iter().filter(|(iface, _)| !pins.link(iface).exists()).cloned().collect();
-        if maps.is_empty() && links.is_empty() {
+        let tc_links = self.shadow_links_missing(&pins);
+        if maps.is_empty() && links.is_empty() && tc_links.is_empty() {
             return Ok(Vec::new());
         }
         pins.prepare()?;
@@ -704,6 +719,7 @@ impl Dataplane {
                 .map_err(|source| DataplaneError::Repin { path, source })?;
             done.push(format!("links/{iface}"));
         }
+        done.extend(repin_shadow(&pins, tc_links)?);
         // A removed root is a new directory now: the lock must be on it.
         let locked = self.lock.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
         let root = std::fs::metadata(pins.root()).ok().map(|m| (m.dev(), m.ino()));
@@ -717,7 +733,9 @@ impl Dataplane {
     #[must_use]
     pub fn pinned(&self) -> bool {
         self.pins.as_ref().is_some_and(|pins| {
-            MAP_NAMES.iter().all(|n| pins.map(n).exists()) && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
+            MAP_NAMES.iter().all(|n| pins.map(n).exists())
+                && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
+                && self.shadow_links_missing(pins).is_empty()
         })
     }
 
@@ -728,6 +746,8 @@ impl Dataplane {
     pub fn detach(&mut self) -> std::io::Result<()> {
         self.links.clear();
         self.link_ids.clear();
+        self.shadow_links.clear();
+        self.shadow_link_ids.clear();
         match self.pins.take() {
             Some(pins) => pins.remove(),
             None => Ok(()),
@@ -841,7 +861,7 @@ impl Dataplane {
 }
 
 /// Sizes of the maps indexed by service id for `max_services` services.
-fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 6] {
+fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 9] {
     let colours = max_services * switcher_common::COLOURS;
     [
         (MAP_SERVICES, max_services * 2),
@@ -850,6 +870,9 @@ fn service_map_sizes(max_services: u32) -> [(&'static str, u32); 6] {
         (MAP_COUNTERS, colours),
         (MAP_BACKENDS, colours * MAX_POOL),
         (MAP_REVERSE, colours * MAX_POOL),
+        (switcher_common::MAP_SHADOW, max_services),
+        (switcher_common::MAP_SHADOW_BUCKET, max_services),
+        (switcher_common::MAP_SHADOW_COUNTERS, colours),
     ]
 }
 

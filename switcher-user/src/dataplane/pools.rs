@@ -101,6 +101,7 @@ impl Dataplane {
                     .insert(&service_key(s, preview), &Service { id, flags }, 0)
                     .map_err(map_err(MAP_SERVICES))?;
             }
+            self.set_shadow(id, s.shadow.share_bp, s.shadow.ceiling)?;
             let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
             installed.push(Installed {
                 id,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use switcher_common::user::Colour;
+use switcher_common::{ShadowCounters, user::Colour};
 
 use crate::{
     config::{BackendConfig, DrainAction, ServiceConfig},
@@ -77,6 +77,24 @@ pub trait Maps {
     /// # Errors
     /// The map write failed.
     fn set_draining(&mut self, id: u32, draining: bool) -> Result<(), DataplaneError>;
+    /// Writes a service's shadow share and ceiling (`SHADOW`).
+    ///
+    /// # Errors
+    /// The map write failed.
+    fn set_shadow(&mut self, _id: u32, _share_bp: u32, _ceiling: u32) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    /// A colour's shadow counters.
+    ///
+    /// # Errors
+    /// The map lookup failed.
+    fn shadow_counters(&self, _id: u32, _colour: Colour) -> Result<ShadowCounters, DataplaneError> {
+        Ok(ShadowCounters::default())
+    }
+    /// Whether the shadow TC program is attached, so copies can be made.
+    fn shadow_ready(&self) -> bool {
+        true
+    }
 }
 
 impl Maps for Dataplane {
@@ -135,5 +153,14 @@ impl Maps for Dataplane {
     }
     fn set_draining(&mut self, id: u32, draining: bool) -> Result<(), DataplaneError> {
         Dataplane::set_draining(self, id, draining)
+    }
+    fn set_shadow(&mut self, id: u32, share_bp: u32, ceiling: u32) -> Result<(), DataplaneError> {
+        Dataplane::set_shadow(self, id, share_bp, ceiling)
+    }
+    fn shadow_counters(&self, id: u32, colour: Colour) -> Result<ShadowCounters, DataplaneError> {
+        Dataplane::shadow_counters(self, id, colour)
+    }
+    fn shadow_ready(&self) -> bool {
+        Dataplane::shadow_ready(self)
     }
 }

@@ -26,6 +26,7 @@ mod pools;
 mod reload;
 pub mod rollout;
 pub mod rules;
+mod shadow;
 mod status;
 
 use switcher_common::{BP_ALL, user::Colour};
@@ -246,6 +247,7 @@ impl<M: Maps> Switchboard<M> {
             Request::Drill { service, secs, share_bp } => {
                 self.start_drill(&service, Duration::from_secs(secs), share_bp)
             }
+            Request::Shadow { service, share_bp, ceiling, .. } => self.set_shadow(&service, share_bp, ceiling),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } | Request::Flows(_) => {
                 Err("handled by the daemon".into())
             }

@@ -122,6 +122,7 @@ impl<M: Maps> Switchboard<M> {
             colours,
             rollout,
             backup,
+            shadow: self.shadow_status(s)?,
         })
     }
 }

@@ -114,6 +114,7 @@ pub(crate) fn board() -> Switchboard<FakeMaps> {
         watch: None,
         failover: false,
         rollout: crate::config::RolloutConfig::default(),
+        shadow: crate::shadow::ShadowSetting::default(),
     };
     let solo = ServiceConfig { name: "solo".into(), port: 81, green: vec![], ..web.clone() };
     let installed = |id| Installed { id, active: Colour::Blue, canary_bp: 0, previous: None };

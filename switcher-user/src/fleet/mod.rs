@@ -290,7 +290,11 @@ impl Fleet {
                                 "{name} is in the fleet's desired state but not configured on this node"
                             ));
                         }
-                        b.apply_desired(&name, t.active, t.canary_bp, t.drain, t.pools, t.rollback)
+                        let changed = b.apply_desired(&name, t.active, t.canary_bp, t.drain, t.pools, t.rollback)?;
+                        if let Some((share_bp, ceiling)) = t.shadow {
+                            b.apply_shadow(&name, share_bp, ceiling)?;
+                        }
+                        Ok(changed)
                     })
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()))

@@ -27,6 +27,8 @@ pub struct Target {
     pub pools: Option<[Vec<BackendConfig>; 2]>,
     /// Written by a rollback.
     pub rollback: bool,
+    /// The fleet's shadow share and ceiling, when it sets them.
+    pub shadow: Option<(u32, u32)>,
 }
 
 /// The state a desired state asks for; a document no switcher wrote is an error, not a panic
@@ -37,6 +39,11 @@ pub struct Target {
 pub fn target(d: &Desired) -> Result<Target, String> {
     if d.canary_bp > BP_ALL {
         return Err(format!("canary_bp {} is above {BP_ALL}", d.canary_bp));
+    }
+    if let Some(sh) = d.shadow
+        && (sh.share_bp > BP_ALL || sh.ceiling == 0)
+    {
+        return Err(format!("shadow {} basis points at {}/s is not a shadow setting", sh.share_bp, sh.ceiling));
     }
     let pool = |p: &Option<Vec<SharedBackend>>| -> Result<Option<Vec<BackendConfig>>, String> {
         p.as_ref()
@@ -65,6 +72,7 @@ pub fn target(d: &Desired) -> Result<Target, String> {
         drain: d.drain_timeout_secs.map(Duration::from_secs),
         pools,
         rollback: d.rollback,
+        shadow: d.shadow.map(|sh| (sh.share_bp, sh.ceiling)),
     })
 }
 
@@ -83,6 +91,7 @@ pub(super) fn seed<M: Maps>(board: &Switchboard<M>, name: &str, node: &str, shar
         rollback: false,
         blue: share.then(|| shared(&config.blue)),
         green: share.then(|| shared(&config.green)),
+        shadow: None,
         change: "seeded from the first node's state".into(),
         changed_by: node.to_owned(),
         at_unix: now_unix(),
@@ -110,6 +119,17 @@ pub fn plan<M: Maps>(
         Request::Rollback { service, force, .. } => (service, Ask::Rollback, *force, None),
         Request::Weight { service, colour, basis_points, force, .. } => {
             (service, Ask::Weight(*colour, *basis_points), *force, None)
+        }
+        Request::Shadow { service, share_bp, ceiling, .. } => {
+            let ceiling = board.check_shadow(service, *share_bp, *ceiling)?;
+            let before = t.shadow.map_or(0, |(bp, _)| bp);
+            if t.shadow == Some((*share_bp, ceiling)) {
+                return Ok(None);
+            }
+            next.shadow = Some(crate::protocol::FleetShadow { share_bp: *share_bp, ceiling });
+            next.change = format!("shadow {} → {}", percent(before), percent(*share_bp));
+            next.at_unix = now_unix();
+            return Ok(Some(next));
         }
         _ => return plan_pools(board, req, t, next, share),
     };

@@ -338,3 +338,22 @@ fn the_documents_round_trip() {
     let text = serde_json::to_string(&n).expect("json");
     assert_eq!(serde_json::from_str::<NodeState>(&text).expect("parse"), n);
 }
+
+#[test]
+fn the_shadow_share_travels_in_the_desired_state() {
+    let b = crate::engine::tests::board();
+    let blue = desired("blue");
+    let shadow = |bp| Request::Shadow { service: "web".into(), share_bp: bp, ceiling: None, scope: Scope::default() };
+    let e = plan(&b, &shadow(1_000), &blue, false).expect_err("web is TCP");
+    assert!(e.contains("sequence numbers"), "{e}");
+    let off = plan(&b, &shadow(0), &blue, false).expect("ok").expect("a change");
+    assert_eq!(off.shadow, Some(crate::protocol::FleetShadow { share_bp: 0, ceiling: 10_000 }));
+    assert_eq!(plan(&b, &shadow(0), &off, false), Ok(None), "already so");
+    let on = Desired { shadow: Some(crate::protocol::FleetShadow { share_bp: 1_000, ceiling: 500 }), ..blue.clone() };
+    assert_eq!(target(&on).expect("valid").shadow, Some((1_000, 500)));
+    let bad = Desired { shadow: Some(crate::protocol::FleetShadow { share_bp: 1_000, ceiling: 0 }), ..blue.clone() };
+    assert!(target(&bad).is_err(), "a ceiling of 0 is no setting");
+    // Nodes that never saw the field read a document without it, and write none.
+    let json = serde_json::to_string(&blue).expect("json");
+    assert!(!json.contains("shadow"), "{json}");
+}

@@ -31,6 +31,10 @@ pub struct Desired {
     pub blue: Option<Vec<SharedBackend>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub green: Option<Vec<SharedBackend>>,
+    /// Shadow traffic to the idle colour (`switcher shadow`); absent: each node uses its own
+    /// config's (nodes that do not know the field ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<FleetShadow>,
     /// What the last change was ("cutover blue → green"), who made it and when.
     #[serde(default)]
     pub change: String,
@@ -38,6 +42,14 @@ pub struct Desired {
     pub changed_by: String,
     #[serde(default)]
     pub at_unix: u64,
+}
+
+/// The fleet's shadow setting of a service: share (basis points, 0: off) and ceiling (copies
+/// per second, per node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetShadow {
+    pub share_bp: u32,
+    pub ceiling: u32,
 }
 
 /// A backend in a shared pool.
@@ -156,6 +168,7 @@ impl Desired {
             rollback: false,
             blue: None,
             green: None,
+            shadow: None,
             change: String::new(),
             changed_by: String::new(),
             at_unix: 0,

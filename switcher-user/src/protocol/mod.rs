@@ -35,7 +35,7 @@ pub use self::{
         ANSWER_GRACE, ClientError, Deadline, MAX_REQUEST, TIMEOUT, parse_request, parse_request_line, request,
         request_line, too_late,
     },
-    fleet::{Desired, FleetRollout, NodeCounters, NodeService, NodeState, SharedBackend},
+    fleet::{Desired, FleetRollout, FleetShadow, NodeCounters, NodeService, NodeState, SharedBackend},
     flows::{FlowEntry, FlowGroup, FlowListing, FlowQuery, FlowSource, FlowState, FlowStop},
 };
 
@@ -133,6 +133,16 @@ pub enum Request {
     /// report; `status` shows it as a rollout whose `drill` is true, and `RolloutControl`'s
     /// abort ends it.
     Drill { service: String, secs: u64, share_bp: u32 },
+    /// Shadow traffic: copy `share_bp` (0: off) of a UDP service's new flows to the idle
+    /// colour, at most `ceiling` copies per second (default: the service's config).
+    Shadow {
+        service: String,
+        share_bp: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ceiling: Option<u32>,
+        #[serde(default, skip_serializing_if = "Scope::is_fleet_wide")]
+        scope: Scope,
+    },
 }
 
 /// What an operator asks of a rollout under way.
@@ -164,7 +174,8 @@ impl Request {
             | Request::BackendRemove { service, .. }
             | Request::Rollout { service, .. }
             | Request::RolloutControl { service, .. }
-            | Request::Drill { service, .. } => Some(service),
+            | Request::Drill { service, .. }
+            | Request::Shadow { service, .. } => Some(service),
             Request::Status { service } => service.as_deref(),
             Request::Flows(q) => q.service.as_deref(),
             Request::Reload | Request::Fleet | Request::FleetWait { .. } => None,
@@ -175,9 +186,10 @@ impl Request {
     #[must_use]
     pub fn scope(&self) -> Option<&Scope> {
         match self {
-            Request::Cutover { scope, .. } | Request::Rollback { scope, .. } | Request::Weight { scope, .. } => {
-                Some(scope)
-            }
+            Request::Cutover { scope, .. }
+            | Request::Rollback { scope, .. }
+            | Request::Weight { scope, .. }
+            | Request::Shadow { scope, .. } => Some(scope),
             _ => None,
         }
     }
@@ -375,6 +387,54 @@ pub struct ServiceStatus {
     /// After a rollout completed: the old colour, kept as the instant rollback target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<Backup>,
+    /// Shadow traffic to the idle colour: its share and what it did (when on, or when it
+    /// copied anything since the maps were made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStatus>,
+}
+
+/// A service's shadow traffic, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowStatus {
+    /// Share of new flows copied, in basis points (0: off).
+    pub share_bp: u32,
+    /// Ceiling on copies per second.
+    pub ceiling: u32,
+    /// Where copies of new flows go now: the idle colour.
+    #[serde(with = "wire::colour")]
+    pub target: Colour,
+    /// Both colours' shadow counters (since the maps were made).
+    pub colours: Vec<ShadowColour>,
+}
+
+/// One colour's shadow counters: the live side (`shadowed`, its reply latency) when it
+/// serves shadowed flows, the copy side (`sent` … `replies_dropped`, its reply latency) when
+/// it is their idle colour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowColour {
+    #[serde(with = "wire::colour")]
+    pub colour: Colour,
+    /// Datagrams of shadowed flows this colour served.
+    pub shadowed: u64,
+    /// Copies sent to this colour.
+    pub sent: u64,
+    /// Copies not made: over the ceiling.
+    pub over_ceiling: u64,
+    /// Copies that could not be made or sent (no backend, no route or neighbour).
+    pub failed: u64,
+    /// This colour's replies to copies, dropped before the client.
+    pub replies_dropped: u64,
+    /// Reply latency of this colour on shadowed flows: sum in ns and count.
+    pub latency_ns: u64,
+    pub latency_count: u64,
+}
+
+impl ShadowColour {
+    /// Mean reply latency in microseconds, if any reply was timed.
+    #[must_use]
+    pub fn mean_latency_us(&self) -> Option<f64> {
+        (self.latency_count > 0).then(|| self.latency_ns as f64 / self.latency_count as f64 / 1_000.0)
+    }
 }
 
 /// A rollout of a service, as `status` shows it.
@@ -628,6 +688,7 @@ mod tests {
             }),
             rollout: None,
             backup: None,
+            shadow: None,
             colours: vec![ColourStatus {
                 colour: Colour::Green,
                 healthy: true,

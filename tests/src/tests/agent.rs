@@ -391,10 +391,13 @@ fn pins_removed_under_a_running_daemon_are_restored_and_traffic_outlives_it() {
     let mut d = Daemon::start(&t.lb, |s| demo_config(&t.lb_ifaces, "redirect", s));
     let version = crate::proc::pin_path(&d.socket).join(format!("v{}", switcher_common::ABI_VERSION));
     assert!(version.join("links").join(&t.lb_ifaces[0]).exists());
+    assert!(version.join("tc_links").join(&t.lb_ifaces[0]).exists(), "the shadow TC link is pinned");
     std::fs::remove_dir_all(&version).expect("rm -rf the pins");
     let back = wait_for(Duration::from_secs(15), || {
-        (version.join("links").join(&t.lb_ifaces[0]).exists() && version.join("maps").join("STATE").exists())
-            .then_some(())
+        (version.join("links").join(&t.lb_ifaces[0]).exists()
+            && version.join("tc_links").join(&t.lb_ifaces[0]).exists()
+            && version.join("maps").join("STATE").exists())
+        .then_some(())
     });
     assert!(back.is_some(), "the daemon did not pin its data path again:\n{}", d.log());
     assert!(d.log().contains("pinned again"), "it said so loudly:\n{}", d.log());

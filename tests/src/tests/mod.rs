@@ -15,3 +15,4 @@ mod prog_test_run;
 mod reliability;
 mod rollout;
 mod scale;
+mod shadow;

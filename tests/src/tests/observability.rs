@@ -131,6 +131,7 @@ fn every_metric_the_dashboard_and_alerts_use_is_served() {
             drain: None,
             rollout: None,
             backup: None,
+            shadow: None,
             colours: Colour::ALL
                 .into_iter()
                 .map(|c| ColourStatus {

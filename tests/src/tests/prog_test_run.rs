@@ -70,6 +70,7 @@ fn services() -> Vec<ServiceConfig> {
         watch: None,
         failover: false,
         rollout: switcher_user::config::RolloutConfig::default(),
+        shadow: switcher_user::shadow::ShadowSetting::default(),
     };
     let dns = ServiceConfig {
         name: "dns".into(),
@@ -1226,5 +1227,111 @@ fn reverse_entries_follow_the_pools() {
         dp.collect_reverse(&pass);
         assert!(entry(&dp, BLUE, 5353).is_empty(), "no flow uses it any more: gone");
         check(&mut dp, pkt("its packets now pass untouched", udp(IN, (BLUE, 5353), c, 64), XDP_PASS, "no_match", None));
+    });
+}
+
+/// Runs the XDP program on `input`: the action, the reason counted and the output frame, with
+/// the metadata the program put in front of it split off (empty when none).
+/// An XDP run: action, reasons counted, metadata, frame.
+type XdpRun = (u32, Vec<(&'static str, u64)>, Vec<u8>, Vec<u8>);
+
+fn run_xdp(dp: &mut Dataplane, input: &[u8]) -> XdpRun {
+    let before = dp.reasons().expect("reasons");
+    let mut out = vec![0u8; input.len() + 256];
+    let result = dp
+        .program()
+        .expect("program")
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..TestRunOptions::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    let after = dp.reasons().expect("reasons");
+    let delta = before.iter().zip(&after).filter(|(b, a)| a.1 != b.1).map(|(b, a)| (a.0, a.1 - b.1)).collect();
+    let meta_len = out.len().saturating_sub(input.len());
+    let frame = out.split_off(meta_len);
+    (result.return_value, delta, out, frame)
+}
+
+/// Shadow traffic on the XDP side: a shadowed UDP flow's datagram is rewritten to its live
+/// backend exactly as usual and passed up with metadata naming the idle colour's backend; the
+/// idle colour's answer is dropped and counted, the live one's goes to the client from the
+/// VIP; an unshadowed service and TCP are untouched by it; the ceiling holds copies back
+/// without touching the live datagram; the TC program lets a frame without our metadata
+/// through untouched.
+#[test]
+fn shadow_marks_and_drops() {
+    if !crate::have_root("shadow_marks_and_drops") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load the XDP and TC programs");
+        let c = (CLIENT, 41000);
+        // Off by default: the usual fast path.
+        let (action, delta, meta, out) = run_xdp(&mut dp, &udp(IN, (CLIENT, 41001), (VIP, 53), 64));
+        assert_eq!((action, delta, meta.len()), (XDP_REDIRECT, vec![("fwd_redirect", 1)], 0), "shadow off");
+        assert_eq!(hex(&out), hex(&udp(OUT, (CLIENT, 41001), (BLUE, 5353), 63)));
+
+        dp.set_shadow(DNS, 10_000, 1_000).expect("shadow 100 %");
+        let (action, delta, meta, out) = run_xdp(&mut dp, &udp(IN, c, (VIP, 53), 64));
+        assert_eq!((action, delta), (XDP_PASS, vec![("shadow_fwd", 1)]), "a shadowed datagram goes up to TC");
+        assert_eq!(
+            hex(&out),
+            hex(&udp(IN, c, (BLUE, 5353), 64)),
+            "rewritten to the live backend, the rest left to the TC program"
+        );
+        let mut want = Vec::new();
+        want.extend_from_slice(&switcher_common::SHADOW_META_MAGIC.to_ne_bytes());
+        want.extend_from_slice(&(DNS as u16).to_ne_bytes());
+        want.extend_from_slice(&[1, 0]); // to green, IPv4
+        want.extend_from_slice(&14u16.to_ne_bytes());
+        want.extend_from_slice(&34u16.to_ne_bytes());
+        want.extend_from_slice(&widen(GREEN));
+        want.extend_from_slice(&5354u16.to_be_bytes());
+        want.extend_from_slice(&[switcher_common::FAMILY_V4, 0]);
+        assert_eq!(hex(&meta), hex(&want), "the metadata names green's backend and the headers");
+
+        let (action, delta, _, _) = run_xdp(&mut dp, &udp(IN, (GREEN, 5354), c, 64));
+        assert_eq!((action, delta), (XDP_DROP, vec![("shadow_reply", 1)]), "green's answer to the copy is dropped");
+        let (action, delta, _, out) = run_xdp(&mut dp, &udp(IN, (BLUE, 5353), c, 64));
+        assert_eq!((action, delta), (XDP_REDIRECT, vec![("reply_redirect", 1)]), "blue's answer goes to the client");
+        assert_eq!(hex(&out), hex(&udp(OUT, (VIP, 53), c, 63)));
+        let (action, delta, _, _) = run_xdp(&mut dp, &udp(IN, (GREEN, 5354), (CLIENT, 41999), 64));
+        assert_eq!((action, delta), (XDP_PASS, vec![("not_live", 1)]), "green's datagram to another port: untouched");
+
+        let blue = dp.shadow_counters(DNS, Colour::Blue).expect("counters");
+        let green = dp.shadow_counters(DNS, Colour::Green).expect("counters");
+        assert_eq!((blue.shadowed, blue.latency_count, blue.sent), (1, 1, 0), "blue served one shadowed datagram");
+        assert_eq!((green.replies, green.latency_count, green.failed, green.ceiling), (1, 1, 0, 0), "green");
+
+        // The ceiling: one copy a second; the second datagram takes the usual path.
+        dp.set_shadow(DNS, 10_000, 1).expect("ceiling 1/s");
+        let c2 = (CLIENT, 41002);
+        let (_, delta, _, _) = run_xdp(&mut dp, &udp(IN, c2, (VIP, 53), 64));
+        let (action, delta2, meta, out) = run_xdp(&mut dp, &udp(IN, c2, (VIP, 53), 64));
+        assert!(delta == vec![("shadow_fwd", 1)] || delta == vec![("fwd_redirect", 1)], "{delta:?}");
+        assert_eq!((action, delta2, meta.len()), (XDP_REDIRECT, vec![("fwd_redirect", 1)], 0), "over the ceiling");
+        assert_eq!(hex(&out), hex(&udp(OUT, c2, (BLUE, 5353), 63)), "the live datagram as without shadow");
+        assert!(dp.shadow_counters(DNS, Colour::Green).expect("counters").ceiling >= 1, "counted as held back");
+
+        // TCP is never shadowed, whatever the map says.
+        dp.set_shadow(WEB, 10_000, 1_000).expect("shadow on web's map slot");
+        let (action, delta, meta, _) = run_xdp(&mut dp, &tcp(IN, (CLIENT, 41003), (VIP, 80), 64, Tcp::Syn));
+        assert_eq!((action, delta, meta.len()), (XDP_REDIRECT, vec![("fwd_redirect", 1)], 0), "TCP");
+
+        // The TC program: no metadata, nothing done.
+        let frame = udp(IN, (CLIENT, 41004), (BLUE, 5353), 64);
+        let mut out = vec![0u8; frame.len() + 64];
+        let result = dp
+            .shadow_program()
+            .expect("the TC program")
+            .test_run(TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+            .expect("BPF_PROG_TEST_RUN on the TC program");
+        out.truncate(result.data_size_out as usize);
+        assert_eq!(result.return_value, 0, "TC_ACT_OK");
+        assert_eq!(hex(&out), hex(&frame), "untouched");
     });
 }
