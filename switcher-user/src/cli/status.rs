@@ -282,8 +282,14 @@ mod tests {
         assert!(text.contains("(no backends)"), "{text}");
         assert!(!text.contains("tcp:"), "no signals before any SYN: {text}");
         let mut signalled = resp.clone();
-        signalled.services[0].colours[1].counters =
-            Counters { syns: 10, handshakes: 7, refused: 2, backend_resets: 2, syn_latency: [6, 1, 0, 0, 0], ..Counters::default() };
+        signalled.services[0].colours[1].counters = Counters {
+            syns: 10,
+            handshakes: 7,
+            refused: 2,
+            backend_resets: 2,
+            syn_latency: [6, 1, 0, 0, 0],
+            ..Counters::default()
+        };
         let text = render(&signalled);
         assert!(
             text.contains("          tcp: 10 SYNs, 7 handshakes (90% answered in < 1 ms), 2 refused, 1 unanswered or in flight, 2 backend resets, 0 ICMP unreachables, 0 client resets\n"),

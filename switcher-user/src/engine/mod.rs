@@ -219,7 +219,14 @@ impl<M: Maps> Switchboard<M> {
     /// The services as [`crate::dataplane::Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
-        Switchboard { maps, services, last_flows: None, remote_drains: None, rollouts: rollout::Rollouts::default(), guard: signals::Guard::default() }
+        Switchboard {
+            maps,
+            services,
+            last_flows: None,
+            remote_drains: None,
+            rollouts: rollout::Rollouts::default(),
+            guard: signals::Guard::default(),
+        }
     }
 
     /// The data plane, for the daemon's own use (reload).

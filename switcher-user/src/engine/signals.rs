@@ -142,7 +142,7 @@ fn words(d: Duration) -> String {
 }
 
 fn permille(part: u64, whole: u64) -> u64 {
-    if whole == 0 { 0 } else { part.saturating_mul(1_000) / whole }
+    part.saturating_mul(1_000).checked_div(whole).unwrap_or(0)
 }
 
 fn pct(pm: u64) -> String {
@@ -156,7 +156,12 @@ fn pct(pm: u64) -> String {
 /// TCP flows, a UDP service, or as well as the old colour), for the rest of the judgement.
 /// `nat`: replies are seen (NAT mode), else DSR's client-side signals are used.
 #[must_use]
-pub fn judge(min_flows: u64, (from, old): (Colour, &Signals), (to, new): (Colour, &Signals), nat: bool) -> Option<Judgement> {
+pub fn judge(
+    min_flows: u64,
+    (from, old): (Colour, &Signals),
+    (to, new): (Colour, &Signals),
+    nat: bool,
+) -> Option<Judgement> {
     let min_flows = min_flows.max(1);
     if new.syns < min_flows {
         return None;
@@ -199,18 +204,19 @@ pub fn judge(min_flows: u64, (from, old): (Colour, &Signals), (to, new): (Colour
             )));
         }
     }
-    if nat && new.handshakes >= min_flows && old.handshakes >= min_flows {
-        if let (Some(n), Some(o)) = (new.latency_bucket(900), old.latency_bucket(900)) {
-            if n >= o + LATENCY_BUCKETS_WORSE {
-                return Some(Judgement::Fail(format!(
-                    "{to}: 90% of SYNs answered in {}, {from}'s in {} ({} and {} handshakes)",
-                    bucket_words(n),
-                    bucket_words(o),
-                    new.handshakes,
-                    old.handshakes
-                )));
-            }
-        }
+    if nat
+        && new.handshakes >= min_flows
+        && old.handshakes >= min_flows
+        && let (Some(n), Some(o)) = (new.latency_bucket(900), old.latency_bucket(900))
+        && n >= o + LATENCY_BUCKETS_WORSE
+    {
+        return Some(Judgement::Fail(format!(
+            "{to}: 90% of SYNs answered in {}, {from}'s in {} ({} and {} handshakes)",
+            bucket_words(n),
+            bucket_words(o),
+            new.handshakes,
+            old.handshakes
+        )));
     }
     None
 }
@@ -249,7 +255,11 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
                 last.at.saturating_duration_since(first.at).as_millis(),
                 new.backend_resets,
                 new.unreachables,
-                if old_answered == 0 { "took no new flows".to_owned() } else { format!("answered {} of {old_answered}", old_answered - old_failed) }
+                if old_answered == 0 {
+                    "took no new flows".to_owned()
+                } else {
+                    format!("answered {} of {old_answered}", old_answered - old_failed)
+                }
             ));
         }
     }
@@ -276,7 +286,11 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
         return Some(format!(
             "fast guard: {new_out} of {new_sent} SYNs to {to} unanswered after {} ms; {from} {}",
             last.at.saturating_duration_since(end.at).as_millis(),
-            if old_sent == 0 { "took no new SYNs".to_owned() } else { format!("answered {} of {old_sent}", old_sent - old_out) }
+            if old_sent == 0 {
+                "took no new SYNs".to_owned()
+            } else {
+                format!("answered {} of {old_sent}", old_sent - old_out)
+            }
         ));
     }
     None
@@ -331,7 +345,7 @@ impl<M: Maps> Switchboard<M> {
         self.rollouts_under_way()
             .into_iter()
             .filter_map(|(name, from, to)| {
-                let s = self.services.iter().find(|s| s.name == name)?;
+                let s = self.services.iter().find(|s| s.config.name == name)?;
                 let tcp = s.config.protocol == crate::config::Protocol::Tcp;
                 (tcp && s.config.mode == Mode::Nat).then_some((name, s.id, from, to))
             })
@@ -346,7 +360,14 @@ mod tests {
     use super::*;
 
     fn sig(syns: u64, handshakes: u64, refused: u64, resets: u64) -> Signals {
-        Signals { syns, handshakes, refused, backend_resets: resets, latency: [handshakes, 0, 0, 0, 0], ..Signals::default() }
+        Signals {
+            syns,
+            handshakes,
+            refused,
+            backend_resets: resets,
+            latency: [handshakes, 0, 0, 0, 0],
+            ..Signals::default()
+        }
     }
 
     #[test]
@@ -366,9 +387,14 @@ mod tests {
         assert_eq!(j(sig(100, 100, 0, 0), sig(19, 0, 19, 19)), None);
         // Green refuses everything.
         let fail = j(sig(100, 100, 0, 0), sig(30, 0, 30, 30));
-        assert!(matches!(&fail, Some(Judgement::Fail(w)) if w.contains("30 of 30") && w.contains("30 refused")), "{fail:?}");
+        assert!(
+            matches!(&fail, Some(Judgement::Fail(w)) if w.contains("30 of 30") && w.contains("30 refused")),
+            "{fail:?}"
+        );
         // Green never answers.
-        assert!(matches!(j(sig(100, 100, 0, 0), sig(30, 0, 0, 0)), Some(Judgement::Fail(w)) if w.contains("30 unanswered")));
+        assert!(
+            matches!(j(sig(100, 100, 0, 0), sig(30, 0, 0, 0)), Some(Judgement::Fail(w)) if w.contains("30 unanswered"))
+        );
         // Both colours lose a few alike: no fail.
         assert_eq!(j(sig(100, 90, 10, 10), sig(30, 27, 3, 3)), None);
         // Green 10 %, blue 1 %: fail (more than twice plus 2 %).
@@ -391,7 +417,10 @@ mod tests {
         assert_eq!(bucket_words(0), "< 0.1 ms");
         let blue = sig(100, 100, 0, 0);
         let fail = judge(20, (Blue, &blue), (Green, &green), true);
-        assert!(matches!(&fail, Some(Judgement::Fail(w)) if w.contains("< 100 ms") && w.contains("< 0.1 ms")), "{fail:?}");
+        assert!(
+            matches!(&fail, Some(Judgement::Fail(w)) if w.contains("< 100 ms") && w.contains("< 0.1 ms")),
+            "{fail:?}"
+        );
         green.latency = [0, 100, 0, 0, 0];
         assert_eq!(judge(20, (Blue, &blue), (Green, &green), true), None, "one bucket worse is within reason");
     }
@@ -421,14 +450,21 @@ mod tests {
     fn the_fast_guard_acts_on_refusals_within_its_window() {
         let blue = |n| counters(n, n, 0);
         // Green refuses 6 of 6 in 200 ms while blue answers.
-        let v = run(&[(0, blue(0), counters(0, 0, 0)), (100, blue(20), counters(3, 0, 3)), (200, blue(40), counters(6, 0, 6))]);
+        let v = run(&[
+            (0, blue(0), counters(0, 0, 0)),
+            (100, blue(20), counters(3, 0, 3)),
+            (200, blue(40), counters(6, 0, 6)),
+        ]);
         assert!(v.as_deref().is_some_and(|w| w.contains("6 of 6") && w.contains("refused")), "{v:?}");
         // Too few to act on.
         assert_eq!(run(&[(0, blue(0), counters(0, 0, 0)), (100, blue(20), counters(4, 0, 4))]), None);
         // A few refusals among many handshakes: no.
         assert_eq!(run(&[(0, blue(0), counters(0, 0, 0)), (300, blue(40), counters(60, 54, 6))]), None);
         // Blue refuses as much (the clients' doing): no.
-        assert_eq!(run(&[(0, counters(0, 0, 0), counters(0, 0, 0)), (300, counters(20, 0, 20), counters(8, 0, 8))]), None);
+        assert_eq!(
+            run(&[(0, counters(0, 0, 0), counters(0, 0, 0)), (300, counters(20, 0, 20), counters(8, 0, 8))]),
+            None
+        );
         // Refusals older than the window do not count again.
         let old = counters(6, 0, 6);
         assert_eq!(run(&[(0, blue(0), old), (400, blue(40), old), (700, blue(80), counters(8, 2, 6))]), None);
@@ -472,7 +508,12 @@ mod tests {
         // Not yet past the bound: SYNs of the last 200 ms may be in flight.
         assert_eq!(run(&[(0, blue(0), green(0)), (100, blue(10), green(8))]), None);
         // 8 SYNs by 100 ms, none answered by 300 ms, blue answering all along.
-        let v = run(&[(0, blue(0), green(0)), (100, blue(10), green(8)), (200, blue(20), green(12)), (300, blue(30), green(16))]);
+        let v = run(&[
+            (0, blue(0), green(0)),
+            (100, blue(10), green(8)),
+            (200, blue(20), green(12)),
+            (300, blue(30), green(16)),
+        ]);
         assert!(v.as_deref().is_some_and(|w| w.contains("8 of 8 SYNs to green unanswered")), "{v:?}");
         // Answered late but answered: no.
         let answered = counters(16, 8, 0);
