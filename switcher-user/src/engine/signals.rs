@@ -9,8 +9,8 @@
 //!   SYN → SYN-ACK latency from the coarse histogram;
 //! - the fast guard ([`Guard`], [`Switchboard::guard_rollouts`]): while a rollout, drill or
 //!   watch gives the new colour new flows, the agent samples that service's two colours every
-//!   ~100 ms and aborts the rollout when, over the last ~300 ms, nearly all of the new colour's
-//!   new flows were refused or reset, or its SYNs have gone unanswered for longer than
+//!   ~100 ms and aborts the rollout when, over the last 100 to 300 ms, nearly all of the new
+//!   colour's new flows were refused or reset, or its SYNs have gone unanswered for longer than
 //!   [`UNANSWERED_AFTER`] while the old colour answers. Only NAT TCP services: in DSR mode
 //!   the backends' answers are not seen (a client's retransmission comes a second later at the
 //!   soonest), and UDP has no handshake; both are left to the health checks and the pauses'
@@ -237,9 +237,10 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
     let at_least = |age: Duration| {
         samples.iter().rev().find(|s| last.at.saturating_duration_since(s.at) >= age).or_else(|| samples.front())
     };
-    // Refused or reset: answered flows over the last window.
-    let first = at_least(GUARD_WINDOW)?;
-    if last.at.saturating_duration_since(first.at) > Duration::ZERO {
+    // Refused or reset: answered flows over the last 100, 200, … ms, up to the window (the
+    // shortest span first: a colour that served until a moment ago still acts at once).
+    for first in samples.iter().rev().skip(1) {
+        let span = last.at.saturating_duration_since(first.at);
         let new = Signals::between(&first.counters[1], &last.counters[1]);
         let old = Signals::between(&first.counters[0], &last.counters[0]);
         let bad = |s: &Signals| {
@@ -252,7 +253,7 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
         if failed >= GUARD_MIN_FLOWS && permille(failed, answered) >= GUARD_FAILED_PERMILLE && !old_fails {
             return Some(format!(
                 "fast guard: {failed} of {answered} new TCP flows on {to} refused or reset in {} ms ({} resets, {} ICMP unreachables); {from} {}",
-                last.at.saturating_duration_since(first.at).as_millis(),
+                span.as_millis(),
                 new.backend_resets,
                 new.unreachables,
                 if old_answered == 0 {
@@ -261,6 +262,9 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
                     format!("answered {} of {old_answered}", old_answered - old_failed)
                 }
             ));
+        }
+        if span >= GUARD_WINDOW {
+            break;
         }
     }
     // Unanswered: SYNs sent in a window ending `UNANSWERED_AFTER` ago, without an answer now.
@@ -456,6 +460,13 @@ mod tests {
             (200, blue(40), counters(6, 0, 6)),
         ]);
         assert!(v.as_deref().is_some_and(|w| w.contains("6 of 6") && w.contains("refused")), "{v:?}");
+        // Green served until a moment ago: the last 100 ms alone decide.
+        let v = run(&[
+            (0, blue(0), counters(20, 20, 0)),
+            (100, blue(10), counters(40, 40, 0)),
+            (200, blue(20), counters(46, 40, 6)),
+        ]);
+        assert!(v.as_deref().is_some_and(|w| w.contains("6 of 6") && w.contains("in 100 ms")), "{v:?}");
         // Too few to act on.
         assert_eq!(run(&[(0, blue(0), counters(0, 0, 0)), (100, blue(20), counters(4, 0, 4))]), None);
         // A few refusals among many handshakes: no.

@@ -316,8 +316,9 @@ fn a_green_that_dies_mid_rollout_is_aborted_by_the_fast_guard() {
     std::thread::sleep(Duration::from_millis(1_500));
     let running = web(&d).rollout.expect("a rollout");
     assert_eq!(running.state, "running", "{running:?}");
-    drop(green);
+    // Stopping the server's threads takes a moment: failures count from its start.
     let killed = Instant::now();
+    drop(green);
     let r = wait_state(&d, "aborted", 20);
     let seen_abort = Instant::now();
     // A little more traffic after the abort, all of it on blue.
