@@ -180,6 +180,10 @@ pub const FLOW_DSR: u8 = 8;
 /// backend, not to the VIP, so the backend's answers are the direct conversation's and pass
 /// untouched; the client's next datagram to the VIP clears it.
 pub const FLOW_DIRECT: u8 = 16;
+/// `Flow` flag (NAT TCP): the flow began with a SYN at `Flow::syn_time` and its backend has not
+/// answered it yet (no SYN-ACK, RST or ICMP unreachable). The first answer clears it and is
+/// counted (`ColourCounters::handshakes` or `refused`).
+pub const FLOW_PENDING: u8 = 32;
 
 /// Basis points in 100 %: canary weights are in steps of 0.01 %.
 pub const BP_ALL: u32 = 10_000;
@@ -385,7 +389,9 @@ pub struct Flow {
     pub flags: u8,
     /// Index of the backend in its colour's pool when the flow started.
     pub backend_idx: u16,
-    pub _pad: [u8; 4],
+    /// With `FLOW_PENDING`: when the SYN came, `syn_clock` of `bpf_ktime_get_ns` (units of
+    /// 1,024 ns, wrapping every ~73 minutes); 0 otherwise.
+    pub syn_time: u32,
     /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`) of the flow's last packet,
     /// refreshed at most once per `LAST_SEEN_GRANULARITY_NS`.
     pub last_seen_ns: u64,
@@ -439,8 +445,61 @@ pub struct ColourCounters {
     /// drained, and given to this, the previous, colour: connections moved here from another
     /// node, or whose entry was evicted.
     pub rescued: u64,
+    /// TCP flows begun by a SYN (of `flows`). In NAT mode, a retransmitted SYN counts again.
+    pub syns: u64,
+    /// NAT: SYN-ACKs from the backend answering a flow's SYN (`FLOW_PENDING`): completed
+    /// handshakes, as far as the backend goes.
+    pub handshakes: u64,
+    /// NAT: SYNs answered by an RST or an ICMP unreachable instead (of `backend_resets` and
+    /// `icmp_unreachables`): refused connections.
+    pub refused: u64,
+    /// NAT: RSTs from a backend on a flow that was not closing yet.
+    pub backend_resets: u64,
+    /// NAT: ICMP/ICMPv6 destination unreachables from a backend about a live flow.
+    pub icmp_unreachables: u64,
+    /// DSR: SYNs on a 5-tuple whose flow is open (the client got no SYN-ACK in time).
+    pub syn_retransmits: u64,
+    /// RSTs from the client on a flow that was not closing yet (NAT and DSR).
+    pub client_resets: u64,
+    /// NAT: SYN → SYN-ACK latency of `handshakes`, by bucket of `SYN_LATENCY_BOUNDS`
+    /// (the last bucket: at or above the last bound).
+    pub syn_latency: [u64; SYN_BUCKETS],
 }
-const _: () = assert!(size_of::<ColourCounters>() == 48);
+const _: () = assert!(size_of::<ColourCounters>() == 144);
+
+/// Buckets of `ColourCounters::syn_latency`.
+pub const SYN_BUCKETS: usize = 5;
+/// Upper bounds (exclusive) of the first `SYN_BUCKETS - 1` latency buckets, in ns: 0.1, 1, 10
+/// and 100 ms. Compared in `syn_clock` units (1,024 ns), so each bound is ~2 % coarse.
+pub const SYN_LATENCY_BOUNDS_NS: [u64; SYN_BUCKETS - 1] = [100_000, 1_000_000, 10_000_000, 100_000_000];
+
+/// A `bpf_ktime_get_ns` reading as `Flow::syn_time` stores it: units of 1,024 ns, the low 32
+/// bits (wraps every ~73 minutes; differences are taken with wrapping arithmetic). Never 0, so
+/// 0 can mean "no time".
+#[inline(always)]
+#[must_use]
+pub const fn syn_clock(ktime_ns: u64) -> u32 {
+    let t = (ktime_ns >> 10) as u32;
+    if t == 0 { 1 } else { t }
+}
+
+/// The latency bucket of a SYN-ACK at `now` (a `syn_clock`) for a SYN at `syn`.
+#[inline(always)]
+#[must_use]
+pub const fn syn_bucket(syn: u32, now: u32) -> usize {
+    let d = now.wrapping_sub(syn) as u64;
+    if d < SYN_LATENCY_BOUNDS_NS[0] >> 10 {
+        0
+    } else if d < SYN_LATENCY_BOUNDS_NS[1] >> 10 {
+        1
+    } else if d < SYN_LATENCY_BOUNDS_NS[2] >> 10 {
+        2
+    } else if d < SYN_LATENCY_BOUNDS_NS[3] >> 10 {
+        3
+    } else {
+        4
+    }
+}
 
 /// Load-time global: nanoseconds after which an idle UDP flow is forgotten.
 pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
@@ -633,6 +692,21 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syn_latency_buckets_are_log_scale_and_survive_the_wrap() {
+        let at = |ns: u64| syn_clock(ns);
+        let t0 = 5_000_000_000u64;
+        assert_eq!(syn_bucket(at(t0), at(t0 + 50_000)), 0, "50 µs");
+        assert_eq!(syn_bucket(at(t0), at(t0 + 500_000)), 1, "0.5 ms");
+        assert_eq!(syn_bucket(at(t0), at(t0 + 5_000_000)), 2, "5 ms");
+        assert_eq!(syn_bucket(at(t0), at(t0 + 50_000_000)), 3, "50 ms");
+        assert_eq!(syn_bucket(at(t0), at(t0 + 3_000_000_000)), 4, "3 s");
+        // Across the 32-bit wrap of the clock (every ~73 minutes).
+        let wrap = (1u64 << 42) - 20_000;
+        assert_eq!(syn_bucket(at(wrap), at(wrap + 60_000)), 0);
+        assert_ne!(syn_clock(0), 0, "0 means no time");
+    }
 
     #[test]
     fn syn_starts_a_flow_and_fin_or_rst_ends_it() {

@@ -17,13 +17,22 @@
 //! Clocks: an open TCP flow's packets read no clock; they are stamped with the daemon's `NOW`
 //! (refreshed about once a second). UDP packets and TCP FIN/RST read the coarse clock, since
 //! they decide expiry. Keys and values are built in the per-CPU `Scratch`, not on the stack.
+//!
+//! Signals (`ColourCounters`, per service colour), for rollouts to judge: in NAT mode a SYN
+//! marks its new flow `FLOW_PENDING` with the time (`bpf_ktime_get_ns`, the one clock read of
+//! a new flow beyond the stamp) and the backend's first answer clears it: a SYN-ACK counts a
+//! handshake and its latency bucket (a second clock read), an RST or an ICMP unreachable
+//! (`icmp.rs`) a refusal. RSTs are counted by side on flows not yet closing (backend resets,
+//! client resets); in DSR mode a SYN on a 5-tuple whose flow is open is a retransmission, the
+//! one extra `FLOWS` lookup, made for DSR services' SYNs only. Established packets pay one
+//! flag test on replies and nothing else: no clock, no lookup.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use switcher_common::{
-    FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS, MAX_POOL,
-    PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR, SERVICE_PREVIEW,
-    Service, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour, pool_slot, reply_belongs,
-    ring_table, starts_flow, state_canary_bp, state_second_chance,
+    FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_PENDING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
+    MAX_POOL, PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
+    SERVICE_PREVIEW, Service, TCP_RST, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour,
+    pool_slot, reply_belongs, ring_table, starts_flow, state_canary_bp, state_second_chance, syn_bucket, syn_clock,
 };
 
 use crate::{
@@ -108,6 +117,9 @@ fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool) -> bool {
         flow.flags &= !FLOW_DIRECT;
     }
     if ends && flow.flags & FLOW_CLOSING == 0 {
+        if tcp_flags & TCP_RST != 0 {
+            reset(flow, reply);
+        }
         flow.flags |= FLOW_CLOSING;
         flow.last_seen_ns = now;
     } else if now.saturating_sub(flow.last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
@@ -177,14 +189,30 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     if have {
         return Ok(forward_tracked(pkt, s, dsr));
     }
+    let syn = starts_flow(pkt.proto, pkt.tcp_flags);
+    if syn && dsr {
+        retransmitted(&s.key);
+    }
     let ending = ends_flow(pkt.proto, pkt.tcp_flags);
     // An open TCP flow is stamped with the daemon's clock, like its later packets.
     let now = if pkt.proto == PROTO_TCP && !ending { daemon_now() } else { clock() };
     let rescued = new_flow(pkt, &s.key, service, now, ending, &mut s.flow)?;
+    if syn && !dsr {
+        // NAT: the backend's answer to this SYN will be seen; time it.
+        s.flow.flags |= FLOW_PENDING;
+        // SAFETY: plain helper call.
+        s.flow.syn_time = syn_clock(unsafe { bpf_ktime_get_ns() });
+    }
     // An LRU insert only fails on memory pressure; the packet is still forwarded and the next
     // packet of the flow lands on the same backend through the hash.
     let _ = FLOWS.insert(&s.key, &s.flow, 0);
-    let new = if rescued { NEW_RESCUED } else { NEW_FLOW };
+    let new = if rescued {
+        NEW_RESCUED
+    } else if syn {
+        NEW_SYN
+    } else {
+        NEW_FLOW
+    };
     count(service.id, u32::from(s.flow.colour), pkt.ip_len, false, new);
     Ok(send(pkt, s, dsr))
 }
@@ -230,7 +258,7 @@ fn new_flow(
     let mode = if service.flags & SERVICE_DSR != 0 { FLOW_KNOWN | FLOW_DSR } else { FLOW_KNOWN };
     flow.flags = if ending { FLOW_CLOSING | mode } else { mode };
     flow.backend_idx = idx;
-    flow._pad = [0; 4];
+    flow.syn_time = 0;
     flow.last_seen_ns = now;
     Ok(rescued)
 }
@@ -346,19 +374,97 @@ pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
         }
         return Verdict::pass(Reason::NOT_LIVE);
     }
+    if pkt.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_PENDING != 0 {
+        handshake(flow);
+    }
     count(flow.service, u32::from(flow.colour), pkt.ip_len, true, NEW_NONE);
     crate::shadow::live_reply(flow.service, &s.other);
     let (vip, port) = (s.other.dst, s.other.dport);
     nat::reply(pkt, &vip, port, &mut s.fib)
 }
 
-/// `count`'s `new`: a packet of a known flow, the first of a new flow, the first of a rescued one.
+/// `count`'s `new`: a packet of a known flow, the first of a new flow, the first of a rescued
+/// one, the SYN of a new flow.
 pub const NEW_NONE: u8 = 0;
 pub const NEW_FLOW: u8 = 1;
 pub const NEW_RESCUED: u8 = 3;
+pub const NEW_SYN: u8 = 5;
+
+/// `signal`'s events, any of them at once.
+const SIG_HANDSHAKE: u32 = 1;
+const SIG_REFUSED: u32 = 2;
+const SIG_BACKEND_RESET: u32 = 4;
+const SIG_UNREACHABLE: u32 = 8;
+const SIG_SYN_RETRANSMIT: u32 = 16;
+const SIG_CLIENT_RESET: u32 = 32;
+
+/// Counts signal `events` on a service colour; `bucket`: the SYN latency bucket of a
+/// handshake. Not inlined: only the rare packets that carry a signal call it.
+#[inline(never)]
+fn signal(service: u32, colour: u32, events: u32, bucket: u32) {
+    let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) else { return };
+    // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+    let c = unsafe { &mut *c };
+    if events & SIG_HANDSHAKE != 0 {
+        c.handshakes += 1;
+        if let Some(b) = c.syn_latency.get_mut(bucket as usize) {
+            *b += 1;
+        }
+    }
+    c.refused += u64::from(events & SIG_REFUSED != 0);
+    c.backend_resets += u64::from(events & SIG_BACKEND_RESET != 0);
+    c.icmp_unreachables += u64::from(events & SIG_UNREACHABLE != 0);
+    c.syn_retransmits += u64::from(events & SIG_SYN_RETRANSMIT != 0);
+    c.client_resets += u64::from(events & SIG_CLIENT_RESET != 0);
+}
+
+/// The backend's SYN-ACK to a pending flow's SYN: a handshake, with its latency.
+#[inline(never)]
+fn handshake(flow: &mut Flow) {
+    flow.flags &= !FLOW_PENDING;
+    // SAFETY: plain helper call.
+    let now = syn_clock(unsafe { bpf_ktime_get_ns() });
+    signal(flow.service, u32::from(flow.colour), SIG_HANDSHAKE, syn_bucket(flow.syn_time, now) as u32);
+}
+
+/// An RST on a flow that was not closing: the backend's (`reply`; a refusal when it answers
+/// the SYN) or the client's.
+#[inline(always)]
+fn reset(flow: &mut Flow, reply: bool) {
+    let events = if !reply {
+        SIG_CLIENT_RESET
+    } else if flow.flags & FLOW_PENDING != 0 {
+        SIG_BACKEND_RESET | SIG_REFUSED
+    } else {
+        SIG_BACKEND_RESET
+    };
+    flow.flags &= !FLOW_PENDING;
+    signal(flow.service, u32::from(flow.colour), events, 0);
+}
+
+/// An ICMP destination unreachable from a backend about its live flow (a refusal when the
+/// flow's SYN had no answer yet).
+#[inline(never)]
+pub fn unreachable(flow: &mut Flow) {
+    let events = if flow.flags & FLOW_PENDING != 0 { SIG_UNREACHABLE | SIG_REFUSED } else { SIG_UNREACHABLE };
+    flow.flags &= !FLOW_PENDING;
+    signal(flow.service, u32::from(flow.colour), events, 0);
+}
+
+/// DSR: a SYN on the 5-tuple `key` whose flow is open is a retransmission (the client got no
+/// SYN-ACK in time), counted on that flow's colour. The one lookup DSR SYNs add.
+#[inline(never)]
+fn retransmitted(key: &FlowKey) {
+    // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
+    if let Some(old) = unsafe { FLOWS.get(key) } {
+        if old.flags & (FLOW_DSR | FLOW_CLOSING) == FLOW_DSR {
+            signal(old.service, u32::from(old.colour), SIG_SYN_RETRANSMIT, 0);
+        }
+    }
+}
 
 /// Adds a packet to its service colour's counters; `new` says whether it started a flow
-/// (`NEW_FLOW`) and whether that flow was rescued (`NEW_RESCUED`).
+/// (`NEW_FLOW`), whether that flow was rescued (`NEW_RESCUED`) or began with a SYN (`NEW_SYN`).
 #[inline(always)]
 pub fn count(service: u32, colour: u32, ip_len: u16, reply: bool, new: u8) {
     if let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) {
@@ -373,6 +479,7 @@ pub fn count(service: u32, colour: u32, ip_len: u16, reply: bool, new: u8) {
             c.bytes += bytes;
         }
         c.flows += u64::from(new & 1);
-        c.rescued += u64::from(new >> 1);
+        c.rescued += u64::from((new >> 1) & 1);
+        c.syns += u64::from(new >> 2);
     }
 }

@@ -10,7 +10,9 @@
 //!   is (`flow::reply_flow`), the outer source becomes the VIP and the quoted packet is
 //!   rewritten to what the client sent.
 //!
-//! Either way only an error about a live flow is translated; others pass untouched.
+//! Either way only an error about a live flow is translated; others pass untouched. A
+//! destination unreachable from a backend is also counted on the flow's colour (a signal for
+//! rollouts, see `flow`).
 //!
 //! The ICMP checksum, the quoted IPv4 header's checksum and the outer headers are updated
 //! incrementally, and so is a quoted UDP checksum. A quoted TCP checksum is usually cut off
@@ -56,6 +58,10 @@ pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
         let Some(flow) = crate::flow::reply_flow(scratch) else { return Verdict::pass(Reason(scratch.miss)) };
         if !crate::flow::live(flow, inner_proto) {
             return Verdict::pass(Reason::NOT_LIVE);
+        }
+        if pkt.icmp == crate::parse::ICMP_UNREACHABLE {
+            // A signal for rollouts: the backend (or its host) refuses the flow.
+            crate::flow::unreachable(flow);
         }
         crate::mem::copy(&mut scratch.flow.backend.addr, &scratch.other.dst);
         scratch.flow.backend.port = scratch.other.dport;

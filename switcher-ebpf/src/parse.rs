@@ -133,6 +133,8 @@ pub struct Packet {
     pub check: *mut [u8; 2],
     /// TCP flags (0 otherwise).
     pub tcp_flags: u8,
+    /// 0: not an ICMP error; `ICMP_UNREACHABLE`: a destination unreachable; `ICMP_OTHER_ERROR`:
+    /// another error (packet too big, time exceeded).
     pub icmp: u8,
     pub inner: Ip,
     pub inner_proto: u8,
@@ -337,7 +339,11 @@ fn parse_ports(
 /// An ICMP/ICMPv6 error at `offset`: its checksum and the quoted packet (IP header, protocol
 /// and the first 4 bytes of its TCP/UDP header).
 #[inline(always)]
-fn parse_icmp_error(ctx: &XdpContext, v6: bool, offset: usize) -> Result<(*mut [u8; 2], Ip, u8, *mut Ports), Reason> {
+fn parse_icmp_error(
+    ctx: &XdpContext,
+    v6: bool,
+    offset: usize,
+) -> Result<(*mut [u8; 2], Ip, u8, *mut Ports, u8), Reason> {
     // Type, code, checksum, 4 bytes of rest: 8 bytes, then the quoted packet.
     let icmp: *mut [u8; 8] = ptr_at(ctx, offset)?;
     // SAFETY: bounds-checked just above.
@@ -352,6 +358,8 @@ fn parse_icmp_error(ctx: &XdpContext, v6: bool, offset: usize) -> Result<(*mut [
     if !is_error {
         return Err(Reason::OTHER_L4);
     }
+    let unreachable = if v6 { kind == 1 } else { kind == 3 };
+    let icmp_kind = if unreachable { ICMP_UNREACHABLE } else { ICMP_OTHER_ERROR };
     // SAFETY: as above; bytes 2..4 are the checksum.
     let check = unsafe { icmp.cast::<u8>().add(2).cast::<[u8; 2]>() };
     let inner_off = offset + 8;
@@ -373,8 +381,13 @@ fn parse_icmp_error(ctx: &XdpContext, v6: bool, offset: usize) -> Result<(*mut [
         return Err(Reason::OTHER_L4);
     }
     let inner_ports: *mut Ports = ptr_at(ctx, ports_off)?;
-    Ok((check, inner, inner_proto, inner_ports))
+    Ok((check, inner, inner_proto, inner_ports, icmp_kind))
 }
+
+/// `Packet::icmp` of an ICMP/ICMPv6 destination unreachable.
+pub const ICMP_UNREACHABLE: u8 = 2;
+/// `Packet::icmp` of another ICMP error.
+pub const ICMP_OTHER_ERROR: u8 = 1;
 
 /// Parses a frame down to the L4 ports, or says why it will not be translated.
 #[inline(always)]
@@ -390,8 +403,8 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     };
     let (ports, check, tcp_flags, icmp, inner, inner_proto) = match icmp_v6 {
         Some(v6) => {
-            let (check, inner, inner_proto, ports) = parse_icmp_error(ctx, v6, l4_off)?;
-            (ports, check, 0, 1, inner, inner_proto)
+            let (check, inner, inner_proto, ports, kind) = parse_icmp_error(ctx, v6, l4_off)?;
+            (ports, check, 0, kind, inner, inner_proto)
         }
         None => {
             let (ports, check, tcp_flags) = parse_ports(ctx, proto, l4_off, l3_off + usize::from(ip_len))?;

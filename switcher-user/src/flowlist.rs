@@ -496,7 +496,7 @@ mod tests {
             colour: colour.as_u32() as u8,
             flags,
             backend_idx: 0,
-            _pad: [0; 4],
+            syn_time: 0,
             last_seen_ns: NOW - idle_s * 1_000_000_000,
         };
         (key, flow)

@@ -10,8 +10,8 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    encoding::{EncodeMetric, MetricEncoder, text::encode},
+    metrics::{MetricType, TypedMetric, counter::Counter, exemplar::Exemplar, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{
@@ -29,6 +29,45 @@ use crate::{
 };
 
 type Labels = Vec<(String, String)>;
+
+/// A histogram whose buckets the data path counted (`ColourCounters::syn_latency`): the
+/// counts are set, not observed. The data path keeps no sum: `_sum` is estimated from each
+/// bucket's middle (the last bucket's lower bound for the open one).
+#[derive(Debug, Default)]
+struct Buckets {
+    counts: [AtomicU64; 5],
+}
+
+/// Upper bounds of the SYN latency buckets, in seconds, and the value each counts as in `_sum`.
+const SYN_BOUNDS: [(f64, f64); 5] =
+    [(0.000_1, 0.000_05), (0.001, 0.000_55), (0.01, 0.005_5), (0.1, 0.055), (f64::INFINITY, 0.1)];
+
+impl Buckets {
+    fn set(&self, counts: &[u64; 5]) {
+        for (c, n) in self.counts.iter().zip(counts) {
+            c.store(*n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl TypedMetric for Buckets {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Buckets {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
+        let buckets: Vec<(f64, u64)> = SYN_BOUNDS.iter().zip(&counts).map(|((le, _), n)| (*le, *n)).collect();
+        #[expect(clippy::cast_precision_loss, reason = "an estimate")]
+        let sum = SYN_BOUNDS.iter().zip(&counts).map(|((_, mid), n)| mid * *n as f64).sum();
+        let none: Option<&std::collections::HashMap<usize, Exemplar<Labels, f64>>> = None;
+        encoder.encode_histogram(sum, counts.iter().sum(), &buckets, none)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -48,6 +87,14 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let bytes = Family::<Labels, Counter>::default();
     let flows = Family::<Labels, Counter>::default();
     let rescued = Family::<Labels, Counter>::default();
+    let syns = Family::<Labels, Counter>::default();
+    let handshakes = Family::<Labels, Counter>::default();
+    let refused = Family::<Labels, Counter>::default();
+    let backend_resets = Family::<Labels, Counter>::default();
+    let unreachables = Family::<Labels, Counter>::default();
+    let retransmits = Family::<Labels, Counter>::default();
+    let client_resets = Family::<Labels, Counter>::default();
+    let syn_latency = Family::<Labels, Buckets>::default();
     let open = Family::<Labels, Gauge>::default();
     let closing = Family::<Labels, Gauge>::default();
     let draining = Family::<Labels, Gauge>::default();
@@ -93,6 +140,14 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             let sc = labels(&[("service", name), ("colour", col)]);
             flows.get_or_create(&sc).inc_by(k.flows);
             rescued.get_or_create(&sc).inc_by(k.rescued);
+            syns.get_or_create(&sc).inc_by(k.syns);
+            handshakes.get_or_create(&sc).inc_by(k.handshakes);
+            refused.get_or_create(&sc).inc_by(k.refused);
+            backend_resets.get_or_create(&sc).inc_by(k.backend_resets);
+            unreachables.get_or_create(&sc).inc_by(k.icmp_unreachables);
+            retransmits.get_or_create(&sc).inc_by(k.syn_retransmits);
+            client_resets.get_or_create(&sc).inc_by(k.client_resets);
+            syn_latency.get_or_create(&sc).set(&k.syn_latency);
             open.get_or_create(&sc).set(i64::try_from(c.live_flows).unwrap_or(i64::MAX));
             closing.get_or_create(&sc).set(i64::try_from(c.closing_flows).unwrap_or(i64::MAX));
             let drain = s.drain.as_ref().filter(|d| d.colour == c.colour).map_or(0, |d| d.live_flows);
@@ -207,6 +262,39 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
         "rescued_flows",
         "TCP connections found without a flow while the service drained (moved from another node, or evicted), sent back to this, the previous, colour",
         rescued,
+    );
+    reg.register("syns", "TCP flows begun by a SYN, per colour (NAT: a retransmitted SYN counts again)", syns);
+    reg.register(
+        "handshakes",
+        "NAT: SYN-ACKs from a colour's backends answering a flow's SYN (completed handshakes)",
+        handshakes,
+    );
+    reg.register(
+        "refused",
+        "NAT: SYNs a colour's backends answered with an RST or an ICMP unreachable instead of a SYN-ACK",
+        refused,
+    );
+    reg.register(
+        "backend_resets",
+        "NAT: RSTs from a colour's backends on flows not closing yet (refusals included)",
+        backend_resets,
+    );
+    reg.register(
+        "icmp_unreachables",
+        "NAT: ICMP destination unreachables from a colour's backends about live flows",
+        unreachables,
+    );
+    reg.register(
+        "syn_retransmits",
+        "DSR: SYNs on a 5-tuple whose flow is open (the client got no SYN-ACK in time)",
+        retransmits,
+    );
+    reg.register("client_resets", "RSTs from clients on flows not closing yet, per colour", client_resets);
+    reg.register_with_unit(
+        "syn_latency",
+        "NAT: SYN to SYN-ACK latency seen at the load balancer, per colour (buckets counted by the data path; _sum estimated from the buckets' middles)",
+        prometheus_client::registry::Unit::Seconds,
+        syn_latency,
     );
     reg.register("open_flows", "Open (tracked, not closing) flows per colour", open);
     reg.register("closing_flows", "TCP flows per colour that saw FIN or RST, kept a few seconds", closing);
@@ -458,6 +546,14 @@ mod tests {
                         reply_bytes: 500,
                         flows: 4,
                         rescued: 3,
+                        syns: 4,
+                        handshakes: 3,
+                        refused: 1,
+                        backend_resets: 2,
+                        icmp_unreachables: 0,
+                        syn_retransmits: 0,
+                        client_resets: 1,
+                        syn_latency: [2, 1, 0, 0, 0],
                     },
                     edited: false,
                 }],
@@ -493,6 +589,15 @@ mod tests {
             "switcher_packets_total{service=\"web\",colour=\"green\",direction=\"request\"} 10",
             "switcher_open_flows{service=\"web\",colour=\"green\"} 7",
             "switcher_rescued_flows_total{service=\"web\",colour=\"green\"} 3",
+            "switcher_handshakes_total{service=\"web\",colour=\"green\"} 3",
+            "switcher_backend_resets_total{service=\"web\",colour=\"green\"} 2",
+            "switcher_refused_total{service=\"web\",colour=\"green\"} 1",
+            "switcher_client_resets_total{service=\"web\",colour=\"green\"} 1",
+            "switcher_icmp_unreachables_total{service=\"web\",colour=\"green\"} 0",
+            "switcher_syn_retransmits_total{service=\"web\",colour=\"green\"} 0",
+            "switcher_syn_latency_seconds_bucket{le=\"0.001\",service=\"web\",colour=\"green\"} 3",
+            "switcher_syn_latency_seconds_bucket{le=\"+Inf\",service=\"web\",colour=\"green\"} 3",
+            "switcher_syn_latency_seconds_count{service=\"web\",colour=\"green\"} 3",
             "switcher_backend_up{service=\"web\",colour=\"green\",backend=\"198.51.100.18:8080\"} 1",
             "switcher_active{service=\"web\",colour=\"green\"} 1",
             "switcher_closing_flows{service=\"web\",colour=\"green\"} 1",

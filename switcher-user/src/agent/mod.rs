@@ -164,6 +164,11 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
+    // The rollouts' fast guard: every 100 ms, only while a rollout gives a new colour new
+    // flows (each tick says whether one does; so does each round of the guard).
+    let mut guard = tokio::time::interval(crate::engine::signals::GUARD_EVERY);
+    guard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut guarding = false;
     let config_path = opts.config_path.clone();
     loop {
         tokio::select! {
@@ -190,10 +195,14 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                             repin(b.maps_mut(), &pins);
                             b.services()
                         });
-                        (services, rollouts)
+                        (services, rollouts, b.guarding())
                     })
                     .await;
-                if let Ok((services, rollouts)) = ticked {
+                if let Ok((services, rollouts, under_way)) = ticked {
+                    if under_way && !guarding {
+                        guard.reset();
+                    }
+                    guarding = under_way;
                     hooks::follow(&engine, &audit, rollouts);
                     if let Some(services) = services {
                         keep_dsr_neighbours(&services);
@@ -203,6 +212,15 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
                 }
                 ticks += 1;
+            }
+            _ = guard.tick(), if guarding => {
+                match engine.call(|b| (b.guard_rollouts(), b.guarding())).await {
+                    Ok((rollouts, under_way)) => {
+                        guarding = under_way;
+                        hooks::follow(&engine, &audit, rollouts);
+                    }
+                    Err(_) => guarding = false,
+                }
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {

@@ -138,6 +138,9 @@ fn render(resp: &Response) -> String {
                 k.reply_packets,
                 if c.healthy || c.backends.is_empty() { "" } else { "  UNHEALTHY" }
             );
+            if let Some(line) = signals_line(s.mode, k) {
+                let _ = writeln!(out, "          {line}");
+            }
             if c.backends.is_empty() {
                 out.push_str("          (no backends)\n");
             }
@@ -179,6 +182,32 @@ fn render(resp: &Response) -> String {
         let _ = writeln!(out, "WARNING: {w}");
     }
     out
+}
+
+/// A colour's TCP signals from the data path, in one line (`None` before any).
+fn signals_line(mode: switcher_user::protocol::Mode, k: &switcher_user::protocol::Counters) -> Option<String> {
+    use switcher_user::engine::signals::{Signals, bucket_words};
+    if k.syns == 0 && k.client_resets == 0 && k.backend_resets == 0 && k.icmp_unreachables == 0 {
+        return None;
+    }
+    let s = Signals::between(&switcher_user::protocol::Counters::default(), k);
+    if mode == switcher_user::protocol::Mode::Dsr {
+        return Some(format!(
+            "tcp: {} SYNs, {} SYN retransmissions, {} client resets (DSR: the backends' answers are not seen)",
+            s.syns, s.retransmits, s.client_resets
+        ));
+    }
+    let p90 = s.latency_bucket(900).map_or_else(String::new, |b| format!(" (90% answered in {})", bucket_words(b)));
+    Some(format!(
+        "tcp: {} SYNs, {} handshakes{p90}, {} refused, {} unanswered or in flight, {} backend resets, {} ICMP unreachables, {} client resets",
+        s.syns,
+        s.handshakes,
+        s.refused,
+        s.unanswered(),
+        s.backend_resets,
+        s.unreachables,
+        s.client_resets
+    ))
 }
 
 /// `12.5%` for 1250 basis points.
@@ -255,6 +284,21 @@ mod tests {
         assert!(text.contains("          198.51.100.2:8080  weight 1  unknown\n"), "{text}");
         assert!(text.contains("  * green"), "{text}");
         assert!(text.contains("(no backends)"), "{text}");
+        assert!(!text.contains("tcp:"), "no signals before any SYN: {text}");
+        let mut signalled = resp.clone();
+        signalled.services[0].colours[1].counters = Counters {
+            syns: 10,
+            handshakes: 7,
+            refused: 2,
+            backend_resets: 2,
+            syn_latency: [6, 1, 0, 0, 0],
+            ..Counters::default()
+        };
+        let text = render(&signalled);
+        assert!(
+            text.contains("          tcp: 10 SYNs, 7 handshakes (90% answered in < 1 ms), 2 refused, 1 unanswered or in flight, 2 backend resets, 0 ICMP unreachables, 0 client resets\n"),
+            "{text}"
+        );
         assert!(text.ends_with("open flows as counted 420 ms ago (a pass over the flow table took 35 ms)\n"), "{text}");
         assert!(!text.contains("flow table:"), "no capacity, no fill: {text}");
         let table = switcher_user::protocol::FlowTable { live: 880, closing: 10, idle: 10, ..Default::default() };

@@ -840,6 +840,16 @@ impl Dataplane {
             t.reply_bytes += c.reply_bytes;
             t.flows += c.flows;
             t.rescued += c.rescued;
+            t.syns += c.syns;
+            t.handshakes += c.handshakes;
+            t.refused += c.refused;
+            t.backend_resets += c.backend_resets;
+            t.icmp_unreachables += c.icmp_unreachables;
+            t.syn_retransmits += c.syn_retransmits;
+            t.client_resets += c.client_resets;
+            for (t, c) in t.syn_latency.iter_mut().zip(c.syn_latency) {
+                *t += c;
+            }
             t
         }))
     }

@@ -27,6 +27,7 @@ mod reload;
 pub mod rollout;
 pub mod rules;
 mod shadow;
+pub mod signals;
 mod status;
 
 use switcher_common::{BP_ALL, user::Colour};
@@ -186,6 +187,8 @@ pub struct Switchboard<M> {
     remote_drains: Option<(Instant, RemoteDrains)>,
     /// Rollouts under way or ended, and backups kept (see [`rollout`]).
     rollouts: rollout::Rollouts,
+    /// The fast guard's samples of the rollouts under way (see [`signals`]).
+    guard: signals::Guard,
 }
 
 /// One service as this node sees it, for the fleet (see [`Switchboard::observed`]).
@@ -217,7 +220,14 @@ impl<M: Maps> Switchboard<M> {
     /// The services as [`crate::dataplane::Dataplane::load`] installed them, in config order.
     pub fn new(maps: M, services: Vec<(ServiceConfig, Installed)>) -> Self {
         let services = services.into_iter().map(|(c, i)| ServiceState::new(c, i)).collect();
-        Switchboard { maps, services, last_flows: None, remote_drains: None, rollouts: rollout::Rollouts::default() }
+        Switchboard {
+            maps,
+            services,
+            last_flows: None,
+            remote_drains: None,
+            rollouts: rollout::Rollouts::default(),
+            guard: signals::Guard::default(),
+        }
     }
 
     /// The data plane, for the daemon's own use (reload).

@@ -11,7 +11,8 @@
 //! hook under way runs again: hooks must be idempotent).
 //!
 //! The judgement of a pause is [`judge`], a pure function of the two colours' counters over
-//! the window and the new colour's health.
+//! the window and the new colour's health, and of the data path's signals ([`super::signals`],
+//! which also has the fast guard that aborts between ticks).
 
 use std::{
     collections::HashMap,
@@ -21,7 +22,7 @@ use std::{
 
 use switcher_common::{BP_ALL, user::Colour};
 
-use super::{Change, Maps, Outcome, Switchboard, rules::Ask};
+use super::{Change, Maps, Outcome, Switchboard, rules::Ask, signals};
 use crate::{
     config::Mode,
     dataplane::Counters,
@@ -120,6 +121,8 @@ pub fn compile(plan: &[Step], config: &RolloutConfig) -> Vec<Op> {
 pub struct Window {
     pub flows: u64,
     pub replies: u64,
+    /// The data path's signals (handshakes, resets, …) over the window.
+    pub signals: signals::Signals,
 }
 
 impl Window {
@@ -129,6 +132,7 @@ impl Window {
         Window {
             flows: now.flows.saturating_sub(then.flows),
             replies: now.reply_packets.saturating_sub(then.reply_packets),
+            signals: signals::Signals::between(&then, &now),
         }
     }
 
@@ -176,7 +180,9 @@ pub struct Thresholds {
 ///
 /// - a new colour with no healthy backend fails (whatever the traffic);
 /// - fewer than `min_flows` new flows on it: inconclusive;
-/// - when replies are not seen (DSR), health is all there is: pass;
+/// - the data path's signals condemn it ([`signals::judge`]: failed TCP flows or SYN latency,
+///   against the old colour's): fail;
+/// - when replies are not seen (DSR), health (and the clients' signals) is all there is: pass;
 /// - no reply at all to its new flows: fail;
 /// - fewer than `min_flows` on the old colour: inconclusive (nothing to compare with);
 /// - replies per new flow below `min_reply_ratio_pct` % of the old colour's: fail (backends
@@ -196,6 +202,9 @@ pub fn judge(
     }
     if new.flows < t.min_flows {
         return Judgement::Inconclusive(format!("{} new flows on {to}, {} needed to judge", new.flows, t.min_flows));
+    }
+    if let Some(fail) = signals::judge(t.min_flows, (from, &old.signals), (to, &new.signals), replies_seen) {
+        return fail;
     }
     if !replies_seen {
         return Judgement::Pass(format!("{to} healthy, {} new flows (DSR: replies are not seen)", new.flows));
@@ -911,7 +920,7 @@ impl<M: Maps> Switchboard<M> {
 
     /// Ends a rollout that failed or was stopped: new flows back on the old colour (a canary
     /// share of 0, or a rollback after 100 %), the on-abort hook, the reason kept for `status`.
-    fn abort_rollout(&mut self, name: &str, why: String, ev: &mut RolloutEvents) {
+    pub(super) fn abort_rollout(&mut self, name: &str, why: String, ev: &mut RolloutEvents) {
         let Some(r) = self.rollouts.by_service.get(name).cloned() else { return };
         self.send_back(name, &r, ev);
         let (what, kind) = if r.is_drill() { ("drill-abort", "drill") } else { ("rollout-abort", "rollout") };
@@ -1019,6 +1028,13 @@ impl<M: Maps> Switchboard<M> {
         if let Some(store) = &self.rollouts.store {
             store.clear_rollout(name);
         }
+    }
+
+    /// The rollouts (and drills) under way that give their new colour new flows, for the fast
+    /// guard: `(service, from, to)`.
+    pub(super) fn rollouts_under_way(&self) -> Vec<(String, Colour, Colour)> {
+        let live = self.rollouts.by_service.iter().filter(|(_, r)| r.end == End::Running && r.share > 0);
+        live.map(|(name, r)| (name.clone(), r.from, r.to)).collect()
     }
 
     /// A service's rollout and backup, as `status` shows them.

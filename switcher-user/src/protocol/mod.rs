@@ -586,6 +586,26 @@ pub struct Counters {
     /// previous one.
     #[serde(default)]
     pub rescued: u64,
+    /// The data path's signals (see `switcher_common::ColourCounters`): TCP flows begun by a
+    /// SYN; NAT: SYN-ACKs (completed handshakes), SYNs refused (RST or ICMP unreachable),
+    /// backend resets, ICMP unreachables, SYN → SYN-ACK latency by bucket (< 0.1, 1, 10,
+    /// 100 ms, ≥ 100 ms); DSR: SYN retransmissions; both: client resets.
+    #[serde(default)]
+    pub syns: u64,
+    #[serde(default)]
+    pub handshakes: u64,
+    #[serde(default)]
+    pub refused: u64,
+    #[serde(default)]
+    pub backend_resets: u64,
+    #[serde(default)]
+    pub icmp_unreachables: u64,
+    #[serde(default)]
+    pub syn_retransmits: u64,
+    #[serde(default)]
+    pub client_resets: u64,
+    #[serde(default)]
+    pub syn_latency: [u64; 5],
 }
 
 /// How a service's packets reach its backends.

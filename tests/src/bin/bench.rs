@@ -610,7 +610,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
                     colour: 0,
                     flags: 0,
                     backend_idx: 0,
-                    _pad: [0; 4],
+                    syn_time: 0,
                     last_seen_ns: u64::MAX / 2,
                 };
                 dp.insert_flow(&key, &flow).expect("fill");

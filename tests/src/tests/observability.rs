@@ -101,7 +101,7 @@ fn the_alert_rules_pass_promtool_and_every_alert_has_a_unit_test() {
         });
         assert!(firing, "no test in switcher-alerts.test.yml shows {alert} firing");
     }
-    assert_eq!(names.len(), 7, "the rules: {names:?}");
+    assert_eq!(names.len(), 8, "the rules: {names:?}");
 }
 
 #[test]
@@ -380,7 +380,7 @@ fn every_dashboard_query_returns_series_from_a_real_prometheus() {
         .flatten()
         .flat_map(|g| g["rules"].as_array().into_iter().flatten())
         .collect();
-    assert_eq!(loaded.len(), 7, "alert rules loaded: {rules}");
+    assert_eq!(loaded.len(), 8, "alert rules loaded: {rules}");
     let broken: Vec<&serde_json::Value> = loaded.iter().copied().filter(|r| r["health"] == "err").collect();
     assert!(broken.is_empty(), "rules that fail to evaluate: {broken:?}");
     drop(prom);

@@ -1335,3 +1335,109 @@ fn shadow_marks_and_drops() {
         assert_eq!(hex(&out), hex(&frame), "untouched");
     });
 }
+
+/// Runs one frame through the program; returns its XDP action (the output is not checked:
+/// the table tests above do that).
+fn run(dp: &mut Dataplane, frame: &[u8]) -> u32 {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = dp
+        .program()
+        .expect("program")
+        .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::default() })
+        .expect("BPF_PROG_TEST_RUN");
+    result.return_value
+}
+
+/// A TCP frame with these flags (an RST is `0x14`, RST+ACK).
+fn tcp_with(l2: L2, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Vec<u8> {
+    let mut f = tcp(l2, src, dst, 64, Tcp::Ack);
+    set_tcp_flags(&mut f, flags);
+    f
+}
+
+/// The rollouts' signals move on the packets that carry them, on the flow's colour, once per
+/// flow: a backend's SYN-ACK to a pending SYN (a handshake, timed), an RST from a backend (a
+/// refusal when it answers the SYN), an ICMP unreachable from a backend about a live flow, a
+/// client's RST, and in DSR mode a SYN on an open flow (a retransmission).
+#[test]
+fn signals_count_handshakes_resets_unreachables_and_retransmits() {
+    if !crate::have_root("signals_count_handshakes_resets_unreachables_and_retransmits") {
+        return;
+    }
+    const DSR: u32 = 4;
+    let ns = fib_namespace();
+    ns.run(|| {
+        let svcs = services();
+        assert_eq!(svcs[DSR as usize].mode, Mode::Dsr);
+        let mut dp = Dataplane::open(
+            &svcs,
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: None, ..Options::default() },
+        )
+        .expect("load");
+        let blue = |dp: &Dataplane, id| dp.counters(id, Colour::Blue).expect("counters");
+        let be = (BLUE, 8080);
+        let (c1, c2, c3, c4) = ((CLIENT, 43001), (CLIENT, 43002), (CLIENT, 43003), (CLIENT, 43004));
+
+        // c1: SYN, SYN-ACK (a handshake, in the lowest latency bucket or so), a repeated
+        // SYN-ACK (not a second one), an ACK.
+        run(&mut dp, &tcp(IN, c1, (VIP, 80), 64, Tcp::Syn));
+        assert_eq!((blue(&dp, WEB).syns, blue(&dp, WEB).handshakes), (1, 0), "a SYN, pending");
+        assert_eq!(run(&mut dp, &tcp(IN, be, c1, 64, Tcp::SynAck)), XDP_REDIRECT, "the SYN-ACK is a reply");
+        let k = blue(&dp, WEB);
+        assert_eq!((k.handshakes, k.refused, k.syn_latency.iter().sum::<u64>()), (1, 0, 1), "{k:?}");
+        run(&mut dp, &tcp(IN, be, c1, 64, Tcp::SynAck));
+        run(&mut dp, &tcp(IN, c1, (VIP, 80), 64, Tcp::Ack));
+        assert_eq!(blue(&dp, WEB).handshakes, 1, "one handshake per SYN");
+
+        // c2: refused with RST+ACK.
+        run(&mut dp, &tcp(IN, c2, (VIP, 80), 64, Tcp::Syn));
+        assert_eq!(run(&mut dp, &tcp_with(IN, be, c2, 0x14)), XDP_REDIRECT, "the RST goes to the client");
+        let k = blue(&dp, WEB);
+        assert_eq!((k.syns, k.handshakes, k.refused, k.backend_resets), (2, 1, 1, 1), "{k:?}");
+
+        // c3: a handshake, then reset by the backend mid-connection (not a refusal), twice
+        // (the second RST finds the flow closing: not counted).
+        run(&mut dp, &tcp(IN, c3, (VIP, 80), 64, Tcp::Syn));
+        run(&mut dp, &tcp(IN, be, c3, 64, Tcp::SynAck));
+        run(&mut dp, &tcp_with(IN, be, c3, 0x14));
+        run(&mut dp, &tcp_with(IN, be, c3, 0x14));
+        let k = blue(&dp, WEB);
+        assert_eq!((k.syns, k.handshakes, k.refused, k.backend_resets), (3, 2, 1, 2), "{k:?}");
+
+        // c4: the backend's host answers the SYN with an ICMP port unreachable.
+        run(&mut dp, &tcp(IN, c4, (VIP, 80), 64, Tcp::Syn));
+        let quote = quote4(c4, be, etherparse::IpNumber::TCP);
+        let unreachable = icmp4(IN, BLUE, CLIENT, 64, etherparse::icmpv4::DestUnreachableHeader::Port, &quote);
+        assert_ne!(run(&mut dp, &unreachable), XDP_DROP);
+        let k = blue(&dp, WEB);
+        assert_eq!((k.icmp_unreachables, k.refused, k.backend_resets), (1, 2, 2), "{k:?}");
+        // A SYN-ACK after the refusal is not a handshake of the same SYN.
+        run(&mut dp, &tcp(IN, be, c4, 64, Tcp::SynAck));
+        assert_eq!(blue(&dp, WEB).handshakes, 2);
+
+        // c1's client resets its open connection: once.
+        run(&mut dp, &tcp_with(IN, c1, (VIP, 80), 0x14));
+        run(&mut dp, &tcp_with(IN, c1, (VIP, 80), 0x14));
+        let k = blue(&dp, WEB);
+        assert_eq!((k.client_resets, k.backend_resets), (1, 2), "{k:?}");
+        assert_eq!(dp.counters(WEB, Colour::Green).expect("green"), Default::default(), "nothing on green");
+
+        // DSR: a SYN, the same SYN again (a retransmission: the client got no SYN-ACK), an
+        // ACK, a client RST; then a new SYN on the closed 5-tuple (a new connection).
+        let d = (CLIENT, 43005);
+        run(&mut dp, &tcp(IN, d, (VIP, 443), 64, Tcp::Syn));
+        assert_eq!(blue(&dp, DSR).syn_retransmits, 0);
+        run(&mut dp, &tcp(IN, d, (VIP, 443), 64, Tcp::Syn));
+        let k = blue(&dp, DSR);
+        assert_eq!((k.syns, k.syn_retransmits, k.handshakes), (2, 1, 0), "{k:?}");
+        run(&mut dp, &tcp(IN, d, (VIP, 443), 64, Tcp::Ack));
+        run(&mut dp, &tcp_with(IN, d, (VIP, 443), 0x14));
+        assert_eq!(blue(&dp, DSR).client_resets, 1);
+        run(&mut dp, &tcp(IN, d, (VIP, 443), 64, Tcp::Syn));
+        assert_eq!(blue(&dp, DSR).syn_retransmits, 1, "a SYN on a closed flow is a new connection");
+        // NAT SYNs look nothing up: a repeated SYN is a new flow, not a retransmission.
+        run(&mut dp, &tcp(IN, c1, (VIP, 80), 64, Tcp::Syn));
+        run(&mut dp, &tcp(IN, c1, (VIP, 80), 64, Tcp::Syn));
+        assert_eq!(blue(&dp, WEB).syn_retransmits, 0);
+    });
+}

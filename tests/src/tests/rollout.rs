@@ -1,7 +1,9 @@
 //! T2 for rollouts on one node: a healthy green goes through its steps to 100 % with its
 //! hooks in order; a green that refuses connections is aborted at its first judged step and
 //! new connections land on blue; a restarted daemon resumes at the same step; a failing
-//! pre-hook stops the rollout before any traffic moves, and hooks see their environment.
+//! pre-hook stops the rollout before any traffic moves, and hooks see their environment; a
+//! green whose server dies mid-rollout is aborted by the fast guard (the data path's signals,
+//! sampled every 100 ms), not by a health check or a pause's judgement.
 //! DR drills: a drill to a healthy green sends new connections there for its time, then back
 //! to blue, without a failed request; a drill to a green whose server is down is refused.
 
@@ -12,7 +14,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use switcher_user::protocol::{Colour, RolloutStatus, ServiceStatus};
@@ -48,10 +50,10 @@ fn wait_state(d: &Daemon, state: &str, secs: u64) -> RolloutStatus {
 }
 
 /// Requests to web through the VIP in a loop until stopped (at most 20,000): each answer's
-/// colour, or "failed".
+/// colour, or "failed", with when it ended.
 struct Load {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<Vec<(Instant, String)>>>,
 }
 
 impl Load {
@@ -62,10 +64,11 @@ impl Load {
         let thread = std::thread::spawn(move || {
             let mut seen = Vec::new();
             while !s.load(Ordering::Relaxed) && seen.len() < 20_000 {
-                seen.push(match tcp_request(&ns, WEB) {
+                let answer = match tcp_request(&ns, WEB) {
                     Ok((answer, _)) => colour_of(&answer).to_owned(),
                     Err(_) => "failed".to_owned(),
-                });
+                };
+                seen.push((Instant::now(), answer));
                 std::thread::sleep(Duration::from_millis(10));
             }
             seen
@@ -73,7 +76,11 @@ impl Load {
         Load { stop, thread: Some(thread) }
     }
 
-    fn stop(mut self) -> Vec<String> {
+    fn stop(self) -> Vec<String> {
+        self.stop_timed().into_iter().map(|(_, c)| c).collect()
+    }
+
+    fn stop_timed(mut self) -> Vec<(Instant, String)> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().map(|t| t.join().expect("load thread")).unwrap_or_default()
     }
@@ -170,7 +177,12 @@ fn a_rollout_to_a_refusing_green_aborts_at_its_first_judged_step() {
     assert_eq!(r.step, 2, "aborted at the first judged step (the pause after 50%): {r:?}");
     let why = r.reason.clone().unwrap_or_default();
     eprintln!("aborted at step {} after {} requests: {why}", r.step, seen.len());
-    assert!(why.contains("replies per new flow") || why.contains("no reply"), "{r:?}");
+    // The fast guard sees the refusals first, between ticks; the pause's judgement (by the
+    // signals, or by replies per flow) would otherwise.
+    assert!(
+        ["fast guard", "new TCP flows failed", "replies per new flow", "no reply"].iter().any(|w| why.contains(w)),
+        "{r:?}"
+    );
     let s = web(&d);
     assert_eq!((s.active, s.canary.is_none()), (Colour::Blue, true), "new flows back on blue");
     assert!(seen.iter().any(|c| c == "failed"), "green refused some connections before the abort");
@@ -283,4 +295,60 @@ fn a_drill_sends_new_connections_to_green_for_its_time_then_back_to_blue() {
     assert!(err.contains("refusing the drill: the standby green of web is unhealthy"), "{err}");
     assert_eq!(web(&d).rollout.map(|r| r.state), Some("complete".to_owned()), "no new drill started");
     assert!(answers(&t.client, 5).iter().all(|c| c == "blue"));
+}
+
+#[test]
+fn a_green_that_dies_mid_rollout_is_aborted_by_the_fast_guard() {
+    if !crate::have_root("a_green_that_dies_mid_rollout_is_aborted_by_the_fast_guard") {
+        return;
+    }
+    let t = Topology::new();
+    let (_blue, green) = (Server::start(&t.blue, "blue"), Server::start(&t.green, "green"));
+    // No health checks, and a pause that needs more flows than the test makes: only the fast
+    // guard can end this rollout.
+    let rollout = "steps = [\"50%\", \"pause 10m\", \"100%\"]\nmin_flows = 1000000";
+    let d = Daemon::start(&t.lb, |s| config(&t, s, "health = { check = \"none\" }", rollout));
+    let load = Load::start(&t.client);
+    d.cli_ok(&["rollout", "web", "green"]);
+    wait_for(Duration::from_secs(20), || web(&d).rollout.filter(|r| r.step == 2 && r.share_bp == 5_000))
+        .unwrap_or_else(|| panic!("never reached the pause: {:?}\n{}", web(&d).rollout, d.log()));
+    // Green serves for a while; then its server dies (its port answers SYNs with an RST).
+    std::thread::sleep(Duration::from_millis(1_500));
+    let running = web(&d).rollout.expect("a rollout");
+    assert_eq!(running.state, "running", "{running:?}");
+    // Stopping the server's threads takes a moment: failures count from its start.
+    let killed = Instant::now();
+    drop(green);
+    let r = wait_state(&d, "aborted", 20);
+    let seen_abort = Instant::now();
+    // A little more traffic after the abort, all of it on blue.
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = load.stop_timed();
+    let why = r.reason.clone().unwrap_or_default();
+    assert!(why.contains("fast guard") && why.contains("green"), "aborted by the fast guard: {r:?}\n{}", d.log());
+    assert_eq!(r.step, 2, "aborted in the pause: {r:?}");
+    let s = web(&d);
+    assert_eq!((s.active, s.canary.is_none()), (Colour::Blue, true), "new flows back on blue");
+    let before: Vec<&str> = seen.iter().filter(|(at, _)| *at < killed).map(|(_, c)| c.as_str()).collect();
+    assert!(before.contains(&"green") && !before.contains(&"failed"), "green served before it died: {before:?}");
+    let failed: Vec<Instant> = seen.iter().filter(|(_, c)| c == "failed").map(|(at, _)| *at).collect();
+    let (first, last) = (failed.first().copied(), failed.last().copied());
+    assert!(first.is_some(), "requests to the dead green failed until the abort");
+    // Measured, not asserted (timing depends on the machine): from the first failed request to
+    // the abort as `status` saw it, and to the last failed request.
+    if let (Some(first), Some(last)) = (first, last) {
+        eprintln!(
+            "fast guard: {} failed requests; first failure → abort seen in status {} ms, first → last failure {} ms, kill → abort seen {} ms; reason: {why}",
+            failed.len(),
+            seen_abort.saturating_duration_since(first).as_millis(),
+            last.saturating_duration_since(first).as_millis(),
+            seen_abort.saturating_duration_since(killed).as_millis(),
+        );
+    }
+    let after = answers(&t.client, 20);
+    assert!(after.iter().all(|c| c == "blue"), "new connections land on blue: {after:?}");
+    let text = d.cli_ok(&["status", "web"]);
+    assert!(text.contains("aborted") && text.contains("fast guard"), "{text}");
+    assert!(text.contains("refused"), "green's refusals in status: {text}");
+    assert!(d.log().contains("rollout aborted"), "{}", d.log());
 }

@@ -16,7 +16,7 @@ use crate::{
 const T: Thresholds = Thresholds { min_flows: 20, min_reply_ratio_pct: 50 };
 
 fn w(flows: u64, replies: u64) -> Window {
-    Window { flows, replies }
+    Window { flows, replies, ..Window::default() }
 }
 
 #[test]

@@ -194,9 +194,42 @@ mod tests {
 
     #[test]
     fn counters_sum_field_by_field() {
-        let a = Counters { packets: 1, bytes: 2, reply_packets: 3, reply_bytes: 4, flows: 5, rescued: 6 };
+        let a = Counters {
+            packets: 1,
+            bytes: 2,
+            reply_packets: 3,
+            reply_bytes: 4,
+            flows: 5,
+            rescued: 6,
+            syns: 7,
+            handshakes: 8,
+            refused: 9,
+            backend_resets: 10,
+            icmp_unreachables: 11,
+            syn_retransmits: 12,
+            client_resets: 13,
+            syn_latency: [14, 15, 16, 17, 18],
+        };
         let s = Counters::sum([&a, &a, &Counters::default()]);
-        assert_eq!(s, Counters { packets: 2, bytes: 4, reply_packets: 6, reply_bytes: 8, flows: 10, rescued: 12 });
+        assert_eq!(
+            s,
+            Counters {
+                packets: 2,
+                bytes: 4,
+                reply_packets: 6,
+                reply_bytes: 8,
+                flows: 10,
+                rescued: 12,
+                syns: 14,
+                handshakes: 16,
+                refused: 18,
+                backend_resets: 20,
+                icmp_unreachables: 22,
+                syn_retransmits: 24,
+                client_resets: 26,
+                syn_latency: [28, 30, 32, 34, 36],
+            }
+        );
         assert_eq!(Counters::sum([]), Counters::default());
     }
 
