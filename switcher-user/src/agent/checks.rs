@@ -42,7 +42,9 @@ pub(super) async fn check_health(engine: Engine, audit: Arc<Audit>, fleet: Optio
                 let checks = engine.call(|b| b.checks()).await.unwrap_or_default();
                 let now = Instant::now();
                 // Services no longer checked are forgotten (a reload may bring them back).
-                due.retain(|name, _| checks.iter().any(|(n, _, _)| n == name));
+                let checked: HashSet<&str> = checks.iter().map(|(n, _, _)| n.as_str()).collect();
+                due.retain(|name, _| checked.contains(name.as_str()));
+                drop(checked);
                 for (name, check, backends) in checks {
                     if running.contains(&name) {
                         continue;
@@ -57,12 +59,20 @@ pub(super) async fn check_health(engine: Engine, audit: Arc<Audit>, fleet: Optio
                 }
             }
             Some(joined) = rounds.join_next() => {
-                let Ok((name, results)) = joined else {
-                    tracing::error!("a round of health checks failed: {joined:?}");
-                    continue;
-                };
-                running.remove(&name);
-                for c in record(&engine, &audit, name, results).await {
+                // This round and every other that has ended meanwhile: one call to the engine.
+                let mut ended = Vec::new();
+                let mut next = Some(joined);
+                while let Some(joined) = next {
+                    match joined {
+                        Ok(round) => {
+                            running.remove(&round.0);
+                            ended.push(round);
+                        }
+                        Err(e) => tracing::error!("a round of health checks failed: {e}"),
+                    }
+                    next = rounds.try_join_next();
+                }
+                for c in record(&engine, &audit, ended).await {
                     if let Some(f) = &fleet {
                         f.note_override(&c.service, format!("{} {} → {} by this node's health checks", c.what, c.from, c.to));
                     }
@@ -107,42 +117,55 @@ pub(super) async fn health_round(engine: &Engine, audit: &Audit) -> Vec<Change> 
     }
     let mut switches = Vec::new();
     while let Some(joined) = rounds.join_next().await {
-        let Ok((name, results)) = joined else {
-            tracing::error!("a round of health checks failed: {joined:?}");
-            continue;
-        };
-        switches.extend(record(engine, audit, name, results).await);
+        let mut ended = Vec::new();
+        let mut next = Some(joined);
+        while let Some(joined) = next {
+            match joined {
+                Ok(round) => ended.push(round),
+                Err(e) => tracing::error!("a round of health checks failed: {e}"),
+            }
+            next = rounds.try_join_next();
+        }
+        switches.extend(record(engine, audit, ended).await);
     }
     switches
 }
 
-/// Records one service's results through the engine and audits what they changed; returns
-/// the switches among the changes (automatic rollback, failover). A probe that could not run
-/// here (see [`health::Failure::Local`]) is left out: its backend keeps its state.
-async fn record(
-    engine: &Engine,
-    audit: &Audit,
-    name: String,
-    results: Vec<(SocketAddr, Joined<Result<(), health::Failure>>)>,
-) -> Vec<Change> {
-    let mut counted = Vec::with_capacity(results.len());
-    let mut local = Vec::new();
-    for (b, r) in results {
-        match r {
-            Ok(Ok(())) => counted.push((b, Ok(()))),
-            Ok(Err(health::Failure::Backend(e))) => counted.push((b, Err(e))),
-            Ok(Err(health::Failure::Local(e))) => local.push(e),
-            Err(panicked) => local.push(format!("the probe of {b} failed: {panicked}")),
+/// Records the results of the rounds that ended, in one call to the engine, and audits what
+/// they changed; returns the switches among the changes (automatic rollback, failover). A
+/// probe that could not run here (see [`health::Failure::Local`]) is left out: its backend
+/// keeps its state.
+async fn record(engine: &Engine, audit: &Audit, rounds: Vec<Round>) -> Vec<Change> {
+    let mut batch = Vec::with_capacity(rounds.len());
+    for (name, results) in rounds {
+        let mut counted = Vec::with_capacity(results.len());
+        let mut local = Vec::new();
+        for (b, r) in results {
+            match r {
+                Ok(Ok(())) => counted.push((b, Ok(()))),
+                Ok(Err(health::Failure::Backend(e))) => counted.push((b, Err(e))),
+                Ok(Err(health::Failure::Local(e))) => local.push(e),
+                Err(panicked) => local.push(format!("the probe of {b} failed: {panicked}")),
+            }
         }
+        if let Some(first) = local.first() {
+            tracing::warn!(
+                service = %name,
+                probes = local.len(),
+                "health probes could not run on this node ({first}); their backends keep their state: this is not a backend failure"
+            );
+        }
+        batch.push((name, counted));
     }
-    if let Some(first) = local.first() {
-        tracing::warn!(
-            service = %name,
-            probes = local.len(),
-            "health probes could not run on this node ({first}); their backends keep their state: this is not a backend failure"
-        );
+    if batch.is_empty() {
+        return Vec::new();
     }
-    let changes = engine.call(move |b| b.record_health(&name, counted)).await.unwrap_or_default();
+    let changes = engine
+        .call(move |b| {
+            batch.into_iter().flat_map(|(name, counted)| b.record_health(&name, counted)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
     let mut switches = Vec::new();
     for c in changes {
         audit.record("switcher (health checks)", &c);

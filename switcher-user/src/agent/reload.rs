@@ -107,6 +107,12 @@ async fn apply_config(engine: &Engine, path: &Path, new: Config, running: &Confi
                     done.kept.join(", ")
                 ));
             }
+            if !done.kept_shadow.is_empty() {
+                msg.push_str(&format!(
+                    "; kept the shadow settings changed at runtime of {} (the file did not change them)",
+                    done.kept_shadow.join(", ")
+                ));
+            }
             tracing::info!("{msg}");
             if let Some(f) = fleet {
                 f.resync();

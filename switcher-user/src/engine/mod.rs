@@ -81,6 +81,9 @@ struct ServiceState {
     /// Blue's and green's pools as the config file had them at the last (re)load: where
     /// `config`'s differ, they were changed at runtime (`switcher backend`, the fleet).
     file_pools: [Vec<BackendConfig>; 2],
+    /// The shadow setting as the config file had it at the last (re)load: where `config`'s
+    /// differs, it was changed at runtime (`switcher shadow`, the fleet).
+    file_shadow: crate::shadow::ShadowSetting,
 }
 
 impl ServiceState {
@@ -88,6 +91,7 @@ impl ServiceState {
         ServiceState {
             id: installed.id,
             file_pools: [config.blue.clone(), config.green.clone()],
+            file_shadow: config.shadow,
             config,
             active: installed.active,
             canary_bp: installed.canary_bp,
@@ -173,6 +177,9 @@ pub struct Reloaded {
     /// Pools changed at runtime that the reload kept ("web green"): the config file did not
     /// change them.
     pub kept: Vec<String>,
+    /// Shadow settings changed at runtime that the reload kept ("dns 50%"): the config file
+    /// did not change the service's `shadow` or `shadow_ceiling`.
+    pub kept_shadow: Vec<String>,
 }
 
 /// The services' switch state, in front of the maps.

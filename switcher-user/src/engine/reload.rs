@@ -17,17 +17,25 @@ impl<M: Maps> Switchboard<M> {
     /// tables; new ones start as installed; removed ones go. A pool changed at runtime
     /// (`switcher backend`, the fleet's shared pools) is kept when the file did not change
     /// it; when the file changed it too, the reload is refused, nothing changes, and the
-    /// error lists what would be lost.
+    /// error lists what would be lost. A shadow setting changed at runtime (`switcher
+    /// shadow`) is kept when the file did not change the service's; when it did, the file's
+    /// applies.
     ///
     /// # Errors
     /// The runtime changes a reload would undo, or a map write that failed.
     pub fn reload(&mut self, new: Vec<ServiceConfig>) -> Result<Reloaded, String> {
         let mut conflicts = Vec::new();
         let mut kept = Vec::new();
+        let mut kept_shadow = Vec::new();
         let mut configs = Vec::with_capacity(new.len());
         for mut config in new {
             let file_pools = [config.blue.clone(), config.green.clone()];
+            let file_shadow = config.shadow;
             if let Some(old) = self.services.iter().find(|s| s.config.name == config.name) {
+                if old.config.shadow != old.file_shadow && file_shadow == old.file_shadow {
+                    config.shadow = old.config.shadow;
+                    kept_shadow.push(format!("{} {}", config.name, crate::shadow::share_words(config.shadow.share_bp)));
+                }
                 for c in Colour::ALL {
                     let (before, runtime, file) =
                         (&old.file_pools[c.as_u32() as usize], old.config.pool(c), config.pool(c));
@@ -45,7 +53,7 @@ impl<M: Maps> Switchboard<M> {
                     }
                 }
             }
-            configs.push((config, file_pools));
+            configs.push((config, file_pools, file_shadow));
         }
         if !conflicts.is_empty() {
             return Err(format!(
@@ -55,7 +63,7 @@ impl<M: Maps> Switchboard<M> {
         }
         let for_maps: Vec<ServiceConfig> = configs
             .iter()
-            .map(|(config, _)| {
+            .map(|(config, _, _)| {
                 let health = self.services.iter().find(|s| s.config.name == config.name).map(|s| &s.health);
                 let mut c = config.clone();
                 if let Some(health) = health {
@@ -69,17 +77,18 @@ impl<M: Maps> Switchboard<M> {
             self.maps.install(&for_maps).map_err(|e| format!("reload failed while writing the maps: {}", chain(&e)))?;
         let mut old: HashMap<String, ServiceState> =
             self.services.drain(..).map(|s| (s.config.name.clone(), s)).collect();
-        let mut done = Reloaded { kept, ..Reloaded::default() };
-        for ((config, file_pools), installed) in configs.into_iter().zip(installed) {
+        let mut done = Reloaded { kept, kept_shadow, ..Reloaded::default() };
+        for ((config, file_pools, file_shadow), installed) in configs.into_iter().zip(installed) {
             let state = match old.remove(&config.name) {
                 Some(mut s) if s.id == installed.id => {
                     s.config = config;
                     s.file_pools = file_pools;
+                    s.file_shadow = file_shadow;
                     s
                 }
                 _ => {
                     done.added.push(config.name.clone());
-                    ServiceState { file_pools, ..ServiceState::new(config, installed) }
+                    ServiceState { file_pools, file_shadow, ..ServiceState::new(config, installed) }
                 }
             };
             self.services.push(state);

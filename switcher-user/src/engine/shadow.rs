@@ -140,4 +140,28 @@ mod tests {
         assert_eq!((sh.share_bp, sh.target), (1_000, switcher_common::user::Colour::Green));
         assert!(!b.handle(shadow("web", 10_001)).0.ok, "more than 100 %");
     }
+
+    #[test]
+    fn a_reload_keeps_a_runtime_share_unless_the_file_changed_it() {
+        let mut b = board();
+        b.services[0].config.protocol = crate::config::Protocol::Udp;
+        b.services[0].file_shadow = b.services[0].config.shadow;
+        let mut file = b.services();
+        assert!(b.handle(shadow("web", 5_000)).0.ok);
+        // The same file: the runtime share stays, and the reload says so.
+        let done = b.reload(file.clone()).expect("reloaded");
+        assert_eq!(done.kept_shadow, ["web 50%"]);
+        assert_eq!(b.services()[0].shadow.share_bp, 5_000, "a reload undid `switcher shadow`");
+        let status = b.status(Some("web")).expect("status");
+        assert_eq!(status.services[0].shadow.as_ref().map(|s| s.share_bp), Some(5_000));
+        // Again: still kept (the file is still what it was).
+        assert_eq!(b.reload(file.clone()).expect("reloaded").kept_shadow, ["web 50%"]);
+        // A file that sets the service's shadow itself applies: the operator edited it.
+        file[0].shadow.share_bp = 1_000;
+        let done = b.reload(file.clone()).expect("reloaded");
+        assert!(done.kept_shadow.is_empty());
+        assert_eq!(b.services()[0].shadow.share_bp, 1_000);
+        // And from then on the file's setting is the baseline: nothing runtime to keep.
+        assert!(b.reload(file).expect("reloaded").kept_shadow.is_empty());
+    }
 }
