@@ -30,7 +30,7 @@
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use switcher_common::{
     FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_PENDING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
-    MAX_POOL, PROTO_TCP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
+    MAX_POOL, PROTO_TCP, PROTO_UDP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
     SERVICE_PREVIEW, Service, TCP_RST, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour,
     pool_slot, reply_belongs, ring_table, starts_flow, state_canary_bp, state_second_chance, syn_bucket, syn_clock,
 };
@@ -378,7 +378,9 @@ pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
         handshake(flow);
     }
     count(flow.service, u32::from(flow.colour), pkt.ip_len, true, NEW_NONE);
-    crate::shadow::live_reply(flow.service, &s.other);
+    if pkt.proto == PROTO_UDP {
+        crate::shadow::live_reply(flow.service, &s.other);
+    }
     let (vip, port) = (s.other.dst, s.other.dport);
     nat::reply(pkt, &vip, port, &mut s.fib)
 }

@@ -157,19 +157,19 @@ fn entry(s: &Scratch, sh: &mut ShadowScratch, idle: u32, now: u64) -> Option<&'s
 }
 
 /// XDP, on the way out of the flow code: whether the NAT datagram of `s.flow` is in its
-/// service's shadowed share (then the entry point calls [`forward`]). A service without a
-/// share costs one array lookup.
+/// service's shadowed share (then the entry point calls [`forward`]). TCP costs nothing (it
+/// is tested first: the compiler cannot move a test across the map lookup); a UDP service
+/// without a share costs one array lookup.
 #[inline(always)]
 pub fn wanted(pkt: &Packet, s: &Scratch) -> bool {
+    if pkt.proto != PROTO_UDP || pkt.vlan != 0 || pkt.icmp != 0 {
+        return false;
+    }
     let share = match SHADOW.get(s.flow.service) {
         Some(cfg) => cfg.share_bp,
         None => 0,
     };
-    share != 0
-        && pkt.proto == PROTO_UDP
-        && pkt.vlan == 0
-        && pkt.icmp == 0
-        && shadow_chosen(flow_hash(&s.key, SEED_SHADOW), share)
+    share != 0 && shadow_chosen(flow_hash(&s.key, SEED_SHADOW), share)
 }
 
 /// XDP: a NAT datagram of the shadowed flow `s.flow`, counted, to send to its backend. Within
@@ -274,7 +274,8 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     same
 }
 
-/// XDP: a live flow's reply (`key` is the flow's, client → VIP) of `service`: one array lookup
+/// XDP: a live UDP flow's reply (`key` is the flow's, client → VIP) of `service` (TCP replies
+/// do not call it): one array lookup
 /// when the service has no shadow share; else the live colour's reply latency is counted for
 /// a shadowed flow's first reply to its last request. Not inlined: one call on the reply path.
 #[inline(never)]
