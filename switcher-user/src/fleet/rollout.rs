@@ -681,6 +681,28 @@ async fn abort_rollout<M: Maps + Send + 'static, S: Store>(
         return Ok(step(store, (&key, rev), &next, None).await?.map(|at| (next, at)));
     };
     next.desired_revision = drev;
+    let by = format!("{} (rollout of {name} aborted)", fleet.config.node);
+    let written = end_and_send_back(fleet, engine, store, name, r, (&key, rev), &next, (&cur, drev), by).await?;
+    Ok(written.map(|at| (next, at)))
+}
+
+/// Writes `next` (the record's end) at `rev` and, in the same transaction, new flows back on
+/// the rollout's old colour in the desired state `cur` (read at `drev`): a rollback when the
+/// new colour is active, a weight of 100 % to the old one under a canary, nothing when they
+/// are already there. `changed_by` goes into the desired state. The record's new revision,
+/// or `None` when the record or the desired state changed meanwhile.
+#[expect(clippy::too_many_arguments, reason = "a transaction's parts")]
+pub(super) async fn end_and_send_back<M: Maps + Send + 'static, S: Store>(
+    fleet: &Fleet,
+    engine: &Handle<M>,
+    store: &mut S,
+    name: &str,
+    r: &FleetRollout,
+    (key, rev): (&str, i64),
+    next: &FleetRollout,
+    (cur, drev): (&Desired, i64),
+    changed_by: String,
+) -> Result<Option<i64>, String> {
     let (service, scope) = (name.to_owned(), Scope::default());
     let back = if cur.active == r.to {
         Some(Request::Rollback { service, force: true, scope })
@@ -697,14 +719,14 @@ async fn abort_rollout<M: Maps + Send + 'static, S: Store>(
             engine.call(move |b| plan(b, &req, &c, share)).await.map_err(|e| e.to_string())??
         }
     };
-    let written = match planned {
-        None => step(store, (&key, rev), &next, None).await?,
+    let dkey = fleet.service_key(name);
+    match planned {
+        None => step(store, (key, rev), next, None).await,
         Some(mut d) => {
-            d.changed_by = format!("{} (rollout of {name} aborted)", fleet.config.node);
-            step(store, (&key, rev), &next, Some((&dkey, drev, &d))).await?
+            d.changed_by = changed_by;
+            step(store, (key, rev), next, Some((&dkey, drev, &d))).await
         }
-    };
-    Ok(written.map(|at| (next, at)))
+    }
 }
 
 /// Runs the on-abort hook of `name` on this node, if one is configured (its result logged).

@@ -9,16 +9,14 @@
 
 use std::time::Duration;
 
-use switcher_common::BP_ALL;
-
 use super::{Driver, FleetRollout, RUNNING, Store, advanced, driven, ended, read_desired, read_record, step};
 use crate::{
     engine::{
         Change, Handle, Maps,
         rollout::{Judgement, Op, drill_report, judge},
     },
-    fleet::{Fleet, now_unix, plan::plan},
-    protocol::{Request, Scope, percent},
+    fleet::{Fleet, now_unix},
+    protocol::percent,
     steps,
 };
 
@@ -174,29 +172,9 @@ impl Driver {
         let mut next = ended(&advanced(r, &me, Some(report.clone()), now), super::COMPLETE, None, &me, now);
         next.share_bp = 0;
         next.desired_revision = drev;
-        let (service, scope) = (name.to_owned(), Scope::default());
-        let req = if cur.active == r.to {
-            Some(Request::Rollback { service, force: true, scope })
-        } else if cur.active == r.from && cur.canary_bp > 0 {
-            Some(Request::Weight { service, colour: r.from, basis_points: BP_ALL, force: true, scope })
-        } else {
-            None
-        };
-        let share = fleet.config.share_backends;
-        let planned = match req {
-            None => None,
-            Some(req) => {
-                let c = cur.clone();
-                engine.call(move |b| plan(b, &req, &c, share)).await.map_err(|e| e.to_string())??
-            }
-        };
-        let written = match planned {
-            None => step(client, (&key, rev), &next, None).await?,
-            Some(mut d) => {
-                d.changed_by = format!("{me} (drill of {name} over: {report})");
-                step(client, (&key, rev), &next, Some((&dkey, drev, &d))).await?
-            }
-        };
+        let by = format!("{me} (drill of {name} over: {report})");
+        let written =
+            super::end_and_send_back(fleet, engine, client, name, r, (&key, rev), &next, (&cur, drev), by).await?;
         if written.is_some() {
             tracing::info!(service = %name, from = %r.from, standby = %r.to, "fleet drill over: {report}");
             record(
@@ -215,6 +193,8 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
+    use switcher_common::BP_ALL;
+
     use super::{super::tests::*, *};
     use crate::protocol::{Colour, Desired};
 
