@@ -218,8 +218,9 @@ fn fib_params(pkt: &Packet, dst: &[u8; 16], fib: &mut FibParams) {
     }
 }
 
+/// An address as the FIB query's four 32-bit words.
 #[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
+pub fn words(a: &[u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),

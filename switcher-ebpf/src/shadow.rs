@@ -384,8 +384,8 @@ fn route(skb: *mut __sk_buff, m: &ShadowMeta, dst: &[u8; 16], fib: &mut FibParam
     if m.v6 != 0 {
         let Some(src) = load::<16>(skb, l3 + 8) else { return false };
         fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = words(&src);
-        fib.__bindgen_anon_4.ipv6_dst = words(dst);
+        fib.__bindgen_anon_3.ipv6_src = nat::words(&src);
+        fib.__bindgen_anon_4.ipv6_dst = nat::words(dst);
     } else {
         let Some(src) = load::<4>(skb, l3 + 12) else { return false };
         let Some(tos) = load::<1>(skb, l3 + 1) else { return false };
@@ -397,16 +397,6 @@ fn route(skb: *mut __sk_buff, m: &ShadowMeta, dst: &[u8; 16], fib: &mut FibParam
     // SAFETY: the context is the program's own; `fib` is this CPU's scratch space.
     let rc = unsafe { bpf_fib_lookup(skb.cast(), fib, size_of::<FibParams>() as i32, 0) };
     rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
-}
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }
 
 /// Rewrites the packet (whose fields are in `saved`) to go to `addr`/`port` by the FIB's

@@ -969,7 +969,8 @@ impl<M: Maps> Switchboard<M> {
         self.clear_record(name);
     }
 
-    /// The hook of `point` for `name`, if one is configured, with its environment.
+    /// The hook of `point` for `name`, if one is configured, with its environment (the same
+    /// as a fleet rollout's, [`Switchboard::fleet_hook`]).
     fn hook_run(
         &mut self,
         name: &str,
@@ -978,29 +979,11 @@ impl<M: Maps> Switchboard<M> {
         to: Colour,
         why: Option<&str>,
     ) -> Option<HookRun> {
-        let s = &self.services[self.find(name).ok()?];
-        let command = s.config.rollout.hooks.command(point)?.to_owned();
         let r = self.rollouts.by_service.get(name);
-        let mut env = vec![
-            ("SWITCHER_SERVICE".to_owned(), name.to_owned()),
-            ("SWITCHER_HOOK".to_owned(), point.to_string()),
-            ("SWITCHER_FROM".to_owned(), from.to_string()),
-            ("SWITCHER_TO".to_owned(), to.to_string()),
-            ("SWITCHER_STEP".to_owned(), r.map_or(0, |r| r.at + 1).to_string()),
-            ("SWITCHER_STEPS".to_owned(), r.map_or(0, |r| r.ops.len()).to_string()),
-            ("SWITCHER_SHARE".to_owned(), percent(r.map_or(0, |r| r.share))),
-            ("SWITCHER_VIP".to_owned(), s.config.vip.to_string()),
-            ("SWITCHER_PORT".to_owned(), s.config.port.to_string()),
-        ];
-        if let Some(p) = s.config.preview_port {
-            env.push(("SWITCHER_PREVIEW_PORT".to_owned(), p.to_string()));
-        }
-        if let Some(why) = why {
-            env.push(("SWITCHER_REASON".to_owned(), why.to_owned()));
-        }
-        let timeout = s.config.rollout.hooks.timeout;
+        let (step, steps, share) = (r.map_or(0, |r| r.at + 1), r.map_or(0, |r| r.ops.len()), r.map_or(0, |r| r.share));
+        let run = self.fleet_hook(name, point, (from, to), step, steps, share, why, self.rollouts.hooks + 1)?;
         self.rollouts.hooks += 1;
-        Some(HookRun { service: name.to_owned(), point, command, env, timeout, token: self.rollouts.hooks })
+        Some(run)
     }
 
     fn save_rollout(&self, name: &str) {

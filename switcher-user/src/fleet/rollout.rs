@@ -662,6 +662,39 @@ impl Driver {
     }
 }
 
+/// The record of a rollout (or drill) about to start: `ops` from `from` to `to`, at its first
+/// op, checked against the desired state at `drev`, driven by no one yet.
+pub(super) fn new_record(
+    (from, to): (Colour, Colour),
+    ops: &[Op],
+    force: bool,
+    drev: i64,
+    started_by: String,
+) -> FleetRollout {
+    let now = now_unix();
+    FleetRollout {
+        from,
+        to,
+        ops: ops.iter().map(|o| o.token()).collect(),
+        at: 0,
+        op_started_unix: now,
+        state: RUNNING.into(),
+        paused: false,
+        force,
+        share_bp: 0,
+        desired_revision: drev,
+        judgement: None,
+        reason: None,
+        driver: String::new(),
+        started_by,
+        started_unix: now,
+        history: Vec::new(),
+        kept_until_unix: None,
+        backup_end: None,
+        judged_from: None,
+    }
+}
+
 /// Ends the rollout at `rev` as aborted, and sends new flows back to its old colour in the
 /// desired state, in one transaction: the records written, or `None` when the record or the
 /// desired state changed meanwhile.
@@ -879,29 +912,8 @@ impl Fleet {
             .call(move |b| b.plan_fleet_rollout(&n, to, state, steps.as_deref(), force))
             .await
             .map_err(|e| e.to_string())??;
-        let now = now_unix();
         let words: Vec<String> = ops.iter().map(ToString::to_string).collect();
-        let r = FleetRollout {
-            from: desired.active,
-            to,
-            ops: ops.iter().map(|o| o.token()).collect(),
-            at: 0,
-            op_started_unix: now,
-            state: RUNNING.into(),
-            paused: false,
-            force,
-            share_bp: 0,
-            desired_revision: drev,
-            judgement: None,
-            reason: None,
-            driver: String::new(),
-            started_by: format!("{} ({who})", self.config.node),
-            started_unix: now,
-            history: Vec::new(),
-            kept_until_unix: None,
-            backup_end: None,
-            judged_from: None,
-        };
+        let r = new_record((desired.active, to), &ops, force, drev, format!("{} ({who})", self.config.node));
         let value = serde_json::to_string(&r).map_err(|e| e.to_string())?;
         let written = store.swap(&[(key, rrev), (dkey, drev)], vec![(self.rollout_key(name), value)]).await?;
         let Some(at) = written else {

@@ -144,8 +144,8 @@ impl<M: Maps> Switchboard<M> {
         self.find(name).map_or_else(|e| e, |i| self.services[i].why_unhealthy(colour))
     }
 
-    /// The hook of `point` for a fleet rollout of `name`, if one is configured here, with the
-    /// environment a rollout on one node gives it (`step` is 1-based).
+    /// The hook of `point` for a rollout of `name` (a fleet's, or this node's), if one is
+    /// configured here, with its environment (`step` is 1-based).
     #[expect(clippy::too_many_arguments, reason = "the hook's environment, field by field")]
     #[must_use]
     pub fn fleet_hook(

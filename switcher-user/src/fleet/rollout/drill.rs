@@ -69,28 +69,7 @@ impl Fleet {
         let ops =
             engine.call(move |b| b.plan_fleet_drill(&n, state, len, share)).await.map_err(|e| e.to_string())??;
         let (from, to) = (desired.active, desired.active.other());
-        let now = now_unix();
-        let r = FleetRollout {
-            from,
-            to,
-            ops: ops.iter().map(|o| o.token()).collect(),
-            at: 0,
-            op_started_unix: now,
-            state: RUNNING.into(),
-            paused: false,
-            force: false,
-            share_bp: 0,
-            desired_revision: drev,
-            judgement: None,
-            reason: None,
-            driver: String::new(),
-            started_by: format!("{} ({who})", self.config.node),
-            started_unix: now,
-            history: Vec::new(),
-            kept_until_unix: None,
-            backup_end: None,
-            judged_from: None,
-        };
+        let r = super::new_record((from, to), &ops, false, drev, format!("{} ({who})", self.config.node));
         let value = serde_json::to_string(&r).map_err(|e| e.to_string())?;
         let written = store.swap(&[(key.clone(), rrev), (dkey, drev)], vec![(key, value)]).await?;
         let Some(at) = written else {
