@@ -140,4 +140,25 @@ mod tests {
         assert_eq!((sh.share_bp, sh.target), (1_000, switcher_common::user::Colour::Green));
         assert!(!b.handle(shadow("web", 10_001)).0.ok, "more than 100 %");
     }
+
+    /// Probe finding (not fixed here): a share set at runtime is lost on a reload of a file
+    /// that did not change the service, silently (no audit line, no word in the reload's
+    /// answer), unlike a pool changed at runtime, which such a reload keeps.
+    #[test]
+    fn a_runtime_share_survives_a_reload_that_did_not_change_the_service() {
+        let mut b = board();
+        b.services[0].config.protocol = crate::config::Protocol::Udp;
+        let file = b.services();
+        let (r, _) = b.handle(Request::Shadow {
+            service: "web".into(),
+            share_bp: 5_000,
+            ceiling: Some(500),
+            scope: Scope::default(),
+        });
+        assert!(r.ok, "{r:?}");
+        b.reload(file).expect("the same file reloads");
+        let status = b.status(Some("web")).expect("status");
+        let sh = status.services[0].shadow.as_ref().map(|s| (s.share_bp, s.ceiling));
+        assert_eq!(sh, Some((5_000, 500)), "the runtime share and ceiling after a reload of an unchanged file");
+    }
 }
