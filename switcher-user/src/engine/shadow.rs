@@ -164,4 +164,24 @@ mod tests {
         // And from then on the file's setting is the baseline: nothing runtime to keep.
         assert!(b.reload(file).expect("reloaded").kept_shadow.is_empty());
     }
+
+    /// A share and ceiling set at runtime survive a reload of a file that did not change the
+    /// service, as a pool changed at runtime does.
+    #[test]
+    fn a_runtime_share_survives_a_reload_that_did_not_change_the_service() {
+        let mut b = board();
+        b.services[0].config.protocol = crate::config::Protocol::Udp;
+        let file = b.services();
+        let (r, _) = b.handle(Request::Shadow {
+            service: "web".into(),
+            share_bp: 5_000,
+            ceiling: Some(500),
+            scope: Scope::default(),
+        });
+        assert!(r.ok, "{r:?}");
+        b.reload(file).expect("the same file reloads");
+        let status = b.status(Some("web")).expect("status");
+        let sh = status.services[0].shadow.as_ref().map(|s| (s.share_bp, s.ceiling));
+        assert_eq!(sh, Some((5_000, 500)), "the runtime share and ceiling after a reload of an unchanged file");
+    }
 }
