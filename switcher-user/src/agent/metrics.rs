@@ -478,13 +478,13 @@ fn shadow_metrics(reg: &mut Registry, status: &Response) {
         replies,
     );
     reg.register(
-        "shadow_reply_latency_seconds_sum",
-        "Sum of the colour's reply latencies on shadowed flows (compare colours on the same requests)",
+        "shadow_reply_latency_seconds",
+        "Sum of the colour's reply latencies on shadowed flows; divided by switcher_shadow_replies_timed_total, the mean (compare colours on the same requests)",
         latency_sum,
     );
     reg.register(
-        "shadow_reply_latency_seconds_count",
-        "Replies timed for shadow_reply_latency_seconds_sum",
+        "shadow_replies_timed",
+        "Replies timed for switcher_shadow_reply_latency_seconds_total",
         latency_count,
     );
 }

@@ -72,7 +72,7 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        ("abort", Some(service)) => Request::RolloutControl { service, action: RolloutAction::Abort },
+        ("abort", Some(service)) => Request::RolloutControl { service, action: RolloutAction::AbortDrill },
         (service, None) => Request::Drill { service: service.to_owned(), secs: args.duration, share_bp: args.share },
         (_, Some(extra)) => anyhow::bail!(
             "unexpected {extra:?}: `switcher drill SERVICE` starts a drill; `switcher drill status|abort SERVICE` follows or ends one"

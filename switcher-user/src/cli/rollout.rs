@@ -105,9 +105,15 @@ pub fn run(socket: &Path, args: Args) -> anyhow::Result<()> {
 pub(super) fn describe(r: &RolloutStatus) -> String {
     let mut out = String::new();
     let now = r.steps.get(r.step.saturating_sub(1)).map_or("over", String::as_str);
+    // An aborted rollout's share is where it stood; new flows are back on the old colour.
+    let flows = if r.state == "aborted" {
+        format!("stopped at {} of new flows on {}; new flows are back on {}", percent(r.share_bp), r.to, r.from)
+    } else {
+        format!("{} of new flows on {}", percent(r.share_bp), r.to)
+    };
     let _ = writeln!(
         out,
-        "  {} {} → {}: {}, step {}/{} ({now}) for {}s, {} of new flows on {}",
+        "  {} {} → {}: {}, step {}/{} ({now}) for {}s, {flows}",
         if r.drill { "drill" } else { "rollout" },
         r.from,
         r.to,
@@ -115,8 +121,6 @@ pub(super) fn describe(r: &RolloutStatus) -> String {
         r.step.min(r.steps.len()),
         r.steps.len(),
         r.step_secs,
-        percent(r.share_bp),
-        r.to
     );
     let _ = writeln!(out, "    plan: {}", r.steps.join(" → "));
     if let Some(j) = &r.judgement {

@@ -183,6 +183,9 @@ pub struct Thresholds {
 /// - the data path's signals condemn it ([`signals::judge`]: failed TCP flows or SYN latency,
 ///   against the old colour's): fail;
 /// - when replies are not seen (DSR), health (and the clients' signals) is all there is: pass;
+/// - TCP in NAT mode (at least `min_flows` SYNs on the new colour): the signals had nothing
+///   against it: pass (the reply count below would compare the new colour's new flows with
+///   the old colour's long-lived ones);
 /// - no reply at all to its new flows: fail;
 /// - fewer than `min_flows` on the old colour: inconclusive (nothing to compare with);
 /// - replies per new flow below `min_reply_ratio_pct` % of the old colour's: fail (backends
@@ -208,6 +211,16 @@ pub fn judge(
     }
     if !replies_seen {
         return Judgement::Pass(format!("{to} healthy, {} new flows (DSR: replies are not seen)", new.flows));
+    }
+    if new.signals.syns >= t.min_flows {
+        // TCP in NAT mode: the handshakes say whether each new flow was served. Replies per
+        // new flow would not: the old colour's include those of connections opened before
+        // the window (keep-alive clients, pools), which the new colour cannot have.
+        let (n, o) = (&new.signals, &old.signals);
+        return Judgement::Pass(format!(
+            "{to} completed {} of {} handshakes, {from} {} of {}",
+            n.handshakes, n.syns, o.handshakes, o.syns
+        ));
     }
     if new.replies == 0 {
         return Judgement::Fail(format!("no reply from {to} to {} new flows", new.flows));
@@ -580,6 +593,12 @@ impl<M: Maps> Switchboard<M> {
         let Some(r) = running else {
             return Err(format!("{name} has no rollout under way; start one with `switcher rollout {name} COLOUR`"));
         };
+        if action == RolloutAction::AbortDrill && !r.is_drill() {
+            return Err(format!(
+                "{name}: a rollout is under way, not a drill; nothing was changed (`switcher rollout abort {name}` stops the rollout)"
+            ));
+        }
+        let action = action.checked();
         let op = r.ops.get(r.at).copied();
         let msg = match action {
             RolloutAction::Pause | RolloutAction::Resume => {
@@ -614,7 +633,7 @@ impl<M: Maps> Switchboard<M> {
                 self.next_op(name, Instant::now());
                 format!("{name}: promoted past {}", op.map_or_else(String::new, |o| o.to_string()))
             }
-            RolloutAction::Abort => {
+            RolloutAction::Abort | RolloutAction::AbortDrill => {
                 let what = if r.is_drill() { "drill" } else { "rollout" };
                 let mut ev = RolloutEvents::default();
                 self.abort_rollout(name, "aborted by the operator".into(), &mut ev);
@@ -631,7 +650,7 @@ impl<M: Maps> Switchboard<M> {
             RolloutAction::Pause => "rollout-pause",
             RolloutAction::Resume => "rollout-resume",
             RolloutAction::Promote => "rollout-promote",
-            RolloutAction::Abort => "rollout-abort",
+            RolloutAction::Abort | RolloutAction::AbortDrill => "rollout-abort",
         };
         let change = Change {
             service: name.to_owned(),

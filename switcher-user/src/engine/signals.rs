@@ -286,6 +286,25 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
     let (new_out, new_sent) = outstanding(1);
     let (old_out, old_sent) = outstanding(0);
     let old_fails = old_sent >= GUARD_MIN_FLOWS && permille(old_out, old_sent) >= OLD_FAILING_PERMILLE;
+    // A colour that went silent: its SYNs wait, and it has answered none since they were sent.
+    // (The share of unanswered SYNs alone is slow to move when the window still holds the
+    // SYNs it answered before it died, and clients with a fixed number of connections send
+    // nothing new until their retransmission, a second later.)
+    let answered_since = |i: usize| {
+        (last.counters[i].handshakes + last.counters[i].refused)
+            .saturating_sub(end.counters[i].handshakes + end.counters[i].refused)
+    };
+    if new_out >= GUARD_MIN_FLOWS && answered_since(1) == 0 && !old_fails {
+        return Some(format!(
+            "fast guard: {new_out} SYNs to {to} unanswered for {} ms, and {to} answered none since; {from} {}",
+            last.at.saturating_duration_since(end.at).as_millis(),
+            if old_sent == 0 {
+                "took no new SYNs".to_owned()
+            } else {
+                format!("answered {} of {old_sent}", old_sent - old_out)
+            }
+        ));
+    }
     if new_out >= GUARD_MIN_FLOWS && permille(new_out, new_sent) >= GUARD_FAILED_PERMILLE && !old_fails {
         return Some(format!(
             "fast guard: {new_out} of {new_sent} SYNs to {to} unanswered after {} ms; {from} {}",
@@ -525,7 +544,17 @@ mod tests {
             (200, blue(20), green(12)),
             (300, blue(30), green(16)),
         ]);
-        assert!(v.as_deref().is_some_and(|w| w.contains("8 of 8 SYNs to green unanswered")), "{v:?}");
+        assert!(v.as_deref().is_some_and(|w| w.contains("8 SYNs to green unanswered")), "{v:?}");
+        // A green that served, then went silent: the window still holds the SYNs it answered
+        // (30 of 38), but the 8 sent since wait and it has answered none since they were sent.
+        let served = counters(30, 30, 0);
+        let v = run(&[
+            (0, blue(0), counters(0, 0, 0)),
+            (100, blue(10), served),
+            (200, blue(20), counters(38, 30, 0)),
+            (400, blue(40), counters(38, 30, 0)),
+        ]);
+        assert!(v.as_deref().is_some_and(|w| w.contains("answered none since")), "{v:?}");
         // Answered late but answered: no.
         let answered = counters(16, 8, 0);
         assert_eq!(run(&[(0, blue(0), green(0)), (100, blue(10), green(8)), (300, blue(30), answered)]), None);

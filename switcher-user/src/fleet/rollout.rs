@@ -953,6 +953,12 @@ impl Fleet {
                 "the fleet has no rollout of {name} under way; start one with `switcher rollout {name} COLOUR`"
             ));
         };
+        if action == RolloutAction::AbortDrill && !is_drill(&r) {
+            return Err(format!(
+                "{name}: the fleet has a rollout under way, not a drill; nothing was changed (`switcher rollout abort {name}` stops the rollout)"
+            ));
+        }
+        let action = action.checked();
         let op = ops_of(&r)?.get(r.at).copied();
         let op_word = op.map_or_else(|| "-".to_owned(), |o| o.to_string());
         let conflict = || {
@@ -987,7 +993,7 @@ impl Fleet {
                 step(store, (&key, rev), &next, None).await?.ok_or_else(conflict)?;
                 format!("{name}: promoted past {op_word}")
             }
-            RolloutAction::Abort => {
+            RolloutAction::Abort | RolloutAction::AbortDrill => {
                 let why = format!("aborted by the operator on {me} ({who})");
                 let (next, _) =
                     abort_rollout(self, engine, store, name, (&r, rev), &why).await?.ok_or_else(conflict)?;
@@ -1003,7 +1009,7 @@ impl Fleet {
             RolloutAction::Pause => "fleet rollout-pause",
             RolloutAction::Resume => "fleet rollout-resume",
             RolloutAction::Promote => "fleet rollout-promote",
-            RolloutAction::Abort => "fleet rollout-abort",
+            RolloutAction::Abort | RolloutAction::AbortDrill => "fleet rollout-abort",
         };
         Ok((
             message,

@@ -157,6 +157,17 @@ pub enum RolloutAction {
     Promote,
     /// Stop: new flows go back to the old colour, as a rollback.
     Abort,
+    /// `switcher drill abort`: as `Abort`, refused when what is under way is a rollout.
+    #[serde(rename = "abort-drill")]
+    AbortDrill,
+}
+
+impl RolloutAction {
+    /// The action to carry out once checked: `AbortDrill` is an `Abort`.
+    #[must_use]
+    pub fn checked(self) -> RolloutAction {
+        if self == RolloutAction::AbortDrill { RolloutAction::Abort } else { self }
+    }
 }
 
 /// The longest a [`Request::FleetWait`] waits: well within the client's answer timeout.

@@ -289,8 +289,16 @@ fn a_drill_is_refused_when_the_standby_is_unhealthy_or_something_is_under_way() 
     start(&mut b, &["10%", "pause 10s", "100%"]);
     let e = drill(&mut b, 2, 10_000).error.unwrap_or_default();
     assert!(e.contains("has a rollout under way"), "{e}");
+    // `switcher drill abort` does not stop a rollout.
+    let r = b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::AbortDrill }).0;
+    let e = r.error.unwrap_or_default();
+    assert!(e.contains("a rollout is under way, not a drill") && e.contains("switcher rollout abort web"), "{e}");
+    assert_eq!(status(&b).state, "running", "the rollout goes on");
     assert!(b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::Abort }).0.ok);
     assert!(drill(&mut b, 2, 10_000).ok, "nothing under way any more");
+    // A drill is stopped by `switcher drill abort`.
+    assert!(b.handle(Request::RolloutControl { service: "web".into(), action: RolloutAction::AbortDrill }).0.ok);
+    assert!(drill(&mut b, 2, 10_000).ok, "the drill was stopped");
     let e = drill(&mut b, 2, 10_000).error.unwrap_or_default();
     assert!(e.contains("has a drill under way") && e.contains("switcher drill status web"), "{e}");
     let e = b
