@@ -597,14 +597,34 @@ impl Dataplane {
     /// Locked kernel memory of each map, from `/proc/self/fdinfo` (name, bytes).
     #[must_use]
     pub fn map_memory(&self) -> Vec<(String, u64)> {
-        self.named_maps()
-            .filter_map(|(name, m)| {
-                let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(m.fd()));
-                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-                let bytes = info.lines().find_map(|l| l.strip_prefix("memlock:"))?.trim().parse().ok()?;
-                Some((name, bytes))
-            })
-            .collect()
+        let memlock = |fd: std::os::fd::BorrowedFd<'_>| -> Option<u64> {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+            info.lines().find_map(|l| l.strip_prefix("memlock:"))?.trim().parse().ok()
+        };
+        let mut out: Vec<(String, u64)> = self
+            .named_maps()
+            .filter_map(|(name, m)| Some((name, memlock(std::os::fd::AsFd::as_fd(m.fd()))?)))
+            .collect();
+        // The maps the engine does not hold open by type (shadow traffic's), by their ids.
+        for name in MAP_NAMES {
+            if out.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let data = match self.ebpf.map(name) {
+                Some(
+                    aya::maps::Map::Array(d)
+                    | aya::maps::Map::HashMap(d)
+                    | aya::maps::Map::LruHashMap(d)
+                    | aya::maps::Map::PerCpuArray(d),
+                ) => d,
+                _ => continue,
+            };
+            if let Some(bytes) = memlock(std::os::fd::AsFd::as_fd(data.fd())) {
+                out.push((name.to_owned(), bytes));
+            }
+        }
+        out
     }
 
     fn named_maps(&self) -> impl Iterator<Item = (String, &MapData)> {

@@ -1745,6 +1745,18 @@ fn fleet_section(f: &FleetRun) -> String {
     md
 }
 
+/// The footprint table: every map's locked memory and the total.
+fn footprint_section(maps: &[(String, u64)]) -> String {
+    let mut md = "## Footprint\n\n| map | locked memory |\n|---|---:|\n".to_owned();
+    let mut total = 0;
+    for (name, bytes) in maps {
+        total += bytes;
+        let _ = writeln!(md, "| {name} | {:.1} KiB |", *bytes as f64 / 1024.0);
+    }
+    let _ = writeln!(md, "| **total** | **{:.1} MiB** |\n", total as f64 / 1024.0 / 1024.0);
+    md
+}
+
 fn footprint() -> Vec<(String, u64)> {
     let ns = Netns::new(format!("{}-mem", unique_prefix()));
     ns.run(|| {
@@ -2011,9 +2023,13 @@ fn main() -> std::process::ExitCode {
             println!("{}", control_plane(quick));
             return std::process::ExitCode::SUCCESS;
         }
+        Some("footprint") => {
+            print!("{}", footprint_section(&footprint()));
+            return std::process::ExitCode::SUCCESS;
+        }
         Some(other) => {
             eprintln!(
-                "--only takes per-packet, live-frames, scaling, fleet, services, shadow or control-plane, not {other:?}"
+                "--only takes per-packet, live-frames, scaling, fleet, services, shadow, control-plane or footprint, not {other:?}"
             );
             return std::process::ExitCode::FAILURE;
         }
@@ -2090,7 +2106,7 @@ fn main() -> std::process::ExitCode {
         md,
         "\nWhere the time goes: a packet of an established flow costs one hash lookup (`FLOWS`, a 40-byte key) before the rewrite — it is forwarded from its flow entry before any service lookup, and an open TCP flow reads no clock (it is stamped with the daemon's `NOW`) — plus two array lookups (`PORTS`, `VIPS`) that let other traffic pass without any hash lookup. A reply looks its backend up in `REVERSE` and its flow in `FLOWS` (the reversed tuple), so it costs one hash lookup more than before, in exchange for never translating a packet of a flow that has ended. A new flow looks its service up, computes the Maglev hash (the canary hash only when a canary share is set) and inserts one LRU entry: the second, per-flow reply entry is gone. The LRU insert is most of a new flow's cost, and of a full table's (which evicts on every insert). Measured by hand with this harness in quick runs, one after the other: putting a second LRU insert per new flow back (what the reply entry of ABI 4 cost) took a new flow from +905 to +1,523 ns and a new flow into a full table from +1,551 to +3,226 ns (means); established flows and replies did not move. Struct copies and the FIB query's clearing were calls to byte-at-a-time `memmove`/`memset` loops (the BPF backend inlines only `memcpy`); they are plain copies now (`switcher-ebpf/src/mem.rs`), which took an established IPv4 flow from +231 to +174 ns in quick runs one after the other. Compare rows within one run: this kind of machine varies from run to run. Per-CPU LRU flow tables (`BPF_F_NO_COMMON_LRU`) were tried in an earlier round and made new flows slower here (the per-CPU list rotates on every insert), so they were not used. Not yet tried: a smaller flow key (IPv4 flows in a table of their own). The rollouts' signals (ABI 7: per-colour SYNs, handshakes, refusals, resets, ICMP unreachables, SYN latency) were measured before and after in quick runs alternating the two builds, four of each, while other work loaded this machine (the median of the four runs' figures, mean / per-call median): an established IPv4 flow +170 / +246 → +180 / +270 ns (the code of its path is the same 938 instructions but for one register move: noise), a new IPv4 flow +758 / +837 → +753 / +972 ns and a new IPv6 flow +751 / +852 → +864 / +1,022 ns (a SYN reads the clock once more and counts itself), a new flow into a full table +1,341 → +1,416 ns, a reply +237 → +258 ns (a SYN-ACK reads the clock; every reply tests one flag more). DSR SYNs also look their flow up (to count retransmissions); NAT SYNs do not."
     );
-    let _ = writeln!(md, "{}", shadow_section(&shadow));
+    let _ = writeln!(md, "\n{}", shadow_section(&shadow));
     let _ = writeln!(
         md,
         "\n## Scaling (established IPv4 flow)\n\nThe per-packet harness with a fixed frame, one load per row: the mean of a run of {} iterations minus the trivial program's, {REPEATS} interleaved rounds (median, min–max).\n\n| tracked flows / services | extra ns/packet (mean) | min–max |\n|---|---:|---:|",
@@ -2258,13 +2274,7 @@ fn main() -> std::process::ExitCode {
         "## Control plane with open flows\n\nOne daemon (`max_flows = 16,777,216`) whose own attached program is given open UDP flows by real frames (`BPF_PROG_TEST_RUN` of distinct queries on its pinned link), counted at each step: the cut-over's `STATE` write as the daemon reports it, the CLI round trip, `switcher status`, a metrics scrape, the daemon's RSS and the flow counter's last pass. Goals: the commit ≤ 1 ms and status and scrape ≤ 200 ms whatever is open.\n\n{control}\n"
     );
     let _ = writeln!(md, "## Services on one node\n\n{services}\n");
-    let _ = writeln!(md, "## Footprint\n\n| map | locked memory |\n|---|---:|");
-    let mut total = 0;
-    for (name, bytes) in &maps {
-        total += bytes;
-        let _ = writeln!(md, "| {name} | {:.1} KiB |", *bytes as f64 / 1024.0);
-    }
-    let _ = writeln!(md, "| **total** | **{:.1} MiB** |\n", total as f64 / 1024.0 / 1024.0);
+    md.push_str(&footprint_section(&maps));
     let _ = writeln!(
         md,
         "Daemon RSS: {} KiB idle, {} KiB under the probe load; CPU time per cut-over: {:.2} ms.\n",
