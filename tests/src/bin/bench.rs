@@ -70,16 +70,7 @@ fn shadow_cost(quick: bool) -> Vec<(String, Spread)> {
         let mut diffs: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
         for _ in 0..REPEATS {
             let mut h = Harness::load();
-            let mut dp = Dataplane::open(
-                &corpus::services(),
-                Options {
-                    udp_idle_timeout: Duration::from_secs(30),
-                    redirect: false,
-                    max_flows: None,
-                    ..Options::default()
-                },
-            )
-            .expect("load");
+            let mut dp = Dataplane::open(&corpus::services(), kernel_options(None)).expect("load");
             h.template(&frame);
             h.target(dp.program().expect("prog").fd().expect("loaded"));
             h.run(false, 1);
@@ -414,7 +405,7 @@ fn per_packet(quick: bool) -> PerPacket {
                 .map(|_| {
                     Dataplane::open(
                         &corpus::services(),
-                        Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows: None, ..Options::default() },
+                        kernel_options(None),
                     )
                     .expect("load")
                 })
@@ -583,16 +574,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
         let mut rows = Vec::new();
         for n in sizes {
             let max = n.next_power_of_two().max(1024) * 2;
-            let mut dp = Dataplane::open(
-                &corpus::services(),
-                Options {
-                    udp_idle_timeout: Duration::from_secs(30),
-                    redirect: false,
-                    max_flows: Some(max),
-                    ..Options::default()
-                },
-            )
-            .expect("load");
+            let mut dp = Dataplane::open(&corpus::services(), kernel_options(Some(max))).expect("load");
             let backend = Backend { addr: widen(BLUE), port: 8080u16.to_be_bytes(), family: FAMILY_V4, _pad: 0 };
             for i in 0..n.saturating_sub(1) {
                 let key = FlowKey {
@@ -643,16 +625,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
                     ..base.clone()
                 });
             }
-            let mut dp = Dataplane::open(
-                &svcs,
-                Options {
-                    udp_idle_timeout: Duration::from_secs(30),
-                    redirect: false,
-                    max_flows: None,
-                    ..Options::default()
-                },
-            )
-            .expect("load");
+            let mut dp = Dataplane::open(&svcs, kernel_options(None)).expect("load");
             rows.push((format!("{count} services"), established_extra(&mut h, &mut dp, 998, repeat)));
         }
         // … and the service lookup with a SERVICES table of 100 and 10,000 keys: the one part
@@ -662,12 +635,7 @@ fn scaling(quick: bool) -> Vec<(String, Spread)> {
         for keys in [100u32, 10_000] {
             let mut dp = Dataplane::open_sized(
                 &corpus::services(),
-                Options {
-                    udp_idle_timeout: Duration::from_secs(30),
-                    redirect: false,
-                    max_flows: None,
-                    ..Options::default()
-                },
+                kernel_options(None),
                 &[(switcher_common::MAP_SERVICES, keys * 2)],
             )
             .expect("load");
@@ -1755,6 +1723,12 @@ fn footprint_section(maps: &[(String, u64)]) -> String {
     }
     let _ = writeln!(md, "| **total** | **{:.1} MiB** |\n", total as f64 / 1024.0 / 1024.0);
     md
+}
+
+/// The options the per-packet figures load switcher with: kernel forwarding (no FIB lookup),
+/// UDP flows idle after 30 s, the flow table at `max_flows` (the default when `None`).
+fn kernel_options(max_flows: Option<u32>) -> Options {
+    Options { udp_idle_timeout: Duration::from_secs(30), redirect: false, max_flows, ..Options::default() }
 }
 
 fn footprint() -> Vec<(String, u64)> {
