@@ -140,37 +140,56 @@ type Result<T> = std::result::Result<T, DataplaneError>;
 pub use crate::protocol::Counters;
 
 impl Counters {
-    /// The sum of `all`, field by field: every number of `Counters`, whatever its fields (an
-    /// array element by element), so a field added to it is summed too. Used for a service's
-    /// counters over the nodes of a fleet.
+    /// Adds `o`, field by field (the latency histogram bucket by bucket), saturating: the
+    /// fleet's sums take numbers other nodes published.
+    pub fn add(&mut self, o: &Counters) {
+        self.packets = self.packets.saturating_add(o.packets);
+        self.bytes = self.bytes.saturating_add(o.bytes);
+        self.reply_packets = self.reply_packets.saturating_add(o.reply_packets);
+        self.reply_bytes = self.reply_bytes.saturating_add(o.reply_bytes);
+        self.flows = self.flows.saturating_add(o.flows);
+        self.rescued = self.rescued.saturating_add(o.rescued);
+        self.syns = self.syns.saturating_add(o.syns);
+        self.handshakes = self.handshakes.saturating_add(o.handshakes);
+        self.refused = self.refused.saturating_add(o.refused);
+        self.backend_resets = self.backend_resets.saturating_add(o.backend_resets);
+        self.icmp_unreachables = self.icmp_unreachables.saturating_add(o.icmp_unreachables);
+        self.syn_retransmits = self.syn_retransmits.saturating_add(o.syn_retransmits);
+        self.client_resets = self.client_resets.saturating_add(o.client_resets);
+        for (t, c) in self.syn_latency.iter_mut().zip(o.syn_latency) {
+            *t = t.saturating_add(c);
+        }
+    }
+
+    /// The sum of `all`, field by field: a service's counters over the nodes of a fleet.
     #[must_use]
     pub fn sum<'a>(all: impl IntoIterator<Item = &'a Counters>) -> Counters {
-        fn add(total: &mut serde_json::Value, v: &serde_json::Value) {
-            use serde_json::Value;
-            match (total, v) {
-                (Value::Number(t), Value::Number(n)) => {
-                    if let (Some(a), Some(b)) = (t.as_u64(), n.as_u64()) {
-                        *t = a.saturating_add(b).into();
-                    }
-                }
-                (Value::Array(t), Value::Array(n)) => t.iter_mut().zip(n).for_each(|(a, b)| add(a, b)),
-                (Value::Object(t), Value::Object(n)) => {
-                    for (k, b) in n {
-                        if let Some(a) = t.get_mut(k) {
-                            add(a, b);
-                        }
-                    }
-                }
-                _ => {}
-            }
+        all.into_iter().fold(Counters::default(), |mut t, c| {
+            t.add(c);
+            t
+        })
+    }
+}
+
+impl From<&ColourCounters> for Counters {
+    /// One CPU's slot of `COUNTERS`.
+    fn from(c: &ColourCounters) -> Counters {
+        Counters {
+            packets: c.packets,
+            bytes: c.bytes,
+            reply_packets: c.reply_packets,
+            reply_bytes: c.reply_bytes,
+            flows: c.flows,
+            rescued: c.rescued,
+            syns: c.syns,
+            handshakes: c.handshakes,
+            refused: c.refused,
+            backend_resets: c.backend_resets,
+            icmp_unreachables: c.icmp_unreachables,
+            syn_retransmits: c.syn_retransmits,
+            client_resets: c.client_resets,
+            syn_latency: c.syn_latency,
         }
-        let mut total = serde_json::to_value(Counters::default()).unwrap_or_default();
-        for c in all {
-            if let Ok(v) = serde_json::to_value(c) {
-                add(&mut total, &v);
-            }
-        }
-        serde_json::from_value(total).unwrap_or_default()
     }
 }
 
@@ -854,22 +873,7 @@ impl Dataplane {
     pub fn counters(&self, id: u32, colour: Colour) -> Result<Counters> {
         let per_cpu = self.counters.get(&colour_slot(id, colour.as_u32()), 0).map_err(map_err(MAP_COUNTERS))?;
         Ok(per_cpu.iter().fold(Counters::default(), |mut t, c| {
-            t.packets += c.packets;
-            t.bytes += c.bytes;
-            t.reply_packets += c.reply_packets;
-            t.reply_bytes += c.reply_bytes;
-            t.flows += c.flows;
-            t.rescued += c.rescued;
-            t.syns += c.syns;
-            t.handshakes += c.handshakes;
-            t.refused += c.refused;
-            t.backend_resets += c.backend_resets;
-            t.icmp_unreachables += c.icmp_unreachables;
-            t.syn_retransmits += c.syn_retransmits;
-            t.client_resets += c.client_resets;
-            for (t, c) in t.syn_latency.iter_mut().zip(c.syn_latency) {
-                *t += c;
-            }
+            t.add(&Counters::from(c));
             t
         }))
     }
