@@ -47,6 +47,24 @@ pub fn switcher_bin_for_others(dir: &Path) -> PathBuf {
     copy
 }
 
+/// `cmd.output()`, run again while the kernel answers ETXTBSY (at most 5 s). A binary this
+/// process has just written can be "busy": a thread that forked at the same moment holds the
+/// writer's descriptor in its child until that child execs, even with close-on-exec.
+///
+/// # Errors
+/// Any other spawn error, or ETXTBSY for longer than 5 s.
+pub fn output_of_fresh_binary(cmd: &mut Command) -> std::io::Result<Output> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A config for the test topology: `web` (TCP 80) and `dns` (UDP 53), both active on blue,
 /// with `forwarding` (`"auto"`, `"redirect"` or `"kernel"`).
 #[must_use]

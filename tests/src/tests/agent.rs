@@ -251,14 +251,9 @@ fn the_socket_refuses_other_users_and_garbage() {
     // The test directory must be reachable for the other user to get as far as the socket,
     // and the binary must be one it may run (the build tree may be in a 0700 directory).
     let bin = crate::proc::switcher_bin_for_others(&d.dir);
-    let out = std::process::Command::new(bin)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["status"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run as nobody");
+    let mut nobody = std::process::Command::new(bin);
+    nobody.arg("--socket").arg(&d.socket).args(["status"]).uid(65534).gid(65534);
+    let out = crate::proc::output_of_fresh_binary(&mut nobody).expect("run as nobody");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("permission denied"), "{err}");
     let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
