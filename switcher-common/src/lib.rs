@@ -483,6 +483,21 @@ pub const fn syn_clock(ktime_ns: u64) -> u32 {
     if t == 0 { 1 } else { t }
 }
 
+/// SYNs (of NAT services) each CPU times in full per tick of the daemon's clock (`NOW`, about
+/// a second) before it samples: reading the precise clock is most of a new flow's cost that
+/// is not the flow table's.
+pub const SYN_TIMED_PER_TICK: u32 = 64;
+/// Past `SYN_TIMED_PER_TICK` in a tick, one SYN in this many is timed.
+pub const SYN_SAMPLE_EVERY: u32 = 8;
+
+/// Whether the `seen`-th SYN of a CPU in a tick (from 1) is timed. An untimed SYN still marks
+/// its flow pending: its handshake or refusal is counted, only its latency is not.
+#[inline(always)]
+#[must_use]
+pub const fn syn_timed(seen: u32) -> bool {
+    seen <= SYN_TIMED_PER_TICK || seen % SYN_SAMPLE_EVERY == 0
+}
+
 /// The latency bucket of a SYN-ACK at `now` (a `syn_clock`) for a SYN at `syn`.
 #[inline(always)]
 #[must_use]
@@ -692,6 +707,14 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn syns_are_all_timed_up_to_the_tick_budget_then_one_in_eight() {
+        let timed = |from: u32, to: u32| (from..=to).filter(|&n| syn_timed(n)).count();
+        assert_eq!(timed(1, SYN_TIMED_PER_TICK), SYN_TIMED_PER_TICK as usize);
+        assert_eq!(timed(SYN_TIMED_PER_TICK + 1, SYN_TIMED_PER_TICK + 800), 100);
+        assert!(syn_timed(u32::MAX - 7) && !syn_timed(u32::MAX));
+    }
 
     #[test]
     fn syn_latency_buckets_are_log_scale_and_survive_the_wrap() {

@@ -19,9 +19,11 @@
 //! they decide expiry. Keys and values are built in the per-CPU `Scratch`, not on the stack.
 //!
 //! Signals (`ColourCounters`, per service colour), for rollouts to judge: in NAT mode a SYN
-//! marks its new flow `FLOW_PENDING` with the time (`bpf_ktime_get_ns`, the one clock read of
-//! a new flow beyond the stamp) and the backend's first answer clears it: a SYN-ACK counts a
-//! handshake and its latency bucket (a second clock read), an RST or an ICMP unreachable
+//! marks its new flow `FLOW_PENDING`, with the time (`bpf_ktime_get_ns`, the one clock read of
+//! a new flow beyond the stamp) if it is timed — each CPU times all its SYNs up to
+//! `SYN_TIMED_PER_TICK` per tick of the daemon's clock, then a sample (`syn_timed`), as the
+//! clock costs ~45 ns — and the backend's first answer clears it: a SYN-ACK counts a
+//! handshake and, for a timed SYN, its latency bucket (a second clock read), an RST or an ICMP unreachable
 //! (`icmp.rs`) a refusal. RSTs are counted by side on flows not yet closing (backend resets,
 //! client resets); in DSR mode a SYN on a 5-tuple whose flow is open is a retransmission, the
 //! one extra `FLOWS` lookup, made for DSR services' SYNs only. Established packets pay one
@@ -31,8 +33,9 @@ use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use switcher_common::{
     FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_PENDING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
     MAX_POOL, PROTO_TCP, PROTO_UDP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
-    SERVICE_PREVIEW, Service, TCP_RST, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash, new_flow_colour,
-    pool_slot, reply_belongs, ring_table, starts_flow, state_canary_bp, state_second_chance, syn_bucket, syn_clock,
+    SERVICE_PREVIEW, SYN_BUCKETS, Service, TCP_RST, TCP_SYN, colour_slot, ends_flow, flow_expired, flow_hash,
+    new_flow_colour, pool_slot, reply_belongs, ring_table, starts_flow, state_canary_bp, state_second_chance,
+    syn_bucket, syn_clock, syn_timed,
 };
 
 use crate::{
@@ -66,11 +69,29 @@ pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
     if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
         return Verdict::UNHANDLED;
     }
-    if !touch(flow, pkt.proto, pkt.tcp_flags) {
+    // An open TCP flow's packet only restamps it, here: no call.
+    if open_tcp(flow, pkt.proto, pkt.tcp_flags) {
+        stamp(flow);
+    } else if !touch(flow, pkt.proto, pkt.tcp_flags) {
         return Verdict::UNHANDLED;
     }
     mem::copy(&mut s.flow, flow);
     forward_tracked(pkt, s, s.flow.flags & FLOW_DSR != 0)
+}
+
+/// Whether a packet is one of an open TCP flow that it does not end (no clock decides it).
+#[inline(always)]
+fn open_tcp(flow: &Flow, proto: u8, tcp_flags: u8) -> bool {
+    proto == PROTO_TCP && flow.flags & FLOW_CLOSING == 0 && !ends_flow(proto, tcp_flags)
+}
+
+/// Stamps an open TCP flow with the daemon's clock, if it moved.
+#[inline(always)]
+fn stamp(flow: &mut Flow) {
+    let now = daemon_now();
+    if now > flow.last_seen_ns {
+        flow.last_seen_ns = now;
+    }
 }
 
 /// `CLOCK_MONOTONIC_COARSE`, the clock of every stamp.
@@ -95,11 +116,8 @@ fn daemon_now() -> u64 {
 #[inline(never)]
 fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool) -> bool {
     let ends = ends_flow(proto, tcp_flags);
-    if proto == PROTO_TCP && flow.flags & FLOW_CLOSING == 0 && !ends {
-        let now = daemon_now();
-        if now > flow.last_seen_ns {
-            flow.last_seen_ns = now;
-        }
+    if open_tcp(flow, proto, tcp_flags) {
+        stamp(flow);
         return true;
     }
     let now = clock();
@@ -198,10 +216,18 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     let now = if pkt.proto == PROTO_TCP && !ending { daemon_now() } else { clock() };
     let rescued = new_flow(pkt, &s.key, service, now, ending, &mut s.flow)?;
     if syn && !dsr {
-        // NAT: the backend's answer to this SYN will be seen; time it.
+        // NAT: the backend's answer to this SYN will be seen; time it (all of this CPU's
+        // first SYNs of a tick, then a sample: `syn_timed`).
         s.flow.flags |= FLOW_PENDING;
-        // SAFETY: plain helper call.
-        s.flow.syn_time = syn_clock(unsafe { bpf_ktime_get_ns() });
+        if s.syn_tick != now {
+            s.syn_tick = now;
+            s.syn_seen = 0;
+        }
+        s.syn_seen = s.syn_seen.saturating_add(1);
+        if syn_timed(s.syn_seen) {
+            // SAFETY: plain helper call.
+            s.flow.syn_time = syn_clock(unsafe { bpf_ktime_get_ns() });
+        }
     }
     // An LRU insert only fails on memory pressure; the packet is still forwarded and the next
     // packet of the flow lands on the same backend through the hash.
@@ -401,7 +427,7 @@ const SIG_SYN_RETRANSMIT: u32 = 16;
 const SIG_CLIENT_RESET: u32 = 32;
 
 /// Counts signal `events` on a service colour; `bucket`: the SYN latency bucket of a
-/// handshake. Not inlined: only the rare packets that carry a signal call it.
+/// handshake (`SYN_BUCKETS`: an untimed SYN's, no bucket). Not inlined: only the rare packets that carry a signal call it.
 #[inline(never)]
 fn signal(service: u32, colour: u32, events: u32, bucket: u32) {
     let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) else { return };
@@ -420,13 +446,18 @@ fn signal(service: u32, colour: u32, events: u32, bucket: u32) {
     c.client_resets += u64::from(events & SIG_CLIENT_RESET != 0);
 }
 
-/// The backend's SYN-ACK to a pending flow's SYN: a handshake, with its latency.
+/// The backend's SYN-ACK to a pending flow's SYN: a handshake, with its latency if the SYN
+/// was timed.
 #[inline(never)]
 fn handshake(flow: &mut Flow) {
     flow.flags &= !FLOW_PENDING;
-    // SAFETY: plain helper call.
-    let now = syn_clock(unsafe { bpf_ktime_get_ns() });
-    signal(flow.service, u32::from(flow.colour), SIG_HANDSHAKE, syn_bucket(flow.syn_time, now) as u32);
+    let bucket = if flow.syn_time == 0 {
+        SYN_BUCKETS as u32
+    } else {
+        // SAFETY: plain helper call.
+        syn_bucket(flow.syn_time, syn_clock(unsafe { bpf_ktime_get_ns() })) as u32
+    };
+    signal(flow.service, u32::from(flow.colour), SIG_HANDSHAKE, bucket)
 }
 
 /// An RST on a flow that was not closing: the backend's (`reply`; a refusal when it answers

@@ -97,6 +97,10 @@ pub struct Scratch {
     /// Why `flow::reply_flow` found nothing (a `Reason`).
     pub miss: u32,
     pub fib: FibParams,
+    /// The daemon's clock (`NOW`) when this CPU last counted a SYN, and the SYNs it counted
+    /// since (`switcher_common::syn_timed`). Kept from packet to packet.
+    pub syn_tick: u64,
+    pub syn_seen: u32,
 }
 
 const AF_INET: u8 = 2;

@@ -228,6 +228,9 @@ pub struct Options {
     pub tcp_idle_timeout: Duration,
     /// Services the per-service maps hold (default `MAX_SERVICES`).
     pub max_services: Option<u32>,
+    /// Another build of the program's object, of the same ABI, instead of the embedded one
+    /// ([`PROGRAM`]): for the benchmarks' side-by-side comparison of two builds.
+    pub object: Option<&'static [u8]>,
 }
 
 /// Default of [`Options::tcp_idle_timeout`].
@@ -241,6 +244,7 @@ impl Default for Options {
             max_flows: None,
             tcp_idle_timeout: DEFAULT_TCP_IDLE,
             max_services: None,
+            object: None,
         }
     }
 }
@@ -430,6 +434,7 @@ impl Dataplane {
             max_flows: config.max_flows,
             tcp_idle_timeout: config.tcp_idle_timeout,
             max_services: config.max_services,
+            object: None,
         };
         if adopt {
             check_sizes(&pins, &options)?;
@@ -494,7 +499,8 @@ impl Dataplane {
         sizes: &[(&str, u32)],
         ring: u32,
     ) -> Result<Dataplane> {
-        if PROGRAM.is_empty() {
+        let object = options.object.unwrap_or(PROGRAM);
+        if object.is_empty() {
             return Err(DataplaneError::NoProgram);
         }
         let udp_idle_ns = u64::try_from(options.udp_idle_timeout.as_nanos()).unwrap_or(u64::MAX);
@@ -522,7 +528,7 @@ impl Dataplane {
         for &(name, n) in sizes {
             loader.map_max_entries(name, n);
         }
-        let mut ebpf = loader.load(PROGRAM).map_err(DataplaneError::Load)?;
+        let mut ebpf = loader.load(object).map_err(DataplaneError::Load)?;
         // The logger task forwards the program's rare log lines to `log`/`tracing`. Without a
         // runtime the logger is kept unread: its ring buffer must stay open for the program.
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -204,9 +204,11 @@ pub fn judge(
             )));
         }
     }
+    // The histogram holds the timed SYNs only (all at low rates, a sample at high ones:
+    // `switcher_common::syn_timed`), so its own totals decide whether there is enough of it.
     if nat
-        && new.handshakes >= min_flows
-        && old.handshakes >= min_flows
+        && new.latency.iter().sum::<u64>() >= min_flows
+        && old.latency.iter().sum::<u64>() >= min_flows
         && let (Some(n), Some(o)) = (new.latency_bucket(900), old.latency_bucket(900))
         && n >= o + LATENCY_BUCKETS_WORSE
     {
@@ -446,6 +448,12 @@ mod tests {
         );
         green.latency = [0, 100, 0, 0, 0];
         assert_eq!(judge(20, (Blue, &blue), (Green, &green), true), None, "one bucket worse is within reason");
+        // At high rates the histogram is a sample: too few timed SYNs decide nothing, however
+        // many handshakes there were.
+        green.latency = [0, 0, 0, 19, 0];
+        assert_eq!(judge(20, (Blue, &blue), (Green, &green), true), None, "19 timed SYNs of 100 handshakes");
+        green.latency = [0, 0, 0, 20, 0];
+        assert!(judge(20, (Blue, &blue), (Green, &green), true).is_some(), "20 timed SYNs suffice");
     }
 
     #[test]

@@ -519,6 +519,106 @@ fn per_packet(quick: bool) -> PerPacket {
     })
 }
 
+/// `--only compare --against OBJECT`: the per-packet rows' means for two builds of the
+/// program side by side, the embedded one (A) and `OBJECT` (B, e.g. a copy of
+/// `target/release/build/switcher-user-*/out/switcher` from another commit, of the same ABI).
+/// Each row runs trivial, A and B back to back (B first in every other round), so a change
+/// smaller than this machine's drift between two runs still shows. `checked`: both builds'
+/// counters must show every run's packets on the row's path (off for a variant made to
+/// attribute a cost, e.g. one that skips its counters). Not part of `./x bench`.
+fn compare(against: &std::path::Path, quick: bool, checked: bool) -> String {
+    let bytes = std::fs::read(against).unwrap_or_else(|e| panic!("read {}: {e}", against.display()));
+    // The ELF reader wants the object 8-aligned.
+    let words: &'static mut [u64] = Box::leak(vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice());
+    // SAFETY: a byte view of the u64 buffer just allocated, of its own length.
+    let view = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    view.copy_from_slice(&bytes);
+    let other: &'static [u8] = view;
+    let (repeat, repeat_new) = if quick { (200_000, 20_000u32) } else { (1_000_000, 40_000) };
+    let label = against.display().to_string();
+    let ns = Netns::new(format!("{}-cmp", unique_prefix()));
+    ns.run(move || {
+        pin_thread();
+        let other_frame = frame4((CLIENT, 1), (Ipv4Addr::new(198, 51, 100, 99), 80), false);
+        let est4 = frame4((CLIENT, 999), (VIP, 80), false);
+        let reply4 = frame4((BLUE, 8080), (CLIENT, 999), false);
+        let est6 = frame6((CLIENT6, 999), (VIP6, 80), false);
+        let reply6 = frame6((BLUE6, 8080), (CLIENT6, 999), false);
+        let syn4 = frame4((CLIENT, 999), (VIP, 80), true);
+        let syn6 = frame6((CLIENT6, 999), (VIP6, 80), true);
+        // (name, frame, fresh, expect, data plane: 0 fixed, 1 new IPv4, 2 new IPv6, 3 full)
+        let cases: [(&str, &Vec<u8>, bool, Expect, usize); 8] = [
+            ("pass-through (IPv4)", &other_frame, false, Expect::Pass, 0),
+            ("new flow (IPv4)", &syn4, true, Expect::NewFlow, 1),
+            ("new flow, full table (IPv4)", &syn4, true, Expect::NewFlow, 3),
+            ("established flow (IPv4)", &est4, false, Expect::Flow, 0),
+            ("reply (IPv4)", &reply4, false, Expect::Reply, 0),
+            ("new flow (IPv6)", &syn6, true, Expect::NewFlow, 2),
+            ("established flow (IPv6)", &est6, false, Expect::Flow, 0),
+            ("reply (IPv6)", &reply6, false, Expect::Reply, 0),
+        ];
+        let (mut a, mut b) = (vec![Vec::new(); cases.len()], vec![Vec::new(); cases.len()]);
+        for load in 0..REPEATS {
+            let mut h = Harness::load();
+            // Per build: the four data planes of `per_packet`.
+            let mut builds: Vec<Vec<Dataplane>> = [None, Some(other)]
+                .into_iter()
+                .map(|object| {
+                    (0..4)
+                        .map(|_| {
+                            Dataplane::open(&corpus::services(), Options { object, ..kernel_options(None) })
+                                .expect("load")
+                        })
+                        .collect()
+                })
+                .collect();
+            for dps in &mut builds {
+                for frame in [&est4, &est6] {
+                    h.template(frame);
+                    h.target(dps[0].program().expect("prog").fd().expect("loaded"));
+                    h.run(false, 1);
+                }
+                h.template(&syn4);
+                h.target(dps[3].program().expect("prog").fd().expect("loaded"));
+                h.run(true, switcher_common::MAX_FLOWS + switcher_common::MAX_FLOWS / 8);
+            }
+            for round in 0..ROUNDS {
+                for (i, &(name, frame, fresh, expect, dp)) in cases.iter().enumerate() {
+                    let r = if fresh { repeat_new } else { repeat };
+                    h.template(frame);
+                    h.target_baseline();
+                    let floor = h.run(fresh, r);
+                    let order = if (round + load) % 2 == 0 { [0, 1] } else { [1, 0] };
+                    for which in order {
+                        let d = &mut builds[which][dp];
+                        let before = seen(d);
+                        h.target(d.program().expect("prog").fd().expect("loaded"));
+                        let t = h.run(fresh, r) - floor;
+                        if checked {
+                            check(d, before, expect, u64::from(r), name);
+                        }
+                        if which == 0 { a[i].push(t) } else { b[i].push(t) }
+                    }
+                }
+            }
+            eprintln!("  load {}/{REPEATS} done", load + 1);
+        }
+        let mut out = format!(
+            "Means over the trivial program, ns per packet: A the embedded build, B {}; B − A per round, median of each load's rounds, median (min – max) over {REPEATS} loads.\n\n| path | A | B | B − A |\n|---|---|---|---|\n",
+            label
+        );
+        for (i, (name, ..)) in cases.iter().enumerate() {
+            let diff: Vec<f64> = a[i].iter().zip(&b[i]).map(|(x, y)| y - x).collect();
+            let (sa, sb, sd) = (spread(per_load(&a[i])), spread(per_load(&b[i])), spread(per_load(&diff)));
+            out.push_str(&format!(
+                "| {name} | {:+.0} | {:+.0} | {:+.0} ({:+.0} – {:+.0}) |\n",
+                sa.median, sb.median, sd.median, sd.min, sd.max
+            ));
+        }
+        out
+    })
+}
+
 /// How the per-packet figures were made, in words (BENCHMARKS.md and `--only per-packet`).
 fn per_packet_method(pp: &PerPacket) -> String {
     let new_fill = (ROUNDS * (pp.repeat_new as usize + pp.calls_new)) as f64 / f64::from(switcher_common::MAX_FLOWS);
@@ -1971,6 +2071,15 @@ fn main() -> std::process::ExitCode {
                     p.name, p.mean.median, p.mean.min, p.mean.max, p.median.median, p.median.min, p.median.max
                 );
             }
+            return std::process::ExitCode::SUCCESS;
+        }
+        Some("compare") => {
+            let Some(against) = std::env::args().skip_while(|a| a != "--against").nth(1) else {
+                eprintln!("--only compare needs --against OBJECT: another build of the program's object");
+                return std::process::ExitCode::FAILURE;
+            };
+            let checked = !std::env::args().any(|a| a == "--no-check");
+            print!("{}", compare(std::path::Path::new(&against), quick, checked));
             return std::process::ExitCode::SUCCESS;
         }
         Some("fleet") => {

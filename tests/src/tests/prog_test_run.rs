@@ -1359,6 +1359,48 @@ fn tcp_with(l2: L2, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), flags: u8) -> Ve
 /// flow: a backend's SYN-ACK to a pending SYN (a handshake, timed), an RST from a backend (a
 /// refusal when it answers the SYN), an ICMP unreachable from a backend about a live flow, a
 /// client's RST, and in DSR mode a SYN on an open flow (a retransmission).
+/// A CPU times every NAT SYN up to `SYN_TIMED_PER_TICK` per tick of the daemon's clock, then
+/// one in `SYN_SAMPLE_EVERY`; every handshake is counted, timed or not, and a new tick times
+/// them all again.
+#[test]
+fn syn_latency_is_timed_for_a_cpus_first_syns_of_a_tick_then_sampled() {
+    if !crate::have_root("syn_latency_is_timed_for_a_cpus_first_syns_of_a_tick_then_sampled") {
+        return;
+    }
+    use switcher_common::{SYN_SAMPLE_EVERY, SYN_TIMED_PER_TICK};
+    let ns = fib_namespace();
+    ns.run(|| {
+        // Every run on one CPU: the budget is per CPU.
+        // SAFETY: plain libc calls on a cpu_set_t we own.
+        unsafe {
+            let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+        }
+        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, ..Options::default() }).expect("load");
+        let blue = |dp: &Dataplane| dp.counters(WEB, Colour::Blue).expect("counters");
+        let mut port = 20_000u16;
+        let mut handshakes = |dp: &mut Dataplane, n: u32| {
+            for _ in 0..n {
+                port += 1;
+                run(dp, &tcp(IN, (CLIENT, port), (VIP, 80), 64, Tcp::Syn));
+                assert_eq!(run(dp, &tcp(IN, (BLUE, 8080), (CLIENT, port), 64, Tcp::SynAck)), XDP_REDIRECT);
+            }
+        };
+        let extra = 10 * SYN_SAMPLE_EVERY;
+        handshakes(&mut dp, SYN_TIMED_PER_TICK + extra);
+        let k = blue(&dp);
+        assert_eq!(k.handshakes, u64::from(SYN_TIMED_PER_TICK + extra), "every handshake counts: {k:?}");
+        assert_eq!(k.syn_latency.iter().sum::<u64>(), u64::from(SYN_TIMED_PER_TICK + 10), "timed: {k:?}");
+        // The daemon's clock moves: a new tick, every SYN timed again.
+        dp.stamp_clock().expect("NOW");
+        handshakes(&mut dp, 5);
+        let k = blue(&dp);
+        assert_eq!(k.syn_latency.iter().sum::<u64>(), u64::from(SYN_TIMED_PER_TICK + 15), "{k:?}");
+    });
+}
+
 #[test]
 fn signals_count_handshakes_resets_unreachables_and_retransmits() {
     if !crate::have_root("signals_count_handshakes_resets_unreachables_and_retransmits") {
