@@ -495,7 +495,7 @@ pub const SYN_SAMPLE_EVERY: u32 = 8;
 #[inline(always)]
 #[must_use]
 pub const fn syn_timed(seen: u32) -> bool {
-    seen <= SYN_TIMED_PER_TICK || seen % SYN_SAMPLE_EVERY == 0
+    seen <= SYN_TIMED_PER_TICK || seen.is_multiple_of(SYN_SAMPLE_EVERY)
 }
 
 /// The latency bucket of a SYN-ACK at `now` (a `syn_clock`) for a SYN at `syn`.
