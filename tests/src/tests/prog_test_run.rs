@@ -1378,7 +1378,8 @@ fn syn_latency_is_timed_for_a_cpus_first_syns_of_a_tick_then_sampled() {
             libc::CPU_SET(cpu, &mut set);
             assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
         }
-        let mut dp = Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, ..Options::default() }).expect("load");
+        let mut dp =
+            Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, ..Options::default() }).expect("load");
         let blue = |dp: &Dataplane| dp.counters(WEB, Colour::Blue).expect("counters");
         let mut port = 20_000u16;
         let mut handshakes = |dp: &mut Dataplane, n: u32| {
