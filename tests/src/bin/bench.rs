@@ -358,6 +358,45 @@ struct PerPacket {
 
 const ROUNDS: usize = 3;
 
+// Data planes of a load: 0 the fixed 5-tuples, 1 and 2 new IPv4 / IPv6 flows into an empty
+// table, 3 new IPv4 flows into a full one.
+const FIXED: usize = 0;
+const NEW4: usize = 1;
+const NEW6: usize = 2;
+const FULL: usize = 3;
+
+/// The per-packet rows, and the frames that set a load up: the two established flows' first
+/// packets and the SYN that fills the full-table row's table.
+struct PacketCases {
+    cases: Vec<Case>,
+    est4: Vec<u8>,
+    est6: Vec<u8>,
+    syn4: Vec<u8>,
+}
+
+fn packet_cases() -> PacketCases {
+    let other = frame4((CLIENT, 1), (Ipv4Addr::new(198, 51, 100, 99), 80), false);
+    let est4 = frame4((CLIENT, 999), (VIP, 80), false);
+    let reply4 = frame4((BLUE, 8080), (CLIENT, 999), false);
+    let est6 = frame6((CLIENT6, 999), (VIP6, 80), false);
+    let reply6 = frame6((BLUE6, 8080), (CLIENT6, 999), false);
+    let syn4 = frame4((CLIENT, 999), (VIP, 80), true);
+    let syn6 = frame6((CLIENT6, 999), (VIP6, 80), true);
+    let case =
+        |name, frame: &Vec<u8>, fresh, expect, dp, goal| Case { name, frame: frame.clone(), fresh, expect, dp, goal };
+    let cases = vec![
+        case("pass-through (IPv4)", &other, false, Expect::Pass, FIXED, "≤ +20 ns"),
+        case("new flow (IPv4)", &syn4, true, Expect::NewFlow, NEW4, "≤ +450 ns"),
+        case("new flow, full table (IPv4)", &syn4, true, Expect::NewFlow, FULL, "≤ +650 ns"),
+        case("established flow (IPv4)", &est4, false, Expect::Flow, FIXED, "≤ +90 ns"),
+        case("reply (IPv4)", &reply4, false, Expect::Reply, FIXED, ""),
+        case("new flow (IPv6)", &syn6, true, Expect::NewFlow, NEW6, "≤ +450 ns"),
+        case("established flow (IPv6)", &est6, false, Expect::Flow, FIXED, "≤ +90 ns"),
+        case("reply (IPv6)", &reply6, false, Expect::Reply, FIXED, ""),
+    ];
+    PacketCases { cases, est4, est6, syn4 }
+}
+
 /// Per-packet costs of each path as the difference from the trivial program run through the
 /// same harness: `REPEATS` loads of switcher and the harness, `ROUNDS` interleaved rounds
 /// each (row by row, trivial program then switcher). Every run's packets are checked against
@@ -371,30 +410,7 @@ fn per_packet(quick: bool) -> PerPacket {
     let ns = Netns::new(format!("{}-bench", unique_prefix()));
     ns.run(move || {
         let cpu = pin_thread();
-        let other = frame4((CLIENT, 1), (Ipv4Addr::new(198, 51, 100, 99), 80), false);
-        let est4 = frame4((CLIENT, 999), (VIP, 80), false);
-        let reply4 = frame4((BLUE, 8080), (CLIENT, 999), false);
-        let est6 = frame6((CLIENT6, 999), (VIP6, 80), false);
-        let reply6 = frame6((BLUE6, 8080), (CLIENT6, 999), false);
-        let syn4 = frame4((CLIENT, 999), (VIP, 80), true);
-        let syn6 = frame6((CLIENT6, 999), (VIP6, 80), true);
-        // Data planes of a load: 0 the fixed 5-tuples, 1 and 2 new IPv4 / IPv6 flows into an
-        // empty table, 3 new IPv4 flows into a full one.
-        const FIXED: usize = 0;
-        const NEW4: usize = 1;
-        const NEW6: usize = 2;
-        const FULL: usize = 3;
-        let case = |name, frame: &Vec<u8>, fresh, expect, dp, goal| Case { name, frame: frame.clone(), fresh, expect, dp, goal };
-        let cases = [
-            case("pass-through (IPv4)", &other, false, Expect::Pass, FIXED, "≤ +20 ns"),
-            case("new flow (IPv4)", &syn4, true, Expect::NewFlow, NEW4, "≤ +450 ns"),
-            case("new flow, full table (IPv4)", &syn4, true, Expect::NewFlow, FULL, "≤ +650 ns"),
-            case("established flow (IPv4)", &est4, false, Expect::Flow, FIXED, "≤ +90 ns"),
-            case("reply (IPv4)", &reply4, false, Expect::Reply, FIXED, ""),
-            case("new flow (IPv6)", &syn6, true, Expect::NewFlow, NEW6, "≤ +450 ns"),
-            case("established flow (IPv6)", &est6, false, Expect::Flow, FIXED, "≤ +90 ns"),
-            case("reply (IPv6)", &reply6, false, Expect::Reply, FIXED, ""),
-        ];
+        let PacketCases { cases, est4, est6, syn4 } = packet_cases();
         let mut mean: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         let mut median: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         let (mut floor_fixed, mut floor_fresh) = (Vec::new(), Vec::new());
@@ -539,24 +555,7 @@ fn compare(against: &std::path::Path, quick: bool, checked: bool) -> String {
     let ns = Netns::new(format!("{}-cmp", unique_prefix()));
     ns.run(move || {
         pin_thread();
-        let other_frame = frame4((CLIENT, 1), (Ipv4Addr::new(198, 51, 100, 99), 80), false);
-        let est4 = frame4((CLIENT, 999), (VIP, 80), false);
-        let reply4 = frame4((BLUE, 8080), (CLIENT, 999), false);
-        let est6 = frame6((CLIENT6, 999), (VIP6, 80), false);
-        let reply6 = frame6((BLUE6, 8080), (CLIENT6, 999), false);
-        let syn4 = frame4((CLIENT, 999), (VIP, 80), true);
-        let syn6 = frame6((CLIENT6, 999), (VIP6, 80), true);
-        // (name, frame, fresh, expect, data plane: 0 fixed, 1 new IPv4, 2 new IPv6, 3 full)
-        let cases: [(&str, &Vec<u8>, bool, Expect, usize); 8] = [
-            ("pass-through (IPv4)", &other_frame, false, Expect::Pass, 0),
-            ("new flow (IPv4)", &syn4, true, Expect::NewFlow, 1),
-            ("new flow, full table (IPv4)", &syn4, true, Expect::NewFlow, 3),
-            ("established flow (IPv4)", &est4, false, Expect::Flow, 0),
-            ("reply (IPv4)", &reply4, false, Expect::Reply, 0),
-            ("new flow (IPv6)", &syn6, true, Expect::NewFlow, 2),
-            ("established flow (IPv6)", &est6, false, Expect::Flow, 0),
-            ("reply (IPv6)", &reply6, false, Expect::Reply, 0),
-        ];
+        let PacketCases { cases, est4, est6, syn4 } = packet_cases();
         let (mut a, mut b) = (vec![Vec::new(); cases.len()], vec![Vec::new(); cases.len()]);
         for load in 0..REPEATS {
             let mut h = Harness::load();
@@ -575,17 +574,18 @@ fn compare(against: &std::path::Path, quick: bool, checked: bool) -> String {
             for dps in &mut builds {
                 for frame in [&est4, &est6] {
                     h.template(frame);
-                    h.target(dps[0].program().expect("prog").fd().expect("loaded"));
+                    h.target(dps[FIXED].program().expect("prog").fd().expect("loaded"));
                     h.run(false, 1);
                 }
                 h.template(&syn4);
-                h.target(dps[3].program().expect("prog").fd().expect("loaded"));
+                h.target(dps[FULL].program().expect("prog").fd().expect("loaded"));
                 h.run(true, switcher_common::MAX_FLOWS + switcher_common::MAX_FLOWS / 8);
             }
             for round in 0..ROUNDS {
-                for (i, &(name, frame, fresh, expect, dp)) in cases.iter().enumerate() {
+                for (i, c) in cases.iter().enumerate() {
+                    let (name, fresh, expect, dp) = (c.name, c.fresh, c.expect, c.dp);
                     let r = if fresh { repeat_new } else { repeat };
-                    h.template(frame);
+                    h.template(&c.frame);
                     h.target_baseline();
                     let floor = h.run(fresh, r);
                     let order = if (round + load) % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -607,7 +607,8 @@ fn compare(against: &std::path::Path, quick: bool, checked: bool) -> String {
             "Means over the trivial program, ns per packet: A the embedded build, B {}; B − A per round, median of each load's rounds, median (min – max) over {REPEATS} loads.\n\n| path | A | B | B − A |\n|---|---|---|---|\n",
             label
         );
-        for (i, (name, ..)) in cases.iter().enumerate() {
+        for (i, c) in cases.iter().enumerate() {
+            let name = c.name;
             let diff: Vec<f64> = a[i].iter().zip(&b[i]).map(|(x, y)| y - x).collect();
             let (sa, sb, sd) = (spread(per_load(&a[i])), spread(per_load(&b[i])), spread(per_load(&diff)));
             out.push_str(&format!(
