@@ -292,7 +292,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     reg.register("client_resets", "RSTs from clients on flows not closing yet, per colour", client_resets);
     reg.register_with_unit(
         "syn_latency",
-        "NAT: SYN to SYN-ACK latency seen at the load balancer, per colour (buckets counted by the data path; _sum estimated from the buckets' middles)",
+        "NAT: SYN to SYN-ACK latency seen at the load balancer, per colour, of the timed SYNs (every SYN up to 64 per CPU per second, then one in 8; buckets counted by the data path; _sum estimated from the buckets' middles)",
         prometheus_client::registry::Unit::Seconds,
         syn_latency,
     );
