@@ -78,8 +78,18 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 /// # Errors
 /// Formatting failed (it does not, into a `String`).
 /// The states a rollout is shown in (`protocol::RolloutStatus::state`).
-const ROLLOUT_STATES: [&str; 8] =
-    ["running", "paused", "holding", "hook", "watching", "complete", "aborted", "interrupted"];
+const ROLLOUT_STATES: [&str; 10] = [
+    "running",
+    "paused",
+    "holding",
+    "hook",
+    "watching",
+    "complete",
+    "aborted",
+    "interrupted",
+    "rolled back",
+    "superseded",
+];
 
 pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("switcher");

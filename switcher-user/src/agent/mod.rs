@@ -63,10 +63,9 @@ type Engine = Handle<Dataplane>;
 /// # Errors
 /// Start-up failures (pins, attach, maps, socket), with what was being done.
 pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
-    ensure_forwarding("/proc/sys/net/ipv4/ip_forward", "IPv4");
-    if config.services.iter().any(|s| s.vip.is_ipv6()) {
-        ensure_forwarding("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6");
-    }
+    // What can be checked is checked before anything on the node changes: a start that fails
+    // leaves no pins and no forwarding turned on.
+    check_interfaces(&config.interfaces)?;
     let probes = config.services.iter().map(|s| s.blue.len() + s.green.len()).sum();
     match limits::ensure_fds(limits::fds_needed(probes)) {
         Ok(n) => tracing::debug!("open files limit: {n}"),
@@ -82,6 +81,10 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
             return Err(e).context("start the data plane");
         }
     };
+    ensure_forwarding("/proc/sys/net/ipv4/ip_forward", "IPv4");
+    if config.services.iter().any(|s| s.vip.is_ipv6()) {
+        ensure_forwarding("/proc/sys/net/ipv6/conf/all/forwarding", "IPv6");
+    }
     // The open flows are counted by a thread of their own, in batches, apart from the
     // engine: status, metrics, cut-overs and the fleet read its last pass.
     let walker = dataplane.flow_walker().context("start counting the open flows")?;
@@ -317,6 +320,22 @@ fn detach_failed_start(root: &Path) {
         Ok(()) => tracing::info!("start-up failed: detached the XDP program and removed the pins (--detach-on-exit)"),
         Err(e) => tracing::error!("start-up failed, and removing the pins failed too: {e}; run `switcher uninstall`"),
     }
+}
+
+/// Refuses a config naming an interface this network namespace does not have, before the
+/// data plane pins or attaches anything.
+fn check_interfaces(names: &[String]) -> anyhow::Result<()> {
+    for name in names {
+        let c = std::ffi::CString::new(name.as_bytes())
+            .map_err(|_| anyhow::anyhow!("interface name {name:?} holds a NUL byte"))?;
+        // SAFETY: a valid C string; the call only reads it.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            anyhow::bail!(
+                "no network interface {name:?} in this network namespace (`ip link` lists them): fix `interfaces` in the config; nothing was changed"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The data path forwards between interfaces, so the node must route: turn forwarding on in

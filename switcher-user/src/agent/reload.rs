@@ -41,7 +41,8 @@ pub(super) async fn reload(
 /// (a stuck read is left behind; the agent goes on).
 async fn read_config(path: &Path) -> Result<Config, String> {
     let p = path.to_owned();
-    match tokio::time::timeout(READ_CONFIG_TIMEOUT, tokio::task::spawn_blocking(move || Config::load(&p))).await {
+    match tokio::time::timeout(READ_CONFIG_TIMEOUT, tokio::task::spawn_blocking(move || Config::load_trusted(&p))).await
+    {
         Ok(Ok(loaded)) => loaded.map_err(|e| e.to_string()),
         Ok(Err(e)) => Err(format!("reading {} failed: {e}", path.display())),
         Err(_) => Err(format!(

@@ -40,7 +40,7 @@ pub fn summary(path: &Path, c: &Config) -> String {
 pub fn run(default: &Path, args: Args) -> anyhow::Result<()> {
     let Action::Check { path } = args.action;
     let path = path.as_deref().unwrap_or(default);
-    let config = Config::load(path)?;
+    let config = Config::load_trusted(path)?;
     switcher_user::agent::check_socket_path(&config.socket).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     println!("{}", summary(path, &config));
     Ok(())

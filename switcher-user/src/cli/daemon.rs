@@ -27,7 +27,7 @@ pub struct Args {
 }
 
 pub fn run(config_path: &Path, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = Config::load_trusted(config_path)?;
     if args.check {
         switcher_user::agent::check_socket_path(&config.socket)
             .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;

@@ -127,7 +127,10 @@ pub(super) fn describe(r: &RolloutStatus) -> String {
         let _ = writeln!(out, "    {}: {j}", if r.drill { "report" } else { "last judgement" });
     }
     if let Some(why) = &r.reason {
-        let _ = writeln!(out, "    why it ended: {why}");
+        // A completed rollout switched since (rolled back, superseded): what holds now.
+        let label =
+            if ["rolled back", "superseded"].contains(&r.state.as_str()) { "switched since" } else { "why it ended" };
+        let _ = writeln!(out, "    {label}: {why}");
     }
     if let Some(from) = &r.judged_from {
         match &r.driver {

@@ -125,6 +125,10 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}:{line}: {field}: {message}")]
     Invalid { path: PathBuf, line: usize, field: String, message: String },
+    #[error(
+        "{path}: {why}; whoever can change the config decides what this node forwards and which hook commands the daemon runs as root: keep it and its directories owned by root and writable by their owner only (e.g. chmod go-w)"
+    )]
+    Untrusted { path: PathBuf, why: String },
 }
 
 /// How the program is attached to the interfaces.
@@ -584,6 +588,16 @@ impl Config {
         Config::parse(path, &text)
     }
 
+    /// [`Config::load`] for the daemon, which acts on the file as root: first
+    /// [`check_trusted`].
+    ///
+    /// # Errors
+    /// As [`Config::load`], and [`ConfigError::Untrusted`].
+    pub fn load_trusted(path: &Path) -> Result<Config, ConfigError> {
+        check_trusted(path)?;
+        Config::load(path)
+    }
+
     /// Parses and validates `text`; `path` is only used in messages.
     ///
     /// # Errors
@@ -981,6 +995,57 @@ fn host_name() -> Option<String> {
     let end = buf.iter().position(|&b| b == 0)?;
     let name = std::str::from_utf8(&buf[..end]).ok()?;
     Some(name.split('.').next().unwrap_or(name).to_owned())
+}
+
+/// Refuses a config that a user other than root and the daemon's own could change: the file
+/// (and a symlink naming it) must be owned by one of them and not writable by others (nor by
+/// its group unless that is root's), and so must every directory above it, except that a
+/// sticky directory (such as /tmp) may be writable by all: there, others cannot rename or
+/// remove what they do not own.
+///
+/// # Errors
+/// [`ConfigError::Untrusted`] saying which path and why; [`ConfigError::Read`] if a path
+/// cannot be looked at.
+pub fn check_trusted(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let read_err = |p: &Path| {
+        let p = p.to_owned();
+        move |source| ConfigError::Read { path: p, source }
+    };
+    let untrusted = |p: &Path, m: &std::fs::Metadata, what: &str| {
+        let others = m.mode() & 0o002 != 0 || (m.mode() & 0o020 != 0 && m.gid() != 0);
+        let owner = m.uid() == 0 || m.uid() == me;
+        // A symlink's own mode is always 0777 and means nothing: only its owner can repoint it.
+        let exempt = (m.is_dir() && m.mode() & 0o1000 != 0) || m.file_type().is_symlink();
+        if !owner {
+            Some(format!("{what} {} is owned by uid {}, not by root", p.display(), m.uid()))
+        } else if others && !exempt {
+            Some(format!("{what} {} can be written by other users (mode {:o})", p.display(), m.mode() & 0o7777))
+        } else {
+            None
+        }
+    };
+    let fail = |why: String| Err(ConfigError::Untrusted { path: path.to_owned(), why });
+    let link = std::fs::symlink_metadata(path).map_err(read_err(path))?;
+    if link.file_type().is_symlink()
+        && let Some(why) = untrusted(path, &link, "the symlink")
+    {
+        return fail(why);
+    }
+    let real = std::fs::canonicalize(path).map_err(read_err(path))?;
+    let m = std::fs::metadata(&real).map_err(read_err(&real))?;
+    if let Some(why) = untrusted(&real, &m, "the file") {
+        return fail(why);
+    }
+    for dir in real.ancestors().skip(1) {
+        let m = std::fs::metadata(dir).map_err(read_err(dir))?;
+        if let Some(why) = untrusted(dir, &m, "the directory") {
+            return fail(why);
+        }
+    }
+    Ok(())
 }
 
 /// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`], opened so that

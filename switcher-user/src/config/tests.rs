@@ -42,6 +42,40 @@ fn load_within(path: &Path, secs: u64) -> Result<Config, ConfigError> {
 }
 
 #[test]
+fn only_a_config_no_other_user_can_change_is_trusted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod");
+    let dir = std::env::temp_dir().join(format!("switcher-trust-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    mode(&dir, 0o755);
+    let file = dir.join("switcher.toml");
+    std::fs::write(&file, GOOD).expect("write");
+    mode(&file, 0o644);
+    assert_eq!(Config::load_trusted(&file).expect("0644 in a 0755 directory").services.len(), 2);
+    mode(&file, 0o666);
+    let e = Config::load_trusted(&file).expect_err("a world-writable file").to_string();
+    assert!(e.contains("can be written by other users (mode 666)") && e.contains("chmod go-w"), "{e}");
+    mode(&file, 0o644);
+    // A directory anyone may write, where the file could be replaced; sticky (as /tmp) is fine.
+    mode(&dir, 0o777);
+    let e = Config::load_trusted(&file).expect_err("a world-writable directory").to_string();
+    assert!(e.contains(&format!("the directory {} can be written", dir.display())), "{e}");
+    mode(&dir, 0o1777);
+    Config::load_trusted(&file).expect("a sticky directory");
+    mode(&dir, 0o755);
+    // A symlink to the good file is followed: its target is what is checked.
+    let link = dir.join("link.toml");
+    std::os::unix::fs::symlink(&file, &link).expect("symlink");
+    Config::load_trusted(&link).expect("a symlink to a trusted file");
+    mode(&file, 0o664);
+    // SAFETY: getegid has no preconditions.
+    let group_is_root = unsafe { libc::getegid() } == 0;
+    assert_eq!(Config::load_trusted(&link).is_ok(), group_is_root, "group-writable counts unless the group is root's");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn only_a_regular_file_of_bounded_size_is_read() {
     let dir = std::env::temp_dir().join(format!("switcher-config-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

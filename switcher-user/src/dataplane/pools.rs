@@ -101,6 +101,18 @@ impl Dataplane {
                     .insert(&service_key(s, preview), &Service { id, flags }, 0)
                     .map_err(map_err(MAP_SERVICES))?;
             }
+            if adopt
+                && let Ok(old) = self.shadow(id)
+                && old.share_bp != s.shadow.share_bp
+            {
+                // A share set at runtime (`switcher shadow`) does not outlive a restart: say so.
+                tracing::warn!(
+                    service = %s.name,
+                    "shadow share {} → {} from the config at start (a share set with `switcher shadow` lasts until a restart; set it again, or put it in the config)",
+                    crate::protocol::percent(old.share_bp),
+                    crate::protocol::percent(s.shadow.share_bp)
+                );
+            }
             self.set_shadow(id, s.shadow.share_bp, s.shadow.ceiling)?;
             let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
             installed.push(Installed {

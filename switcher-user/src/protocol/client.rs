@@ -66,6 +66,8 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} is {kind}, not the daemon's control socket: pass --socket with the socket's path (the daemon's config names it: `socket = ...`)", socket.display())]
+    NotASocket { socket: PathBuf, kind: &'static str },
     #[error("permission denied on {}: run as root or as a member of the socket's group", socket.display())]
     Denied {
         socket: PathBuf,
@@ -82,6 +84,21 @@ pub enum ClientError {
     BadAnswer(#[source] serde_json::Error),
 }
 
+/// What is at `path` if it is there and is no socket (a wrong `--socket`), else `None`.
+fn not_a_socket(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    if t.is_socket() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_file() {
+        Some("a regular file")
+    } else {
+        Some("not a socket")
+    }
+}
+
 /// Sends one request and waits for the answer (blocking; for the CLI).
 ///
 /// # Errors
@@ -90,9 +107,10 @@ pub enum ClientError {
 pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     let io = |source| ClientError::Io { socket: socket.to_owned(), source };
     let mut stream = UnixStream::connect(socket).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            ClientError::NotRunning { socket: socket.to_owned(), source }
-        }
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => match not_a_socket(socket) {
+            Some(kind) => ClientError::NotASocket { socket: socket.to_owned(), kind },
+            None => ClientError::NotRunning { socket: socket.to_owned(), source },
+        },
         std::io::ErrorKind::PermissionDenied => ClientError::Denied { socket: socket.to_owned(), source },
         _ => ClientError::Io { socket: socket.to_owned(), source },
     })?;

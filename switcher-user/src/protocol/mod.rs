@@ -864,5 +864,8 @@ mod tests {
             .expect_err("no daemon");
         assert!(matches!(e, ClientError::NotRunning { .. }));
         assert!(e.to_string().contains("daemon is not running"), "{e}");
+        // A wrong --socket that names something else is said to be that, not a stopped daemon.
+        let e = request(Path::new("/"), &Request::Status { service: None }).expect_err("a directory");
+        assert!(e.to_string().contains("/ is a directory, not the daemon's control socket"), "{e}");
     }
 }

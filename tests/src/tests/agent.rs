@@ -230,6 +230,19 @@ fn reload_applies_a_good_config_and_a_broken_one_changes_nothing() {
     assert_eq!(active(&d, "web"), "green", "a rejected reload changes nothing");
     assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request").0), "green");
 
+    // A config other users could change is refused before it is read: with hooks in it, they
+    // would run commands as root.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let chmod = |m| std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(m)).expect("chmod");
+        chmod(0o666);
+        let out = d.cli(&["reload"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("can be written by other users (mode 666)"), "{err}");
+        chmod(0o644);
+    }
+    assert_eq!(active(&d, "web"), "green", "a refused reload changes nothing");
+
     let more = format!(
         "{good}\n[[service]]\nname = \"web2\"\nvip = \"{VIP}\"\nport = 8000\nprotocol = \"tcp\"\nactive = \"blue\"\nblue = \"198.51.100.3:8080\"\n"
     );

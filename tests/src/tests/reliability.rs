@@ -139,7 +139,11 @@ fn clear_errors_for_a_second_daemon_and_a_missing_interface() {
     .expect("write");
     let out = run(&missing);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("attach XDP to nosuch0"), "{err}");
+    assert!(!out.status.success() && err.contains("no network interface \"nosuch0\""), "{err}");
+    // Refused before anything was made: no pins.
+    let pins = d.dir.join("bpf-missing");
+    let left = std::fs::read_dir(&pins).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "a start refused for its config left pins in {}", pins.display());
 }
 
 #[test]

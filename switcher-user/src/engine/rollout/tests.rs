@@ -265,6 +265,18 @@ fn the_old_colour_is_kept_as_the_backup_then_released() {
     let mut again = board();
     again.adopt_rollouts(Pins::new(&dir));
     assert_eq!(again.rollout_status("web").1.map(|k| k.colour), Some(Blue));
+    // A rollback within the backup's time (on a board of its own): the completed rollout's
+    // status says what holds now, not the share it ended with.
+    let mut c = board();
+    c.services[0].config.rollout.keep_previous = Some(Duration::from_secs(600));
+    start(&mut c, &["100%"]);
+    c.tick_rollouts_at(t0);
+    assert_eq!((status(&c).state.as_str(), status(&c).share_bp), ("complete", 10_000));
+    let (r, _) = c.handle(Request::Rollback { service: "web".into(), force: false, scope: Default::default() });
+    assert!(r.ok, "{r:?}");
+    let s = status(&c);
+    assert_eq!((s.state.as_str(), s.share_bp), ("rolled back", 0), "{s:?}");
+    assert!(s.reason.as_deref().is_some_and(|w| w.contains("blue active")), "{s:?}");
     let ev = b.tick_rollouts_at(t0 + Duration::from_secs(601));
     assert!(b.rollout_status("web").1.is_none());
     assert!(ev.changes.iter().any(|c| c.what == "backup-released"));
