@@ -1042,24 +1042,10 @@ impl<M: Maps> Switchboard<M> {
     /// A service's rollout and backup, as `status` shows them.
     pub(super) fn rollout_status(&self, name: &str) -> (Option<RolloutStatus>, Option<Backup>) {
         let now = Instant::now();
-        // A finished rollout is history: the service may have been switched since (a rollback
-        // to the kept backup, a cut-over), and its status says so rather than the old share.
         let live = self.find(name).ok().map(|i| (self.services[i].active, self.services[i].canary_bp));
         let rollout = self.rollouts.by_service.get(name).map(|r| {
             let op = r.ops.get(r.at);
-            let share_now =
-                live.map(|(active, canary)| if active == r.to { BP_ALL.saturating_sub(canary) } else { canary });
-            let since = match (r.end, live, share_now) {
-                // A drill's end is its switch back: nothing to add.
-                (End::Complete, Some((active, canary)), Some(share)) if share != r.share && !r.is_drill() => {
-                    let back = active == r.from && canary == 0;
-                    Some((back, share, format!("{active} active, {} of new flows on {}", percent(share), r.to)))
-                }
-                _ => None,
-            };
             let state = match r.end {
-                End::Complete if since.as_ref().is_some_and(|(back, ..)| *back) => "rolled back",
-                End::Complete if since.is_some() => "superseded",
                 End::Complete => "complete",
                 End::Aborted => "aborted",
                 End::Interrupted => "interrupted",
@@ -1069,20 +1055,26 @@ impl<M: Maps> Switchboard<M> {
                 End::Running if matches!(op, Some(Op::Watch(_))) => "watching",
                 End::Running => "running",
             };
-            RolloutStatus {
+            let mut status = RolloutStatus {
                 from: r.from,
                 to: r.to,
                 state: state.into(),
                 step: r.at + 1,
                 steps: r.ops.iter().map(ToString::to_string).collect(),
                 step_secs: now.saturating_duration_since(r.step_started).as_secs(),
-                share_bp: since.as_ref().map_or(r.share, |(_, share, _)| *share),
+                share_bp: r.share,
                 judgement: r.judgement.clone(),
-                reason: since.map_or_else(|| r.reason.clone(), |(.., why)| Some(why)),
+                reason: r.reason.clone(),
                 drill: r.is_drill(),
                 driver: None,
                 judged_from: None,
+            };
+            // A completed rollout is history: say so if the service was switched since.
+            if let Some((active, canary)) = live {
+                let share_of_to = if active == r.to { BP_ALL.saturating_sub(canary) } else { canary };
+                status.switched_since(active, share_of_to);
             }
+            status
         });
         let backup = self
             .rollouts

@@ -457,7 +457,8 @@ pub struct RolloutStatus {
     pub to: Colour,
     /// `running`, `paused`, `holding` (inconclusive: too few flows to judge), `hook` (waiting
     /// for a hook), `watching`, `complete`, `aborted` or `interrupted` (another change
-    /// to the service ended it).
+    /// to the service ended it); a completed rollout switched since: `rolled back` or
+    /// `superseded` ([`RolloutStatus::switched_since`]).
     pub state: String,
     /// The step now (1-based; `steps.len() + 1` once over).
     pub step: usize,
@@ -482,6 +483,31 @@ pub struct RolloutStatus {
     /// In a fleet: whose counters judge the pauses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub judged_from: Option<String>,
+}
+
+impl RolloutStatus {
+    /// A completed rollout (not a drill) is history: if the service was switched since (a
+    /// rollback to the kept backup, a cut-over), it shows `rolled back` (every new flow back on
+    /// `from`) or `superseded`, with `share_bp` the share `to` has now and the reason saying
+    /// what holds. `active`, `share_of_to`: the service now.
+    pub fn switched_since(&mut self, active: Colour, share_of_to: u32) {
+        if self.state != "complete" || self.drill || share_of_to == self.share_bp {
+            return;
+        }
+        let back = active == self.from && share_of_to == 0;
+        self.state = if back { "rolled back" } else { "superseded" }.into();
+        self.reason = Some(format!("{active} active, {} of new flows on {}", percent(share_of_to), self.to));
+        self.share_bp = share_of_to;
+    }
+}
+
+impl ServiceStatus {
+    /// The share of new flows `colour` takes now, in 0.01 %.
+    #[must_use]
+    pub fn share_of(&self, colour: Colour) -> u32 {
+        let canary = self.canary.as_ref().map_or(0, |c| c.basis_points);
+        if colour == self.active { switcher_common::BP_ALL.saturating_sub(canary) } else { canary }
+    }
 }
 
 /// The colour kept ready after a rollout.

@@ -253,6 +253,11 @@ fn both_fleet_nodes_show_the_kept_backup_and_a_rollback_within_it_is_one_write()
     assert!(ended.contains("the fleet switched to blue"), "{ended}");
     let none = wait_for(Duration::from_secs(10), || two.nodes.iter().all(|d| web(d).backup.is_none()).then_some(()));
     assert!(none.is_some(), "no node shows a backup any more");
+    // The completed rollout's status on every node says it was rolled back, not 100 % green.
+    for d in &two.nodes {
+        let r = web(d).rollout.unwrap_or_else(|| panic!("the rollout is still shown\n{}", two.logs()));
+        assert_eq!((r.state.as_str(), r.share_bp), ("rolled back", 0), "{r:?}");
+    }
 }
 
 #[test]

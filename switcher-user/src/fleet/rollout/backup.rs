@@ -131,7 +131,9 @@ impl Fleet {
         for s in services {
             let Some((r, _)) = st.rollouts.records.get(&s.name) else { continue };
             let driver = st.rollouts.drivers.get(&s.name).map(|(n, _)| n.clone());
-            s.rollout = Some(super::status_of(r, driver, now));
+            let mut status = super::status_of(r, driver, now);
+            status.switched_since(s.active, s.share_of(r.to));
+            s.rollout = Some(status);
             let active = st.desired.get(&s.name).filter(|(_, rev)| *rev > r.desired_revision).map(|(d, _)| d.active);
             s.backup = backup_of(r, active, now);
         }
