@@ -111,16 +111,18 @@ pub(super) fn describe(r: &RolloutStatus) -> String {
     } else {
         format!("{} of new flows on {}", percent(r.share_bp), r.to)
     };
+    // Once it ended, `step_secs` counts from the end.
+    let ended = ["complete", "aborted", "interrupted", "rolled back", "superseded"].contains(&r.state.as_str());
+    let when = if ended { format!("ended {}s ago", r.step_secs) } else { format!("for {}s", r.step_secs) };
     let _ = writeln!(
         out,
-        "  {} {} → {}: {}, step {}/{} ({now}) for {}s, {flows}",
+        "  {} {} → {}: {}, step {}/{} ({now}) {when}, {flows}",
         if r.drill { "drill" } else { "rollout" },
         r.from,
         r.to,
         r.state,
         r.step.min(r.steps.len()),
         r.steps.len(),
-        r.step_secs,
     );
     let _ = writeln!(out, "    plan: {}", r.steps.join(" → "));
     if let Some(j) = &r.judgement {

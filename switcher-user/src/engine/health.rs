@@ -36,7 +36,12 @@ impl<M: Maps> Switchboard<M> {
         for (addr, result) in results {
             let h = s.health.entry(addr).or_default();
             if h.record(result, rise, fall) {
-                tracing::warn!(service = %name, backend = %addr, state = h.state.as_str(), "{}", h.describe());
+                // Going down is worth a warning; coming (back) up is news, not a problem.
+                if h.state == crate::protocol::Health::Up {
+                    tracing::info!(service = %name, backend = %addr, state = h.state.as_str(), "{}", h.describe());
+                } else {
+                    tracing::warn!(service = %name, backend = %addr, state = h.state.as_str(), "{}", h.describe());
+                }
                 for c in Colour::ALL {
                     if s.config.pool(c).iter().any(|b| b.addr == addr) && !changed.contains(&c) {
                         changed.push(c);

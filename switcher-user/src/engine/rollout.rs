@@ -982,6 +982,8 @@ impl<M: Maps> Switchboard<M> {
     fn end_rollout(&mut self, name: &str, end: End, reason: Option<String>) {
         if let Some(r) = self.rollouts.by_service.get_mut(name) {
             r.end = end;
+            // From now on `step_secs` counts the time since it ended (as a fleet record's).
+            r.step_started = Instant::now();
             r.reason = reason;
             r.hook = None;
         }

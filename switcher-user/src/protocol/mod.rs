@@ -464,7 +464,7 @@ pub struct RolloutStatus {
     pub step: usize,
     /// Every step, as words (`"10%"`, `"pause 60s"`, `"hook before_final"`, `"watch 60s"`).
     pub steps: Vec<String>,
-    /// Seconds since the step began.
+    /// Seconds since the step began; once the rollout ended, since it ended.
     pub step_secs: u64,
     /// Share of new flows sent to `to` now, in 0.01 %.
     pub share_bp: u32,
