@@ -412,13 +412,16 @@ impl<M: Maps> Switchboard<M> {
             from: from.to_string(),
             to: target.to_string(),
         };
+        // The same colour: a canary was ended (a cut-over to the active colour, or a rollback
+        // of a service never switched).
+        let what = if from == target {
+            format!("{verb}: the canary of {} ended, every new flow on {target}", target.other())
+        } else {
+            format!("{verb} {from} → {target}")
+        };
         self.answer(
             i,
-            format!(
-                "{name}: {verb} {from} → {target} ({}) in {} µs{drain}{watching}",
-                backends.join(", "),
-                took.as_micros()
-            ),
+            format!("{name}: {what} ({}) in {} µs{drain}{watching}", backends.join(", "), took.as_micros()),
             Some(change),
         )
     }

@@ -33,7 +33,8 @@ impl SwitchState {
 pub enum Ask {
     /// Make this colour active (default: the idle one), with no canary.
     Cutover(Option<Colour>),
-    /// Go back to the previous colour.
+    /// Go back to the previous colour; with none, end the canary (every new flow back on the
+    /// active colour).
     Rollback,
     /// Send this share (basis points) of new flows to a colour, the rest to the other one.
     Weight(Colour, u32),
@@ -79,6 +80,8 @@ pub fn decide(now: SwitchState, ask: Ask) -> Result<Decision, Refused> {
         }
         Ask::Rollback => match now.previous.filter(|p| *p != now.active) {
             Some(to) => Ok(Decision::Switch { to, rollback: true }),
+            // Never switched, but a canary runs: rolling back ends it.
+            None if now.canary_bp > 0 => Ok(Decision::Switch { to: now.active, rollback: true }),
             None => Err(Refused::NothingToRollBack { active: now.active }),
         },
         Ask::Weight(colour, bp) => {
@@ -109,6 +112,11 @@ mod tests {
         let canary = SwitchState { canary_bp: 500, ..BLUE };
         assert_eq!(decide(canary, Ask::Cutover(Some(Blue))), switch(Blue), "ends the canary");
         assert_eq!(decide(BLUE, Ask::Rollback), Err(Refused::NothingToRollBack { active: Blue }));
+        assert_eq!(
+            decide(canary, Ask::Rollback),
+            Ok(Decision::Switch { to: Blue, rollback: true }),
+            "never switched, a canary running: a rollback ends the canary"
+        );
         let green = BLUE.then(Green, 0);
         assert_eq!(green, SwitchState { active: Green, canary_bp: 0, previous: Some(Blue) });
         assert_eq!(decide(green, Ask::Rollback), Ok(Decision::Switch { to: Blue, rollback: true }));

@@ -157,11 +157,30 @@ fn rollback_returns_to_the_previous_colour() {
     let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false, scope: Default::default() });
     assert!(!r.ok);
     assert!(r.error.as_deref().is_some_and(|e| e.contains("nothing to roll back")), "{r:?}");
+    // Never switched, but a canary runs: a rollback ends it.
+    let weight = Request::Weight {
+        service: "web".into(),
+        colour: Colour::Green,
+        basis_points: 3_000,
+        force: false,
+        scope: Default::default(),
+    };
+    assert!(handle(&mut b, weight).ok);
+    assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 3_000)));
+    let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false, scope: Default::default() });
+    assert!(r.ok, "{r:?}");
+    assert!(
+        r.message
+            .as_deref()
+            .is_some_and(|m| m.contains("rolled back: the canary of green ended, every new flow on blue")),
+        "{r:?}"
+    );
+    assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)), "every new flow back on blue");
     assert!(cutover(&mut b, "web", Some("green")).ok);
     let r = handle(&mut b, Request::Rollback { service: "web".into(), force: false, scope: Default::default() });
     assert!(r.ok, "{r:?}");
     assert_eq!(b.maps.state.get(&0), Some(&(Colour::Blue, 0)));
-    assert_eq!(r.services[0].switches, 2);
+    assert_eq!(r.services[0].switches, 2, "ending a canary switches no colour");
     let kinds = r.services[0].switch_kinds;
     assert_eq!((kinds.cutover, kinds.rollback, kinds.auto_rollback, kinds.failover), (1, 1, 0, 0));
 }
