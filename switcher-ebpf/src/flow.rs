@@ -300,12 +300,15 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
 
 /// The flow a backend's packet (`s.key`, backend → client) would be a reply of: for each
 /// (VIP, port) `REVERSE` lists for the backend, the flow on the reversed tuple (`s.other`,
-/// client → VIP), if it was given this backend. `s.other` is left as the found flow's key.
-/// `None`, with `s.miss` saying why: `NO_MATCH`, not a backend's address and port;
-/// `NOT_LIVE`, a backend, but no such flow. Not inlined (several callers; the 512-byte
-/// stack); it returns one pointer-sized value.
+/// client → VIP), if it was given this backend; when several are (one client port on two
+/// VIPs or ports of the same backend, such as a service and its preview port), the one
+/// [`flow_of_backend`] ranks first (`pkt` says whether it is a SYN-ACK; an ICMP error's is
+/// not). `s.other` is left as the found flow's key. `None`, with `s.miss` saying why:
+/// `NO_MATCH`, not a backend's address and port; `NOT_LIVE`, a backend, but no such flow. Not
+/// inlined (several callers; the 512-byte stack); it returns one pointer-sized value.
 #[inline(never)]
-pub fn reply_flow(s: &mut Scratch) -> Option<&'static mut Flow> {
+pub fn reply_flow(pkt: &Packet, s: &mut Scratch) -> Option<&'static mut Flow> {
+    s.rank_syn_ack = u8::from(pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0);
     search_from(s, true);
     let flow = flow_of_backend(s)?;
     if flow.flags & FLOW_DIRECT != 0 {
@@ -331,7 +334,9 @@ fn search_from(s: &mut Scratch, backend_is_source: bool) {
 }
 
 /// [`reply_flow`]'s search, for a backend in `s.backend` and a client in `s.other.src` and
-/// `s.other.sport`.
+/// `s.other.sport`. Of several flows of the backend on the client's port, the first by
+/// [`rank`]: a new connection on a port whose earlier flow to another VIP port of the same
+/// backend has ended (or never got its answer) is thus never answered as that one.
 #[inline(always)]
 fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
     // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
@@ -339,31 +344,87 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
         s.miss = Reason::NO_MATCH.0;
         return None;
     };
-    let other = &mut s.other;
-    other.proto = s.backend.proto;
-    other.family = s.backend.family;
-    other._pad = [0; 2];
+    s.other.proto = s.backend.proto;
+    s.other.family = s.backend.family;
+    s.other._pad = [0; 2];
     let count = reverse.count;
-    for i in 0..REVERSE_WAYS {
-        if i as u32 >= count {
-            break;
+    if count > 1 {
+        // Several (VIP, port) pairs: rank their flows (in `s`, not on the stack), then take
+        // the best one's key.
+        (s.best_rank, s.best_i, s.best_seen) = (0, 0, 0);
+        for i in 0..REVERSE_WAYS {
+            if i as u32 >= count {
+                break;
+            }
+            let to = &reverse.to[i];
+            mem::copy(&mut s.other.dst, &to.vip);
+            s.other.dport = to.port;
+            rank(s, i as u8);
         }
-        let to = &reverse.to[i];
-        mem::copy(&mut other.dst, &to.vip);
-        other.dport = to.port;
-        if let Some(p) = FLOWS.get_ptr_mut(other) {
+        if s.best_rank == 0 {
+            s.miss = Reason::NOT_LIVE.0;
+            return None;
+        }
+        let to = reverse.to.get(usize::from(s.best_i))?;
+        mem::copy(&mut s.other.dst, &to.vip);
+        s.other.dport = to.port;
+    } else {
+        let to = &reverse.to[0];
+        mem::copy(&mut s.other.dst, &to.vip);
+        s.other.dport = to.port;
+    }
+    match FLOWS.get_ptr_mut(&s.other) {
+        Some(p) => {
             // SAFETY: a live map value; it stays valid while the program runs (RCU).
             let flow = unsafe { &mut *p };
-            if flow.flags & FLOW_DSR == 0
-                && flow.backend.port == s.backend.port
-                && same_addr(&flow.backend.addr, &s.backend.addr)
-            {
+            if is_of_backend(flow, s) {
                 return Some(flow);
             }
+            s.miss = Reason::NOT_LIVE.0;
+            None
+        }
+        None => {
+            s.miss = Reason::NOT_LIVE.0;
+            None
         }
     }
-    s.miss = Reason::NOT_LIVE.0;
-    None
+}
+
+/// Whether a tracked flow was given the backend in `s.backend` (and is NAT: a DSR backend's
+/// packets are no replies to translate).
+#[inline(always)]
+fn is_of_backend(flow: &Flow, s: &Scratch) -> bool {
+    flow.flags & FLOW_DSR == 0 && flow.backend.port == s.backend.port && same_addr(&flow.backend.addr, &s.backend.addr)
+}
+
+/// [`flow_of_backend`]'s ranking of the flow on `s.other` (entry `i` of the backend's list):
+/// for a SYN-ACK, a flow whose SYN waits for it (`FLOW_PENDING`) first, the later SYN of two;
+/// then an open flow whose SYN was answered, then one whose SYN was not, then a closing one;
+/// between equals, the one seen last.
+#[inline(always)]
+fn rank(s: &mut Scratch, i: u8) {
+    let Some(p) = FLOWS.get_ptr_mut(&s.other) else { return };
+    // SAFETY: a live map value; it stays valid while the program runs (RCU).
+    let flow = unsafe { &*p };
+    if !is_of_backend(flow, s) {
+        return;
+    }
+    let pending = flow.flags & FLOW_PENDING != 0;
+    let rank = if s.rank_syn_ack != 0 && pending {
+        4
+    } else if flow.flags & FLOW_CLOSING != 0 {
+        1
+    } else if pending {
+        // Its SYN has had no answer yet: not the flow of a packet that is no SYN-ACK.
+        2
+    } else {
+        3
+    };
+    // Between two SYNs waiting, the later (`syn_time`, when timed); else the one seen last.
+    let seen = if rank == 4 { u64::from(flow.syn_time) } else { flow.last_seen_ns };
+    if rank > s.best_rank || (rank == s.best_rank && seen > s.best_seen) {
+        (s.best_rank, s.best_i, s.best_seen) = (rank, i, seen);
+    }
 }
 
 /// A client's UDP datagram straight to a backend (`s.key`, client → backend), which passes
@@ -375,6 +436,7 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
 #[inline(never)]
 pub fn direct(s: &mut Scratch) -> u64 {
     search_from(s, false);
+    s.rank_syn_ack = 0;
     match flow_of_backend(s) {
         Some(flow) => {
             flow.flags |= FLOW_DIRECT;
@@ -390,7 +452,7 @@ pub fn direct(s: &mut Scratch) -> u64 {
 /// closed flow is forgotten at once, so none of that connection's packets is touched.
 #[inline(never)]
 pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
-    let Some(flow) = reply_flow(s) else {
+    let Some(flow) = reply_flow(pkt, s) else {
         let idle = crate::shadow::idle_reply(pkt, s);
         return if idle.handled() { idle } else { Verdict::pass(Reason(s.miss)) };
     };
@@ -407,8 +469,7 @@ pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
     if pkt.proto == PROTO_UDP {
         crate::shadow::live_reply(flow.service, &s.other);
     }
-    let (vip, port) = (s.other.dst, s.other.dport);
-    nat::reply(pkt, &vip, port, &mut s.fib)
+    nat::reply(pkt, &s.other.dst, s.other.dport, &mut s.fib)
 }
 
 /// `count`'s `new`: a packet of a known flow, the first of a new flow, the first of a rescued

@@ -55,7 +55,7 @@ pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
     } else {
         // Backend → client about the client's packet: from the VIP, quoting what the client
         // sent — if it is about a live flow of that backend.
-        let Some(flow) = crate::flow::reply_flow(scratch) else { return Verdict::pass(Reason(scratch.miss)) };
+        let Some(flow) = crate::flow::reply_flow(pkt, scratch) else { return Verdict::pass(Reason(scratch.miss)) };
         if !crate::flow::live(flow, inner_proto) {
             return Verdict::pass(Reason::NOT_LIVE);
         }

@@ -101,6 +101,13 @@ pub struct Scratch {
     /// since (`switcher_common::syn_timed`). Kept from packet to packet.
     pub syn_tick: u64,
     pub syn_seen: u32,
+    /// `flow::flow_of_backend`'s ranking of several candidate flows (kept here, not on the
+    /// stack: the search runs under the ICMP path's deep frame): the packet is a SYN-ACK, the best candidate's rank, index in `REVERSE`'s
+    /// list and last-seen stamp.
+    pub rank_syn_ack: u8,
+    pub best_rank: u8,
+    pub best_i: u8,
+    pub best_seen: u64,
 }
 
 const AF_INET: u8 = 2;

@@ -1230,6 +1230,63 @@ fn reverse_entries_follow_the_pools() {
     });
 }
 
+/// One client port on two VIP ports of the same backend, one after the other (`blue-only` on
+/// port 81 and `web` on 80 share blue's 198.51.100.2:8080): the backend's SYN-ACK to the
+/// second connection is translated as that connection's — from VIP:80, not VIP:81, nor
+/// untranslated from the backend — whether the first has ended or never got its answer.
+#[test]
+fn a_backend_of_several_vip_ports_answers_each_connection_as_its_own() {
+    if !crate::have_root("a_backend_of_several_vip_ports_answers_each_connection_as_its_own") {
+        return;
+    }
+    let ns = fib_namespace();
+    ns.run(|| {
+        let mut dp =
+            Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, redirect: false, ..Options::default() })
+                .expect("load");
+        let be = (BLUE, 8080);
+        // The source of the frame the program let through (kernel forwarding: rewritten, passed).
+        let source = |frame: &[u8]| {
+            let p = etherparse::SlicedPacket::from_ethernet(frame).expect("a frame");
+            let ip = match p.net {
+                Some(etherparse::NetSlice::Ipv4(v4)) => v4.header().source_addr(),
+                other => panic!("not IPv4: {other:?}"),
+            };
+            let port = match p.transport {
+                Some(etherparse::TransportSlice::Tcp(t)) => t.source_port(),
+                other => panic!("not TCP: {other:?}"),
+            };
+            (ip, port)
+        };
+        let syn_ack = |dp: &mut Dataplane, c: (Ipv4Addr, u16)| {
+            let (action, _, _, out) = run_xdp(dp, &tcp(IN, be, c, 64, Tcp::SynAck));
+            (action, source(&out))
+        };
+        // Both orders, so that whichever of the two the backend's list names first, the
+        // earlier connection is the one ranked lower.
+        for (n, (first, second)) in [(81u16, 80u16), (80, 81)].into_iter().enumerate() {
+            let port = |k: u16| 42_000 + 10 * n as u16 + k;
+            // 1. The first connection answered, then reset by the client (closing); then the
+            //    same client port to the other VIP port.
+            let c = (CLIENT, port(1));
+            run(&mut dp, &tcp(IN, c, (VIP, first), 64, Tcp::Syn));
+            assert_eq!(syn_ack(&mut dp, c), (XDP_PASS, (VIP, first)), "the first connection's answer");
+            run(&mut dp, &tcp_with(IN, c, (VIP, first), 0x14));
+            run(&mut dp, &tcp(IN, c, (VIP, second), 64, Tcp::Syn));
+            assert_eq!(syn_ack(&mut dp, c), (XDP_PASS, (VIP, second)), "after a closed flow to VIP:{first}");
+            // 2. A first SYN that never got its answer, then the same port to the other VIP
+            //    port: the later SYN's; and the answered connection's later packets are its own.
+            let c = (CLIENT, port(2));
+            run(&mut dp, &tcp(IN, c, (VIP, first), 64, Tcp::Syn));
+            std::thread::sleep(Duration::from_millis(2));
+            run(&mut dp, &tcp(IN, c, (VIP, second), 64, Tcp::Syn));
+            assert_eq!(syn_ack(&mut dp, c), (XDP_PASS, (VIP, second)), "after an unanswered SYN to VIP:{first}");
+            let (_, _, _, out) = run_xdp(&mut dp, &tcp(IN, be, c, 64, Tcp::Ack));
+            assert_eq!(source(&out), (VIP, second));
+        }
+    });
+}
+
 /// Runs the XDP program on `input`: the action, the reason counted and the output frame, with
 /// the metadata the program put in front of it split off (empty when none).
 /// An XDP run: action, reasons counted, metadata, frame.
