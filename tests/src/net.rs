@@ -4,7 +4,7 @@ use std::{
     collections::BTreeSet,
     fs::File,
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     process::Command,
     sync::{
@@ -349,6 +349,57 @@ impl Conn {
     pub fn open(ns: &Netns, to: impl Into<SocketAddr>) -> std::io::Result<Conn> {
         let to = to.into();
         let stream = ns.run(move || TcpStream::connect_timeout(&to, Duration::from_secs(2)))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Conn { stream: BufReader::new(stream) })
+    }
+
+    /// Connects from `ns` to the IPv4 `to` from source port `port` (`SO_REUSEADDR`, so a port
+    /// whose last connection is in TIME_WAIT can be used again, as a busy client's are).
+    ///
+    /// # Errors
+    /// Socket, bind or connect failure, or the connect taking over 5 s.
+    pub fn open_from(ns: &Netns, port: u16, to: SocketAddrV4) -> std::io::Result<Conn> {
+        use std::os::fd::FromRawFd as _;
+        let stream = ns.run(move || -> std::io::Result<TcpStream> {
+            // SAFETY: plain socket(2); the descriptor is owned by the TcpStream below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a descriptor just opened and owned by nobody else.
+            let stream = unsafe { TcpStream::from_raw_fd(fd) };
+            let sockaddr = |a: Ipv4Addr, p: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: p.to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.octets()) },
+                sin_zero: [0; 8],
+            };
+            let one: libc::c_int = 1;
+            let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
+            let (local, remote) = (sockaddr(Ipv4Addr::UNSPECIFIED, port), sockaddr(*to.ip(), to.port()));
+            let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: options and addresses are ours and sized as passed.
+            let rc = unsafe {
+                if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&raw const one).cast(), 4) != 0
+                    || libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDTIMEO,
+                        (&raw const timeout).cast(),
+                        size_of::<libc::timeval>() as u32,
+                    ) != 0
+                    || libc::bind(fd, (&raw const local).cast(), len) != 0
+                {
+                    -1
+                } else {
+                    libc::connect(fd, (&raw const remote).cast(), len)
+                }
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(stream)
+        })?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         Ok(Conn { stream: BufReader::new(stream) })
     }

@@ -163,8 +163,31 @@ fn the_preview_port_reaches_the_idle_colour() {
         colour_of(&a).to_owned()
     };
     assert_eq!((ask(main), ask(preview)), ("blue".into(), "green".into()));
+    // Client ports that reached blue through the main port, used again for the preview port
+    // once it points at blue: the backend's answers to those are the preview port's, and the
+    // client never sees blue's own address.
+    let sniffer = Sniffer::start(&t.client);
+    let ports = 43_100..43_124u16;
+    let mut first = Vec::new();
+    for p in ports.clone() {
+        let mut c = Conn::open_from(&t.client, p, main).expect("connect from a fixed port");
+        first.push(c.ask().expect("answer"));
+    }
+    assert!(first.iter().all(|a| colour_of(a) == "blue"), "{first:?}");
     d.cli_ok(&["cutover", "web3"]);
     assert_eq!((ask(main), ask(preview)), ("green".into(), "blue".into()));
+    let mut same = 0;
+    for (p, before) in ports.zip(&first) {
+        let mut c = Conn::open_from(&t.client, p, preview).expect("the same port, the preview port");
+        assert_eq!(c.peer().expect("peer"), SocketAddr::V4(preview));
+        let answer = c.ask().expect("answer");
+        assert_eq!(colour_of(&answer), "blue");
+        same += usize::from(&answer == before);
+    }
+    // Each backend answers with its address: some ports met the same backend both times.
+    assert!(same > 0, "no port reached the same blue backend twice: the case is not exercised");
+    let seen = sniffer.stop();
+    assert!(BLUES.iter().all(|b| !seen.contains(b)), "the client saw a blue backend's own address: {seen:?}");
     assert!(d.cli_ok(&["status", "web3"]).contains("preview: port 8001 → blue"));
 }
 
