@@ -80,11 +80,23 @@ pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
     // Hidden when stderr is not a terminal: the log gets plain lines instead.
     let bar = super::progress_bar("draining {prefix}: [{bar:30}] {msg}");
     let mut last_live = None;
+    // The last drain seen: whether it ended by its timeout, with flows left.
+    let mut last: Option<switcher_user::protocol::Drain> = None;
     loop {
         let resp: Response = super::ask(socket, &Request::Status { service: Some(service.to_owned()) })?;
         let Some(drain) = resp.services.first().and_then(|s| s.drain.clone()) else {
             bar.finish_and_clear();
-            eprintln!("{service}: drained in {:.1}s", started.elapsed().as_secs_f64());
+            let took = started.elapsed().as_secs_f64();
+            match last {
+                Some(d) if d.live_flows > 0 && d.timeout_secs.is_some_and(|t| d.elapsed_secs + 1 >= t) => eprintln!(
+                    "{service}: the drain timed out after {}s with {} open flows on {} (as last seen): they were handled by `{}`",
+                    d.timeout_secs.unwrap_or(0),
+                    d.live_flows,
+                    d.colour,
+                    d.on_timeout
+                ),
+                _ => eprintln!("{service}: drained in {took:.1}s"),
+            }
             return Ok(());
         };
         let total = drain.initial_flows.max(drain.live_flows).max(1);
@@ -99,6 +111,7 @@ pub fn wait_for_drain(socket: &Path, service: &str) -> anyhow::Result<()> {
         }
         bar.set_message(left);
         last_live = Some(drain.live_flows);
+        last = Some(drain);
         std::thread::sleep(Duration::from_millis(500));
     }
 }

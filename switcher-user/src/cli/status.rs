@@ -78,7 +78,16 @@ fn render(resp: &Response) -> String {
             let _ = write!(out, "  canary: {} {}", c.colour, percent(c.basis_points));
         }
         if let (Some(prev), Some(ago)) = (&s.previous, s.since_switch_secs) {
-            let _ = write!(out, "  (was {prev}, switched {ago}s ago, {} switches)", s.switches);
+            // Switches the daemon made by itself are named: an operator reading this after a
+            // failover should not have to guess.
+            let k = s.switch_kinds;
+            let by_itself: Vec<String> = [(k.failover, "failover"), (k.auto_rollback, "automatic rollback")]
+                .into_iter()
+                .filter(|(n, _)| *n > 0)
+                .map(|(n, what)| format!("{n} {what}{}", if n == 1 { "" } else { "s" }))
+                .collect();
+            let by_itself = if by_itself.is_empty() { String::new() } else { format!(": {}", by_itself.join(", ")) };
+            let _ = write!(out, "  (was {prev}, switched {ago}s ago, {} switches{by_itself})", s.switches);
         }
         out.push('\n');
         if let Some(w) = s.watch_secs_left {

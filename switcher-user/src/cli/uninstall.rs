@@ -6,8 +6,8 @@ use switcher_user::{config::Config, pins::Pins};
 
 /// Detach the XDP program from every interface and remove all pinned maps and links.
 ///
-/// Traffic to the VIPs stops being switched at once; flows and counters are gone. Stop the
-/// daemon first (or it keeps its own links until it exits).
+/// Traffic to the VIPs stops being switched at once; flows and counters are gone. Refused
+/// while a daemon runs on these pins: stop it first (`systemctl stop switcher`).
 ///
 /// Example: switcher uninstall
 #[derive(Debug, clap::Args)]

@@ -202,6 +202,8 @@ fn a_dead_live_colour_fails_over() {
     assert_eq!(colour_of(&tcp_request(&t.client, WEB).expect("request after failover").0), "green");
     let metrics = crate::flows::scrape(&t.lb);
     assert!(metrics.contains("switcher_cutovers_total{service=\"web\",kind=\"failover\"} 1"), "{metrics}");
+    let text = d.cli_ok(&["status", "web"]);
+    assert!(text.contains("1 switches: 1 failover)"), "status says the daemon switched by itself:\n{text}");
 }
 
 #[test]

@@ -83,6 +83,15 @@ fn a_long_lived_connection_drains_on_the_old_colour() {
     let out = waiter.wait_with_output().expect("output");
     assert!(String::from_utf8_lossy(&out.stderr).contains("drained in"), "{out:?}");
     assert!(d.status().services[0].drain.is_none());
+
+    // A drain that ends by its timeout says so, not "drained".
+    let mut held = Conn::open(&t.client, WEB).expect("connect");
+    assert_eq!(colour_of(&held.ask().expect("ask")), "green");
+    assert_eq!(d.status_counted().services[0].colours[1].live_flows, 1);
+    let out = d.cli(&["cutover", "web", "blue", "--drain-timeout", "1", "--wait"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("the drain timed out after 1s with 1 open flows on green"), "{err}");
+    drop(held);
 }
 
 #[test]
