@@ -1028,11 +1028,16 @@ pub fn check_trusted(path: &Path) -> Result<(), ConfigError> {
         }
     };
     let fail = |why: String| Err(ConfigError::Untrusted { path: path.to_owned(), why });
-    let link = std::fs::symlink_metadata(path).map_err(read_err(path))?;
-    if link.file_type().is_symlink()
-        && let Some(why) = untrusted(path, &link, "the symlink")
-    {
-        return fail(why);
+    // Every symlink on the way as given (the file's, a directory's): only its owner can
+    // repoint it.
+    let given = std::path::absolute(path).map_err(read_err(path))?;
+    for p in given.ancestors() {
+        let Ok(link) = std::fs::symlink_metadata(p) else { continue };
+        if link.file_type().is_symlink()
+            && let Some(why) = untrusted(p, &link, "the symlink")
+        {
+            return fail(why);
+        }
     }
     let real = std::fs::canonicalize(path).map_err(read_err(path))?;
     let m = std::fs::metadata(&real).map_err(read_err(&real))?;
