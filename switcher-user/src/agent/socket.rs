@@ -5,6 +5,7 @@
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -231,7 +232,7 @@ pub fn check_socket_path(path: &Path) -> Result<(), String> {
 /// What a control connection needs of the daemon.
 pub(super) struct Ctx<'a> {
     pub engine: &'a Engine,
-    pub audit: &'a Audit,
+    pub audit: &'a Arc<Audit>,
     pub group: Option<u32>,
     pub config_path: &'a Path,
     pub config: &'a Config,
@@ -339,22 +340,24 @@ async fn answer(ctx: &Ctx<'_>, req: Request, who: &str, deadline: Option<protoco
             }
             let status = matches!(req, Request::Status { .. });
             // Checked again when the engine gets to it: the request may have queued.
+            let (audit, who) = (Arc::clone(ctx.audit), who.to_owned());
             let handled = ctx
                 .engine
                 .call(move |b| {
                     if deadline.is_some_and(protocol::Deadline::passed) {
-                        return (protocol::too_late(), None);
+                        return protocol::too_late();
                     }
-                    b.handle(req)
+                    let (resp, change) = b.handle(req);
+                    // Recorded on the engine's thread, as it is applied: concurrent operators'
+                    // changes reach the audit log in the order they took effect.
+                    if let Some(c) = change {
+                        audit.record(&who, &c);
+                    }
+                    resp
                 })
                 .await;
             let mut resp = match handled {
-                Ok((resp, change)) => {
-                    if let Some(c) = change {
-                        ctx.audit.record(who, &c);
-                    }
-                    resp
-                }
+                Ok(resp) => resp,
                 Err(e) => Response::error(e.to_string()),
             };
             if status && let Some(t) = resp.flow_table {
