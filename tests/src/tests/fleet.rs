@@ -94,13 +94,17 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
 
     // 3. A flow that the router moves to another node (a flow-table miss there) keeps its
     //    backend: every node builds the same Maglev table from the same pool.
-    let mut conns: Vec<(Conn, String)> = (0..8)
-        .map(|i| {
-            let mut c = Conn::open(&t.client, SocketAddrV4::new(VIP, PORT)).unwrap_or_else(|e| panic!("conn {i}: {e}"));
-            let b = backend_of(&c.ask().unwrap_or_else(|e| panic!("conn {i}: {e}")));
-            (c, b)
-        })
-        .collect();
+    // At least 8, and until both backends have some (the hash puts 8 on one in 1 of 128 runs;
+    // 32 leave that to about 1 in 2 billion).
+    let mut conns: Vec<(Conn, String)> = Vec::new();
+    for i in 0..32 {
+        let mut c = Conn::open(&t.client, SocketAddrV4::new(VIP, PORT)).unwrap_or_else(|e| panic!("conn {i}: {e}"));
+        let b = backend_of(&c.ask().unwrap_or_else(|e| panic!("conn {i}: {e}")));
+        conns.push((c, b));
+        if conns.len() >= 8 && conns.iter().any(|(_, b)| *b != conns[0].1) {
+            break;
+        }
+    }
     let distinct: BTreeSet<&String> = conns.iter().map(|(_, b)| b).collect();
     assert!(distinct.len() > 1, "the connections spread over both blue backends: {distinct:?}");
     let misses_before: Vec<u64> = nodes.iter().map(|d| d.status().services[0].colours[0].counters.flows).collect();
