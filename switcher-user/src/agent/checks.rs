@@ -60,17 +60,9 @@ pub(super) async fn check_health(engine: Engine, audit: Arc<Audit>, fleet: Optio
             }
             Some(joined) = rounds.join_next() => {
                 // This round and every other that has ended meanwhile: one call to the engine.
-                let mut ended = Vec::new();
-                let mut next = Some(joined);
-                while let Some(joined) = next {
-                    match joined {
-                        Ok(round) => {
-                            running.remove(&round.0);
-                            ended.push(round);
-                        }
-                        Err(e) => tracing::error!("a round of health checks failed: {e}"),
-                    }
-                    next = rounds.try_join_next();
+                let ended = ended_rounds(joined, &mut rounds);
+                for (name, _) in &ended {
+                    running.remove(name);
                 }
                 for c in record(&engine, &audit, ended).await {
                     if let Some(f) = &fleet {
@@ -117,18 +109,25 @@ pub(super) async fn health_round(engine: &Engine, audit: &Audit) -> Vec<Change> 
     }
     let mut switches = Vec::new();
     while let Some(joined) = rounds.join_next().await {
-        let mut ended = Vec::new();
-        let mut next = Some(joined);
-        while let Some(joined) = next {
-            match joined {
-                Ok(round) => ended.push(round),
-                Err(e) => tracing::error!("a round of health checks failed: {e}"),
-            }
-            next = rounds.try_join_next();
-        }
+        let ended = ended_rounds(joined, &mut rounds);
         switches.extend(record(engine, audit, ended).await);
     }
     switches
+}
+
+/// The round `first` that just ended and every other of `rounds` that has ended meanwhile,
+/// to record in one call to the engine (a round that panicked is logged and left out).
+fn ended_rounds(first: Result<Round, tokio::task::JoinError>, rounds: &mut JoinSet<Round>) -> Vec<Round> {
+    let mut ended = Vec::new();
+    let mut next = Some(first);
+    while let Some(joined) = next {
+        match joined {
+            Ok(round) => ended.push(round),
+            Err(e) => tracing::error!("a round of health checks failed: {e}"),
+        }
+        next = rounds.try_join_next();
+    }
+    ended
 }
 
 /// Records the results of the rounds that ended, in one call to the engine, and audits what
