@@ -164,13 +164,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             draining.get_or_create(&sc).set(i64::try_from(drain).unwrap_or(i64::MAX));
             colour_healthy.get_or_create(&sc).set(i64::from(c.healthy));
             active.get_or_create(&sc).set(i64::from(s.active == c.colour));
-            let basis_points = match &s.canary {
-                Some(cn) if cn.colour == c.colour => cn.basis_points,
-                Some(cn) => BP_ALL.saturating_sub(cn.basis_points),
-                None if s.active == c.colour => BP_ALL,
-                None => 0,
-            };
-            share.get_or_create(&sc).set(f64::from(basis_points) / f64::from(BP_ALL));
+            share.get_or_create(&sc).set(f64::from(s.share_of(c.colour)) / f64::from(BP_ALL));
             for b in &c.backends {
                 let state = match b.health {
                     Health::Up => 1,

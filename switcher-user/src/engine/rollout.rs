@@ -1073,8 +1073,7 @@ impl<M: Maps> Switchboard<M> {
             };
             // A completed rollout is history: say so if the service was switched since.
             if let Some((active, canary)) = live {
-                let share_of_to = if active == r.to { BP_ALL.saturating_sub(canary) } else { canary };
-                status.switched_since(active, share_of_to);
+                status.switched_since(active, crate::protocol::share_of(active, canary, r.to));
             }
             status
         });

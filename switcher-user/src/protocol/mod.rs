@@ -501,12 +501,18 @@ impl RolloutStatus {
     }
 }
 
+/// The share of new flows `colour` takes, in 0.01 %, when `active` is active and `canary_bp`
+/// of the new flows go to the other colour.
+#[must_use]
+pub fn share_of(active: Colour, canary_bp: u32, colour: Colour) -> u32 {
+    if colour == active { switcher_common::BP_ALL.saturating_sub(canary_bp) } else { canary_bp }
+}
+
 impl ServiceStatus {
-    /// The share of new flows `colour` takes now, in 0.01 %.
+    /// The share of new flows `colour` takes now, in 0.01 % ([`share_of`]).
     #[must_use]
     pub fn share_of(&self, colour: Colour) -> u32 {
-        let canary = self.canary.as_ref().map_or(0, |c| c.basis_points);
-        if colour == self.active { switcher_common::BP_ALL.saturating_sub(canary) } else { canary }
+        share_of(self.active, self.canary.as_ref().map_or(0, |c| c.basis_points), colour)
     }
 }
 
