@@ -258,11 +258,7 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
                 span.as_millis(),
                 new.backend_resets,
                 new.unreachables,
-                if old_answered == 0 {
-                    "took no new flows".to_owned()
-                } else {
-                    format!("answered {} of {old_answered}", old_answered - old_failed)
-                }
+                old_colour_did("new flows", old_answered - old_failed, old_answered)
             ));
         }
         if span >= GUARD_WINDOW {
@@ -296,29 +292,28 @@ pub fn fast_verdict(samples: &VecDeque<Sample>, (from, to): (Colour, Colour)) ->
         (last.counters[i].handshakes + last.counters[i].refused)
             .saturating_sub(end.counters[i].handshakes + end.counters[i].refused)
     };
-    if new_out >= GUARD_MIN_FLOWS && answered_since(1) == 0 && !old_fails {
+    if new_out < GUARD_MIN_FLOWS || old_fails {
+        return None;
+    }
+    let waited = last.at.saturating_duration_since(end.at).as_millis();
+    let old = old_colour_did("new SYNs", old_sent - old_out, old_sent);
+    if answered_since(1) == 0 {
         return Some(format!(
-            "fast guard: {new_out} SYNs to {to} unanswered for {} ms, and {to} answered none since; {from} {}",
-            last.at.saturating_duration_since(end.at).as_millis(),
-            if old_sent == 0 {
-                "took no new SYNs".to_owned()
-            } else {
-                format!("answered {} of {old_sent}", old_sent - old_out)
-            }
+            "fast guard: {new_out} SYNs to {to} unanswered for {waited} ms, and {to} answered none since; {from} {old}"
         ));
     }
-    if new_out >= GUARD_MIN_FLOWS && permille(new_out, new_sent) >= GUARD_FAILED_PERMILLE && !old_fails {
+    if permille(new_out, new_sent) >= GUARD_FAILED_PERMILLE {
         return Some(format!(
-            "fast guard: {new_out} of {new_sent} SYNs to {to} unanswered after {} ms; {from} {}",
-            last.at.saturating_duration_since(end.at).as_millis(),
-            if old_sent == 0 {
-                "took no new SYNs".to_owned()
-            } else {
-                format!("answered {} of {old_sent}", old_sent - old_out)
-            }
+            "fast guard: {new_out} of {new_sent} SYNs to {to} unanswered after {waited} ms; {from} {old}"
         ));
     }
     None
+}
+
+/// What the old colour did meanwhile, for a fast guard's reason: "answered 9 of 10", or "took
+/// no new SYNs" (`what`) when it had none to answer.
+fn old_colour_did(what: &str, answered: u64, of: u64) -> String {
+    if of == 0 { format!("took no {what}") } else { format!("answered {answered} of {of}") }
 }
 
 /// The fast guard's samples, by service; only services whose rollout is under way have any.
