@@ -23,8 +23,8 @@
 //! a new flow beyond the stamp) if it is timed — each CPU times all its SYNs up to
 //! `SYN_TIMED_PER_TICK` per tick of the daemon's clock, then a sample (`syn_timed`), as the
 //! clock costs ~45 ns — and the backend's first answer clears it: a SYN-ACK counts a
-//! handshake and, for a timed SYN, its latency bucket (a second clock read), an RST or an ICMP unreachable
-//! (`icmp.rs`) a refusal. RSTs are counted by side on flows not yet closing (backend resets,
+//! handshake and, for a timed SYN, its latency bucket (a second clock read), an RST or an
+//! ICMP unreachable (`icmp.rs`) a refusal. RSTs are counted by side on flows not yet closing (backend resets,
 //! client resets); in DSR mode a SYN on a 5-tuple whose flow is open is a retransmission, the
 //! one extra `FLOWS` lookup, made for DSR services' SYNs only. Established packets pay one
 //! flag test on replies and nothing else: no clock, no lookup.
@@ -291,7 +291,7 @@ fn new_flow(
 
 /// Two addresses compared as two 8-byte words (no `memcmp` in BPF).
 #[inline(always)]
-fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+pub fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let w = |x: &[u8; 16], i: usize| {
         u64::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5], x[i + 6], x[i + 7]])
     };
@@ -373,21 +373,15 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
         mem::copy(&mut s.other.dst, &to.vip);
         s.other.dport = to.port;
     }
-    match FLOWS.get_ptr_mut(&s.other) {
-        Some(p) => {
-            // SAFETY: a live map value; it stays valid while the program runs (RCU).
-            let flow = unsafe { &mut *p };
-            if is_of_backend(flow, s) {
-                return Some(flow);
-            }
-            s.miss = Reason::NOT_LIVE.0;
-            None
-        }
-        None => {
-            s.miss = Reason::NOT_LIVE.0;
-            None
+    if let Some(p) = FLOWS.get_ptr_mut(&s.other) {
+        // SAFETY: a live map value; it stays valid while the program runs (RCU).
+        let flow = unsafe { &mut *p };
+        if is_of_backend(flow, s) {
+            return Some(flow);
         }
     }
+    s.miss = Reason::NOT_LIVE.0;
+    None
 }
 
 /// Whether a tracked flow was given the backend in `s.backend` (and is NAT: a DSR backend's
@@ -488,7 +482,8 @@ const SIG_SYN_RETRANSMIT: u32 = 16;
 const SIG_CLIENT_RESET: u32 = 32;
 
 /// Counts signal `events` on a service colour; `bucket`: the SYN latency bucket of a
-/// handshake (`SYN_BUCKETS`: an untimed SYN's, no bucket). Not inlined: only the rare packets that carry a signal call it.
+/// handshake (`SYN_BUCKETS`: an untimed SYN's, no bucket). Not inlined: only the rare
+/// packets that carry a signal call it.
 #[inline(never)]
 fn signal(service: u32, colour: u32, events: u32, bucket: u32) {
     let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) else { return };

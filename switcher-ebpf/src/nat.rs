@@ -102,8 +102,8 @@ pub struct Scratch {
     pub syn_tick: u64,
     pub syn_seen: u32,
     /// `flow::flow_of_backend`'s ranking of several candidate flows (kept here, not on the
-    /// stack: the search runs under the ICMP path's deep frame): the packet is a SYN-ACK, the best candidate's rank, index in `REVERSE`'s
-    /// list and last-seen stamp.
+    /// stack: the search runs under the ICMP path's deep frame): the packet is a SYN-ACK, the
+    /// best candidate's rank, index in `REVERSE`'s list and last-seen stamp.
     pub rank_syn_ack: u8,
     pub best_rank: u8,
     pub best_i: u8,

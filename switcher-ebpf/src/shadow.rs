@@ -248,7 +248,7 @@ pub fn idle_reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
     // SAFETY: a live map value.
     let e = unsafe { &mut *p };
     let now = clock();
-    let from_backend = e.backend.port == s.key.sport && same_addr(&e.backend.addr, &s.key.src);
+    let from_backend = e.backend.port == s.key.sport && crate::flow::same_addr(&e.backend.addr, &s.key.src);
     if !from_backend || now.saturating_sub(e.last_ns) > UDP_IDLE_NS.load() {
         return Verdict::UNHANDLED;
     }
@@ -265,19 +265,9 @@ pub fn idle_reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
     Verdict::new(xdp_action::XDP_DROP, Reason::SHADOW_REPLY)
 }
 
-#[inline(always)]
-fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let mut same = true;
-    for i in 0..16 {
-        same &= a[i] == b[i];
-    }
-    same
-}
-
 /// XDP: a live UDP flow's reply (`key` is the flow's, client → VIP) of `service` (TCP replies
-/// do not call it): one array lookup
-/// when the service has no shadow share; else the live colour's reply latency is counted for
-/// a shadowed flow's first reply to its last request. Not inlined: one call on the reply path.
+/// do not call it): one array lookup when the service has no shadow share; else the live
+/// colour's reply latency is counted for a shadowed flow's first reply to its last request. Not inlined: one call on the reply path.
 #[inline(never)]
 pub fn live_reply(service: u32, key: &FlowKey) -> u64 {
     let Some(cfg) = SHADOW.get(service) else { return 0 };
