@@ -564,6 +564,24 @@ impl Drop for Sniffer {
     }
 }
 
+/// Pins the calling thread to the CPU it is on, and returns it: every later
+/// `BPF_PROG_TEST_RUN` of the thread, and the per-CPU map slots and LRU free list it touches,
+/// are then that CPU's (benchmarks, per-CPU budgets).
+///
+/// # Panics
+/// When the affinity cannot be set.
+pub fn pin_thread() -> usize {
+    // SAFETY: plain libc calls on a cpu_set_t we own.
+    unsafe {
+        let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+        cpu
+    }
+}
+
 /// Polls `f` until it returns `Some`, for at most `limit`.
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + limit;

@@ -14,7 +14,9 @@ use etherparse::PacketBuilder;
 use switcher_common::{BASELINE_PROG, Backend, FAMILY_V4, Flow, FlowKey, Reason, ServiceKey, user::Colour};
 use switcher_tests::{
     corpus::{self, BLUE, BLUE6, CLIENT, CLIENT6, VIP, VIP6},
-    net::{BACKEND_UDP, GREEN, Netns, Server, Topology, VIP_UDP, colour_of, udp_request_from, unique_prefix},
+    net::{
+        BACKEND_UDP, GREEN, Netns, Server, Topology, VIP_UDP, colour_of, pin_thread, udp_request_from, unique_prefix,
+    },
     proc::{Daemon, config_with, demo_config},
 };
 use switcher_user::dataplane::{Dataplane, Options};
@@ -244,20 +246,6 @@ impl Harness {
     /// `n` single runs: the median of their times (the kernel times each to its clock's step).
     fn calls(&mut self, fresh: bool, n: usize) -> f64 {
         spread((0..n).map(|_| self.run(fresh, 1)).collect()).median
-    }
-}
-
-/// Pins the calling thread to the CPU it is on: every run, per-CPU slot and LRU free list of
-/// the measurement is then that CPU's.
-fn pin_thread() -> usize {
-    // SAFETY: plain libc calls on a cpu_set_t we own.
-    unsafe {
-        let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
-        cpu
     }
 }
 

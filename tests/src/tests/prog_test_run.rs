@@ -1428,13 +1428,7 @@ fn syn_latency_is_timed_for_a_cpus_first_syns_of_a_tick_then_sampled() {
     let ns = fib_namespace();
     ns.run(|| {
         // Every run on one CPU: the budget is per CPU.
-        // SAFETY: plain libc calls on a cpu_set_t we own.
-        unsafe {
-            let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
-        }
+        crate::net::pin_thread();
         let mut dp =
             Dataplane::open(&services(), Options { udp_idle_timeout: IDLE, ..Options::default() }).expect("load");
         let blue = |dp: &Dataplane| dp.counters(WEB, Colour::Blue).expect("counters");
