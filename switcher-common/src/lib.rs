@@ -18,7 +18,7 @@ pub mod user;
 use core::mem::size_of;
 
 /// Bumped on any change to a map's layout, key/value type or meaning.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Name of the XDP program in the object file.
 pub const PROG_NAME: &str = "switcher";
@@ -135,8 +135,30 @@ pub const RING_SLOTS_PER_BACKEND: u32 = 200;
 pub const RING_NONE: u32 = 0;
 /// A ring slot with no backend (the colour's pool is empty).
 pub const RING_EMPTY: u16 = u16::MAX;
-/// Capacity of `FLOWS` (LRU: the least recently used flow is evicted).
+/// Flows the table is sized for by default (`max_flows`): `FLOWS` has [`flow_slots`] of it.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Slots per set of `FLOWS`: a flow lives in one of the [`FLOW_WAYS`] slots of the set its
+/// 5-tuple hashes to ([`flow_set_hash`]); a new flow takes a free slot of its set, else the
+/// one of a flow that has ended, else that of the flow seen longest ago.
+pub const FLOW_WAYS: u32 = 4;
+/// Sets of `FLOWS` (its entries) for `max_flows` flows: twice the slots, with `max_flows`
+/// rounded up to a power of two, so that a set overflows — evicting a live flow before the
+/// table holds `max_flows` — rarely.
+#[must_use]
+pub const fn flow_sets(max_flows: u32) -> u32 {
+    flow_capacity(max_flows) * 2 / FLOW_WAYS
+}
+/// What a table made for `max_flows` is said to hold: `max_flows` rounded up to a power of
+/// two (at least 16), half its slots.
+#[must_use]
+pub const fn flow_capacity(max_flows: u32) -> u32 {
+    let n = if max_flows < 16 { 16 } else { max_flows };
+    match n.checked_next_power_of_two() {
+        Some(n) => n,
+        None => 1 << 31,
+    }
+}
+
 /// Capacity of `REVERSE`: distinct backend address:port:protocol triples (every backend of
 /// every colour of every service, at most).
 pub const MAX_REVERSE: u32 = MAX_SERVICES * COLOURS * MAX_POOL;
@@ -398,6 +420,24 @@ pub struct Flow {
 }
 const _: () = assert!(size_of::<Flow>() == 40);
 
+/// A slot of `FLOWS`: a flow and its 5-tuple. An empty slot has `key.family == 0`; the data
+/// path writes a slot's family last, so a slot being written is empty to its readers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSlot {
+    pub key: FlowKey,
+    pub flow: Flow,
+}
+const _: () = assert!(size_of::<FlowSlot>() == 80 && align_of::<FlowSlot>() == 8);
+
+/// Value of `FLOWS`: one set of slots (see [`FLOW_WAYS`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSet {
+    pub slots: [FlowSlot; FLOW_WAYS as usize],
+}
+const _: () = assert!(size_of::<FlowSet>() == 320);
+
 /// Key of `REVERSE`: where a backend's replies come from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -518,6 +558,9 @@ pub const fn syn_bucket(syn: u32, now: u32) -> usize {
 
 /// Load-time global: nanoseconds after which an idle UDP flow is forgotten.
 pub const GLOBAL_UDP_IDLE_NS: &str = "UDP_IDLE_NS";
+/// Global of the program: the number of sets of `FLOWS` minus one (they are a power of
+/// two), set at load from the map's size.
+pub const GLOBAL_FLOW_SET_MASK: &str = "FLOW_SET_MASK";
 /// Default of [`GLOBAL_UDP_IDLE_NS`]: 30 s, like conntrack's unreplied UDP timeout.
 pub const DEFAULT_UDP_IDLE_NS: u64 = 30_000_000_000;
 /// A TCP flow that saw FIN or RST keeps its backend this long (for the closing handshake
@@ -536,6 +579,7 @@ pub const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 /// two choices are independent. Fixed, so every node computes the same.
 pub const SEED_RING: u32 = 0x5eed_0001;
 pub const SEED_CANARY: u32 = 0x5eed_0002;
+pub const SEED_FLOW_SET: u64 = 0x5eed_0003;
 
 /// Why the data path returned what it returned; the index into `STATS`.
 #[repr(transparent)]
@@ -677,6 +721,24 @@ pub fn reply_belongs(
 const fn mix(h: u32, w: u32) -> u32 {
     let k = w.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
     (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+/// The set of `FLOWS` a 5-tuple lives in, from its key read as five native-endian 64-bit
+/// words (`word(i)`, bytes `8i..8i+8`): a multiply-xorshift mix with its own seed, so a set
+/// says nothing of the Maglev slot. The set is `hash & (sets - 1)`.
+#[inline(always)]
+#[must_use]
+pub fn flow_set_hash(word: impl Fn(usize) -> u64) -> u32 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut h = SEED_FLOW_SET;
+    let mut i = 0;
+    while i < size_of::<FlowKey>() / 8 {
+        h = (h ^ word(i)).wrapping_mul(K);
+        h ^= h >> 32;
+        i += 1;
+    }
+    h = h.wrapping_mul(K);
+    (h >> 32) as u32
 }
 
 /// A 32-bit hash of a flow's 5-tuple (murmur3's mixing): `SEED_RING` picks the Maglev slot,

@@ -3,8 +3,8 @@
 use core::fmt;
 
 use crate::{
-    Backend, BackendKey, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, Reverse, RingChunk, Service,
-    ServiceKey, ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VipPort,
+    Backend, BackendKey, COLOUR_BLUE, COLOUR_GREEN, ColourCounters, Flow, FlowKey, FlowSet, FlowSlot, Reverse,
+    RingChunk, Service, ServiceKey, ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VipPort,
 };
 
 macro_rules! pod {
@@ -19,7 +19,19 @@ macro_rules! pod {
     )*};
 }
 pod!(ServiceKey, Service, Backend, RingChunk, FlowKey, Flow, BackendKey, VipPort, Reverse, ColourCounters);
-pod!(ShadowConfig, ShadowFlow, ShadowBucket, ShadowCounters);
+pod!(ShadowConfig, ShadowFlow, ShadowBucket, ShadowCounters, FlowSlot, FlowSet);
+
+/// `key`'s set in a `FLOWS` of `sets` sets (a power of two), as the data path finds it.
+#[must_use]
+pub fn flow_set(key: &FlowKey, sets: u32) -> u32 {
+    let bytes = bytemuck::bytes_of(key);
+    let h = crate::flow_set_hash(|i| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&bytes[8 * i..8 * i + 8]);
+        u64::from_ne_bytes(w)
+    });
+    h & sets.saturating_sub(1)
+}
 
 /// A colour as the CLI and the config spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

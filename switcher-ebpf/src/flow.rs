@@ -42,7 +42,8 @@ use crate::{
     mem,
     nat::{self, Scratch, Verdict},
     parse::Packet,
-    prog::{BACKENDS, COUNTERS, FLOWS, NOW, REVERSE, RING, RING_LIVE, STATE, UDP_IDLE_NS},
+    prog::{BACKENDS, COUNTERS, NOW, REVERSE, RING, RING_LIVE, STATE, UDP_IDLE_NS},
+    table,
 };
 
 /// Picks the packet's backend (its flow is `scratch.key`) and forwards it there.
@@ -63,9 +64,7 @@ pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service, untrack
 /// of a service it removes, so an entry found here belongs to a live service.
 #[inline(never)]
 pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
-    let Some(p) = FLOWS.get_ptr_mut(&s.key) else { return Verdict::NO_FLOW };
-    // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
-    let flow = unsafe { &mut *p };
+    let Some(flow) = table::get(&s.key) else { return Verdict::NO_FLOW };
     if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
         return Verdict::UNHANDLED;
     }
@@ -183,11 +182,9 @@ fn send(pkt: &Packet, s: &mut Scratch, dsr: bool) -> Verdict {
 
 #[inline(always)]
 fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Result<Verdict, Reason> {
-    let tracked = if untracked { None } else { FLOWS.get_ptr_mut(&s.key) };
+    let tracked = if untracked { None } else { table::get(&s.key) };
     let mut have = false;
-    if let Some(p) = tracked {
-        // SAFETY: a live map value; a racing writer can at worst make the stamp stale.
-        let flow = unsafe { &mut *p };
+    if let Some(flow) = tracked {
         if touch(flow, pkt.proto, pkt.tcp_flags) {
             mem::copy(&mut s.flow, flow);
             have = true;
@@ -196,7 +193,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     if have && s.flow.flags & FLOW_RESET != 0 {
         // The drain timed out with `reset`: a TCP client is told with an RST, a UDP flow
         // simply starts again on the active colour.
-        let _ = FLOWS.remove(&s.key);
+        table::remove(&s.key);
         if pkt.proto == PROTO_TCP {
             let tcp = crate::parse::recheck(pkt, pkt.ports)?;
             return Ok(nat::reset(pkt, tcp));
@@ -229,9 +226,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
             s.flow.syn_time = syn_clock(unsafe { bpf_ktime_get_ns() });
         }
     }
-    // An LRU insert only fails on memory pressure; the packet is still forwarded and the next
-    // packet of the flow lands on the same backend through the hash.
-    let _ = FLOWS.insert(&s.key, &s.flow, 0);
+    table::insert(&s.key, &s.flow);
     let new = if rescued {
         NEW_RESCUED
     } else if syn {
@@ -373,9 +368,7 @@ fn flow_of_backend(s: &mut Scratch) -> Option<&'static mut Flow> {
         mem::copy(&mut s.other.dst, &to.vip);
         s.other.dport = to.port;
     }
-    if let Some(p) = FLOWS.get_ptr_mut(&s.other) {
-        // SAFETY: a live map value; it stays valid while the program runs (RCU).
-        let flow = unsafe { &mut *p };
+    if let Some(flow) = table::get(&s.other) {
         if is_of_backend(flow, s) {
             return Some(flow);
         }
@@ -397,9 +390,7 @@ fn is_of_backend(flow: &Flow, s: &Scratch) -> bool {
 /// between equals, the one seen last.
 #[inline(always)]
 fn rank(s: &mut Scratch, i: u8) {
-    let Some(p) = FLOWS.get_ptr_mut(&s.other) else { return };
-    // SAFETY: a live map value; it stays valid while the program runs (RCU).
-    let flow = unsafe { &*p };
+    let Some(flow) = table::get(&s.other) else { return };
     if !is_of_backend(flow, s) {
         return;
     }
@@ -452,7 +443,7 @@ pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
     };
     if !touch_as(flow, pkt.proto, pkt.tcp_flags, true) {
         if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CLOSING != 0 {
-            let _ = FLOWS.remove(&s.other);
+            table::remove(&s.other);
         }
         return Verdict::pass(Reason::NOT_LIVE);
     }
@@ -544,8 +535,7 @@ pub fn unreachable(flow: &mut Flow) {
 /// SYN-ACK in time), counted on that flow's colour. The one lookup DSR SYNs add.
 #[inline(never)]
 fn retransmitted(key: &FlowKey) {
-    // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
-    if let Some(old) = unsafe { FLOWS.get(key) } {
+    if let Some(old) = table::get(key) {
         if old.flags & (FLOW_DSR | FLOW_CLOSING) == FLOW_DSR {
             signal(old.service, u32::from(old.colour), SIG_SYN_RETRANSMIT, 0);
         }

@@ -24,12 +24,30 @@ use switcher_common::{PROTO_UDP, Reason, csum::CsumDelta};
 use crate::{
     nat::{self, Scratch, Side, Verdict},
     parse::Packet,
-    prog::FLOWS,
 };
 
-/// Translates an ICMP error about a live tracked flow, or says it is none.
-#[inline(never)]
+/// Translates an ICMP error about a live tracked flow, or says it is none: [`find`] the flow,
+/// then [`rewrite`]. Two calls from the entry point, not one inside the other: the flow
+/// lookups and the rewrite each need a deep stack, and the 512 bytes are for the chain.
+#[inline(always)]
 pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
+    match find(pkt, scratch) {
+        FOUND_FORWARD => rewrite(pkt, scratch, Side::Dst, Side::Src, Reason::ICMP_FWD),
+        FOUND_REPLY => rewrite(pkt, scratch, Side::Src, Side::Dst, Reason::ICMP_REPLY),
+        _ => Verdict::pass(Reason(scratch.miss)),
+    }
+}
+
+/// [`find`]: an error about a reply, from a client to the VIP (to be sent to the backend).
+const FOUND_FORWARD: u32 = 1;
+/// [`find`]: an error about a client's packet, from a backend (to be sent from the VIP).
+const FOUND_REPLY: u32 = 2;
+
+/// The live flow an ICMP error is about: `FOUND_FORWARD` or `FOUND_REPLY`, with
+/// `scratch.flow.backend` holding the address and port the two rewrites put in (the
+/// backend's, or the VIP's); 0 if none, with the reason in `scratch.miss`.
+#[inline(never)]
+fn find(pkt: &Packet, scratch: &mut Scratch) -> u32 {
     let (inner, inner_proto, inner_ports) = (pkt.inner, pkt.inner_proto, pkt.ports);
     // SAFETY: the quoted ports were bounds-checked by the parser.
     let (qsport, qdport) = unsafe { ((*inner_ports).src, (*inner_ports).dst) };
@@ -42,31 +60,35 @@ pub fn translate(pkt: &Packet, scratch: &mut Scratch) -> Verdict {
     key.proto = inner_proto;
     key.family = inner.family();
     key._pad = [0; 2];
-    // Where the error goes, and what the quote must say: `scratch.flow.backend` holds the
-    // address and port the two rewrites put in (the backend's, or the VIP's).
-    // SAFETY: values are plain integers; a concurrent update at worst gives a stale copy.
-    let (outer_side, quote_side, reason) = if let Some(flow) = unsafe { FLOWS.get(key) } {
+    if let Some(flow) = crate::table::get(key) {
         // Client → VIP about a reply: to the backend, quoting what the backend sent.
         if !crate::flow::live(flow, inner_proto) {
-            return Verdict::pass(Reason::NOT_LIVE);
+            scratch.miss = Reason::NOT_LIVE.0;
+            return 0;
         }
         crate::mem::copy(&mut scratch.flow.backend, &flow.backend);
-        (Side::Dst, Side::Src, Reason::ICMP_FWD)
-    } else {
-        // Backend → client about the client's packet: from the VIP, quoting what the client
-        // sent — if it is about a live flow of that backend.
-        let Some(flow) = crate::flow::reply_flow(pkt, scratch) else { return Verdict::pass(Reason(scratch.miss)) };
-        if !crate::flow::live(flow, inner_proto) {
-            return Verdict::pass(Reason::NOT_LIVE);
-        }
-        if pkt.icmp == crate::parse::ICMP_UNREACHABLE {
-            // A signal for rollouts: the backend (or its host) refuses the flow.
-            crate::flow::unreachable(flow);
-        }
-        crate::mem::copy(&mut scratch.flow.backend.addr, &scratch.other.dst);
-        scratch.flow.backend.port = scratch.other.dport;
-        (Side::Src, Side::Dst, Reason::ICMP_REPLY)
-    };
+        return FOUND_FORWARD;
+    }
+    // Backend → client about the client's packet: from the VIP, quoting what the client
+    // sent — if it is about a live flow of that backend.
+    let Some(flow) = crate::flow::reply_flow(pkt, scratch) else { return 0 };
+    if !crate::flow::live(flow, inner_proto) {
+        scratch.miss = Reason::NOT_LIVE.0;
+        return 0;
+    }
+    if pkt.icmp == crate::parse::ICMP_UNREACHABLE {
+        // A signal for rollouts: the backend (or its host) refuses the flow.
+        crate::flow::unreachable(flow);
+    }
+    crate::mem::copy(&mut scratch.flow.backend.addr, &scratch.other.dst);
+    scratch.flow.backend.port = scratch.other.dport;
+    FOUND_REPLY
+}
+
+/// Rewrites the error [`find`] found: the outer address on `outer_side`, the quote's on
+/// `quote_side`, both to `scratch.flow.backend`; then sends it on.
+#[inline(never)]
+fn rewrite(pkt: &Packet, scratch: &mut Scratch, outer_side: Side, quote_side: Side, reason: Reason) -> Verdict {
     let (addr, port) = (&scratch.flow.backend.addr, scratch.flow.backend.port);
     let outer = nat::set_addr(pkt.ip, outer_side, addr);
     let icmp = rewrite_quote(pkt, quote_side, addr, port, outer);

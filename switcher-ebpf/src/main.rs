@@ -25,6 +25,8 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod shadow;
+#[cfg(target_arch = "bpf")]
+mod table;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
@@ -37,9 +39,9 @@ mod prog {
     };
     use aya_log_ebpf::warn;
     use switcher_common::{
-        Backend, BackendKey, COLOURS, ColourCounters, Flow, FlowKey, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
+        Backend, BackendKey, COLOURS, ColourCounters, FlowKey, FlowSet, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
         PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, SHADOW_MAX_FLOWS, Service, ServiceKey,
-        ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VIP_SLOTS, vip_slot,
+        ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VIP_SLOTS, flow_sets, vip_slot,
     };
 
     use crate::{
@@ -81,10 +83,11 @@ mod prog {
     #[map(name = "STATE")]
     pub static STATE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
 
-    /// client → VIP 5-tuple → the backend the flow was given. Written here (the daemon only
-    /// removes the flows of a service it removes, and rewrites flows at a drain timeout).
+    /// The flow table (see `table`): client → VIP 5-tuples and the backends they were given,
+    /// in sets of `FLOW_WAYS` slots. Written here (the daemon only removes the flows of a
+    /// service it removes, and rewrites flows at a drain timeout). Sized by the daemon.
     #[map(name = "FLOWS")]
-    pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+    pub static FLOWS: Array<FlowSet> = Array::with_max_entries(flow_sets(MAX_FLOWS), BPF_F_MMAPABLE);
 
     /// backend address, port, protocol → the (VIP, port) pairs it serves. Written by the daemon
     /// with the pools; replies are matched to their flow through it (`flow::reply`).
@@ -146,6 +149,10 @@ mod prog {
     #[unsafe(no_mangle)]
     pub static UDP_IDLE_NS: Global<u64> = Global::new(switcher_common::DEFAULT_UDP_IDLE_NS);
 
+    /// Sets of `FLOWS` minus one; set at load from the map's size (`GLOBAL_FLOW_SET_MASK`).
+    #[unsafe(no_mangle)]
+    pub static FLOW_SET_MASK: Global<u32> = Global::new(flow_sets(MAX_FLOWS) - 1);
+
     /// How rewritten NAT packets leave (`FORWARD_KERNEL` or `FORWARD_REDIRECT`); set at load.
     #[unsafe(no_mangle)]
     pub static FORWARD_MODE: Global<u32> = Global::new(switcher_common::FORWARD_REDIRECT);
@@ -153,6 +160,10 @@ mod prog {
     /// `BPF_F_NO_PREALLOC`: `REVERSE` is written by the daemon only, so its entries are
     /// allocated on update and its memory follows the backends configured.
     const BPF_F_NO_PREALLOC: u32 = 1;
+
+    /// `BPF_F_MMAPABLE`: the daemon maps `FLOWS` into its memory, so it reads the flows
+    /// without a syscall and writes one slot at a time, in the data path's order.
+    const BPF_F_MMAPABLE: u32 = 1 << 10;
 
     #[xdp]
     pub fn switcher(ctx: XdpContext) -> u32 {

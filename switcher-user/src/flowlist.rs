@@ -1,9 +1,9 @@
 //! `switcher flows`: the open flows of the flow table, filtered, listed or counted per
 //! service, colour and backend — who is still on the old colour during a drain, and where.
 //!
-//! The table is read with [`crate::flowcount::walk_until`], [`crate::flowcount::BATCH`]
-//! entries per `BPF_MAP_LOOKUP_BATCH` on a descriptor of its own, so memory is two batch
-//! buffers plus what is kept: at most the limit of flows listed, or one count per (service,
+//! The table is read in memory ([`crate::flowtable::FlowTable::walk_until`]),
+//! [`crate::flowcount::BATCH`] entries at a time, so memory is two batch buffers plus what
+//! is kept: at most the limit of flows listed, or one count per (service,
 //! colour, backend) for a summary. The walk stops at the limit and at its own deadline (and
 //! says so: the answer is then partial). The daemon runs it on a blocking task, never on the
 //! engine's owner nor an async worker; with no daemon, the CLI runs it on the pinned map.
@@ -18,7 +18,6 @@ use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
     ops::ControlFlow,
-    os::fd::AsFd,
     time::{Duration, Instant},
 };
 
@@ -30,7 +29,7 @@ use switcher_common::{
 use crate::{
     config::Config,
     dataplane::{addr_ip, now_coarse_ns, service_key},
-    flowcount::walk_until,
+    flowtable::{FlowTable, FlowTableError},
     pins::Pins,
     protocol::{
         FlowEntry, FlowGroup, FlowListing, FlowQuery, FlowSource, FlowState, FlowStop, Protocol,
@@ -63,8 +62,8 @@ pub enum FlowsError {
     LimitTooLarge(u64),
     #[error("--limit 0 lists nothing; ask for at least one flow")]
     ZeroLimit,
-    #[error("read the flow table")]
-    Walk(#[source] std::io::Error),
+    #[error(transparent)]
+    Table(#[from] FlowTableError),
     #[error(
         "no pinned switcher data path under {pins}: the daemon has not run with this config (or it was uninstalled), so there are no flows to show"
     )]
@@ -401,16 +400,14 @@ pub struct Walk {
     pub source: FlowSource,
 }
 
-/// Walks the flow table on `fd` (a descriptor of `FLOWS`), batch by batch, keeping what
-/// `filter` asks for, until the end of the table, the filter's limit or `walk.deadline`.
-///
-/// # Errors
-/// A read of the map failed.
-pub fn list(fd: &impl AsFd, filter: &Filter, names: &Names, walk: Walk) -> Result<FlowListing, FlowsError> {
+/// Walks the flow table, batch by batch, keeping what `filter` asks for, until the end of
+/// the table, the filter's limit or `walk.deadline`.
+#[must_use]
+pub fn list(table: &FlowTable, filter: &Filter, names: &Names, walk: Walk) -> FlowListing {
     let started = Instant::now();
     let mut c = Collector::new(filter, names, walk.udp_idle);
     let mut late = false;
-    walk_until(fd, |keys, flows| {
+    table.walk_until(|keys, flows| {
         let now = now_coarse_ns();
         for (key, flow) in keys.iter().zip(flows) {
             c.offer(key, flow, now)?;
@@ -420,12 +417,11 @@ pub fn list(fd: &impl AsFd, filter: &Filter, names: &Names, walk: Walk) -> Resul
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
-    })
-    .map_err(FlowsError::Walk)?;
+    });
     if late && c.stopped.is_none() {
         c.timed_out();
     }
-    Ok(c.finish(started.elapsed(), walk.capacity, walk.source))
+    c.finish(started.elapsed(), walk.capacity, walk.source)
 }
 
 /// The no-daemon path: `query` answered from the pinned flow table of `config`'s data path
@@ -451,15 +447,15 @@ pub fn from_pins(config: &Config, query: &FlowQuery) -> Result<FlowListing, Flow
             .filter_map(|s| services.get(&service_key(s, s.port), 0).ok().map(|v| (v.id, s.name.clone()))),
     );
     let filter = Filter::new(query, &names)?;
-    let flows = open(MAP_FLOWS)?;
-    let capacity = flows.info().ok().map(|i| u64::from(i.max_entries()));
+    let table = FlowTable::open(open(MAP_FLOWS)?.fd())?;
+    let capacity = Some(table.capacity());
     let walk = Walk {
         udp_idle: config.udp_idle_timeout,
         capacity,
         deadline: Instant::now() + DEADLINE,
         source: FlowSource::Pins,
     };
-    list(flows.fd(), &filter, &names, walk)
+    Ok(list(&table, &filter, &names, walk))
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod fleet;
 pub mod flowcount;
 pub mod flowlist;
+pub mod flowtable;
 pub mod health;
 #[cfg(test)]
 mod layers;

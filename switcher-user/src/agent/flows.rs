@@ -6,7 +6,6 @@
 //! data path is only read. One walk runs at a time; a second waits for it within its deadline.
 
 use std::{
-    os::fd::OwnedFd,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,6 +15,7 @@ use tokio::sync::Semaphore;
 use super::Engine;
 use crate::{
     flowlist::{self, Filter, Names, Walk},
+    flowtable::FlowTable,
     protocol::{
         Deadline, FlowQuery, FlowSource, Response,
         flows::{FLOW_TABLE_WARN_BP, fill_bp, flow_table_warning},
@@ -29,16 +29,16 @@ const ANSWER_MARGIN: Duration = Duration::from_millis(500);
 
 /// What the daemon lists flows with.
 pub(super) struct Lister {
-    fd: Arc<OwnedFd>,
-    /// Entries `FLOWS` holds at most.
+    table: Arc<FlowTable>,
+    /// The flows `FLOWS` is made for.
     pub capacity: u64,
     udp_idle: Duration,
     walks: Arc<Semaphore>,
 }
 
 impl Lister {
-    pub(super) fn new(fd: OwnedFd, capacity: u64, udp_idle: Duration) -> Lister {
-        Lister { fd: Arc::new(fd), capacity, udp_idle, walks: Arc::new(Semaphore::new(WALKS)) }
+    pub(super) fn new(table: Arc<FlowTable>, capacity: u64, udp_idle: Duration) -> Lister {
+        Lister { table, capacity, udp_idle, walks: Arc::new(Semaphore::new(WALKS)) }
     }
 }
 
@@ -66,15 +66,14 @@ pub(super) async fn answer(engine: &Engine, lister: &Lister, query: FlowQuery, d
         deadline: until,
         source: FlowSource::Daemon,
     };
-    let fd = Arc::clone(&lister.fd);
+    let table = Arc::clone(&lister.table);
     let walked = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        flowlist::list(&*fd, &filter, &names, walk)
+        flowlist::list(&table, &filter, &names, walk)
     })
     .await;
     match walked {
-        Ok(Ok(listing)) => Response { ok: true, flows: Some(listing), ..Response::default() },
-        Ok(Err(e)) => Response::error(crate::engine::chain(&e)),
+        Ok(listing) => Response { ok: true, flows: Some(listing), ..Response::default() },
         Err(e) => Response::error(format!("the walk of the flow table failed: {e}")),
     }
 }

@@ -93,8 +93,8 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
         .spawn(move || walker.run())
         .context("start the thread that counts the open flows")?;
     // `switcher flows` walks the table on a descriptor of its own, on blocking tasks.
-    let (flows_fd, flow_capacity) = dataplane.flow_lister().context("open the flow table for `switcher flows`")?;
-    let lister = Arc::new(flows::Lister::new(flows_fd, flow_capacity, config.udp_idle_timeout));
+    let (flow_table, flow_capacity) = dataplane.flow_lister();
+    let lister = Arc::new(flows::Lister::new(flow_table, flow_capacity, config.udp_idle_timeout));
     // Emergency changes made `--local` in a fleet while no daemon ran (see `emergency`).
     let emergency_overrides = crate::pins::Pins::new(&config.pin_path).take_overrides();
     for (s, i) in config.services.iter().zip(&installed) {

@@ -3,11 +3,11 @@
 
 use super::*;
 
-/// The end of a drain, as [`Dataplane::drain_end`] prepared it: runs on its own descriptor
-/// of `FLOWS`, batch by batch.
+/// The end of a drain, as [`Dataplane::drain_end`] prepared it: runs on the mapped `FLOWS`,
+/// batch by batch.
 #[derive(Debug)]
 pub struct DrainEnd {
-    flows: std::os::fd::OwnedFd,
+    flows: std::sync::Arc<crate::flowtable::FlowTable>,
     id: u32,
     from: Colour,
     action: config::DrainAction,
@@ -22,11 +22,10 @@ impl DrainEnd {
     /// Moves or resets the drain's flows; returns how many.
     ///
     /// # Errors
-    /// A read of the map failed.
+    /// None today: the table is read in memory (kept for callers that report one).
     pub fn run(&self) -> std::io::Result<u64> {
-        use crate::flowcount::{lookup, update};
         let mut handled = 0;
-        crate::flowcount::walk(&self.flows, |keys, values| {
+        self.flows.walk(|keys, values| {
             for (key, flow) in keys.iter().zip(values) {
                 if flow.service != self.id
                     || u32::from(flow.colour) != self.from.as_u32()
@@ -36,7 +35,7 @@ impl DrainEnd {
                 }
                 // The data path may have given the 5-tuple a new flow since the batch was
                 // read: only the flow we saw is touched.
-                if lookup(&self.flows, key).as_ref() != Some(flow) {
+                if self.flows.lookup(key).as_ref() != Some(flow) {
                     continue;
                 }
                 let new = match self.action {
@@ -51,11 +50,11 @@ impl DrainEnd {
                         Flow { backend, colour: colour.as_u32() as u8, backend_idx: idx, ..*flow }
                     }
                 };
-                if update(&self.flows, key, &new).is_ok() {
+                if self.flows.update(key, &new).is_ok() {
                     handled += 1;
                 }
             }
-        })?;
+        });
         Ok(handled)
     }
 
@@ -69,18 +68,15 @@ impl DrainEnd {
 }
 
 impl Dataplane {
-    /// A walker that counts the flows on a descriptor of `FLOWS` of its own, and the
-    /// readers' end, which this data plane keeps (see [`crate::flowcount`]): the daemon runs
+    /// A walker that counts the flows of the mapped `FLOWS`, and the readers' end, which this data plane keeps (see [`crate::flowcount`]): the daemon runs
     /// the walker on a thread of its own, and the switchboard reads its passes through
     /// [`Dataplane::flow_counts`]. Without a call to this, no flows are counted.
     ///
     /// # Errors
-    /// The map's descriptor could not be duplicated.
+    /// None today (kept for callers that report one).
     pub fn flow_walker(&mut self) -> Result<crate::flowcount::FlowWalker> {
-        use std::os::fd::AsFd as _;
-        let fd = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
         let (counter, walker) = crate::flowcount::counter(
-            fd,
+            std::sync::Arc::clone(&self.table),
             self.options.udp_idle_timeout,
             self.options.tcp_idle_timeout,
             self.started_ns,
@@ -89,30 +85,22 @@ impl Dataplane {
         Ok(walker)
     }
 
-    /// A descriptor of `FLOWS` of its own and the table's size, for the walks of
-    /// `switcher flows` (see [`crate::flowlist`]), which run apart from the engine.
-    ///
-    /// # Errors
-    /// The map's descriptor could not be duplicated.
-    pub fn flow_lister(&self) -> Result<(std::os::fd::OwnedFd, u64)> {
-        use std::os::fd::AsFd as _;
-        let fd = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
-        let capacity = self.flows.map().info().map_or_else(
-            |_| u64::from(self.options.max_flows.unwrap_or(switcher_common::MAX_FLOWS)),
-            |i| u64::from(i.max_entries()),
-        );
-        Ok((fd, capacity))
+    /// The mapped `FLOWS` and the flows it is made for, for the walks of `switcher flows`
+    /// (see [`crate::flowlist`]), which run apart from the engine.
+    #[must_use]
+    pub fn flow_lister(&self) -> (std::sync::Arc<crate::flowtable::FlowTable>, u64) {
+        (std::sync::Arc::clone(&self.table), self.table.capacity())
     }
 
     /// Counts the flows now, on this thread (tests and diagnostics; the daemon reads the
     /// walker's passes instead). Expired flows are not counted.
     ///
     /// # Errors
-    /// A read of the map failed.
+    /// None today (kept for callers that report one).
     pub fn count_flows(&self) -> Result<crate::flowcount::FlowSnapshot> {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let (udp, tcp) = (ns(self.options.udp_idle_timeout), ns(self.options.tcp_idle_timeout));
-        crate::flowcount::count(self.flows.map().fd(), udp, tcp, self.started_ns, 0).map_err(DataplaneError::Walk)
+        Ok(crate::flowcount::count(&self.table, udp, tcp, self.started_ns, 0))
     }
 
     /// The last complete count of the flows (see [`Dataplane::flow_walker`]).
@@ -139,8 +127,8 @@ impl Dataplane {
 
     /// Calls `each` with the flows, [`crate::flowcount::BATCH`] at a time (never all of
     /// them at once).
-    pub(super) fn walk_flows(&self, each: impl FnMut(&[FlowKey], &[Flow])) -> Result<()> {
-        crate::flowcount::walk(self.flows.map().fd(), each).map_err(DataplaneError::Walk)
+    pub(super) fn walk_flows(&self, each: impl FnMut(&[FlowKey], &[Flow])) {
+        self.table.walk(each);
     }
 
     /// Ends the drain of `from`: its open flows of service `id` are re-pointed to where a new
@@ -161,10 +149,10 @@ impl Dataplane {
 
     /// The work of [`Dataplane::end_drain`], to be done anywhere (it walks every flow: the
     /// daemon runs it on a thread of its own, without the board's lock): the switch state
-    /// and the pools as they are now, and a descriptor of `FLOWS` of its own.
+    /// and the pools as they are now, and the mapped `FLOWS`.
     ///
     /// # Errors
-    /// The state could not be read or the descriptor not duplicated.
+    /// The state could not be read.
     pub fn drain_end(
         &self,
         service: &ServiceConfig,
@@ -172,9 +160,8 @@ impl Dataplane {
         from: Colour,
         action: config::DrainAction,
     ) -> Result<DrainEnd> {
-        use std::os::fd::AsFd as _;
         let state = self.state.get(&id, 0).map_err(map_err(MAP_STATE))?;
-        let flows = self.flows.map().fd().as_fd().try_clone_to_owned().map_err(DataplaneError::Walk)?;
+        let flows = std::sync::Arc::clone(&self.table);
         let pool = |c: Colour| {
             self.pools.get(&(id, c)).map_or_else(
                 || (Vec::new(), Vec::new()),
@@ -195,25 +182,15 @@ impl Dataplane {
     /// Removes the flows addressed to any of `keys`; returns how many. A flow the data path
     /// re-created since the walk is left alone.
     pub(super) fn purge_flows(&mut self, keys: &[ServiceKey]) -> u64 {
-        use std::os::fd::AsFd as _;
         let to = |k: &FlowKey| {
             keys.iter().any(|s| s.vip == k.dst && s.port == k.dport && s.proto == k.proto && s.family == k.family)
         };
         let mut n = 0;
-        let Ok(flows) = self.flows.map().fd().as_fd().try_clone_to_owned() else { return 0 };
-        let walked = crate::flowcount::walk(&flows, |batch, values| {
+        self.table.walk(|batch, values| {
             for (key, flow) in batch.iter().zip(values).filter(|(k, _)| to(k)) {
-                if self.flows.get(key, 0).ok().as_ref() != Some(flow) {
-                    continue;
-                }
-                if self.flows.remove(key).is_ok() {
-                    n += 1;
-                }
+                n += u64::from(self.table.remove_if(key, flow));
             }
         });
-        if let Err(e) = walked {
-            tracing::warn!("removing the flows of removed services: {e}");
-        }
         n
     }
 
@@ -221,9 +198,7 @@ impl Dataplane {
     #[must_use]
     pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
         let mut all = Vec::new();
-        if let Err(e) = self.walk_flows(|k, v| all.extend(k.iter().copied().zip(v.iter().copied()))) {
-            tracing::warn!("{e}");
-        }
+        self.walk_flows(|k, v| all.extend(k.iter().copied().zip(v.iter().copied())));
         all
     }
 }

@@ -30,11 +30,11 @@ use aya::{
 };
 use switcher_common::{
     ABI_VERSION, BP_ALL, Backend, BackendKey, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET,
-    FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, GLOBAL_FORWARD_MODE, GLOBAL_UDP_IDLE_NS, MAP_BACKENDS,
-    MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE, MAP_RING, MAP_RING_LIVE,
-    MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PROG_NAME, REVERSE_WAYS, Reason, Reverse,
-    RingChunk, SEED_CANARY, SEED_RING, Service, ServiceKey, VipPort, colour_slot, flow_hash, new_flow_colour,
-    user::Colour,
+    FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, FlowSet, GLOBAL_FLOW_SET_MASK, GLOBAL_FORWARD_MODE,
+    GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE,
+    MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PROG_NAME,
+    REVERSE_WAYS, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING, Service, ServiceKey, VipPort, colour_slot,
+    flow_hash, new_flow_colour, user::Colour,
 };
 
 use crate::{
@@ -69,6 +69,8 @@ pub enum DataplaneError {
     Missing { what: &'static str, name: &'static str },
     #[error("walk the flow table")]
     Walk(#[source] std::io::Error),
+    #[error(transparent)]
+    FlowTable(#[from] crate::flowtable::FlowTableError),
     #[error("map {name}")]
     Map {
         name: &'static str,
@@ -297,7 +299,9 @@ pub struct Dataplane {
     ring: Array<MapData, RingChunk>,
     ring_live: Array<MapData, u32>,
     state: Array<MapData, u32>,
-    flows: HashMap<MapData, FlowKey, Flow>,
+    flows: Array<MapData, FlowSet>,
+    /// `FLOWS`, mapped: how the daemon reads and writes flows.
+    table: std::sync::Arc<crate::flowtable::FlowTable>,
     reverse: HashMap<MapData, BackendKey, Reverse>,
     now: Array<MapData, u64>,
     counters: PerCpuArray<MapData, ColourCounters>,
@@ -517,9 +521,9 @@ impl Dataplane {
                 loader.map_pin_path(name, pins.map(name));
             }
         }
-        if let Some(n) = options.max_flows {
-            loader.map_max_entries(MAP_FLOWS, n);
-        }
+        let sets = switcher_common::flow_sets(options.max_flows.unwrap_or(switcher_common::MAX_FLOWS));
+        let set_mask = sets - 1;
+        loader.map_max_entries(MAP_FLOWS, sets).override_global(GLOBAL_FLOW_SET_MASK, &set_mask, true);
         for (name, n) in service_map_sizes(options.max_services.unwrap_or(MAX_SERVICES)) {
             loader.map_max_entries(name, n);
         }
@@ -544,13 +548,18 @@ impl Dataplane {
             return Err(DataplaneError::Incompatible { found, path: pins.map(|p| p.maps_dir()).unwrap_or_default() });
         }
         meta.set(0, &ABI_VERSION, 0).map_err(map_err(MAP_META))?;
+        let flows: Array<MapData, FlowSet> = take(&mut ebpf, MAP_FLOWS)?;
+        let table = std::sync::Arc::new(
+            crate::flowtable::FlowTable::open(flows.map().fd()).map_err(DataplaneError::FlowTable)?,
+        );
         Ok(Dataplane {
             services: take(&mut ebpf, MAP_SERVICES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             ring: take(&mut ebpf, MAP_RING)?,
             ring_live: take(&mut ebpf, MAP_RING_LIVE)?,
             state: take(&mut ebpf, MAP_STATE)?,
-            flows: take(&mut ebpf, MAP_FLOWS)?,
+            table,
+            flows,
             reverse: take(&mut ebpf, MAP_REVERSE)?,
             now: take(&mut ebpf, MAP_NOW)?,
             counters: take(&mut ebpf, MAP_COUNTERS)?,
@@ -600,7 +609,8 @@ impl Dataplane {
     /// # Errors
     /// The map update failed.
     pub fn insert_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
-        self.flows.insert(key, flow, 0).map_err(map_err(MAP_FLOWS))
+        self.table.insert(key, flow);
+        Ok(())
     }
 
     /// Writes a `SERVICES` entry directly (benchmarks fill the table with it).
@@ -926,10 +936,15 @@ fn check_sizes(pins: &Pins, options: &Options) -> Result<()> {
         ("max_services", MAP_STATE, services),
     ];
     for (key, map, configured) in checks {
+        // `FLOWS` has `flow_sets(max_flows)` entries; a `max_flows` that rounds to the same
+        // table is the same.
+        let flows = map == MAP_FLOWS;
+        let want = if flows { switcher_common::flow_sets(configured) } else { configured };
         if let Some(found) = pinned(map)
-            && found != configured
+            && found != want
         {
-            return Err(DataplaneError::Resized { key, configured, pinned: found });
+            let pinned = if flows { found.saturating_mul(switcher_common::FLOW_WAYS) / 2 } else { found };
+            return Err(DataplaneError::Resized { key, configured, pinned });
         }
     }
     Ok(())
