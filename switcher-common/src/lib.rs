@@ -39,8 +39,9 @@ pub const MAP_RING: &str = "RING";
 pub const MAP_RING_LIVE: &str = "RING_LIVE";
 /// `u32` service id → `u32` switch state (`switch_state`); the one map a cut-over writes.
 pub const MAP_STATE: &str = "STATE";
-/// `FlowKey` (client → VIP) → `Flow`; written by the data path (expired entries are treated as
-/// absent and left to the LRU); the daemon rewrites flows only at a drain timeout.
+/// Set index → `FlowSet`: `FlowKey` (client → VIP) and `Flow` in sets of `FLOW_WAYS` slots;
+/// written by the data path (expired entries are treated as absent and left for new flows to
+/// reuse); the daemon rewrites flows only at a drain timeout, and removes a removed service's.
 pub const MAP_FLOWS: &str = "FLOWS";
 /// `BackendKey` (a backend's address, port, protocol) → `Reverse` (the VIPs and ports it
 /// serves); written by the daemon with the pools. A backend's packet is translated back only
@@ -689,7 +690,7 @@ pub fn ends_flow(proto: u8, tcp_flags: u8) -> bool {
 
 /// Whether a tracked flow is over: UDP flows after `udp_idle_ns` without packets, closing TCP
 /// flows `TCP_CLOSING_NS` after their last packet. Other TCP flows end by a SYN on their
-/// 5-tuple or LRU eviction.
+/// 5-tuple or by giving their slot to a new flow (see `FLOW_WAYS`).
 #[inline(always)]
 #[must_use]
 pub fn flow_expired(proto: u8, flags: u8, now_ns: u64, last_seen_ns: u64, udp_idle_ns: u64) -> bool {
@@ -769,6 +770,30 @@ pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_flow_table_has_twice_the_slots_of_max_flows_rounded_up() {
+        assert_eq!((flow_capacity(MAX_FLOWS), flow_sets(MAX_FLOWS)), (MAX_FLOWS, MAX_FLOWS * 2 / FLOW_WAYS));
+        assert_eq!((flow_capacity(1_000), flow_sets(1_000)), (1_024, 512));
+        assert_eq!((flow_capacity(1), flow_sets(16)), (16, 8));
+        assert_eq!(flow_sets(16_777_216) * FLOW_WAYS, 33_554_432);
+    }
+
+    #[test]
+    fn flow_sets_spread_evenly() {
+        // 64 sets, 64 × 64 keys that differ only in the client port: every set is used, and
+        // none holds more than twice its share.
+        let mut per_set = [0u32; 64];
+        for port in 0..4096u16 {
+            // A `FlowKey`'s bytes: source port at 32, protocol at 36, family at 37.
+            let mut bytes = [0u8; 40];
+            bytes[32..34].copy_from_slice(&port.to_be_bytes());
+            (bytes[36], bytes[37]) = (6, 2);
+            let h = flow_set_hash(|i| u64::from_ne_bytes(bytes[8 * i..8 * i + 8].try_into().unwrap_or([0; 8])));
+            per_set[(h & 63) as usize] += 1;
+        }
+        assert!(per_set.iter().all(|&n| n > 0 && n <= 128), "{per_set:?}");
+    }
 
     #[test]
     fn syns_are_all_timed_up_to_the_tick_budget_then_one_in_eight() {

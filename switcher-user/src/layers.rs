@@ -8,7 +8,8 @@
 //! 4 fleet                        the desired state in etcd, followed through the engine
 //! 3 engine                       the switch rules and the switchboard, in front of the maps
 //! 2 dataplane flowcount maglev   the node's I/O: maps, pins, Maglev, attach, flow counts,
-//!   flowlist emergency health    flow listings, the emergency path, health probes
+//!   flowlist flowtable emergency flow listings, the mapped flow table, the emergency path,
+//!   health                       health probes
 //! 1 config                       the file, parsed and validated
 //! 0 protocol accounts limits     the wire types and leaf helpers: import nothing of the crate
 //!   pins slab steps shadow
@@ -29,6 +30,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("dataplane", 2),
     ("flowcount", 2),
     ("flowlist", 2),
+    ("flowtable", 2),
     ("maglev", 2),
     ("emergency", 2),
     ("health", 2),

@@ -112,15 +112,20 @@ pub fn fill(link: &Path, from: u32, to: u32) -> u32 {
     passed
 }
 
-/// A process's resident memory, in KiB.
+/// A process's own resident memory (anonymous and shared, not the BPF maps it maps), in KiB.
 ///
 /// # Panics
 /// When its status cannot be read.
 #[must_use]
 pub fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmRSS in kB")
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in status"));
+        line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).unwrap_or_else(|| panic!("{name} in kB"))
+    };
+    // The daemon maps `FLOWS` (the kernel's memory, counted in the map's own figure): its
+    // pages show as the process's file-backed RSS, not as memory of its own.
+    field("RssAnon:") + field("RssShmem:")
 }
 
 /// A pinned map's `max_entries` and kernel memory (bytes), from its fdinfo.

@@ -246,7 +246,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
         }
         reg.register(
             "flow_table_entries",
-            "Entries of the flow table by state, from the last pass over it (expired ones wait for the LRU to reuse them)",
+            "Entries of the flow table by state, from the last pass over it (expired ones wait for a new flow of their set to reuse them)",
             entries,
         );
         if let Some(cap) = t.capacity {

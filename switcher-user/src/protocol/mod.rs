@@ -264,8 +264,9 @@ pub struct Response {
     pub flows: Option<FlowListing>,
 }
 
-/// The entries of the flow table (an LRU: when it is full, a new flow evicts the least
-/// recently used entry, expired or not), by state, from the last complete pass over it.
+/// The entries of the flow table (sets of `FLOW_WAYS` slots: a new flow whose set is full
+/// takes the slot of an ended flow, else of the set's least recently seen one), by state,
+/// from the last complete pass over it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowTable {
     /// Open flows, every service and colour.
@@ -274,7 +275,7 @@ pub struct FlowTable {
     pub closing: u64,
     /// Open TCP flows idle past `tcp_idle_timeout_secs`.
     pub idle: u64,
-    /// Entries of flows that are over, left for the LRU to reuse.
+    /// Entries of flows that are over, left for new flows to reuse.
     pub expired: u64,
     /// Entries the table holds at most (`max_flows`), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -25,8 +25,7 @@ use crate::{
 const WEB: SocketAddrV4 = SocketAddrV4::new(VIP, VIP_TCP);
 /// A second address of the client's namespace, for the green connections (`--client`).
 const CLIENT2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
-/// The flow table's size here: small enough to fill, big enough that the LRU's per-CPU free
-/// lists (up to 128 entries each) do not evict before the warning's 85 %.
+/// The flow table's size here (`max_flows`, a power of two): small enough to fill.
 const MAX_FLOWS: u32 = 4096;
 
 /// `switcher flows ARGS --json`, parsed.

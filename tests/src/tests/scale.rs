@@ -48,7 +48,7 @@ fn a_million_open_flows_cut_over_and_report_status_in_bounded_memory() {
     });
     let pins = Pins::new(pin_path(&d.socket));
     let (entries, memlock) = map_size(&pins.map(switcher_common::MAP_FLOWS));
-    assert_eq!(entries, u64::from(MAX_FLOWS), "the flow table has the configured size");
+    assert_eq!(entries, u64::from(switcher_common::flow_sets(MAX_FLOWS)), "the flow table has the configured size");
     let idle_rss = rss_kib(d.pid());
     let timed = |what: &str, f: &mut dyn FnMut() -> String| {
         let started = Instant::now();
