@@ -183,7 +183,7 @@ pub fn flow_table_warning(entries: u64, capacity: u64) -> Option<String> {
     let bp = fill_bp(entries, capacity);
     (capacity > 0 && bp >= FLOW_TABLE_WARN_BP).then(|| {
         format!(
-            "the flow table is {} full ({entries} open flows of max_flows = {capacity}): a new flow whose set of slots is full takes the slot of the set's least recently seen flow, live or not (more often the fuller the table), and an evicted flow may lose its backend; raise max_flows (it takes a `switcher uninstall` and a restart), or spread the load",
+            "the flow table is {} full ({entries} open flows of max_flows = {capacity}): a new flow whose set of 4 slots is full evicts the set's least recently seen flow, live or not (more often the fuller the table), and an evicted flow may lose its backend; raise max_flows (it takes a `switcher uninstall` and a restart), or spread the load",
             super::percent(bp)
         )
     })
