@@ -502,11 +502,14 @@ pub struct ColourCounters {
     pub syn_retransmits: u64,
     /// RSTs from the client on a flow that was not closing yet (NAT and DSR).
     pub client_resets: u64,
+    /// Open flows of this colour whose slot a new flow took: their set of `FLOW_WAYS` slots
+    /// was full of flows that had not ended (the table is too small for the load).
+    pub evicted: u64,
     /// NAT: SYN → SYN-ACK latency of `handshakes`, by bucket of `SYN_LATENCY_BOUNDS`
     /// (the last bucket: at or above the last bound).
     pub syn_latency: [u64; SYN_BUCKETS],
 }
-const _: () = assert!(size_of::<ColourCounters>() == 144);
+const _: () = assert!(size_of::<ColourCounters>() == 152);
 
 /// Buckets of `ColourCounters::syn_latency`.
 pub const SYN_BUCKETS: usize = 5;

@@ -14,11 +14,11 @@
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
-use switcher_common::{FLOW_WAYS, Flow, FlowKey, FlowSet, FlowSlot, flow_expired, flow_set_hash};
+use switcher_common::{FLOW_WAYS, Flow, FlowKey, FlowSet, FlowSlot, colour_slot, flow_expired, flow_set_hash};
 
 use crate::{
     mem,
-    prog::{FLOW_SET_MASK, FLOWS, UDP_IDLE_NS},
+    prog::{COUNTERS, FLOW_SET_MASK, FLOWS, UDP_IDLE_NS},
 };
 
 /// `key`'s set. The key sits in a map value (the per-CPU scratch), 8-byte aligned, so its
@@ -113,6 +113,14 @@ pub extern "C" fn switcher_flow_insert(key: *const FlowKey, flow: *const Flow) -
     if low == 0 {
         mem::copy(&mut slot.flow, flow);
         return 0;
+    }
+    if low >= 3 {
+        // A flow that had not ended loses its slot: counted on its colour.
+        let (service, colour) = (slot.flow.service, u32::from(slot.flow.colour));
+        if let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) {
+            // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+            unsafe { (*c).evicted += 1 };
+        }
     }
     // Empty the slot, write the flow and the key, then the family that makes it findable.
     // SAFETY: a field of a live map value.

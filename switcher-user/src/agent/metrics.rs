@@ -97,6 +97,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
     let bytes = Family::<Labels, Counter>::default();
     let flows = Family::<Labels, Counter>::default();
     let rescued = Family::<Labels, Counter>::default();
+    let evicted = Family::<Labels, Counter>::default();
     let syns = Family::<Labels, Counter>::default();
     let handshakes = Family::<Labels, Counter>::default();
     let refused = Family::<Labels, Counter>::default();
@@ -150,6 +151,7 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
             let sc = labels(&[("service", name), ("colour", col)]);
             flows.get_or_create(&sc).inc_by(k.flows);
             rescued.get_or_create(&sc).inc_by(k.rescued);
+            evicted.get_or_create(&sc).inc_by(k.evicted);
             syns.get_or_create(&sc).inc_by(k.syns);
             handshakes.get_or_create(&sc).inc_by(k.handshakes);
             refused.get_or_create(&sc).inc_by(k.refused);
@@ -266,6 +268,11 @@ pub fn render(status: &Response) -> Result<String, std::fmt::Error> {
         "rescued_flows",
         "TCP connections found without a flow while the service drained (moved from another node, or evicted), sent back to this, the previous, colour",
         rescued,
+    );
+    reg.register(
+        "evicted_flows",
+        "Open flows of a colour whose slot in the flow table a new flow took, their set of 4 slots full of flows that had not ended: the table is too small for the load (raise max_flows)",
+        evicted,
     );
     reg.register("syns", "TCP flows begun by a SYN, per colour (NAT: a retransmitted SYN counts again)", syns);
     reg.register(
@@ -557,6 +564,7 @@ mod tests {
                         icmp_unreachables: 0,
                         syn_retransmits: 0,
                         client_resets: 1,
+                        evicted: 5,
                         syn_latency: [2, 1, 0, 0, 0],
                     },
                     edited: false,
@@ -593,6 +601,7 @@ mod tests {
             "switcher_packets_total{service=\"web\",colour=\"green\",direction=\"request\"} 10",
             "switcher_open_flows{service=\"web\",colour=\"green\"} 7",
             "switcher_rescued_flows_total{service=\"web\",colour=\"green\"} 3",
+            "switcher_evicted_flows_total{service=\"web\",colour=\"green\"} 5",
             "switcher_handshakes_total{service=\"web\",colour=\"green\"} 3",
             "switcher_backend_resets_total{service=\"web\",colour=\"green\"} 2",
             "switcher_refused_total{service=\"web\",colour=\"green\"} 1",

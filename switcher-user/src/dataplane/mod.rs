@@ -158,6 +158,7 @@ impl Counters {
         self.icmp_unreachables = self.icmp_unreachables.saturating_add(o.icmp_unreachables);
         self.syn_retransmits = self.syn_retransmits.saturating_add(o.syn_retransmits);
         self.client_resets = self.client_resets.saturating_add(o.client_resets);
+        self.evicted = self.evicted.saturating_add(o.evicted);
         for (t, c) in self.syn_latency.iter_mut().zip(o.syn_latency) {
             *t = t.saturating_add(c);
         }
@@ -190,6 +191,7 @@ impl From<&ColourCounters> for Counters {
             icmp_unreachables: c.icmp_unreachables,
             syn_retransmits: c.syn_retransmits,
             client_resets: c.client_resets,
+            evicted: c.evicted,
             syn_latency: c.syn_latency,
         }
     }

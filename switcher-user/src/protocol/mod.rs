@@ -648,6 +648,9 @@ pub struct Counters {
     pub syn_retransmits: u64,
     #[serde(default)]
     pub client_resets: u64,
+    /// Open flows whose slot in the flow table a new flow took (their set was full).
+    #[serde(default)]
+    pub evicted: u64,
     #[serde(default)]
     pub syn_latency: [u64; 5],
 }

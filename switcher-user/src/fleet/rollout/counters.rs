@@ -208,6 +208,7 @@ mod tests {
             icmp_unreachables: 11,
             syn_retransmits: 12,
             client_resets: 13,
+            evicted: 19,
             syn_latency: [14, 15, 16, 17, 18],
         };
         let s = Counters::sum([&a, &a, &Counters::default()]);
@@ -227,6 +228,7 @@ mod tests {
                 icmp_unreachables: 22,
                 syn_retransmits: 24,
                 client_resets: 26,
+                evicted: 38,
                 syn_latency: [28, 30, 32, 34, 36],
             }
         );
