@@ -41,7 +41,7 @@ mod prog {
     use switcher_common::{
         Backend, BackendKey, COLOURS, ColourCounters, FlowKey, FlowSet, MAX_FLOWS, MAX_POOL, MAX_REVERSE, MAX_SERVICES,
         PORT_BACKEND, PORT_SERVICE, PROTO_UDP, Reason, Reverse, RingChunk, SHADOW_MAX_FLOWS, Service, ServiceKey,
-        ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VIP_SLOTS, flow_sets, vip_slot,
+        ShadowBucket, ShadowConfig, ShadowCounters, ShadowFlow, VIP_SLOTS, flow_sets,
     };
 
     use crate::{
@@ -191,21 +191,24 @@ mod prog {
         if pkt.icmp != 0 {
             return Ok(icmp::translate(&pkt, scratch));
         }
-        // Traffic of no service and no backend leaves on its ports alone, before any key is
-        // built: two array lookups.
+        // Traffic of no service and no backend leaves before any key is built: two array
+        // lookups for its ports, and a third for the address of one to a service port.
         // SAFETY: bounds-checked by the parser.
         let (sport, dport) = unsafe { ((*pkt.ports).src, (*pkt.ports).dst) };
         let port_bits = |port: [u8; 2]| PORTS.get(u32::from(u16::from_be_bytes(port))).copied().unwrap_or(0);
         let dport_bits = port_bits(dport);
         let from_backend = port_bits(sport) & PORT_BACKEND != 0;
-        if dport_bits == 0 && !from_backend {
+        // A service port on an address that is no VIP (its `VIPS` slot, read from the
+        // header) is no service's either: it leaves unless it may be a backend's reply or a
+        // client's datagram straight to a backend.
+        let to_service =
+            dport_bits & PORT_SERVICE != 0 && VIPS.get(pkt.ip.dst_vip_slot()).copied().unwrap_or(0) != 0;
+        let udp_to_backend = pkt.proto == PROTO_UDP && dport_bits & PORT_BACKEND != 0;
+        if !to_service && !from_backend && !udp_to_backend {
             return Err(Reason::NO_MATCH);
         }
         pkt.write_flow_key(&mut scratch.key);
         let key = &scratch.key;
-        let to_service =
-            dport_bits & PORT_SERVICE != 0 && VIPS.get(vip_slot(&key.dst, key.family)).copied().unwrap_or(0) != 0;
-        let to_backend_port = dport_bits & PORT_BACKEND != 0;
         if to_service {
             let service_key = ServiceKey { vip: key.dst, port: key.dport, proto: key.proto, family: key.family };
             // A packet of a known flow needs no service lookup; a SYN always starts afresh.
@@ -230,7 +233,7 @@ mod prog {
         if from_backend {
             return Ok(flow::reply(&pkt, scratch));
         }
-        if pkt.proto == PROTO_UDP && to_backend_port {
+        if udp_to_backend {
             // A client's datagram straight to a backend, from a port whose VIP flow to that
             // backend is live: the backend's answers are the direct conversation's now.
             flow::direct(scratch);

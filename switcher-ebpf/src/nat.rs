@@ -109,6 +109,12 @@ pub struct Scratch {
     pub best_i: u8,
     pub best_seen: u64,
 }
+// The flow table reads `key` and `other` as 8-byte words (see `table`).
+const _: () = assert!(
+    core::mem::offset_of!(Scratch, key) % 8 == 0
+        && core::mem::offset_of!(Scratch, other) % 8 == 0
+        && align_of::<Scratch>() >= 8
+);
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;

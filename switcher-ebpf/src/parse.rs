@@ -104,6 +104,23 @@ impl Ip {
         // SAFETY: as above.
         unsafe { if self.is_v6() { (*self.v6()).dst_addr } else { widen((*self.v4()).dst_addr) } }
     }
+
+    /// `vip_slot` of the destination address, read from the header: a packet to no VIP
+    /// leaves before its flow key is built.
+    #[inline(always)]
+    pub fn dst_vip_slot(self) -> u32 {
+        // SAFETY: as above.
+        let (a, b) = unsafe {
+            if self.is_v6() {
+                let d = &(*self.v6()).dst_addr;
+                (d[14], d[15])
+            } else {
+                let d = &(*self.v4()).dst_addr;
+                (d[2], d[3])
+            }
+        };
+        (u32::from(a) << 8) | u32::from(b)
+    }
 }
 
 /// An IPv4 address in the 16-byte field.

@@ -3,8 +3,8 @@
 //! sit side by side, and an insert writes one: no lock, no allocation, no list to keep, and a
 //! full table costs a new flow what an empty one does. A new flow takes its 5-tuple's own slot
 //! if it has one, else a free slot of the set, else the slot of a flow that has ended, else
-//! the slot of the flow seen longest ago (the set's least recently used). The table has twice
-//! the slots of `max_flows` (`flow_slots`), so a set overflows rarely before the table fills.
+//! the slot of the flow seen longest ago (the set's least recently seen). The table has twice
+//! the slots of `max_flows` (`flow_sets`), so a set overflows rarely before the table fills.
 //!
 //! Writers are the data path on every CPU and, rarely, the daemon (a drain's end, a removed
 //! service). A slot being given to another flow is emptied first (its family set to 0) and
@@ -21,16 +21,30 @@ use crate::{
     prog::{COUNTERS, FLOW_SET_MASK, FLOWS, UDP_IDLE_NS},
 };
 
-/// `key`'s set. The key sits in a map value (the per-CPU scratch), 8-byte aligned, so its
-/// words are read as words. Volatile loads keep LLVM from hoisting all five loads ahead of the
-/// mixing, which would spill them to the stack.
+/// The index of `key`'s set. The key sits in a map value (the per-CPU scratch), 8-byte
+/// aligned (asserted with `Scratch`), so its words are read as words. Volatile loads keep
+/// LLVM from hoisting all five loads ahead of the mixing, which would spill them to the stack.
 #[inline(always)]
-fn set_of(key: &FlowKey) -> Option<&'static mut FlowSet> {
+fn set_index(key: &FlowKey) -> u32 {
     let words = core::ptr::from_ref(key).cast::<u64>();
     // SAFETY: `i` < 5 words of a 40-byte key, 8-byte aligned (see above).
-    let h = flow_set_hash(|i| unsafe { words.add(i).read_volatile() });
+    flow_set_hash(|i| unsafe { words.add(i).read_volatile() }) & FLOW_SET_MASK.load()
+}
+
+/// `key`'s set.
+#[inline(always)]
+fn set_of(key: &FlowKey) -> Option<&'static mut FlowSet> {
     // SAFETY: a live array element; it stays valid while the program runs.
-    FLOWS.get_ptr_mut(h & FLOW_SET_MASK.load()).map(|p| unsafe { &mut *p })
+    FLOWS.get_ptr_mut(set_index(key)).map(|p| unsafe { &mut *p })
+}
+
+/// The slot [`switcher_flow_find`] answered (`at` ≠ 0).
+#[inline(always)]
+fn slot_at(at: u32) -> Option<&'static mut FlowSlot> {
+    let at = at.checked_sub(1)?;
+    // SAFETY: a live array element; it stays valid while the program runs.
+    let set = unsafe { &mut *FLOWS.get_ptr_mut(at / FLOW_WAYS)? };
+    set.slots.get_mut((at % FLOW_WAYS) as usize)
 }
 
 /// Whether `slot` holds `key`'s flow: the five 8-byte words of the two keys (both in map
@@ -49,14 +63,7 @@ fn holds(slot: &FlowSlot, key: &FlowKey) -> bool {
 /// finds its slot, and one array lookup gives the slot to the caller.
 #[inline(always)]
 pub fn get(key: &FlowKey) -> Option<&'static mut Flow> {
-    let at = switcher_flow_find(key);
-    if at == 0 {
-        return None;
-    }
-    let at = at - 1;
-    // SAFETY: a live array element; it stays valid while the program runs.
-    let set = unsafe { &mut *FLOWS.get_ptr_mut(at / FLOW_WAYS)? };
-    set.slots.get_mut((at % FLOW_WAYS) as usize).map(|slot| &mut slot.flow)
+    slot_at(switcher_flow_find(key)).map(|slot| &mut slot.flow)
 }
 
 /// Where `key`'s flow is: 1 + its set × `FLOW_WAYS` + its way, or 0 if the table does not
@@ -69,9 +76,7 @@ pub extern "C" fn switcher_flow_find(key: *const FlowKey) -> u32 {
     // The verifier checks a global function for any caller: a null key included.
     // SAFETY: non-null (checked), and every caller passes a key of the scratch.
     let Some(key) = (unsafe { key.as_ref() }) else { return 0 };
-    let words = core::ptr::from_ref(key).cast::<u64>();
-    // SAFETY: `i` < 5 words of a 40-byte key, 8-byte aligned (see `set_of`).
-    let set = flow_set_hash(|i| unsafe { words.add(i).read_volatile() }) & FLOW_SET_MASK.load();
+    let set = set_index(key);
     // SAFETY: a live array element; it stays valid while the program runs.
     let Some(slots) = FLOWS.get_ptr_mut(set).map(|p| unsafe { &(*p).slots }) else { return 0 };
     let mut way = 0;
@@ -159,14 +164,7 @@ fn score(slot: &FlowSlot, key: &FlowKey, now: u64) -> u64 {
 /// Forgets `key`'s flow, if the table has it: its slot is free again.
 #[inline(always)]
 pub fn remove(key: &FlowKey) {
-    let at = switcher_flow_find(key);
-    if at == 0 {
-        return;
-    }
-    let at = at - 1;
-    // SAFETY: a live array element; it stays valid while the program runs.
-    let Some(set) = FLOWS.get_ptr_mut(at / FLOW_WAYS).map(|p| unsafe { &mut *p }) else { return };
-    if let Some(slot) = set.slots.get_mut((at % FLOW_WAYS) as usize) {
+    if let Some(slot) = slot_at(switcher_flow_find(key)) {
         // SAFETY: a field of a live map value.
         unsafe { core::ptr::addr_of_mut!(slot.key.family).write_volatile(0) };
     }
