@@ -201,8 +201,7 @@ mod prog {
         // A service port on an address that is no VIP (its `VIPS` slot, read from the
         // header) is no service's either: it leaves unless it may be a backend's reply or a
         // client's datagram straight to a backend.
-        let to_service =
-            dport_bits & PORT_SERVICE != 0 && VIPS.get(pkt.ip.dst_vip_slot()).copied().unwrap_or(0) != 0;
+        let to_service = dport_bits & PORT_SERVICE != 0 && VIPS.get(pkt.ip.dst_vip_slot()).copied().unwrap_or(0) != 0;
         let udp_to_backend = pkt.proto == PROTO_UDP && dport_bits & PORT_BACKEND != 0;
         if !to_service && !from_backend && !udp_to_backend {
             return Err(Reason::NO_MATCH);

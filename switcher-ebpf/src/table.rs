@@ -146,9 +146,8 @@ pub extern "C" fn switcher_flow_insert(key: *const FlowKey, flow: *const Flow) -
 
 /// How fit a slot is to take `key`'s flow, the lowest the fittest: 0 it is the key's own, 1
 /// it is free, 2 its flow has ended (at `now`), else 3 + when its flow was last seen (the
-/// least recently seen goes first). Not inlined: called per slot, it keeps [`insert`]'s
-/// frame small (the new-flow path's call chain is near the 512-byte stack).
-#[inline(never)]
+/// least recently seen goes first).
+#[inline(always)]
 fn score(slot: &FlowSlot, key: &FlowKey, now: u64) -> u64 {
     if slot.key.family == 0 {
         1
