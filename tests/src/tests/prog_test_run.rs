@@ -1535,3 +1535,67 @@ fn signals_count_handshakes_resets_unreachables_and_retransmits() {
         assert_eq!(blue(&dp, WEB).syn_retransmits, 0);
     });
 }
+
+/// The flow table's sets: a new flow whose set is full takes the slot of a flow that ended
+/// before any open flow's, and only then the set's least recently seen open flow, counting
+/// that eviction on its colour. Six UDP flows of `dns` whose 5-tuples share one set of four
+/// (a table made for 16 flows: 8 sets).
+#[test]
+fn a_full_set_gives_an_ended_flows_slot_first_then_the_least_recently_seen() {
+    if !crate::have_root("a_full_set_gives_an_ended_flows_slot_first_then_the_least_recently_seen") {
+        return;
+    }
+    use switcher_common::{FAMILY_V4, FLOW_WAYS, FlowKey, PROTO_UDP, flow_sets, user::flow_set};
+    let ns = fib_namespace();
+    ns.run(|| {
+        let sets = flow_sets(16);
+        let mut dp = Dataplane::open(
+            &services(),
+            Options { udp_idle_timeout: IDLE, redirect: true, max_flows: Some(16), ..Options::default() },
+        )
+        .expect("load the XDP program");
+        let key = |port: u16| FlowKey {
+            src: widen(CLIENT2),
+            dst: widen(VIP),
+            sport: port.to_be_bytes(),
+            dport: 53u16.to_be_bytes(),
+            proto: PROTO_UDP,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        };
+        let set = flow_set(&key(30_000), sets);
+        let ports: Vec<u16> = (30_000..40_000).filter(|&p| flow_set(&key(p), sets) == set).take(6).collect();
+        assert_eq!(ports.len(), 6, "six client ports of one set");
+        let send = |dp: &mut Dataplane, port: u16| {
+            assert_eq!(run(dp, &udp(IN, (CLIENT2, port), (VIP, 53), 64)), XDP_REDIRECT, "port {port}");
+        };
+        let held = |dp: &Dataplane| {
+            let mut p: Vec<u16> = dp
+                .flows()
+                .iter()
+                .filter(|(k, _)| flow_set(k, sets) == set)
+                .map(|(k, _)| u16::from_be_bytes(k.sport))
+                .collect();
+            p.sort_unstable();
+            p
+        };
+        let evicted = |dp: &Dataplane| dp.counters(1, Colour::Blue).expect("counters").evicted;
+        for &p in &ports[..4] {
+            send(&mut dp, p);
+        }
+        assert_eq!(held(&dp), ports[..4].to_vec(), "four flows fill the set");
+        // All four idle out; three come back, a moment apart, so their ages differ.
+        std::thread::sleep(IDLE + Duration::from_millis(300));
+        for &p in &ports[1..4] {
+            send(&mut dp, p);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(held(&dp).len(), FLOW_WAYS as usize, "the flows that came back kept their slots");
+        send(&mut dp, ports[4]);
+        assert_eq!(held(&dp), ports[1..5].to_vec(), "the fifth flow took the ended flow's slot");
+        assert_eq!(evicted(&dp), 0, "an ended flow's slot is no eviction");
+        send(&mut dp, ports[5]);
+        assert_eq!(held(&dp), ports[2..6].to_vec(), "the sixth took the least recently seen flow's slot");
+        assert_eq!(evicted(&dp), 1, "and that eviction is counted on its colour");
+    });
+}
