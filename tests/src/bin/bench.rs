@@ -782,17 +782,6 @@ struct Cutover {
     rss_load_kb: u64,
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn cpu_ms(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
@@ -823,7 +812,7 @@ fn cutover(quick: bool) -> Cutover {
         })
         .unwrap_or(0);
     std::thread::sleep(Duration::from_millis(500));
-    let rss_idle_kb = rss_kb(pid);
+    let rss_idle_kb = switcher_tests::flows::rss_kib(pid);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let probes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, Result<String, String>)>::new()));
     let ns = Netns::attach(&t.client.name);
@@ -861,7 +850,7 @@ fn cutover(quick: bool) -> Cutover {
         std::thread::sleep(Duration::from_millis(150));
     }
     let cpu_after = cpu_ms(pid);
-    let rss_load_kb = rss_kb(pid);
+    let rss_load_kb = switcher_tests::flows::rss_kib(pid);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = prober.join();
     let probes = probes.lock().map(|p| p.clone()).unwrap_or_default();
@@ -2359,7 +2348,7 @@ fn main() -> std::process::ExitCode {
     md.push_str(&footprint_section(&maps));
     let _ = writeln!(
         md,
-        "Daemon RSS: {} KiB idle, {} KiB under the probe load; CPU time per cut-over: {:.2} ms.\n",
+        "Daemon RSS (its own memory: anonymous and shared, not the mapped flow table): {} KiB idle, {} KiB under the probe load; CPU time per cut-over: {:.2} ms.\n",
         cut.rss_idle_kb, cut.rss_load_kb, cut.cpu_ms_per_flip
     );
     let _ = writeln!(
