@@ -282,8 +282,17 @@ fn fleet_cutover_ecmp_conflicts_and_etcd_outage() {
     let seen = requests(&t, 20);
     assert!(seen.keys().all(|b| colour(b) == "green"), "new connections through lb1 go to green: {seen:?}");
     // lb0's copies of the 8 flows see no more packets: idle after 5 s, they stop counting,
-    // and lb0 reports that lb1 still holds blue flows.
+    // and lb0 reports that lb1 still holds blue flows. The connections keep talking through
+    // lb1 meanwhile (every half second), so that lb1's copies never idle out first.
+    let mut last_ask = Instant::now();
     let waiting = wait_for(Duration::from_secs(20), || {
+        if last_ask.elapsed() >= Duration::from_millis(500) {
+            for (i, (c, b)) in conns.iter_mut().enumerate() {
+                let now = c.ask().unwrap_or_else(|e| panic!("conn {i} through lb1: {e}"));
+                assert_eq!(&backend_of(&now), b, "conn {i} stays on its blue backend");
+            }
+            last_ask = Instant::now();
+        }
         let st = nodes[0].status();
         let d = st.services[0].drain.clone()?;
         (d.live_flows == 0 && d.elsewhere.iter().any(|(n, f)| n == "lb1" && *f >= 8)).then_some(d)
