@@ -58,10 +58,11 @@ pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service, untrack
 }
 
 /// A packet of a tracked flow that records its mode (`FLOW_KNOWN`), forwarded from the flow
-/// entry alone, before any service lookup: the common case costs one hash lookup. Anything
-/// else is for the full path: `Verdict::NO_FLOW` when there is no entry, `Verdict::UNHANDLED`
-/// for an expired one, a reset or an entry without `FLOW_KNOWN`. The daemon removes the flows
-/// of a service it removes, so an entry found here belongs to a live service.
+/// entry alone, before any service lookup: the common case costs one flow-table lookup.
+/// Anything else is for the full path: `Verdict::NO_FLOW` when there is no entry,
+/// `Verdict::UNHANDLED` for an expired one, a reset or an entry without `FLOW_KNOWN`. The
+/// daemon removes the flows of a service it removes, so an entry found here belongs to a live
+/// service.
 #[inline(never)]
 pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
     let Some(flow) = table::get(&s.key) else { return Verdict::NO_FLOW };
