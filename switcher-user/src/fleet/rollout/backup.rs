@@ -132,9 +132,15 @@ impl Fleet {
             let Some((r, _)) = st.rollouts.records.get(&s.name) else { continue };
             let driver = st.rollouts.drivers.get(&s.name).map(|(n, _)| n.clone());
             let mut status = super::status_of(r, driver, now);
-            status.switched_since(s.active, s.share_of(r.to));
+            // Judged on the fleet's desired state, once this node has read one newer than the
+            // rollout's base (its own last write, or a later switch): the node's maps may not
+            // have applied the rollout's last step yet, which is no switch.
+            let desired = st.desired.get(&s.name).filter(|(_, rev)| *rev > r.desired_revision).map(|(d, _)| d);
+            if let Some(d) = desired {
+                status.switched_since(d.active, crate::protocol::share_of(d.active, d.canary_bp, r.to));
+            }
             s.rollout = Some(status);
-            let active = st.desired.get(&s.name).filter(|(_, rev)| *rev > r.desired_revision).map(|(d, _)| d.active);
+            let active = desired.map(|d| d.active);
             s.backup = backup_of(r, active, now);
         }
     }
