@@ -115,11 +115,11 @@ pub extern "C" fn switcher_flow_insert(key: *const FlowKey, flow: *const Flow) -
         }
     }
     let Some(slot) = set.slots.get_mut(best) else { return 0 };
-    if low == 0 {
+    if low == SCORE_OWN {
         mem::copy(&mut slot.flow, flow);
         return 0;
     }
-    if low >= 3 {
+    if low >= SCORE_OPEN {
         // A flow that had not ended loses its slot: counted on its colour.
         let (service, colour) = (slot.flow.service, u32::from(slot.flow.colour));
         if let Some(c) = COUNTERS.get_ptr_mut(colour_slot(service, colour)) {
@@ -144,19 +144,26 @@ pub extern "C" fn switcher_flow_insert(key: *const FlowKey, flow: *const Flow) -
     0
 }
 
-/// How fit a slot is to take `key`'s flow, the lowest the fittest: 0 it is the key's own, 1
-/// it is free, 2 its flow has ended (at `now`), else 3 + when its flow was last seen (the
-/// least recently seen goes first).
+/// [`score`]s: the slot is the key's own, free, or its flow has ended; an open flow's slot
+/// scores `SCORE_OPEN` + when it was last seen.
+const SCORE_OWN: u64 = 0;
+const SCORE_FREE: u64 = 1;
+const SCORE_ENDED: u64 = 2;
+const SCORE_OPEN: u64 = 3;
+
+/// How fit a slot is to take `key`'s flow, the lowest the fittest: its own, a free one, one
+/// whose flow has ended (at `now`), then open flows' by when they were last seen (the least
+/// recently seen goes first).
 #[inline(always)]
 fn score(slot: &FlowSlot, key: &FlowKey, now: u64) -> u64 {
     if slot.key.family == 0 {
-        1
+        SCORE_FREE
     } else if holds(slot, key) {
-        0
+        SCORE_OWN
     } else if flow_expired(slot.key.proto, slot.flow.flags, now, slot.flow.last_seen_ns, UDP_IDLE_NS.load()) {
-        2
+        SCORE_ENDED
     } else {
-        slot.flow.last_seen_ns.saturating_add(3)
+        slot.flow.last_seen_ns.saturating_add(SCORE_OPEN)
     }
 }
 

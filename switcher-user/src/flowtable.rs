@@ -147,8 +147,9 @@ impl FlowTable {
         Ok(())
     }
 
-    /// Records `flow` for `key` as the data path does: in the slot `key` has, else a free one,
-    /// else the one of the set's least recently seen flow.
+    /// Records `flow` for `key` (tests and benchmarks): in the slot `key` has, else a free
+    /// one, else that of the set's least recently seen flow. Unlike the data path it does
+    /// not look for ended flows first, nor count evictions.
     pub fn insert(&self, key: &FlowKey, flow: &Flow) {
         if self.update(key, flow).is_ok() {
             return;

@@ -87,7 +87,7 @@ pub async fn run(config: Config, opts: Options, shutdown: impl std::future::Futu
     }
     // The open flows are counted by a thread of their own, in batches, apart from the
     // engine: status, metrics, cut-overs and the fleet read its last pass.
-    let walker = dataplane.flow_walker().context("start counting the open flows")?;
+    let walker = dataplane.flow_walker();
     std::thread::Builder::new()
         .name("flow-counter".into())
         .spawn(move || walker.run())

@@ -20,10 +20,8 @@ pub struct DrainEnd {
 
 impl DrainEnd {
     /// Moves or resets the drain's flows; returns how many.
-    ///
-    /// # Errors
-    /// None today: the table is read in memory (kept for callers that report one).
-    pub fn run(&self) -> std::io::Result<u64> {
+    #[must_use]
+    pub fn run(&self) -> u64 {
         let mut handled = 0;
         self.flows.walk(|keys, values| {
             for (key, flow) in keys.iter().zip(values) {
@@ -55,7 +53,7 @@ impl DrainEnd {
                 }
             }
         });
-        Ok(handled)
+        handled
     }
 
     /// The backend the live table gives a flow, as the data path would pick it.
@@ -68,13 +66,11 @@ impl DrainEnd {
 }
 
 impl Dataplane {
-    /// A walker that counts the flows of the mapped `FLOWS`, and the readers' end, which this data plane keeps (see [`crate::flowcount`]): the daemon runs
-    /// the walker on a thread of its own, and the switchboard reads its passes through
-    /// [`Dataplane::flow_counts`]. Without a call to this, no flows are counted.
-    ///
-    /// # Errors
-    /// None today (kept for callers that report one).
-    pub fn flow_walker(&mut self) -> Result<crate::flowcount::FlowWalker> {
+    /// A walker that counts the flows of the mapped `FLOWS`, and the readers' end, which this
+    /// data plane keeps (see [`crate::flowcount`]): the daemon runs the walker on a thread of
+    /// its own, and the switchboard reads its passes through [`Dataplane::flow_counts`].
+    /// Without a call to this, no flows are counted.
+    pub fn flow_walker(&mut self) -> crate::flowcount::FlowWalker {
         let (counter, walker) = crate::flowcount::counter(
             std::sync::Arc::clone(&self.table),
             self.options.udp_idle_timeout,
@@ -82,7 +78,7 @@ impl Dataplane {
             self.started_ns,
         );
         self.counter = Some(counter);
-        Ok(walker)
+        walker
     }
 
     /// The mapped `FLOWS` and the flows it is made for, for the walks of `switcher flows`
@@ -94,13 +90,11 @@ impl Dataplane {
 
     /// Counts the flows now, on this thread (tests and diagnostics; the daemon reads the
     /// walker's passes instead). Expired flows are not counted.
-    ///
-    /// # Errors
-    /// None today (kept for callers that report one).
-    pub fn count_flows(&self) -> Result<crate::flowcount::FlowSnapshot> {
+    #[must_use]
+    pub fn count_flows(&self) -> crate::flowcount::FlowSnapshot {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let (udp, tcp) = (ns(self.options.udp_idle_timeout), ns(self.options.tcp_idle_timeout));
-        Ok(crate::flowcount::count(&self.table, udp, tcp, self.started_ns, 0))
+        crate::flowcount::count(&self.table, udp, tcp, self.started_ns, 0)
     }
 
     /// The last complete count of the flows (see [`Dataplane::flow_walker`]).
@@ -136,7 +130,7 @@ impl Dataplane {
     /// with an RST and forgets them (`reset`). Returns how many flows were handled.
     ///
     /// # Errors
-    /// A map read failed.
+    /// The service's switch state could not be read.
     pub fn end_drain(
         &mut self,
         service: &ServiceConfig,
@@ -144,7 +138,7 @@ impl Dataplane {
         from: Colour,
         action: config::DrainAction,
     ) -> Result<u64> {
-        self.drain_end(service, id, from, action)?.run().map_err(DataplaneError::Walk)
+        Ok(self.drain_end(service, id, from, action)?.run())
     }
 
     /// The work of [`Dataplane::end_drain`], to be done anywhere (it walks every flow: the
