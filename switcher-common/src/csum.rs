@@ -2,9 +2,15 @@
 //!
 //! XDP has no `bpf_l3_csum_replace`/`bpf_l4_csum_replace`, so the data path accumulates the
 //! changed 16-bit words in a [`CsumDelta`] and applies it to each checksum field it touches.
-//! Fields are taken and returned as wire bytes (big-endian).
+//!
+//! Words are summed in the machine's own byte order: the ones'-complement sum does not depend
+//! on it (RFC 1071, 2.B), so a field read as a native `u16` straight from the packet and a
+//! checksum written back the same way are right on either endianness, with no byte swaps.
+//! [`CsumDelta::replace2`] and [`CsumDelta::apply`] take the same words as their two bytes in
+//! wire order. The sum is folded once, when it is applied, not at every word.
 
-/// A running sum of `~old + new` over every replaced 16-bit word.
+/// A running sum of `~old + new` over every replaced 16-bit word (unfolded: it holds
+/// thousands of words before it could overflow, and a packet changes a few dozen).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CsumDelta(u32);
 
@@ -15,12 +21,17 @@ impl CsumDelta {
         CsumDelta(0)
     }
 
-    /// Records that a 16-bit word changed from `old` to `new`.
+    /// Records that a 16-bit word changed from `old` to `new`, each the word's two bytes read
+    /// as a native-endian `u16`.
+    #[inline(always)]
+    pub fn replace16(&mut self, old: u16, new: u16) {
+        self.0 += u32::from(!old) + u32::from(new);
+    }
+
+    /// Records that a 16-bit word changed from `old` to `new` (its bytes in wire order).
     #[inline(always)]
     pub fn replace2(&mut self, old: [u8; 2], new: [u8; 2]) {
-        let old = u32::from(u16::from_be_bytes(old));
-        let new = u32::from(u16::from_be_bytes(new));
-        self.0 = fold32(self.0 + (!old & 0xffff) + new);
+        self.replace16(u16::from_ne_bytes(old), u16::from_ne_bytes(new));
     }
 
     /// Records that a 32-bit field (an IPv4 address) changed.
@@ -33,27 +44,41 @@ impl CsumDelta {
     /// Adds the changes recorded in another delta.
     #[inline(always)]
     pub fn add(&mut self, other: CsumDelta) {
-        self.0 = fold32(self.0 + other.0);
+        self.0 += other.0;
     }
 
-    /// Applies the recorded changes to a checksum field.
+    /// Applies the recorded changes to a checksum field read as a native-endian `u16`.
+    #[inline(always)]
+    #[must_use]
+    pub fn apply16(self, check: u16) -> u16 {
+        !(fold32(u32::from(!check) + fold32(self.0)) as u16)
+    }
+
+    /// Applies the changes to a UDP checksum read as a native-endian `u16`: 0 means "no
+    /// checksum" (IPv4) and stays 0, and a computed 0 is sent as 0xffff (RFC 768). Both values
+    /// read the same in either byte order.
+    #[inline(always)]
+    #[must_use]
+    pub fn apply16_udp(self, check: u16) -> u16 {
+        if check == 0 {
+            return 0;
+        }
+        let out = self.apply16(check);
+        if out == 0 { 0xffff } else { out }
+    }
+
+    /// Applies the recorded changes to a checksum field (its bytes in wire order).
     #[inline(always)]
     #[must_use]
     pub fn apply(self, check: [u8; 2]) -> [u8; 2] {
-        let hc = u32::from(!u16::from_be_bytes(check));
-        (!(fold32(hc + self.0) as u16)).to_be_bytes()
+        self.apply16(u16::from_ne_bytes(check)).to_ne_bytes()
     }
 
-    /// Applies the changes to a UDP-over-IPv4 checksum: 0 means "no checksum" and stays 0, and a
-    /// computed 0 is sent as 0xffff (RFC 768).
+    /// [`CsumDelta::apply16_udp`] on a checksum field's bytes in wire order.
     #[inline(always)]
     #[must_use]
     pub fn apply_udp(self, check: [u8; 2]) -> [u8; 2] {
-        if check == [0, 0] {
-            return check;
-        }
-        let out = self.apply(check);
-        if out == [0, 0] { [0xff, 0xff] } else { out }
+        self.apply16_udp(u16::from_ne_bytes(check)).to_ne_bytes()
     }
 }
 
@@ -134,6 +159,36 @@ mod tests {
             // 0x0000 and 0xffff are the same value in ones' complement.
             let norm = |c: [u8; 2]| if c == [0xff, 0xff] { [0, 0] } else { c };
             assert_eq!(norm(got), norm(expect));
+        }
+    }
+
+    #[test]
+    fn every_word_of_a_block_replaced_in_two_deltas_matches_recomputation() {
+        // An IPv6 address and a port (the data path's largest rewrite) and more: up to all
+        // twelve words of 24 bytes, as native-endian words, split over two deltas added.
+        let mut x: u32 = 0x9e37_79b9;
+        let mut next = || {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as u8
+        };
+        for round in 0..500 {
+            let mut data = [0u8; 24];
+            data.iter_mut().for_each(|b| *b = next());
+            let before = checksum(0, &data);
+            let (mut a, mut b) = (CsumDelta::new(), CsumDelta::new());
+            for i in 0..=(round % 12) {
+                let new = [next(), next()];
+                let old = u16::from_ne_bytes([data[2 * i], data[2 * i + 1]]);
+                let d = if i % 2 == 0 { &mut a } else { &mut b };
+                d.replace16(old, u16::from_ne_bytes(new));
+                data[2 * i] = new[0];
+                data[2 * i + 1] = new[1];
+            }
+            a.add(b);
+            let expect = checksum(0, &data);
+            let got = a.apply16(u16::from_ne_bytes(before)).to_ne_bytes();
+            let norm = |c: [u8; 2]| if c == [0xff, 0xff] { [0, 0] } else { c };
+            assert_eq!(norm(got), norm(expect), "round {round}");
         }
     }
 

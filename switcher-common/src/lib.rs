@@ -58,8 +58,14 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_META: &str = "META";
 
 /// per-CPU, `u32` 0 → working space of the data path (keys and values too large for the
-/// 512-byte BPF stack). Nobody else reads it.
+/// 512-byte BPF stack, this CPU's clock reading). Nobody else reads it, and it is not pinned
+/// (see [`MAP_NOT_PINNED`]).
 pub const MAP_SCRATCH: &str = "SCRATCH";
+
+/// Maps the daemon does not pin: each load of the program makes its own. `SCRATCH` holds
+/// nothing a new program needs from the old one, so its layout may change without an ABI bump
+/// (a stale pin of it from an earlier build is left alone).
+pub const MAP_NOT_PINNED: [&str; 1] = [MAP_SCRATCH];
 
 /// `u32` port → `u8` bits: `PORT_SERVICE` if some service (or preview) listens on it,
 /// `PORT_BACKEND` if some backend does. Written by the daemon. A packet whose destination port
@@ -93,7 +99,8 @@ pub const PORT_BACKEND: u8 = 2;
 /// (`switcher-bench`), not of the daemon's.
 pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
 
-/// Every map name the data path uses and the daemon pins, for the object-file test.
+/// Every map name the data path uses, for the object-file test; the daemon pins all but
+/// [`MAP_NOT_PINNED`].
 pub const MAP_NAMES: [&str; 20] = [
     MAP_PORTS,
     MAP_VIPS,

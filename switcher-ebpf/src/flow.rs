@@ -14,9 +14,11 @@
 //! was given that backend. There is no per-flow reply entry: a flow that ended takes its
 //! replies with it, and a client's direct connection to a backend is never touched.
 //!
-//! Clocks: an open TCP flow's packets read no clock; they are stamped with the daemon's `NOW`
-//! (refreshed about once a second). UDP packets and TCP FIN/RST read the coarse clock, since
-//! they decide expiry. Keys and values are built in the per-CPU `Scratch`, not on the stack.
+//! Clocks (see `clock`): an open TCP flow's packets read no clock; they are stamped with the
+//! daemon's `NOW` (refreshed about once a second). UDP packets and TCP FIN/RST read the
+//! coarse clock, since they decide expiry, through this CPU's cache of it (one helper call
+//! per tick, not per packet). Keys and values are built in the per-CPU `Scratch`, not on the
+//! stack.
 //!
 //! Signals (`ColourCounters`, per service colour), for rollouts to judge: in NAT mode a SYN
 //! marks its new flow `FLOW_PENDING`, with the time (`bpf_ktime_get_ns`, the one clock read of
@@ -29,7 +31,7 @@
 //! one extra `FLOWS` lookup, made for DSR services' SYNs only. Established packets pay one
 //! flag test on replies and nothing else: no clock, no lookup.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use switcher_common::{
     FLOW_CLOSING, FLOW_DIRECT, FLOW_DSR, FLOW_KNOWN, FLOW_PENDING, FLOW_RESET, Flow, FlowKey, LAST_SEEN_GRANULARITY_NS,
     MAX_POOL, PROTO_TCP, PROTO_UDP, REVERSE_WAYS, RING_CHUNK, RING_EMPTY, Reason, SEED_CANARY, SEED_RING, SERVICE_DSR,
@@ -39,10 +41,11 @@ use switcher_common::{
 };
 
 use crate::{
+    clock::{self, Clock, daemon_now},
     mem,
     nat::{self, Scratch, Verdict},
     parse::Packet,
-    prog::{BACKENDS, COUNTERS, NOW, REVERSE, RING, RING_LIVE, STATE, UDP_IDLE_NS},
+    prog::{BACKENDS, COUNTERS, REVERSE, RING, RING_LIVE, STATE, UDP_IDLE_NS},
     table,
 };
 
@@ -72,7 +75,7 @@ pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
     // An open TCP flow's packet only restamps it, here: no call.
     if open_tcp(flow, pkt.proto, pkt.tcp_flags) {
         stamp(flow);
-    } else if !touch(flow, pkt.proto, pkt.tcp_flags) {
+    } else if !touch(flow, pkt.proto, pkt.tcp_flags, clock::now(&mut s.clock)) {
         return Verdict::UNHANDLED;
     }
     mem::copy(&mut s.flow, flow);
@@ -94,33 +97,18 @@ fn stamp(flow: &mut Flow) {
     }
 }
 
-/// `CLOCK_MONOTONIC_COARSE`, the clock of every stamp.
-#[inline(always)]
-fn clock() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// The daemon's clock (`NOW`): the same clock, read about once a second by the daemon. 0 when
-/// no daemon ever wrote it (the data-path tests): open TCP flows do not expire by time.
-#[inline(always)]
-fn daemon_now() -> u64 {
-    NOW.get(0).copied().unwrap_or(0)
-}
-
 /// Marks a packet of a tracked flow, in either direction: closing on FIN/RST; last-seen stamp
 /// at most once per `LAST_SEEN_GRANULARITY_NS` (UDP) or when the daemon's clock moved (open
 /// TCP, which reads no clock). `false`: the flow has expired (or, for a backend's packet,
 /// `reply_belongs` says the packet is not the flow's); nothing is changed then. Not inlined:
 /// three callers, and the BPF stack is 512 bytes for the whole call chain.
 #[inline(never)]
-fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool) -> bool {
+fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool, now: u64) -> bool {
     let ends = ends_flow(proto, tcp_flags);
     if open_tcp(flow, proto, tcp_flags) {
         stamp(flow);
         return true;
     }
-    let now = clock();
     let idle = UDP_IDLE_NS.load();
     let live = if reply {
         reply_belongs(proto, tcp_flags, flow.flags, now, flow.last_seen_ns, idle)
@@ -148,18 +136,18 @@ fn touch_as(flow: &mut Flow, proto: u8, tcp_flags: u8, reply: bool) -> bool {
 
 /// [`touch_as`] for a client's packet.
 #[inline(always)]
-fn touch(flow: &mut Flow, proto: u8, tcp_flags: u8) -> bool {
-    touch_as(flow, proto, tcp_flags, false)
+fn touch(flow: &mut Flow, proto: u8, tcp_flags: u8, now: u64) -> bool {
+    touch_as(flow, proto, tcp_flags, false, now)
 }
 
 /// Whether a tracked flow is live (not expired), without marking it: for ICMP errors about it.
 /// Not inlined: it keeps the ICMP path's frame within the 512-byte stack of the call chain.
 #[inline(never)]
-pub fn live(flow: &Flow, proto: u8) -> bool {
+pub fn live(flow: &Flow, proto: u8, c: &mut Clock) -> bool {
     if proto == PROTO_TCP && flow.flags & FLOW_CLOSING == 0 {
         return true;
     }
-    !flow_expired(proto, flow.flags, clock(), flow.last_seen_ns, UDP_IDLE_NS.load())
+    !flow_expired(proto, flow.flags, clock::now(c), flow.last_seen_ns, UDP_IDLE_NS.load())
 }
 
 /// Counts and forwards a packet of the tracked flow in `s.flow`.
@@ -186,7 +174,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     let tracked = if untracked { None } else { table::get(&s.key) };
     let mut have = false;
     if let Some(flow) = tracked {
-        if touch(flow, pkt.proto, pkt.tcp_flags) {
+        if touch(flow, pkt.proto, pkt.tcp_flags, clock::now(&mut s.clock)) {
             mem::copy(&mut s.flow, flow);
             have = true;
         }
@@ -211,7 +199,7 @@ fn pick(pkt: &Packet, s: &mut Scratch, service: Service, untracked: bool) -> Res
     }
     let ending = ends_flow(pkt.proto, pkt.tcp_flags);
     // An open TCP flow is stamped with the daemon's clock, like its later packets.
-    let now = if pkt.proto == PROTO_TCP && !ending { daemon_now() } else { clock() };
+    let now = if pkt.proto == PROTO_TCP && !ending { daemon_now() } else { clock::now(&mut s.clock) };
     let rescued = new_flow(pkt, &s.key, service, now, ending, &mut s.flow)?;
     if syn && !dsr {
         // NAT: the backend's answer to this SYN will be seen; time it (all of this CPU's
@@ -442,7 +430,7 @@ pub fn reply(pkt: &Packet, s: &mut Scratch) -> Verdict {
         let idle = crate::shadow::idle_reply(pkt, s);
         return if idle.handled() { idle } else { Verdict::pass(Reason(s.miss)) };
     };
-    if !touch_as(flow, pkt.proto, pkt.tcp_flags, true) {
+    if !touch_as(flow, pkt.proto, pkt.tcp_flags, true, clock::now(&mut s.clock)) {
         if pkt.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 && flow.flags & FLOW_CLOSING != 0 {
             table::remove(&s.other);
         }

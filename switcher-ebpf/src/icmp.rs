@@ -62,7 +62,7 @@ fn find(pkt: &Packet, scratch: &mut Scratch) -> u32 {
     key._pad = [0; 2];
     if let Some(flow) = crate::table::get(key) {
         // Client → VIP about a reply: to the backend, quoting what the backend sent.
-        if !crate::flow::live(flow, inner_proto) {
+        if !crate::flow::live(flow, inner_proto, &mut scratch.clock) {
             scratch.miss = Reason::NOT_LIVE.0;
             return 0;
         }
@@ -72,7 +72,7 @@ fn find(pkt: &Packet, scratch: &mut Scratch) -> u32 {
     // Backend → client about the client's packet: from the VIP, quoting what the client
     // sent — if it is about a live flow of that backend.
     let Some(flow) = crate::flow::reply_flow(pkt, scratch) else { return 0 };
-    if !crate::flow::live(flow, inner_proto) {
+    if !crate::flow::live(flow, inner_proto, &mut scratch.clock) {
         scratch.miss = Reason::NOT_LIVE.0;
         return 0;
     }

@@ -108,6 +108,8 @@ pub struct Scratch {
     pub best_rank: u8,
     pub best_i: u8,
     pub best_seen: u64,
+    /// This CPU's coarse clock, read once per tick (`clock::now`). Kept from packet to packet.
+    pub clock: crate::clock::Clock,
 }
 // The flow table reads `key` and `other` as 8-byte words (see `table`).
 const _: () = assert!(
@@ -126,27 +128,58 @@ pub enum Side {
     Dst,
 }
 
+/// The `i`th 16-bit word at `p`, read as the checksum sums it (native order, see
+/// `switcher_common::csum`). Header fields rewritten here start at even offsets of a frame
+/// that starts at an even address, and the new values sit at even offsets of map values
+/// (the scratch space), so a 16-bit access is aligned: one load where wire-order bytes cost
+/// two loads, a shift and an or.
+#[inline(always)]
+unsafe fn word(p: *const u8, i: usize) -> u16 {
+    // SAFETY: the caller's: `p` has `i + 1` words, bounds-checked by the verifier's rules.
+    unsafe { p.add(2 * i).cast::<u16>().read() }
+}
+
+/// Writes the `i`th 16-bit word at `p` (see [`word`]).
+#[inline(always)]
+unsafe fn set_word(p: *mut u8, i: usize, v: u16) {
+    // SAFETY: as for `word`.
+    unsafe { p.add(2 * i).cast::<u16>().write(v) }
+}
+
+/// Replaces the first `words` 16-bit words at `field` with those at `new`, word by word (a
+/// word is read, summed and written before the next is read, so few values are live at
+/// once), and records the changes in `d`.
+#[inline(always)]
+unsafe fn replace_words(field: *mut u8, new: *const u8, words: usize, d: &mut CsumDelta) {
+    let mut i = 0;
+    while i < words {
+        // SAFETY: the caller's: both hold `words` words.
+        unsafe {
+            let n = word(new, i);
+            d.replace16(word(field, i), n);
+            set_word(field, i, n);
+        }
+        i += 1;
+    }
+}
+
 /// Rewrites one address of an IP header, and returns the change as a checksum delta (it
 /// applies to the IPv4 header checksum and to every pseudo-header checksum). The IPv4 header
-/// checksum itself is not touched here.
+/// checksum itself is not touched here. `new` is in a map value (see [`word`]).
 #[inline(always)]
 pub fn set_addr(ip: Ip, side: Side, new: &[u8; 16]) -> CsumDelta {
     let mut d = CsumDelta::new();
-    // SAFETY: the header was bounds-checked by its parser, for its own family.
+    // SAFETY: the header was bounds-checked by its parser, for its own family; `new` holds 16
+    // bytes.
     unsafe {
         if ip.is_v6() {
             let h = ip.v6();
-            let field = if side == Side::Src { &mut (*h).src_addr } else { &mut (*h).dst_addr };
-            for i in 0..8 {
-                d.replace2([field[2 * i], field[2 * i + 1]], [new[2 * i], new[2 * i + 1]]);
-            }
-            *field = *new;
+            let field = if side == Side::Src { &raw mut (*h).src_addr } else { &raw mut (*h).dst_addr };
+            replace_words(field.cast(), new.as_ptr(), 8, &mut d);
         } else {
             let h = ip.v4();
-            let field = if side == Side::Src { &mut (*h).src_addr } else { &mut (*h).dst_addr };
-            let new4 = [new[0], new[1], new[2], new[3]];
-            d.replace4(*field, new4);
-            *field = new4;
+            let field = if side == Side::Src { &raw mut (*h).src_addr } else { &raw mut (*h).dst_addr };
+            replace_words(field.cast(), new.as_ptr(), 2, &mut d);
         }
     }
     d
@@ -158,9 +191,10 @@ pub fn set_port(ports: *mut Ports, side: Side, new: [u8; 2]) -> CsumDelta {
     let mut d = CsumDelta::new();
     // SAFETY: `ports` was bounds-checked by its parser.
     unsafe {
-        let field = if side == Side::Src { &mut (*ports).src } else { &mut (*ports).dst };
-        d.replace2(*field, new);
-        *field = new;
+        let field = if side == Side::Src { &raw mut (*ports).src } else { &raw mut (*ports).dst };
+        let new = u16::from_ne_bytes(new);
+        d.replace16(word(field.cast(), 0), new);
+        set_word(field.cast(), 0, new);
     }
     d
 }
@@ -172,8 +206,8 @@ pub fn fix_ip_check(ip: Ip, delta: CsumDelta) {
         let h = ip.v4();
         // SAFETY: bounds-checked by the parser.
         unsafe {
-            let check = (*h).check;
-            (*h).check = delta.apply(check);
+            let check = (&raw mut (*h).check).cast::<u8>();
+            set_word(check, 0, delta.apply16(word(check, 0)));
         }
     }
 }
@@ -181,10 +215,11 @@ pub fn fix_ip_check(ip: Ip, delta: CsumDelta) {
 /// Applies `delta` to a TCP or UDP checksum field.
 #[inline(always)]
 pub fn fix_l4_check(proto: u8, check: *mut [u8; 2], delta: CsumDelta) {
+    let check = check.cast::<u8>();
     // SAFETY: `check` was bounds-checked by the parser.
     unsafe {
-        let old = *check;
-        *check = if proto == PROTO_TCP { delta.apply(old) } else { delta.apply_udp(old) };
+        let old = word(check, 0);
+        set_word(check, 0, if proto == PROTO_TCP { delta.apply16(old) } else { delta.apply16_udp(old) });
     }
 }
 
@@ -289,7 +324,7 @@ pub fn out(pkt: &Packet, mut ip_delta: CsumDelta, fast: Reason, slow: Reason, fi
         return Verdict::pass(if *ttl <= 1 { Reason::TTL } else { slow });
     }
     if !pkt.ip.is_v6() {
-        ip_delta.replace2([*ttl, pkt.proto], [*ttl - 1, pkt.proto]);
+        ip_delta.replace16(u16::from_ne_bytes([*ttl, pkt.proto]), u16::from_ne_bytes([*ttl - 1, pkt.proto]));
     }
     *ttl -= 1;
     fix_ip_check(pkt.ip, ip_delta);

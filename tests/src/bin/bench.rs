@@ -356,12 +356,13 @@ const NEW4: usize = 1;
 const NEW6: usize = 2;
 const FULL: usize = 3;
 
-/// The per-packet rows, and the frames that set a load up: the two established flows' first
+/// The per-packet rows, and the frames that set a load up: the three established flows' first
 /// packets and the SYN that fills the full-table row's table.
 struct PacketCases {
     cases: Vec<Case>,
     est4: Vec<u8>,
     est6: Vec<u8>,
+    udp4: Vec<u8>,
     syn4: Vec<u8>,
 }
 
@@ -370,6 +371,8 @@ fn packet_cases() -> PacketCases {
     let est4 = frame4((CLIENT, 999), (VIP, 80), false);
     let reply4 = frame4((BLUE, 8080), (CLIENT, 999), false);
     let est6 = frame6((CLIENT6, 999), (VIP6, 80), false);
+    // The live-frame section's path: a datagram of an established UDP flow of `dns`.
+    let udp4 = udp_frame4((CLIENT, 999), (VIP, 53));
     let reply6 = frame6((BLUE6, 8080), (CLIENT6, 999), false);
     let syn4 = frame4((CLIENT, 999), (VIP, 80), true);
     let syn6 = frame6((CLIENT6, 999), (VIP6, 80), true);
@@ -381,11 +384,12 @@ fn packet_cases() -> PacketCases {
         case("new flow, full table (IPv4)", &syn4, true, Expect::NewFlow, FULL, "≤ +650 ns"),
         case("established flow (IPv4)", &est4, false, Expect::Flow, FIXED, "≤ +90 ns"),
         case("reply (IPv4)", &reply4, false, Expect::Reply, FIXED, ""),
+        case("established UDP flow (IPv4)", &udp4, false, Expect::Flow, FIXED, ""),
         case("new flow (IPv6)", &syn6, true, Expect::NewFlow, NEW6, "≤ +450 ns"),
         case("established flow (IPv6)", &est6, false, Expect::Flow, FIXED, "≤ +90 ns"),
         case("reply (IPv6)", &reply6, false, Expect::Reply, FIXED, ""),
     ];
-    PacketCases { cases, est4, est6, syn4 }
+    PacketCases { cases, est4, est6, udp4, syn4 }
 }
 
 /// Per-packet costs of each path as the difference from the trivial program run through the
@@ -401,7 +405,7 @@ fn per_packet(quick: bool) -> PerPacket {
     let ns = Netns::new(format!("{}-bench", unique_prefix()));
     ns.run(move || {
         let cpu = pin_thread();
-        let PacketCases { cases, est4, est6, syn4 } = packet_cases();
+        let PacketCases { cases, est4, est6, udp4, syn4 } = packet_cases();
         let mut mean: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         let mut median: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
         let (mut floor_fixed, mut floor_fresh) = (Vec::new(), Vec::new());
@@ -417,13 +421,13 @@ fn per_packet(quick: bool) -> PerPacket {
                     .expect("load")
                 })
                 .collect();
-            // The two established flows (their first packet creates them).
-            for frame in [&est4, &est6] {
+            // The three established flows (their first packet creates them).
+            for frame in [&est4, &est6, &udp4] {
                 h.template(frame);
                 h.target(dps[FIXED].program().expect("prog").fd().expect("loaded"));
                 h.run(false, 1);
             }
-            assert_eq!(dps[FIXED].flows().len(), 2, "the two established flows");
+            assert_eq!(dps[FIXED].flows().len(), 3, "the three established flows");
             // Fill the full-table row's table with new flows, and past it.
             let fill = FULL_FILL;
             h.template(&syn4);
@@ -475,7 +479,7 @@ fn per_packet(quick: bool) -> PerPacket {
                 assert!(entries <= inserted[dp] && entries * 100 >= inserted[dp] * 95, "new flows that did not add a flow entry: {entries} entries after {} new flows", inserted[dp]);
                 displaced[dp] = inserted[dp] - entries;
             }
-            assert_eq!(dps[FIXED].flows().len(), 2, "the fixed rows made no flows");
+            assert_eq!(dps[FIXED].flows().len(), 3, "the fixed rows made no flows");
             // The full table stayed full: each new flow evicted one (but for the few that found
             // a free slot the fill left).
             let full_after = dps[FULL].flows().len();
@@ -504,7 +508,7 @@ fn per_packet(quick: bool) -> PerPacket {
                     "full table: {full_before} entries after {fill} new flows; the {} measured new flows evicted {evicted} and left {full_after}",
                     inserted[FULL]
                 ));
-                proofs.push("established and reply: the two flows stayed the table's only entries".to_owned());
+                proofs.push("established and reply: the three flows stayed the table's only entries".to_owned());
             }
             eprintln!("  load {}/{REPEATS} done", load + 1);
         }
@@ -551,7 +555,7 @@ fn compare(against: &std::path::Path, quick: bool, checked: bool) -> String {
     let ns = Netns::new(format!("{}-cmp", unique_prefix()));
     ns.run(move || {
         pin_thread();
-        let PacketCases { cases, est4, est6, syn4 } = packet_cases();
+        let PacketCases { cases, est4, est6, udp4, syn4 } = packet_cases();
         let (mut a, mut b) = (vec![Vec::new(); cases.len()], vec![Vec::new(); cases.len()]);
         for load in 0..REPEATS {
             let mut h = Harness::load();
@@ -568,7 +572,7 @@ fn compare(against: &std::path::Path, quick: bool, checked: bool) -> String {
                 })
                 .collect();
             for dps in &mut builds {
-                for frame in [&est4, &est6] {
+                for frame in [&est4, &est6, &udp4] {
                     h.template(frame);
                     h.target(dps[FIXED].program().expect("prog").fd().expect("loaded"));
                     h.run(false, 1);
