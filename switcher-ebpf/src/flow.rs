@@ -65,21 +65,36 @@ pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service, untrack
 /// Anything else is for the full path: `Verdict::NO_FLOW` when there is no entry,
 /// `Verdict::UNHANDLED` for an expired one, a reset or an entry without `FLOW_KNOWN`. The
 /// daemon removes the flows of a service it removes, so an entry found here belongs to a live
-/// service.
-#[inline(never)]
+/// service. Inlined, with its lookup: on this kernel every return from a function costs a
+/// return thunk, and this is the path most packets take.
+#[inline(always)]
 pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
-    let Some(flow) = table::get(&s.key) else { return Verdict::NO_FLOW };
+    let Some(flow) = table::get_inline(&s.key) else { return Verdict::NO_FLOW };
     if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
         return Verdict::UNHANDLED;
     }
-    // An open TCP flow's packet only restamps it, here: no call.
+    // An open TCP flow's packet only restamps it, and a UDP datagram within a second of the
+    // flow's stamp changes nothing: no call for either.
     if open_tcp(flow, pkt.proto, pkt.tcp_flags) {
         stamp(flow);
-    } else if !touch(flow, pkt.proto, pkt.tcp_flags, clock::now(&mut s.clock)) {
-        return Verdict::UNHANDLED;
+    } else {
+        let now = clock::now(&mut s.clock);
+        if !(pkt.proto == PROTO_UDP && fresh_udp(flow, now)) && !touch(flow, pkt.proto, pkt.tcp_flags, now) {
+            return Verdict::UNHANDLED;
+        }
     }
     mem::copy(&mut s.flow, flow);
     forward_tracked(pkt, s, s.flow.flags & FLOW_DSR != 0)
+}
+
+/// Whether a client's datagram finds its UDP flow live, stamped within
+/// `LAST_SEEN_GRANULARITY_NS` and not marked `FLOW_DIRECT`: then [`touch`] would change
+/// nothing.
+#[inline(always)]
+fn fresh_udp(flow: &Flow, now: u64) -> bool {
+    flow.flags & FLOW_DIRECT == 0
+        && now.saturating_sub(flow.last_seen_ns) <= LAST_SEEN_GRANULARITY_NS
+        && !flow_expired(PROTO_UDP, flow.flags, now, flow.last_seen_ns, UDP_IDLE_NS.load())
 }
 
 /// Whether a packet is one of an open TCP flow that it does not end (no clock decides it).

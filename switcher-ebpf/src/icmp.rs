@@ -53,8 +53,8 @@ fn find(pkt: &Packet, scratch: &mut Scratch) -> u32 {
     let (qsport, qdport) = unsafe { ((*inner_ports).src, (*inner_ports).dst) };
     // The quoted packet travelled the other way: its reverse is the tracked direction.
     let key = &mut scratch.key;
-    key.src = inner.dst();
-    key.dst = inner.src();
+    inner.copy_addr(inner.dst_ptr(), &mut key.src);
+    inner.copy_addr(inner.src_ptr(), &mut key.dst);
     key.sport = qdport;
     key.dport = qsport;
     key.proto = inner_proto;

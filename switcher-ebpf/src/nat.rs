@@ -23,7 +23,10 @@ use switcher_common::{Backend, BackendKey, FORWARD_REDIRECT, Flow, FlowKey, PROT
 
 use network_types::tcp::TcpHdr;
 
-use crate::parse::{Ip, Packet, Ports};
+use crate::{
+    mem::{load16, store16},
+    parse::{Ip, Packet, Ports},
+};
 
 /// An XDP action and the reason it is counted under, packed into one `u64`: functions that
 /// are not inlined return it in `r0` (BPF has one return register; a wider value would be
@@ -128,24 +131,6 @@ pub enum Side {
     Dst,
 }
 
-/// The `i`th 16-bit word at `p`, read as the checksum sums it (native order, see
-/// `switcher_common::csum`). Header fields rewritten here start at even offsets of a frame
-/// that starts at an even address, and the new values sit at even offsets of map values
-/// (the scratch space), so a 16-bit access is aligned: one load where wire-order bytes cost
-/// two loads, a shift and an or.
-#[inline(always)]
-unsafe fn word(p: *const u8, i: usize) -> u16 {
-    // SAFETY: the caller's: `p` has `i + 1` words, bounds-checked by the verifier's rules.
-    unsafe { p.add(2 * i).cast::<u16>().read() }
-}
-
-/// Writes the `i`th 16-bit word at `p` (see [`word`]).
-#[inline(always)]
-unsafe fn set_word(p: *mut u8, i: usize, v: u16) {
-    // SAFETY: as for `word`.
-    unsafe { p.add(2 * i).cast::<u16>().write(v) }
-}
-
 /// Replaces the first `words` 16-bit words at `field` with those at `new`, word by word (a
 /// word is read, summed and written before the next is read, so few values are live at
 /// once), and records the changes in `d`.
@@ -155,9 +140,9 @@ unsafe fn replace_words(field: *mut u8, new: *const u8, words: usize, d: &mut Cs
     while i < words {
         // SAFETY: the caller's: both hold `words` words.
         unsafe {
-            let n = word(new, i);
-            d.replace16(word(field, i), n);
-            set_word(field, i, n);
+            let n = load16(new, i);
+            d.replace16(load16(field, i), n);
+            store16(field, i, n);
         }
         i += 1;
     }
@@ -165,7 +150,7 @@ unsafe fn replace_words(field: *mut u8, new: *const u8, words: usize, d: &mut Cs
 
 /// Rewrites one address of an IP header, and returns the change as a checksum delta (it
 /// applies to the IPv4 header checksum and to every pseudo-header checksum). The IPv4 header
-/// checksum itself is not touched here. `new` is in a map value (see [`word`]).
+/// checksum itself is not touched here. `new` is in a map value (see `mem::load16`).
 #[inline(always)]
 pub fn set_addr(ip: Ip, side: Side, new: &[u8; 16]) -> CsumDelta {
     let mut d = CsumDelta::new();
@@ -193,8 +178,8 @@ pub fn set_port(ports: *mut Ports, side: Side, new: [u8; 2]) -> CsumDelta {
     unsafe {
         let field = if side == Side::Src { &raw mut (*ports).src } else { &raw mut (*ports).dst };
         let new = u16::from_ne_bytes(new);
-        d.replace16(word(field.cast(), 0), new);
-        set_word(field.cast(), 0, new);
+        d.replace16(load16(field.cast(), 0), new);
+        store16(field.cast(), 0, new);
     }
     d
 }
@@ -207,7 +192,7 @@ pub fn fix_ip_check(ip: Ip, delta: CsumDelta) {
         // SAFETY: bounds-checked by the parser.
         unsafe {
             let check = (&raw mut (*h).check).cast::<u8>();
-            set_word(check, 0, delta.apply16(word(check, 0)));
+            store16(check, 0, delta.apply16(load16(check, 0)));
         }
     }
 }
@@ -218,8 +203,8 @@ pub fn fix_l4_check(proto: u8, check: *mut [u8; 2], delta: CsumDelta) {
     let check = check.cast::<u8>();
     // SAFETY: `check` was bounds-checked by the parser.
     unsafe {
-        let old = word(check, 0);
-        set_word(check, 0, if proto == PROTO_TCP { delta.apply16(old) } else { delta.apply16_udp(old) });
+        let old = load16(check, 0);
+        store16(check, 0, if proto == PROTO_TCP { delta.apply16(old) } else { delta.apply16_udp(old) });
     }
 }
 
@@ -248,29 +233,37 @@ pub fn reply(pkt: &Packet, vip: &[u8; 16], port: [u8; 2], fib: &mut FibParams) -
     out(pkt, ip_delta, Reason::REPLY_REDIRECT, Reason::REPLY_KERNEL, fib)
 }
 
-/// Fills the FIB parameters for `dst` from the packet's header.
+/// Fills the FIB parameters for the address at `dst` (in the header, or 16 bytes of a map
+/// value) from the packet's header. Every input the helper reads with flags 0 is written (the
+/// ports, unused, as 0); the rest of the struct holds the last lookup's answer, which the
+/// helper overwrites, and the inputs of flags this program never passes (`tbid`, `mark`).
 #[inline(always)]
-fn fib_params(pkt: &Packet, dst: &[u8; 16], fib: &mut FibParams) {
-    // The params are plain integers: zero is a valid start.
-    crate::mem::zero(fib);
-    fib.ifindex = pkt.ifindex;
-    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
-    let src = pkt.ip.src();
+fn fib_params(pkt: &Packet, dst: *const u8, fib: &mut FibParams) {
     fib.l4_protocol = pkt.proto;
-    if pkt.ip.is_v6() {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = words(&src);
-        fib.__bindgen_anon_4.ipv6_dst = words(dst);
-    } else {
-        fib.family = AF_INET;
-        // SAFETY: bounds-checked by the parser.
-        fib.__bindgen_anon_2.tos = unsafe { (*pkt.ip.v4()).tos };
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([src[0], src[1], src[2], src[3]]);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([dst[0], dst[1], dst[2], dst[3]]);
+    fib.sport = 0;
+    fib.dport = 0;
+    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
+    fib.ifindex = pkt.ifindex;
+    let src = pkt.ip.src_ptr();
+    // SAFETY: `src` is the header's own address, bounds-checked by the parser; `dst` has as
+    // many bytes (see above).
+    unsafe {
+        if pkt.ip.is_v6() {
+            fib.family = AF_INET6;
+            fib.__bindgen_anon_2.flowinfo = 0;
+            fib.__bindgen_anon_3.ipv6_src = words_at(src);
+            fib.__bindgen_anon_4.ipv6_dst = words_at(dst);
+        } else {
+            fib.family = AF_INET;
+            fib.__bindgen_anon_2.tos = (*pkt.ip.v4()).tos;
+            fib.__bindgen_anon_3.ipv4_src = crate::mem::load32(src);
+            fib.__bindgen_anon_4.ipv4_dst = crate::mem::load32(dst);
+        }
     }
 }
 
-/// An address as the FIB query's four 32-bit words.
+/// An address as the FIB query's four 32-bit words (for one in a stack buffer, the shadow
+/// program's).
 #[inline(always)]
 pub fn words(a: &[u8; 16]) -> [u32; 4] {
     [
@@ -279,6 +272,20 @@ pub fn words(a: &[u8; 16]) -> [u32; 4] {
         u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
         u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
     ]
+}
+
+/// The 16-byte address at `a` (a header's, or a map value's) as the FIB query's four 32-bit
+/// words.
+///
+/// # Safety
+/// As for `mem::load16`, 16 bytes.
+#[inline(always)]
+unsafe fn words_at(a: *const u8) -> [u32; 4] {
+    // SAFETY: the caller's.
+    unsafe {
+        use crate::mem::load32;
+        [load32(a), load32(a.add(4)), load32(a.add(8)), load32(a.add(12))]
+    }
 }
 
 /// Asks the FIB; `Some` only for a complete answer (route and neighbour).
@@ -296,8 +303,8 @@ fn transmit(pkt: &Packet, fib: &FibParams) -> u32 {
     // the helper.
     unsafe {
         let macs = &fib.__bindgen_anon_6.__bindgen_anon_2;
-        crate::mem::copy(&mut (*pkt.eth).dst_addr, &macs.dmac);
-        crate::mem::copy(&mut (*pkt.eth).src_addr, &macs.smac);
+        crate::mem::copy16((&raw mut (*pkt.eth).dst_addr).cast(), macs.dmac.as_ptr(), 3);
+        crate::mem::copy16((&raw mut (*pkt.eth).src_addr).cast(), macs.smac.as_ptr(), 3);
     }
     if fib.ifindex == pkt.ifindex {
         return xdp_action::XDP_TX;
@@ -315,7 +322,7 @@ pub fn out(pkt: &Packet, mut ip_delta: CsumDelta, fast: Reason, slow: Reason, fi
         fix_ip_check(pkt.ip, ip_delta);
         return Verdict::pass(slow);
     }
-    fib_params(pkt, &pkt.ip.dst(), fib);
+    fib_params(pkt, pkt.ip.dst_ptr(), fib);
     let found = lookup(pkt, fib);
     // SAFETY: headers bounds-checked by the parser.
     let ttl = unsafe { if pkt.ip.is_v6() { &mut (*pkt.ip.v6()).hop_limit } else { &mut (*pkt.ip.v4()).ttl } };
@@ -385,7 +392,7 @@ pub fn dsr(pkt: &Packet, backend: &Backend, fib: &mut FibParams) -> Verdict {
     if pkt.vlan != 0 {
         return Verdict::pass(Reason::VLAN);
     }
-    fib_params(pkt, &backend.addr, fib);
+    fib_params(pkt, backend.addr.as_ptr(), fib);
     if !lookup(pkt, fib) {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DSR_NO_NEIGH);
     }

@@ -31,6 +31,8 @@ use network_types::{
 };
 use switcher_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason};
 
+use crate::mem;
+
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -92,17 +94,43 @@ impl Ip {
         if self.is_v6() { FAMILY_V6 } else { FAMILY_V4 }
     }
 
-    /// Source address, IPv4 in the first 4 bytes.
+    /// Where the source address is in the header (4 or 16 bytes, by family).
     #[inline(always)]
-    pub fn src(self) -> [u8; 16] {
+    pub fn src_ptr(self) -> *mut u8 {
         // SAFETY: the header was bounds-checked by its parser, for its own family.
-        unsafe { if self.is_v6() { (*self.v6()).src_addr } else { widen((*self.v4()).src_addr) } }
+        unsafe {
+            if self.is_v6() { (&raw mut (*self.v6()).src_addr).cast() } else { (&raw mut (*self.v4()).src_addr).cast() }
+        }
     }
 
+    /// Where the destination address is in the header.
     #[inline(always)]
-    pub fn dst(self) -> [u8; 16] {
+    pub fn dst_ptr(self) -> *mut u8 {
         // SAFETY: as above.
-        unsafe { if self.is_v6() { (*self.v6()).dst_addr } else { widen((*self.v4()).dst_addr) } }
+        unsafe {
+            if self.is_v6() { (&raw mut (*self.v6()).dst_addr).cast() } else { (&raw mut (*self.v4()).dst_addr).cast() }
+        }
+    }
+
+    /// Copies the address at `field` (`src_ptr` or `dst_ptr`) into a 16-byte field of a map
+    /// value, IPv4 in its first 4 bytes and zeros after, word by word (`mem::load16`).
+    #[inline(always)]
+    pub fn copy_addr(self, field: *const u8, out: &mut [u8; 16]) {
+        let out = out.as_mut_ptr();
+        // SAFETY: `field` is this header's address (bounds-checked by its parser); `out` is
+        // 16 bytes of a map value at an even offset.
+        unsafe {
+            if self.is_v6() {
+                mem::copy16(out, field, 8);
+            } else {
+                mem::copy16(out, field, 2);
+                let mut i = 2;
+                while i < 8 {
+                    mem::store16(out, i, 0);
+                    i += 1;
+                }
+            }
+        }
     }
 
     /// `vip_slot` of the destination address, read from the header: a packet to no VIP
@@ -162,16 +190,13 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Writes the 5-tuple of a TCP/UDP packet into `key`.
+    /// Writes the 5-tuple of a TCP/UDP packet into `key` (in a map value), word by word.
     #[inline(always)]
     pub fn write_flow_key(&self, key: &mut FlowKey) {
-        // SAFETY: bounds-checked by the parser.
-        unsafe {
-            key.sport = (*self.ports).src;
-            key.dport = (*self.ports).dst;
-        }
-        key.src = self.ip.src();
-        key.dst = self.ip.dst();
+        // SAFETY: the ports were bounds-checked by the parser; `key` is in a map value.
+        unsafe { mem::copy16((&raw mut key.sport).cast(), self.ports.cast(), 2) };
+        self.ip.copy_addr(self.ip.src_ptr(), &mut key.src);
+        self.ip.copy_addr(self.ip.dst_ptr(), &mut key.dst);
         key.proto = self.proto;
         key.family = self.ip.family();
         key._pad = [0; 2];

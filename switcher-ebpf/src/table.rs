@@ -66,6 +66,14 @@ pub fn get(key: &FlowKey) -> Option<&'static mut Flow> {
     slot_at(switcher_flow_find(key)).map(|slot| &mut slot.flow)
 }
 
+/// [`get`] with the lookup inlined, for the one caller on the established path: a call and
+/// its return cost more than the lookup here (the kernel's return thunks), and the verifier
+/// checks this copy only where it is used.
+#[inline(always)]
+pub fn get_inline(key: &FlowKey) -> Option<&'static mut Flow> {
+    slot_at(find(key)).map(|slot| &mut slot.flow)
+}
+
 /// Where `key`'s flow is: 1 + its set × `FLOW_WAYS` + its way, or 0 if the table does not
 /// have it. A global function: the verifier checks it once, not at each of the many places
 /// that look a flow up (which would take the program past its limit of verified
@@ -76,6 +84,12 @@ pub extern "C" fn switcher_flow_find(key: *const FlowKey) -> u32 {
     // The verifier checks a global function for any caller: a null key included.
     // SAFETY: non-null (checked), and every caller passes a key of the scratch.
     let Some(key) = (unsafe { key.as_ref() }) else { return 0 };
+    find(key)
+}
+
+/// [`switcher_flow_find`]'s work.
+#[inline(always)]
+fn find(key: &FlowKey) -> u32 {
     let set = set_index(key);
     // SAFETY: a live array element; it stays valid while the program runs.
     let Some(slots) = FLOWS.get_ptr_mut(set).map(|p| unsafe { &(*p).slots }) else { return 0 };
