@@ -65,9 +65,12 @@ pub fn to_backend(pkt: &Packet, scratch: &mut Scratch, service: Service, untrack
 /// Anything else is for the full path: `Verdict::NO_FLOW` when there is no entry,
 /// `Verdict::UNHANDLED` for an expired one, a reset or an entry without `FLOW_KNOWN`. The
 /// daemon removes the flows of a service it removes, so an entry found here belongs to a live
-/// service. Inlined, with its lookup: on this kernel every return from a function costs a
-/// return thunk, and this is the path most packets take.
-#[inline(always)]
+/// service. Its lookup is inlined here, and a UDP datagram that changes nothing makes no
+/// call: on this kernel every return from a function costs a return thunk, and this is the
+/// path most packets take. The function itself is not inlined: in the entry point, its
+/// registers would spill around every other path (measured: established and replies +7 to
+/// +12 ns).
+#[inline(never)]
 pub fn established(pkt: &Packet, s: &mut Scratch) -> Verdict {
     let Some(flow) = table::get_inline(&s.key) else { return Verdict::NO_FLOW };
     if flow.flags & FLOW_KNOWN == 0 || flow.flags & FLOW_RESET != 0 {
