@@ -437,7 +437,13 @@ fn compare_with_nftables(test: &str, kinds: &[Kind]) {
         for r in &run.rows {
             let what = format!("{name}, new flows on {}, {} to {}", r.phase, r.kind.label(), r.to);
             if r.to == "VIP" {
-                assert_eq!(r.failed, 0, "{what}: VIP requests failed: {:?}", r.first_failures);
+                // switcher's VIP requests must all succeed. The reference's are only shown: a
+                // VIP connection through conntrack can time out on a reused tuple (1 of 1,000
+                // TCP/IPv6 once here), and that is the reference's behaviour, not a fault of the
+                // test.
+                if name != "nftables DNAT" {
+                    assert_eq!(r.failed, 0, "{what}: VIP requests failed: {:?}", r.first_failures);
+                }
             } else if r.to == r.phase && !r.gave_up {
                 // Right after VIP flows to this very backend, the direct requests really came
                 // from their ports: for TCP at least half of them (all, here); for UDP, whose
