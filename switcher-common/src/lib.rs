@@ -67,6 +67,11 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 /// (a stale pin of it from an earlier build is left alone).
 pub const MAP_NOT_PINNED: [&str; 1] = [MAP_SCRATCH];
 
+/// The maps the daemon pins: [`MAP_NAMES`] but [`MAP_NOT_PINNED`].
+pub fn pinned_map_names() -> impl Iterator<Item = &'static str> {
+    MAP_NAMES.into_iter().filter(|n| !MAP_NOT_PINNED.contains(n))
+}
+
 /// `u32` port → `u8` bits: `PORT_SERVICE` if some service (or preview) listens on it,
 /// `PORT_BACKEND` if some backend does. Written by the daemon. A packet whose destination port
 /// is no service's and whose source port is no backend's passes without a hash lookup.

@@ -53,13 +53,8 @@ fn find(pkt: &Packet, scratch: &mut Scratch) -> u32 {
     let (qsport, qdport) = unsafe { ((*inner_ports).src, (*inner_ports).dst) };
     // The quoted packet travelled the other way: its reverse is the tracked direction.
     let key = &mut scratch.key;
-    inner.copy_addr(inner.dst_ptr(), &mut key.src);
-    inner.copy_addr(inner.src_ptr(), &mut key.dst);
-    key.sport = qdport;
-    key.dport = qsport;
-    key.proto = inner_proto;
-    key.family = inner.family();
-    key._pad = [0; 2];
+    let ports = u32::from_ne_bytes([qdport[0], qdport[1], qsport[0], qsport[1]]);
+    crate::parse::write_key(key, inner, inner.dst_ptr(), inner.src_ptr(), ports, inner_proto);
     if let Some(flow) = crate::table::get(key) {
         // Client → VIP about a reply: to the backend, quoting what the backend sent.
         if !crate::flow::live(flow, inner_proto, &mut scratch.clock) {

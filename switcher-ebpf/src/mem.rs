@@ -1,5 +1,5 @@
-//! Copies and clears that stay inline, and 16-bit word access to headers and map values. The BPF backend expands a `memcpy` of constant size
-//! into loads and stores, but `memmove` and `memset` become calls to the object's own
+//! Copies and clears that stay inline, and 16-bit word access to headers and map values.
+//! The BPF backend expands a `memcpy` of constant size into loads and stores, but `memmove` and `memset` become calls to the object's own
 //! byte-at-a-time loops: LLVM picks them for plain assignments between two pointers it cannot
 //! tell apart (a map value and the scratch space) and for `write_bytes`, and a 64-byte clear
 //! then costs hundreds of instructions on every packet. These helpers say what is meant.

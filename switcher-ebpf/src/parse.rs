@@ -112,27 +112,6 @@ impl Ip {
         }
     }
 
-    /// Copies the address at `field` (`src_ptr` or `dst_ptr`) into a 16-byte field of a map
-    /// value, IPv4 in its first 4 bytes and zeros after, word by word (`mem::load16`).
-    #[inline(always)]
-    pub fn copy_addr(self, field: *const u8, out: &mut [u8; 16]) {
-        let out = out.as_mut_ptr();
-        // SAFETY: `field` is this header's address (bounds-checked by its parser); `out` is
-        // 16 bytes of a map value at an even offset.
-        unsafe {
-            if self.is_v6() {
-                mem::copy16(out, field, 8);
-            } else {
-                mem::copy16(out, field, 2);
-                let mut i = 2;
-                while i < 8 {
-                    mem::store16(out, i, 0);
-                    i += 1;
-                }
-            }
-        }
-    }
-
     /// `vip_slot` of the destination address, read from the header: a packet to no VIP
     /// leaves before its flow key is built.
     #[inline(always)]
@@ -190,30 +169,39 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Writes the 5-tuple of a TCP/UDP packet into `key` (in the scratch space, 8-aligned) as
-    /// its five 64-bit words, built in registers: the flow table hashes and compares the key
-    /// by those words, and a word read back from one store is forwarded at once, where one
-    /// spread over narrower stores waits for them to retire.
+    /// Writes the 5-tuple of a TCP/UDP packet into `key` (see [`write_key`]).
     #[inline(always)]
     pub fn write_flow_key(&self, key: &mut FlowKey) {
-        let (s, d, k) = (self.ip.src_ptr(), self.ip.dst_ptr(), core::ptr::from_mut(key).cast::<u64>());
-        // SAFETY: the addresses and ports were bounds-checked by the parser; `key` is 40
-        // bytes of a map value, 8-aligned (asserted with `Scratch`).
-        unsafe {
-            if self.ip.is_v6() {
-                k.write(join(mem::load32(s), mem::load32(s.add(4))));
-                k.add(1).write(join(mem::load32(s.add(8)), mem::load32(s.add(12))));
-                k.add(2).write(join(mem::load32(d), mem::load32(d.add(4))));
-                k.add(3).write(join(mem::load32(d.add(8)), mem::load32(d.add(12))));
-            } else {
-                k.write(join(mem::load32(s), 0));
-                k.add(1).write(0);
-                k.add(2).write(join(mem::load32(d), 0));
-                k.add(3).write(0);
-            }
-            let tail = u32::from_ne_bytes([self.proto, self.ip.family(), 0, 0]);
-            k.add(4).write(join(mem::load32(self.ports.cast()), tail));
+        // SAFETY: the ports were bounds-checked by the parser.
+        let ports = unsafe { mem::load32(self.ports.cast()) };
+        write_key(key, self.ip, self.ip.src_ptr(), self.ip.dst_ptr(), ports, self.proto);
+    }
+}
+
+/// Writes a flow key into `key` (in the scratch space, 8-aligned) as its five 64-bit words,
+/// built in registers: `src` and `dst` are addresses of `ip` (`src_ptr`, `dst_ptr`: a
+/// header's own, or the quoted one's swapped), `ports` the source and destination ports' four
+/// bytes as `u32::from_ne_bytes` gives them. The flow table hashes and compares the key by
+/// those words, and a word read back from one store is forwarded at once, where one spread
+/// over narrower stores waits for them to retire.
+#[inline(always)]
+pub fn write_key(key: &mut FlowKey, ip: Ip, src: *const u8, dst: *const u8, ports: u32, proto: u8) {
+    let (s, d, k) = (src, dst, core::ptr::from_mut(key).cast::<u64>());
+    // SAFETY: the addresses are `ip`'s, bounds-checked by its parser; `key` is 40 bytes of a
+    // map value, 8-aligned (asserted with `Scratch`).
+    unsafe {
+        if ip.is_v6() {
+            k.write(join(mem::load32(s), mem::load32(s.add(4))));
+            k.add(1).write(join(mem::load32(s.add(8)), mem::load32(s.add(12))));
+            k.add(2).write(join(mem::load32(d), mem::load32(d.add(4))));
+            k.add(3).write(join(mem::load32(d.add(8)), mem::load32(d.add(12))));
+        } else {
+            k.write(join(mem::load32(s), 0));
+            k.add(1).write(0);
+            k.add(2).write(join(mem::load32(d), 0));
+            k.add(3).write(0);
         }
+        k.add(4).write(join(ports, u32::from_ne_bytes([proto, ip.family(), 0, 0])));
     }
 }
 

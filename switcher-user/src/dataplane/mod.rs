@@ -31,10 +31,10 @@ use aya::{
 use switcher_common::{
     ABI_VERSION, BP_ALL, Backend, BackendKey, ColourCounters, FAMILY_V4, FAMILY_V6, FLOW_CLOSING, FLOW_RESET,
     FORWARD_KERNEL, FORWARD_REDIRECT, Flow, FlowKey, FlowSet, GLOBAL_FLOW_SET_MASK, GLOBAL_FORWARD_MODE,
-    GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOT_PINNED, MAP_NOW, MAP_PORTS,
-    MAP_REVERSE, MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES,
-    PROG_NAME, REVERSE_WAYS, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING, Service, ServiceKey, VipPort,
-    colour_slot, flow_hash, new_flow_colour, user::Colour,
+    GLOBAL_UDP_IDLE_NS, MAP_BACKENDS, MAP_COUNTERS, MAP_FLOWS, MAP_META, MAP_NAMES, MAP_NOW, MAP_PORTS, MAP_REVERSE,
+    MAP_RING, MAP_RING_LIVE, MAP_SERVICES, MAP_STATE, MAP_STATS, MAP_VIPS, MAX_POOL, MAX_SERVICES, PROG_NAME,
+    REVERSE_WAYS, Reason, Reverse, RingChunk, SEED_CANARY, SEED_RING, Service, ServiceKey, VipPort, colour_slot,
+    flow_hash, new_flow_colour, pinned_map_names, user::Colour,
 };
 
 use crate::{
@@ -356,11 +356,6 @@ pub struct Dataplane {
 
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
-/// The maps the daemon pins: every map but [`MAP_NOT_PINNED`].
-fn pinned_maps() -> impl Iterator<Item = &'static str> {
-    MAP_NAMES.into_iter().filter(|n| !MAP_NOT_PINNED.contains(n))
-}
-
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -469,9 +464,8 @@ impl Dataplane {
         }
         dp.attach_pinned(&config.interfaces, config.xdp_mode, &pins)?;
         dp.attach_shadow(&config.interfaces, &pins);
-        dp.map_ids = MAP_NAMES
-            .iter()
-            .filter_map(|name| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| (*name, info.id())))
+        dp.map_ids = pinned_map_names()
+            .filter_map(|name| aya::maps::MapInfo::from_pin(pins.map(name)).ok().map(|info| (name, info.id())))
             .collect();
         if adopt {
             tracing::info!(pins = %pins.version_dir().display(), "adopted the pinned data path: flows and counters carry on");
@@ -525,7 +519,7 @@ impl Dataplane {
         if let Some(pins) = pins {
             // `RING` and `RING_LIVE` are made afresh (see `Dataplane::load`), and pinned then;
             // `SCRATCH` is never pinned.
-            for name in pinned_maps().filter(|n| ![MAP_RING, MAP_RING_LIVE].contains(n)) {
+            for name in pinned_map_names().filter(|n| ![MAP_RING, MAP_RING_LIVE].contains(n)) {
                 loader.map_pin_path(name, pins.map(name));
             }
         }
@@ -796,7 +790,7 @@ impl Dataplane {
     #[must_use]
     pub fn pinned(&self) -> bool {
         self.pins.as_ref().is_some_and(|pins| {
-            pinned_maps().all(|n| pins.map(n).exists())
+            pinned_map_names().all(|n| pins.map(n).exists())
                 && self.link_ids.iter().all(|(i, _)| pins.link(i).exists())
                 && self.shadow_links_missing(pins).is_empty()
         })

@@ -2033,11 +2033,7 @@ fn services_section() -> String {
         let pins = switcher_user::pins::Pins::new(switcher_tests::proc::pin_path(&d.socket));
         let memlock = |name: &str| map_size(&pins.map(name)).1 as f64;
         // Every pinned map (`SCRATCH`, per-CPU working space, is not pinned).
-        let maps: f64 = switcher_common::MAP_NAMES
-            .iter()
-            .filter(|n| !switcher_common::MAP_NOT_PINNED.contains(n))
-            .map(|n| memlock(n))
-            .sum();
+        let maps: f64 = switcher_common::pinned_map_names().map(memlock).sum();
         let last = format!("s{}", n - 1);
         let (mut commit, mut cli, mut status) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..REPEATS {
