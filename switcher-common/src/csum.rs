@@ -136,18 +136,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn incremental_update_over_many_random_words() {
-        // A simple LCG keeps the test deterministic without a dependency.
-        let mut x: u32 = 0x1234_5678;
-        let mut next = || {
+    /// Pseudo-random bytes from `seed`: a simple LCG keeps the tests deterministic without a
+    /// dependency.
+    fn bytes(seed: u32) -> impl FnMut() -> u8 {
+        let mut x = seed;
+        move || {
             x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (x >> 8) as u8
-        };
+        }
+    }
+
+    /// 24 bytes from `next` and their checksum.
+    fn block(next: &mut impl FnMut() -> u8) -> ([u8; 24], [u8; 2]) {
+        let mut data = [0u8; 24];
+        data.iter_mut().for_each(|b| *b = next());
+        (data, checksum(0, &data))
+    }
+
+    /// 0x0000 and 0xffff are the same value in ones' complement.
+    fn norm(c: [u8; 2]) -> [u8; 2] {
+        if c == [0xff, 0xff] { [0, 0] } else { c }
+    }
+
+    #[test]
+    fn incremental_update_over_many_random_words() {
+        let mut next = bytes(0x1234_5678);
         for _ in 0..2000 {
-            let mut data = [0u8; 24];
-            data.iter_mut().for_each(|b| *b = next());
-            let before = checksum(0, &data);
+            let (mut data, before) = block(&mut next);
             let i = usize::from(next() % 12) * 2;
             let new = [next(), next()];
             let mut d = CsumDelta::new();
@@ -156,8 +171,6 @@ mod tests {
             data[i + 1] = new[1];
             let expect = checksum(0, &data);
             let got = d.apply(before);
-            // 0x0000 and 0xffff are the same value in ones' complement.
-            let norm = |c: [u8; 2]| if c == [0xff, 0xff] { [0, 0] } else { c };
             assert_eq!(norm(got), norm(expect));
         }
     }
@@ -166,15 +179,9 @@ mod tests {
     fn every_word_of_a_block_replaced_in_two_deltas_matches_recomputation() {
         // An IPv6 address and a port (the data path's largest rewrite) and more: up to all
         // twelve words of 24 bytes, as native-endian words, split over two deltas added.
-        let mut x: u32 = 0x9e37_79b9;
-        let mut next = || {
-            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (x >> 8) as u8
-        };
+        let mut next = bytes(0x9e37_79b9);
         for round in 0..500 {
-            let mut data = [0u8; 24];
-            data.iter_mut().for_each(|b| *b = next());
-            let before = checksum(0, &data);
+            let (mut data, before) = block(&mut next);
             let (mut a, mut b) = (CsumDelta::new(), CsumDelta::new());
             for i in 0..=(round % 12) {
                 let new = [next(), next()];
@@ -187,7 +194,6 @@ mod tests {
             a.add(b);
             let expect = checksum(0, &data);
             let got = a.apply16(u16::from_ne_bytes(before)).to_ne_bytes();
-            let norm = |c: [u8; 2]| if c == [0xff, 0xff] { [0, 0] } else { c };
             assert_eq!(norm(got), norm(expect), "round {round}");
         }
     }
